@@ -1,0 +1,351 @@
+"""Norms that accumulate in float32 (or wider) and stay finite.
+
+Every norm here is computed in the *accumulation dtype* of its input: float32
+for float16, bfloat16 and float32 (and complex64) gradients, float64 for
+float64 (and complex128) gradients. The common case is a single fused pass:
+``sum(|x| ** p)`` followed by a root. When that plain sum overflows (float32
+values near 1e38), or is so small that its terms went subnormal, one
+``lax.cond`` switches to a rescaled form, ``m * sum((|x| / m) ** p) ** (1/p)``
+with ``m = max |x|``, which is exact for every finite input whose norm is
+representable. The rescaled branch runs only on those rare steps (and, for the
+global norm, when the whole tree is zero). Per-leaf norms trust an exact zero
+sum: a leaf or unit whose entries all lie below ~4e-23 (float32) reads as norm
+0, which clips it exactly as its true norm would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Ord = Union[int, float, str]
+Axis = Union[int, Sequence[int], None]
+AxisName = Union[str, Sequence[str], None]
+
+_RMS = "rms"
+
+
+def global_norm(
+    tree: Any, ord: Ord = 2, *, axis_name: AxisName = None
+) -> jax.Array:
+  """Norm of a whole pytree, accumulated in float32 and overflow-safe.
+
+  The tree is treated as one flat vector: ``(sum_i |x_i| ** p) ** (1/p)`` over
+  every element of every leaf. float16 and bfloat16 leaves are squared in
+  float32, so neither overflow (float16 values above ~256) nor the
+  bfloat16 rounding of each square affects the result. float32 values near
+  the top of their range (1e38) are rescaled instead of overflowing.
+
+  Args:
+    tree: a pytree of floating-point or complex arrays. ``None`` leaves and
+      ``optax.MaskedNode`` are ignored. Complex leaves use the modulus.
+    ord: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"`` (the 2-norm
+      divided by ``sqrt(number of elements)``).
+    axis_name: inside ``shard_map`` or ``pmap``, the mapped axis name (or a
+      tuple of names) over which the tree is sharded; the norm is then the
+      norm of the whole, unsharded tree on every device.
+
+  Returns:
+    A scalar in the accumulation dtype (float32, or float64 for float64
+    leaves).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optaxclip as oc
+    >>> tree = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}
+    >>> print(oc.global_norm(tree))
+    5.0
+    >>> big = jnp.full((4,), 300.0, jnp.float16)  # its squares overflow float16
+    >>> print(oc.global_norm(big))
+    600.0
+  """
+  p = canonical_ord(ord)
+  leaves = float_leaves(tree, "global_norm")
+  if isinstance(p, jax.Array):
+    return _traced_ord_norm(leaves, p, axis_name)
+  return _global_norm(leaves, p, axis_name)
+
+
+def leaf_norms(tree: Any, ord: Ord = 2, *, axis: Axis = None) -> Any:
+  """Norm of each leaf (or of each unit along ``axis``) of a pytree.
+
+  Args:
+    tree: a pytree of floating-point or complex arrays.
+    ord: as for :func:`global_norm`.
+    axis: ``None`` for one norm per leaf, or the axes to reduce over (as in
+      ``tf.clip_by_norm``): ``axis=0`` on a ``(fan_in, fan_out)`` kernel gives
+      one norm per output unit. Negative axes count from the end.
+
+  Returns:
+    A pytree with the structure of ``tree`` whose leaves are the norms, with
+    the reduced axes kept as size-1 dimensions (so they broadcast against the
+    leaf), in the accumulation dtype.
+  """
+  p = canonical_ord(ord)
+  if isinstance(p, jax.Array):
+    raise TypeError(
+        "ord must be a Python number or 'rms' for per-leaf norms, not a traced"
+        " array; with optax.inject_hyperparams pass static_args=('ord',)."
+    )
+  float_leaves(tree, "leaf_norms")  # A clear error for integer leaves.
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=_is_masked
+  )
+  axes = [() if _is_masked(x) else _leaf_axes(path, x, axis)
+          for path, x in paths_leaves]
+  leaves = [x for _, x in paths_leaves]
+  live = [(i, x, a) for i, (x, a) in enumerate(zip(leaves, axes))
+          if not _is_masked(x)]
+  norms = _leaf_norms([x for _, x, _ in live], p, [a for _, _, a in live])
+  out = list(leaves)
+  for (i, _, _), n in zip(live, norms):
+    out[i] = n
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------
+# Arguments and dtypes.
+
+
+def canonical_ord(ord: Any) -> float | str | jax.Array:
+  """Validates ``ord`` and returns it as a float, ``"rms"`` or a traced array."""
+  if isinstance(ord, str):
+    if ord.lower() == _RMS:
+      return _RMS
+    if ord.lower() in ("inf", "infinity"):
+      return math.inf
+    raise ValueError(
+        f"ord={ord!r} is not a known norm; use 1, 2, inf, any p > 0, or 'rms'."
+    )
+  if isinstance(ord, bool) or not isinstance(
+      ord, (int, float, np.number, np.ndarray, jax.Array)
+  ):
+    raise TypeError(
+        f"ord must be a number > 0 or 'rms', got {type(ord).__name__}."
+    )
+  if isinstance(ord, jax.Array) and not is_concrete(ord):
+    return ord  # Traced, e.g. injected by optax.inject_hyperparams.
+  p = float(ord)
+  if not p > 0:  # Also catches NaN.
+    raise ValueError(f"ord must be > 0 (1, 2, inf, any p > 0, or 'rms'), got {p}.")
+  return p
+
+
+def is_concrete(x: Any) -> bool:
+  """True when ``x`` has a value known at trace time."""
+  try:
+    np.asarray(x)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return False
+  return True
+
+
+def acc_dtype(dtype: Any) -> np.dtype:
+  """float32 for 16/32-bit floats and complex64; float64 for 64-bit ones."""
+  real = jnp.finfo(dtype).dtype  # The real dtype of a complex one.
+  return np.dtype(jnp.promote_types(real, jnp.float32))
+
+
+def tree_acc_dtype(tree: Any) -> np.dtype:
+  """The widest accumulation dtype over the leaves of ``tree``."""
+  dtypes = [acc_dtype(x.dtype) for x in float_leaves(tree, "optaxclip")]
+  return np.dtype(jnp.result_type(jnp.float32, *dtypes))
+
+
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def float_leaves(tree: Any, where: str) -> list[jax.Array]:
+  """The array leaves of ``tree``; a clear TypeError on non-float ones."""
+  out = []
+  for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_masked):
+    if _is_masked(x):
+      continue
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"{where}: the gradient leaf at {jax.tree_util.keystr(path) or 'root'}"
+          f" has dtype {dtype}; clipping needs floating-point or complex"
+          " gradients. Exclude integer leaves with optax.masked or cast them."
+      )
+    out.append(x)
+  return out
+
+
+def _leaf_axes(path: Any, x: Any, axis: Axis) -> tuple[int, ...]:
+  ndim = jnp.ndim(x)
+  if axis is None:
+    return tuple(range(ndim))
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"axis={axis!r} does not fit the gradient leaf at"
+          f" {jax.tree_util.keystr(path) or 'root'} of shape {jnp.shape(x)};"
+          " give axes that every leaf has, or clip those leaves separately"
+          " (optax.multi_transform)."
+      )
+    out.append(a % ndim if ndim else a)
+  return tuple(sorted(set(out)))
+
+
+# ----------------------------------------------------------------------------
+# The norm kernels.
+
+
+def _abs_pow(x: jax.Array, p: float) -> jax.Array:
+  """``|x| ** p`` in the accumulation dtype, fused with the cast."""
+  acc = acc_dtype(x.dtype)
+  if jnp.iscomplexobj(x):
+    if p == 2:
+      return jnp.square(x.real.astype(acc)) + jnp.square(x.imag.astype(acc))
+    a = jnp.abs(x).astype(acc)
+  else:
+    a = x.astype(acc)
+    if p == 2:
+      return jnp.square(a)
+    a = jnp.abs(a)
+  return a if p == 1 else a ** p
+
+
+def _abs(x: jax.Array) -> jax.Array:
+  return jnp.abs(x).astype(acc_dtype(x.dtype))
+
+
+def _root(s: jax.Array, p: float) -> jax.Array:
+  if p == 2:
+    return jnp.sqrt(s)
+  return s if p == 1 else s ** (1.0 / p)
+
+
+def _needs_rescale(s: jax.Array, p: float, zero: bool) -> jax.Array:
+  """Sums that overflowed, or whose terms may have gone subnormal.
+
+  With ``zero``, an exact 0 counts too: every term may have underflowed.
+  """
+  bad = ~jnp.isfinite(s)
+  if p > 1:
+    info = jnp.finfo(s.dtype)
+    bad |= (s < info.tiny / info.eps) if zero else (
+        (s > 0) & (s < info.tiny / info.eps))
+  return bad
+
+
+def _rescaled(x: jax.Array, p: float, axes: tuple[int, ...],
+              m: jax.Array | None = None) -> jax.Array:
+  """``m * sum((|x|/m) ** p) ** (1/p)``: exact where the plain sum is not."""
+  a = _abs(x)
+  if m is None:
+    m = jnp.max(a, axis=axes, keepdims=True, initial=0)
+  safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
+  s = jnp.sum(_abs_pow(a / safe, p), axis=axes, keepdims=True)
+  n = safe * _root(s, p)
+  return jnp.where(jnp.isinf(m), m, n)  # An infinite entry: infinite norm.
+
+
+def _global_norm(leaves: list[jax.Array], p: float | str,
+                 axis_name: AxisName) -> jax.Array:
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  dtype = jnp.result_type(jnp.float32, *[acc_dtype(x.dtype) for x in leaves])
+  if p == _RMS:
+    size = sum(x.size for x in leaves)
+    if axis_name is not None:
+      size = jax.lax.psum(size, axis_name)
+    n = _global_norm(leaves, 2.0, axis_name)
+    return n / jnp.sqrt(jnp.asarray(max(size, 1) if isinstance(size, int)
+                                    else size, dtype))
+  if p == math.inf:
+    m = _tree_max(leaves, dtype, axis_name)
+    return m
+
+  def plain(s):
+    return _root(s, p)
+
+  def rescaled(s):
+    del s
+    m = _tree_max(leaves, dtype, axis_name)
+    safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
+    t = sum(jnp.sum(_abs_pow(_abs(x) / safe.astype(acc_dtype(x.dtype)), p),
+                    dtype=dtype) for x in leaves)
+    if axis_name is not None:
+      t = jax.lax.psum(t, axis_name)
+    return jnp.where(jnp.isinf(m), m, safe * _root(t, p))
+
+  s = sum(jnp.sum(_abs_pow(x, p), dtype=dtype) for x in leaves)
+  if axis_name is not None:
+    s = jax.lax.psum(s, axis_name)
+  return jax.lax.cond(_needs_rescale(s, p, zero=True), rescaled, plain, s)
+
+
+def _tree_max(leaves, dtype, axis_name):
+  m = jnp.max(jnp.stack([jnp.max(_abs(x), initial=0).astype(dtype)
+                         for x in leaves]))
+  if axis_name is not None:
+    m = jax.lax.pmax(m, axis_name)
+  return m
+
+
+def _leaf_norms(leaves: list[jax.Array], p: float | str,
+                axes: list[tuple[int, ...]]) -> list[jax.Array]:
+  """Per-leaf (per-unit) norms with one ``lax.cond`` for the whole tree."""
+  if not leaves:
+    return []
+  if p == _RMS:
+    out = _leaf_norms(leaves, 2.0, axes)
+    return [n / math.sqrt(max(_unit_size(x, a), 1))
+            for n, x, a in zip(out, leaves, axes)]
+  if p == math.inf:
+    return [jnp.max(_abs(x), axis=a, keepdims=True, initial=0)
+            for x, a in zip(leaves, axes)]
+  sums = [jnp.sum(_abs_pow(x, p), axis=a, keepdims=True)
+          for x, a in zip(leaves, axes)]
+  # A zero sum is taken at its word here (dead units are common and their
+  # clipping is the same either way); tiny nonzero sums are rescaled.
+  bad = jnp.stack([jnp.any(_needs_rescale(s, p, zero=False))
+                   for s in sums]).any()
+
+  def plain(sums):
+    return [_root(s, p) for s in sums]
+
+  def rescaled(sums):
+    del sums
+    return [_rescaled(x, p, a) for x, a in zip(leaves, axes)]
+
+  return jax.lax.cond(bad, rescaled, plain, sums)
+
+
+def _unit_size(x: jax.Array, axes: tuple[int, ...]) -> int:
+  return math.prod(x.shape[a] for a in axes)
+
+
+def _traced_ord_norm(leaves, p, axis_name):
+  """Global norm for an ``ord`` only known at run time (inject_hyperparams)."""
+  branches = [lambda: _global_norm(leaves, 2.0, axis_name),
+              lambda: _global_norm(leaves, 1.0, axis_name),
+              lambda: _global_norm(leaves, math.inf, axis_name)]
+  # A general p uses the rescaled form, which is exact for every p > 0.
+
+  def general():
+    dtype = jnp.result_type(jnp.float32, *[acc_dtype(x.dtype) for x in leaves])
+    q = jnp.asarray(p, dtype)
+    m = _tree_max(leaves, dtype, axis_name)
+    safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
+    t = sum(jnp.sum((_abs(x) / safe.astype(acc_dtype(x.dtype))) ** q,
+                    dtype=dtype) for x in leaves)
+    if axis_name is not None:
+      t = jax.lax.psum(t, axis_name)
+    return jnp.where(jnp.isinf(m), m, safe * t ** (1 / q))
+
+  branches.append(general)
+  index = jnp.select([p == 2, p == 1, jnp.isinf(p)], [0, 1, 2], 3)
+  return jax.lax.switch(index, branches)
