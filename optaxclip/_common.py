@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ import optax
 
 from optaxclip import _norms
 
-Threshold = Union[float, jax.Array, Callable[[jax.Array], Any]]
+Threshold = float | jax.Array | Callable[[jax.Array], Any]
 """A number, a JAX scalar, or an Optax schedule ``step -> value``."""
 
 

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-Ord = Union[int, float, str]
-Axis = Union[int, Sequence[int], None]
-AxisName = Union[str, Sequence[str], None]
+Ord = int | float | str
+Axis = int | Sequence[int] | None
+AxisName = str | Sequence[str] | None
 
 _RMS = "rms"
 
