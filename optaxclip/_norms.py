@@ -240,6 +240,19 @@ def _needs_rescale(s: jax.Array, p: float, zero: bool) -> jax.Array:
   return bad
 
 
+def _ratio(a: jax.Array, m: jax.Array) -> jax.Array:
+  """``a / m`` for ``0 < m`` finite, exact even where ``1/m`` is subnormal.
+
+  XLA turns a division by a broadcast scalar into a multiply by its
+  reciprocal, and CPUs flush subnormal reciprocals (of ``m`` above ~1e38) to
+  zero; a power-of-two pre-scale, exact in floating point, keeps ``m`` and
+  ``1/m`` normal.
+  """
+  c = jnp.where(m > 2.0**64, 2.0**-64, jnp.where(m < 2.0**-64, 2.0**64, 1.0))
+  c = c.astype(m.dtype)
+  return (a * c) / (m * c)
+
+
 def _rescaled(x: jax.Array, p: float, axes: tuple[int, ...],
               m: jax.Array | None = None) -> jax.Array:
   """``m * sum((|x|/m) ** p) ** (1/p)``: exact where the plain sum is not."""
@@ -247,7 +260,7 @@ def _rescaled(x: jax.Array, p: float, axes: tuple[int, ...],
   if m is None:
     m = jnp.max(a, axis=axes, keepdims=True, initial=0)
   safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-  s = jnp.sum(_abs_pow(a / safe, p), axis=axes, keepdims=True)
+  s = jnp.sum(_abs_pow(_ratio(a, safe), p), axis=axes, keepdims=True)
   n = safe * _root(s, p)
   return jnp.where(jnp.isinf(m), m, n)  # An infinite entry: infinite norm.
 
@@ -275,7 +288,7 @@ def _global_norm(leaves: list[jax.Array], p: float | str,
     del s
     m = _tree_max(leaves, dtype, axis_name)
     safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-    t = sum(jnp.sum(_abs_pow(_abs(x) / safe.astype(acc_dtype(x.dtype)), p),
+    t = sum(jnp.sum(_abs_pow(_ratio(_abs(x), safe.astype(acc_dtype(x.dtype))), p),
                     dtype=dtype) for x in leaves)
     if axis_name is not None:
       t = jax.lax.psum(t, axis_name)
@@ -340,7 +353,7 @@ def _traced_ord_norm(leaves, p, axis_name):
     q = jnp.asarray(p, dtype)
     m = _tree_max(leaves, dtype, axis_name)
     safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-    t = sum(jnp.sum((_abs(x) / safe.astype(acc_dtype(x.dtype))) ** q,
+    t = sum(jnp.sum(_ratio(_abs(x), safe.astype(acc_dtype(x.dtype))) ** q,
                     dtype=dtype) for x in leaves)
     if axis_name is not None:
       t = jax.lax.psum(t, axis_name)
