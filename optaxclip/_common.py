@@ -89,12 +89,11 @@ def leaf_thresholds(value: Any, updates: Any, count: jax.Array, name: str,
   """A tree like ``updates`` holding the threshold in force for each leaf."""
   if not _is_tree_threshold(value):
     t = resolve(value, count, _norms.tree_acc_dtype(updates))
-    return jax.tree_util.tree_map(lambda g: t.astype(_norms.acc_dtype(g.dtype)),
-                                  updates, is_leaf=is_masked)
+    return tree_map_arrays(lambda g: t.astype(_norms.acc_dtype(g.dtype)),
+                           updates)
   full = broadcast_prefix(value, updates, name, where)
-  return jax.tree_util.tree_map(
-      lambda t, g: resolve(t, count, _norms.acc_dtype(g.dtype)),
-      full, updates, is_leaf=is_masked)
+  return tree_map_arrays(
+      lambda g, t: resolve(t, count, _norms.acc_dtype(g.dtype)), updates, full)
 
 
 def _is_tree_threshold(value: Any) -> bool:

@@ -1,0 +1,442 @@
+"""clip_by_value, clip_by_norm and clip_by_global_norm: references and properties."""
+
+import functools
+import math
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optaxclip as oc
+from optaxclip import _norms
+
+
+def grads_tree(seed=0, dtype=jnp.float32, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return {
+      "dense": {"kernel": jnp.asarray(rng.standard_normal((8, 5)) * scale, dtype),
+                "bias": jnp.asarray(rng.standard_normal(5) * scale, dtype)},
+      "conv": jnp.asarray(rng.standard_normal((3, 3, 2, 4)) * scale, dtype),
+  }
+
+
+def f64(tree):
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def np_global_norm(tree):
+  return math.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2))
+                       for x in jax.tree.leaves(tree)))
+
+
+def apply(tx, grads, steps=1, params=None):
+  state = tx.init(grads if params is None else params)
+  for _ in range(steps):
+    updates, state = tx.update(grads, state, params)
+  return updates, state
+
+
+class ClipByGlobalNormTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_numpy_reference(self):
+    grads = grads_tree(scale=3.0)
+    tx = oc.clip_by_global_norm(2.0)
+    state = tx.init(grads)
+    updates, state = self.variant(tx.update)(grads, state)
+    norm = np_global_norm(grads)
+    want = jax.tree.map(lambda g: g * min(1.0, 2.0 / norm), f64(grads))
+    chex.assert_trees_all_close(updates, want, rtol=1e-6)
+    np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-6)
+    np.testing.assert_allclose(state.scale, 2.0 / norm, rtol=1e-6)
+    self.assertTrue(state.clipped)
+    self.assertEqual(int(state.num_clipped), 1)
+    self.assertEqual(int(state.count), 1)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_optax(self):
+    grads = grads_tree(scale=2.0)
+    for max_norm in (0.5, 5.0, 100.0):
+      ours, _ = apply(oc.clip_by_global_norm(max_norm), grads)
+      tx = optax.clip_by_global_norm(max_norm)
+      theirs, _ = self.variant(tx.update)(grads, tx.init(grads))
+      chex.assert_trees_all_close(ours, theirs, rtol=1e-6)
+
+  def test_below_and_at_threshold_is_bit_identical(self):
+    grads = grads_tree()
+    norm = float(oc.global_norm(grads))
+    for max_norm in (norm, norm * 2, math.inf):
+      updates, state = apply(oc.clip_by_global_norm(max_norm), grads)
+      chex.assert_trees_all_equal(updates, grads)
+      self.assertFalse(state.clipped)
+      self.assertEqual(float(state.scale), 1.0)
+
+  @parameterized.parameters(
+      (jnp.float16, 300.0), (jnp.float32, 1e20), (jnp.bfloat16, 1e30))
+  def test_keeps_direction_where_optax_overflows(self, dtype, magnitude):
+    rng = np.random.default_rng(3)
+    grads = {"a": jnp.asarray(rng.uniform(0.5, 1.0, (64,)) * magnitude, dtype),
+             "b": jnp.asarray(-rng.uniform(0.5, 1.0, (4, 4)) * magnitude, dtype)}
+    updates, state = jax.jit(lambda g: apply(oc.clip_by_global_norm(1.0), g))(
+        grads)
+    self.assertTrue(np.isfinite(state.grad_norm))
+    chex.assert_trees_all_equal_dtypes(updates, grads)
+    np.testing.assert_allclose(np_global_norm(updates), 1.0, rtol=2e-2)
+    # Same direction: the clipped update is a positive multiple of the input.
+    g, u = (np.concatenate([np.asarray(x, np.float64).ravel()
+                            for x in jax.tree.leaves(t)]) for t in (grads, updates))
+    np.testing.assert_allclose(u / np.linalg.norm(u), g / np.linalg.norm(g),
+                               atol=1e-2)
+    # optax's norm overflows and its update is all zeros or NaN.
+    tx = optax.clip_by_global_norm(1.0)
+    theirs, _ = tx.update(grads, tx.init(grads))
+    self.assertFalse(np.isfinite(np_global_norm(theirs)) and
+                     np_global_norm(theirs) > 0.5)
+
+  @parameterized.parameters(1, 2, math.inf, 3, "rms")
+  def test_ord(self, ord):
+    grads = grads_tree(scale=2.0)
+    updates, state = apply(oc.clip_by_global_norm(0.7, ord=ord), grads)
+    np.testing.assert_allclose(oc.global_norm(updates, ord), 0.7, rtol=1e-5)
+    np.testing.assert_allclose(state.grad_norm, oc.global_norm(grads, ord),
+                               rtol=1e-6)
+
+  def test_schedule_threshold(self):
+    grads = {"w": jnp.asarray([30.0, 40.0])}
+    tx = oc.clip_by_global_norm(optax.linear_schedule(1.0, 10.0, 9))
+    state = tx.init(grads)
+    step = jax.jit(tx.update)
+    for k in range(12):
+      updates, state = step(grads, state)
+      want = 1.0 + min(k, 9)
+      np.testing.assert_allclose(state.threshold, want, rtol=1e-6)
+      np.testing.assert_allclose(oc.global_norm(updates), want, rtol=1e-6)
+
+  def test_jax_scalar_threshold_under_jit(self):
+    grads = {"w": jnp.asarray([3.0, 4.0])}
+
+    @jax.jit
+    def run(t):
+      return apply(oc.clip_by_global_norm(t), grads)[0]
+
+    np.testing.assert_allclose(run(jnp.float32(2.5))["w"], [1.5, 2.0], rtol=1e-6)
+
+  def test_inject_hyperparams(self):
+    grads = {"w": jnp.asarray([3.0, 4.0])}
+    tx = optax.inject_hyperparams(oc.clip_by_global_norm)(max_norm=1.0)
+    state = tx.init(grads)
+    step = jax.jit(tx.update)
+    updates, state = step(grads, state)
+    np.testing.assert_allclose(updates["w"], [0.6, 0.8], rtol=1e-6)
+    state.hyperparams["max_norm"] = jnp.asarray(2.5)
+    updates, state = step(grads, state)
+    np.testing.assert_allclose(updates["w"], [1.5, 2.0], rtol=1e-6)
+    # ord is injected as a traced array, and still gives the right norm.
+    state.hyperparams["ord"] = jnp.asarray(1)
+    updates, state = step(grads, state)
+    np.testing.assert_allclose(optax.tree.get(state, "grad_norm"), 7.0,
+                               rtol=1e-6)
+    np.testing.assert_allclose(updates["w"], [3 * 2.5 / 7, 4 * 2.5 / 7],
+                               rtol=1e-6)
+
+  def test_nonfinite_propagates(self):
+    grads = {"w": jnp.asarray([1.0, jnp.nan]), "b": jnp.ones(2)}
+    updates, state = apply(oc.clip_by_global_norm(1.0), grads)
+    self.assertTrue(np.isnan(state.grad_norm))
+    self.assertTrue(np.all(np.isnan(updates["b"])))  # As in optax and torch.
+
+  def test_none_masked_complex_and_dtypes(self):
+    grads = {"a": jnp.asarray([3.0, 0.0], jnp.bfloat16), "n": None,
+             "m": optax.MaskedNode(), "c": jnp.asarray([4j], jnp.complex64),
+             "h": jnp.asarray([0.0], jnp.float16)}
+    updates, state = apply(oc.clip_by_global_norm(1.0), grads)
+    self.assertIsNone(updates["n"])
+    self.assertIsInstance(updates["m"], optax.MaskedNode)
+    chex.assert_trees_all_equal_dtypes(updates, grads)
+    np.testing.assert_allclose(state.grad_norm, 5.0, rtol=1e-6)
+    np.testing.assert_allclose(updates["c"], [0.8j], rtol=1e-6)
+
+  def test_float64(self):
+    with jax.enable_x64(True):
+      grads = {"w": jnp.asarray([3e200, 4e200], jnp.float64)}
+      updates, state = apply(oc.clip_by_global_norm(1.0), grads)
+      self.assertEqual(state.grad_norm.dtype, jnp.float64)
+      np.testing.assert_allclose(updates["w"], [0.6, 0.8], rtol=1e-12)
+
+  @parameterized.parameters(-1.0, math.nan)
+  def test_bad_threshold(self, value):
+    with self.assertRaisesRegex(ValueError, "max_norm"):
+      oc.clip_by_global_norm(value)
+
+  def test_bad_arguments(self):
+    with self.assertRaisesRegex(TypeError, "max_norm"):
+      oc.clip_by_global_norm("1.0")
+    with self.assertRaisesRegex(ValueError, "ord"):
+      oc.clip_by_global_norm(1.0, ord=0)
+    with self.assertRaisesRegex(ValueError, "ord"):
+      oc.clip_by_global_norm(1.0, ord="fro")
+    with self.assertRaisesRegex(ValueError, "scalar"):
+      oc.clip_by_global_norm(jnp.ones(2))
+    tx = oc.clip_by_global_norm(1.0)
+    grads = {"ids": jnp.ones(2, jnp.int32)}
+    with self.assertRaisesRegex(TypeError, r"\['ids'\]"):
+      tx.update(grads, tx.init({"ids": jnp.ones(2)}))
+
+  def test_multiply_fuses_into_adamw(self):
+    """The clip adds no elementwise pass of its own to a jitted AdamW step."""
+    params = {"w": jnp.ones((64, 64)), "b": jnp.ones(64)}
+    opt = optax.chain(oc.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    state = opt.init(params)
+
+    def step(grads, state, params):
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    hlo = jax.jit(step).lower(params, state, params).compile().as_text()
+    # Every gradient-sized multiply sits inside a fusion with AdamW's update:
+    # the top-level program has none of its own.
+    entry = hlo.split("ENTRY")[1]
+    standalone = [line for line in entry.splitlines()
+                  if " multiply(" in line and "f32[64,64]" in line]
+    self.assertEqual(standalone, [])
+
+
+class ClipByNormTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_numpy_reference(self):
+    grads = grads_tree(scale=0.5)
+    tx = oc.clip_by_norm(1.5)
+    state = tx.init(grads)
+    updates, state = self.variant(tx.update)(grads, state)
+    for path, g in jax.tree_util.tree_leaves_with_path(f64(grads)):
+      n = np.linalg.norm(g)
+      want = g * min(1.0, 1.5 / n)
+      got = dict(jax.tree_util.tree_leaves_with_path(updates))[path]
+      np.testing.assert_allclose(got, want, rtol=1e-6)
+      got_norm = dict(jax.tree_util.tree_leaves_with_path(state.grad_norm))[path]
+      np.testing.assert_allclose(got_norm, n, rtol=1e-6)
+
+  @parameterized.parameters(0, -1, ((0, 1),), ((1, 0),))
+  def test_axis_matches_tf_semantics(self, axis):
+    """Each slice along the kept axes is clipped by its own norm."""
+    rng = np.random.default_rng(4)
+    g = rng.standard_normal((6, 4, 3)).astype(np.float32) * 2
+    updates, state = apply(oc.clip_by_norm(1.0, axis=axis), {"k": jnp.asarray(g)})
+    axes = (axis,) if isinstance(axis, int) else axis
+    n = np.sqrt(np.sum(g.astype(np.float64) ** 2, axis=axes, keepdims=True))
+    want = g * np.minimum(1.0, 1.0 / n)
+    np.testing.assert_allclose(updates["k"], want, rtol=1e-6)
+    np.testing.assert_allclose(state.grad_norm["k"], np.squeeze(n, axes),
+                               rtol=1e-6)
+    self.assertEqual(state.grad_norm["k"].shape, np.squeeze(n, axes).shape)
+    np.testing.assert_allclose(state.frac_clipped, np.mean(n > 1.0), rtol=1e-6)
+
+  def test_rms_matches_optax_block_rms(self):
+    grads = grads_tree(scale=3.0)
+    for t in (0.5, 2.0, 10.0):
+      ours, _ = apply(oc.clip_by_norm(t, ord="rms"), grads)
+      tx = optax.clip_by_block_rms(t)
+      theirs, _ = tx.update(grads, tx.init(grads))
+      chex.assert_trees_all_close(ours, theirs, rtol=1e-6)
+
+  def test_pytree_prefix_threshold(self):
+    grads = grads_tree(scale=3.0)
+    tx = oc.clip_by_norm({"dense": 1.0, "conv": 0.25})
+    updates, state = apply(tx, grads)
+    norms = _leaf_norm_dict(updates)
+    for path, n in norms.items():
+      want = 0.25 if "conv" in path else 1.0
+      np.testing.assert_allclose(n, want, rtol=1e-5)
+    np.testing.assert_allclose(state.threshold["conv"], 0.25)
+    # Schedules may sit in the tree too.
+    tx = oc.clip_by_norm({"dense": optax.constant_schedule(0.5), "conv": 1.0})
+    updates, _ = jax.jit(lambda g: apply(tx, g))(grads)
+    np.testing.assert_allclose(
+        np.linalg.norm(np.asarray(updates["dense"]["bias"])), 0.5, rtol=1e-5)
+
+  def test_mismatched_threshold_tree(self):
+    tx = oc.clip_by_norm({"dense": 1.0, "nope": 1.0})
+    grads = grads_tree()
+    with self.assertRaisesRegex(ValueError, "max_norm tree does not match"):
+      apply(tx, grads)
+
+  def test_inject_hyperparams(self):
+    grads = grads_tree(scale=3.0)
+    tx = optax.inject_hyperparams(oc.clip_by_norm, static_args="ord")(
+        max_norm=1.0, ord="rms")
+    state = tx.init(grads)
+    updates, state = jax.jit(tx.update)(grads, state)
+    theirs, _ = optax.clip_by_block_rms(1.0).update(grads, None)
+    chex.assert_trees_all_close(updates, theirs, rtol=1e-6)
+
+  def test_bad_axis(self):
+    with self.assertRaisesRegex(ValueError, r"axis=1.*\['dense'\]\['bias'\]"):
+      apply(oc.clip_by_norm(1.0, axis=1), grads_tree())
+
+
+class ClipByValueTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_optax_clip(self):
+    grads = grads_tree(scale=2.0)
+    tx = oc.clip_by_value(1.0)
+    updates, state = self.variant(tx.update)(grads, tx.init(grads))
+    theirs, _ = optax.clip(1.0).update(grads, None)
+    chex.assert_trees_all_equal(updates, theirs)
+    flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(grads)])
+    np.testing.assert_allclose(state.frac_clipped, np.mean(np.abs(flat) > 1.0),
+                               rtol=1e-6)
+    np.testing.assert_allclose(state.grad_norm, np_global_norm(grads), rtol=1e-6)
+    np.testing.assert_allclose(
+        state.scale, np_global_norm(updates) / np_global_norm(grads), rtol=1e-5)
+    self.assertTrue(state.clipped)
+
+  def test_asymmetric_bounds(self):
+    g = jnp.asarray([-3.0, -0.5, 0.2, 4.0])
+    updates, state = apply(oc.clip_by_value(1.0, min_value=-0.25), g)
+    np.testing.assert_array_equal(updates, np.float32([-0.25, -0.25, 0.2, 1.0]))
+    np.testing.assert_allclose(state.frac_clipped, 0.75)
+
+  def test_below_threshold_unchanged(self):
+    g = grads_tree()
+    updates, state = apply(oc.clip_by_value(100.0), g)
+    chex.assert_trees_all_equal(updates, g)
+    self.assertFalse(state.clipped)
+    self.assertEqual(float(state.scale), 1.0)
+
+  def test_dtypes_and_schedule(self):
+    g = {"h": jnp.asarray([70000.0, -2.0], jnp.float32).astype(jnp.bfloat16),
+         "f": jnp.asarray([300.0], jnp.float16)}
+    tx = oc.clip_by_value(lambda step: 10.0 * (step + 1))
+    state = tx.init(g)
+    updates, state = tx.update(g, state)
+    chex.assert_trees_all_equal_dtypes(updates, g)
+    np.testing.assert_array_equal(np.asarray(updates["h"], np.float32),
+                                  [10.0, -2.0])
+    updates, state = tx.update(g, state)
+    np.testing.assert_array_equal(np.asarray(updates["f"], np.float32), [20.0])
+    self.assertTrue(np.isfinite(state.grad_norm))
+
+  def test_bad_arguments(self):
+    with self.assertRaisesRegex(ValueError, "max_value"):
+      oc.clip_by_value(-1.0)
+    with self.assertRaisesRegex(ValueError, "min_value=2.0 is above"):
+      oc.clip_by_value(1.0, min_value=2.0)
+    with self.assertRaisesRegex(ValueError, "max_value"):
+      oc.clip_by_value(math.nan)
+    oc.clip_by_value(-1.0, min_value=-2.0)  # Both negative is a valid range.
+
+
+def _leaf_norm_dict(tree):
+  return {jax.tree_util.keystr(p): float(np.linalg.norm(np.asarray(x, np.float64)))
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# ----------------------------------------------------------------------------
+# Properties.
+
+# Properties. The transforms run jitted, with the threshold as an argument, on
+# a few fixed shapes, so that each example reuses a compiled program.
+
+finite32 = st.floats(-1e4, 1e4, width=32, allow_subnormal=False)
+SHAPES = [(7,), (3, 4), (2, 5)]
+tree_strategy = st.tuples(*[hnp.arrays(np.float32, s, elements=finite32)
+                            for s in SHAPES])
+thresholds = st.floats(1e-3, 1e3).map(lambda t: float(np.float32(t)))
+PROPS = settings(max_examples=40, deadline=None)
+
+
+@functools.cache
+def jitted(name, ord, axis=None):
+  def run(grads, t):
+    if name == "global":
+      tx = oc.clip_by_global_norm(t, ord=ord)
+    elif name == "leaf":
+      tx = oc.clip_by_norm(t, ord=ord, axis=axis)
+    else:
+      tx = oc.clip_by_value(t)
+    updates, state = apply(tx, grads)
+    after = (oc.global_norm(updates, ord) if name == "global" else
+             _norms.leaf_norms(updates, ord, axis=axis) if name == "leaf" else
+             None)
+    return updates, state, after
+  return jax.jit(run)
+
+
+@PROPS
+@given(tree_strategy, thresholds, st.sampled_from([1, 2, math.inf, "rms"]))
+def test_global_clip_properties(leaves, t, ord):
+  grads = [jnp.asarray(x) for x in leaves]
+  clip = jitted("global", ord)
+  updates, state, after = clip(grads, t)
+  norm = float(state.grad_norm)
+  assert after <= t * (1 + 1e-5)  # Norm at most the threshold.
+  if norm <= t:  # Identity below the threshold.
+    chex.assert_trees_all_equal(updates, grads)
+  else:  # Direction kept: a positive multiple of the input.
+    g = np.concatenate([np.ravel(x) for x in leaves]).astype(np.float64)
+    u = np.concatenate([np.ravel(x) for x in updates]).astype(np.float64)
+    np.testing.assert_allclose(u, g * (t / norm), rtol=1e-5, atol=1e-30)
+  again, _, _ = clip(updates, t)  # Idempotent.
+  chex.assert_trees_all_close(again, updates, rtol=1e-5, atol=1e-30)
+  assert bool(state.clipped) == (norm > t)
+
+
+@PROPS
+@given(tree_strategy, thresholds, st.sampled_from([2, 1, "rms"]),
+       st.sampled_from([None, 0, -1]))
+def test_per_leaf_clip_properties(leaves, t, ord, axis):
+  grads = [jnp.asarray(x) for x in leaves]
+  clip = jitted("leaf", ord, axis)
+  updates, state, after = clip(grads, t)
+  for g, u, n, a in zip(grads, updates, state.grad_norm, after):
+    assert np.all(np.asarray(a) <= t * (1 + 1e-5))
+    below = np.broadcast_to(np.reshape(np.asarray(n) <= t, a.shape), g.shape)
+    np.testing.assert_array_equal(np.asarray(u)[below], np.asarray(g)[below])
+  again, _, _ = clip(updates, t)
+  chex.assert_trees_all_close(again, updates, rtol=1e-5, atol=1e-30)
+
+
+@PROPS
+@given(tree_strategy, thresholds)
+def test_value_clip_properties(leaves, t):
+  clip = jitted("value", None)
+  updates, state, _ = clip([jnp.asarray(x) for x in leaves], t)
+  x = np.concatenate([np.ravel(v) for v in leaves])
+  u = np.concatenate([np.ravel(v) for v in updates])
+  assert np.all(np.abs(u) <= np.float32(t))
+  inside = np.abs(x) <= np.float32(t)
+  np.testing.assert_array_equal(u[inside], x[inside])
+  assert bool(state.clipped) == bool((~inside).any())
+  again, _, _ = clip(updates, t)
+  chex.assert_trees_all_equal(again, updates)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: oc.clip_by_global_norm(1.0), lambda: oc.clip_by_norm(1.0),
+    lambda: oc.clip_by_value(1.0)])
+def test_stats_through_optax_wrappers(make):
+  params = {"emb": jnp.ones((4, 3)), "w": jnp.ones((3, 2))}
+  grads = jax.tree.map(lambda p: 5 * p, params)
+  labels = {"emb": "clip", "w": "sgd"}
+  for opt in (
+      optax.chain(make(), optax.adam(1e-3)),
+      optax.masked(make(), {"emb": True, "w": False}),
+      optax.multi_transform({"clip": make(), "sgd": optax.sgd(0.1)}, labels),
+      optax.MultiSteps(optax.chain(make(), optax.sgd(0.1)), every_k_schedule=1),
+  ):
+    state = opt.init(params)
+    _, state = jax.jit(opt.update)(grads, state, params)
+    stats = oc.clip_stats(state)
+    assert int(stats["count"]) == 1
+    assert bool(stats["clipped"])
+    assert int(stats["num_clipped"]) == 1
+    assert optax.tree.get(state, "num_clipped") is not None
