@@ -188,10 +188,6 @@ def clip_by_norm(
   where = "clip_by_norm"
   _common.check_threshold(max_norm, "max_norm", where, allow_tree=True)
   p = _norms.canonical_ord(ord)
-  if isinstance(p, jax.Array):
-    raise TypeError(
-        f"{where}: ord must be static; with optax.inject_hyperparams pass"
-        " static_args=('ord',).")
 
   def squeeze(norms, tree):
     return _common.tree_map_arrays(

@@ -88,11 +88,13 @@ def leaf_norms(tree: Any, ord: Ord = 2, *, axis: Axis = None) -> Any:
     leaf), in the accumulation dtype.
   """
   p = canonical_ord(ord)
-  if isinstance(p, jax.Array):
-    raise TypeError(
-        "ord must be a Python number or 'rms' for per-leaf norms, not a traced"
-        " array; with optax.inject_hyperparams pass static_args=('ord',)."
-    )
+  if isinstance(p, jax.Array):  # Traced, e.g. injected by inject_hyperparams.
+    return jax.lax.switch(
+        _ord_index(p),
+        [lambda: leaf_norms(tree, 2, axis=axis),
+         lambda: leaf_norms(tree, 1, axis=axis),
+         lambda: leaf_norms(tree, math.inf, axis=axis),
+         lambda: _tree_general_leaf_norms(tree, p, axis)])
   float_leaves(tree, "leaf_norms")  # A clear error for integer leaves.
   paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=_is_masked
@@ -271,9 +273,7 @@ def _global_norm(leaves: list[jax.Array], p: float | str,
     return jnp.zeros((), jnp.float32)
   dtype = jnp.result_type(jnp.float32, *[acc_dtype(x.dtype) for x in leaves])
   if p == _RMS:
-    size = sum(x.size for x in leaves)
-    if axis_name is not None:
-      size = jax.lax.psum(size, axis_name)
+    size = _global_size(leaves, axis_name)
     n = _global_norm(leaves, 2.0, axis_name)
     return n / jnp.sqrt(jnp.asarray(max(size, 1) if isinstance(size, int)
                                     else size, dtype))
@@ -288,24 +288,77 @@ def _global_norm(leaves: list[jax.Array], p: float | str,
     del s
     m = _tree_max(leaves, dtype, axis_name)
     safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-    t = sum(jnp.sum(_abs_pow(_ratio(_abs(x), safe.astype(acc_dtype(x.dtype))), p),
-                    dtype=dtype) for x in leaves)
-    if axis_name is not None:
-      t = jax.lax.psum(t, axis_name)
+    t = _psum_leaves([jnp.sum(_abs_pow(_ratio(_abs(x), safe.astype(acc_dtype(x.dtype))), p),
+                              dtype=dtype) for x in leaves], leaves, axis_name)
     return jnp.where(jnp.isinf(m), m, safe * _root(t, p))
 
-  s = sum(jnp.sum(_abs_pow(x, p), dtype=dtype) for x in leaves)
-  if axis_name is not None:
-    s = jax.lax.psum(s, axis_name)
+  s = _psum_leaves([jnp.sum(_abs_pow(x, p), dtype=dtype) for x in leaves],
+                   leaves, axis_name)
   return jax.lax.cond(_needs_rescale(s, p, zero=True), rescaled, plain, s)
 
 
 def _tree_max(leaves, dtype, axis_name):
   m = jnp.max(jnp.stack([jnp.max(_abs(x), initial=0).astype(dtype)
                          for x in leaves]))
-  if axis_name is not None:
-    m = jax.lax.pmax(m, axis_name)
+  if axis_name is not None and (axes := _split_axes(m, _axis_names(axis_name))):
+    m = jax.lax.pmax(m, axes)
   return m
+
+
+def _psum_leaves(partials: list[jax.Array], leaves: list[jax.Array],
+                 axis_name: AxisName) -> jax.Array:
+  """The total of per-leaf partial sums over the whole, unsharded tree.
+
+  Inside ``shard_map``/``pmap`` one ``psum`` of one scalar does it: the
+  partials are added on each device first, each divided by the number of
+  copies of its leaf. A leaf is split over the named axes it varies over and
+  replicated over the others (a bias under FSDP); ``shard_map`` records
+  which (``check_vma=True``, its default). Without that record (``pmap``,
+  ``check_vma=False``) every leaf counts as split over every named axis.
+  """
+  if axis_name is None:
+    return sum(partials)
+  names = _axis_names(axis_name)
+  groups: dict[int, jax.Array] = {}
+  for s, x in zip(partials, leaves):
+    split = _split_axes(x, names)
+    copies = math.prod(_axis_size(n) for n in names if n not in split)
+    groups[copies] = groups[copies] + s if copies in groups else s
+  return jax.lax.psum(sum(s if c == 1 else s / c for c, s in groups.items()),
+                      names)
+
+
+def _global_size(leaves: list[jax.Array], axis_name: AxisName) -> int:
+  """The number of elements of the whole, unsharded tree."""
+  if axis_name is None:
+    return sum(x.size for x in leaves)
+  names = _axis_names(axis_name)
+  return sum(x.size * math.prod(_axis_size(n) for n in _split_axes(x, names))
+             for x in leaves)
+
+
+def _axis_names(axis_name: AxisName) -> tuple[Any, ...]:
+  return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (
+      axis_name,)
+
+
+def _axis_size(name: Any) -> int:
+  return jax.lax.psum(1, name)
+
+
+def _split_axes(x: Any, names: tuple[Any, ...]) -> tuple[Any, ...]:
+  """The named axes ``x`` varies over: all of them when this is not tracked."""
+  varying = _varying(x)
+  return tuple(n for n in names if varying is None or n in varying
+               or n not in (_varying(jax.lax.axis_index(n)) or ()))
+
+
+def _varying(x: Any) -> frozenset | None:
+  """The manual mesh axes ``x`` varies over, or None where JAX keeps no record."""
+  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+  mat = getattr(aval, "mat", None)  # Older JAX releases: aval.vma.
+  return getattr(mat, "varying", None) if mat is not None else getattr(
+      aval, "vma", None)
 
 
 def _leaf_norms(leaves: list[jax.Array], p: float | str,
@@ -353,12 +406,29 @@ def _traced_ord_norm(leaves, p, axis_name):
     q = jnp.asarray(p, dtype)
     m = _tree_max(leaves, dtype, axis_name)
     safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-    t = sum(jnp.sum(_ratio(_abs(x), safe.astype(acc_dtype(x.dtype))) ** q,
-                    dtype=dtype) for x in leaves)
-    if axis_name is not None:
-      t = jax.lax.psum(t, axis_name)
+    t = _psum_leaves([jnp.sum(_ratio(_abs(x), safe.astype(acc_dtype(x.dtype))) ** q,
+                              dtype=dtype) for x in leaves], leaves, axis_name)
     return jnp.where(jnp.isinf(m), m, safe * t ** (1 / q))
 
   branches.append(general)
-  index = jnp.select([p == 2, p == 1, jnp.isinf(p)], [0, 1, 2], 3)
-  return jax.lax.switch(index, branches)
+  return jax.lax.switch(_ord_index(p), branches)
+
+
+def _ord_index(p: jax.Array) -> jax.Array:
+  """0, 1, 2 for a traced ord of 2, 1, inf; 3 for any other p."""
+  return jnp.select([p == 2, p == 1, jnp.isinf(p)], [0, 1, 2], 3)
+
+
+def _tree_general_leaf_norms(tree: Any, p: jax.Array, axis: Axis) -> Any:
+  """Per-leaf norms for a traced p: the rescaled form, exact for any p > 0."""
+  def one(path, x):
+    if _is_masked(x):
+      return x
+    axes = _leaf_axes(path, x, axis)
+    a = _abs(x)
+    q = jnp.asarray(p, a.dtype)
+    m = jnp.max(a, axis=axes, keepdims=True, initial=0)
+    safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
+    s = jnp.sum(_ratio(a, safe) ** q, axis=axes, keepdims=True)
+    return jnp.where(jnp.isinf(m), m, safe * s ** (1 / q))
+  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_masked)

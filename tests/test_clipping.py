@@ -276,6 +276,12 @@ class ClipByNormTest(chex.TestCase):
     updates, state = jax.jit(tx.update)(grads, state)
     theirs, _ = optax.clip_by_block_rms(1.0).update(grads, None)
     chex.assert_trees_all_close(updates, theirs, rtol=1e-6)
+    # Without static_args, ord is injected as a traced array and still works.
+    for ord in (1, 2, 3, math.inf):
+      tx = optax.inject_hyperparams(oc.clip_by_norm)(max_norm=1.0, ord=ord)
+      updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+      ours, _ = apply(oc.clip_by_norm(1.0, ord=ord), grads)
+      chex.assert_trees_all_close(updates, ours, rtol=1e-5)
 
   def test_bad_axis(self):
     with self.assertRaisesRegex(ValueError, r"axis=1.*\['dense'\]\['bias'\]"):
@@ -324,6 +330,14 @@ class ClipByValueTest(chex.TestCase):
     updates, state = tx.update(g, state)
     np.testing.assert_array_equal(np.asarray(updates["f"], np.float32), [20.0])
     self.assertTrue(np.isfinite(state.grad_norm))
+
+  def test_inject_hyperparams(self):
+    grads = grads_tree(scale=2.0)
+    tx = optax.inject_hyperparams(oc.clip_by_value)(max_value=1.0)
+    state = tx.init(grads)
+    state.hyperparams["max_value"] = jnp.asarray(0.5)
+    updates, state = jax.jit(tx.update)(grads, state)
+    chex.assert_trees_all_equal(updates, optax.clip(0.5).update(grads, None)[0])
 
   def test_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, "max_value"):
