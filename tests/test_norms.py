@@ -176,8 +176,11 @@ class LeafNormsTest(parameterized.TestCase):
 def test_global_norm_property_any_finite_input(x, ord):
   got = float(oc.global_norm(jnp.asarray(x), ord))
   want = np_norm([x], ord)
-  if want > np.finfo(np.float32).max:
+  top = float(np.finfo(np.float32).max)
+  if want > top * (1 + 1e-6):
     assert got == math.inf
+  elif want > top * (1 - 1e-6):  # Within rounding of the largest float32.
+    assert got == math.inf or np.isclose(got, want, rtol=1e-5)
   else:
     assert np.isfinite(got)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-37)
