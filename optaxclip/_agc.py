@@ -1,0 +1,213 @@
+"""Adaptive gradient clipping (AGC): unit-wise, relative to the parameters."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optaxclip import _common, _norms
+from optaxclip._common import Threshold
+from optaxclip._norms import Axis
+
+_NO_PARAMS = ("adaptive_grad_clip needs params: call update(grads, state,"
+              " params).")
+
+
+class AdaptiveGradClipState(NamedTuple):
+  """State of :func:`adaptive_grad_clip`.
+
+  Attributes:
+    count: updates seen so far (int32).
+    grad_norm: per leaf, the 2-norm of each unit of the last incoming update,
+      before clipping; the reduced axes are dropped (a scalar for a leaf
+      that is one unit).
+    threshold: per leaf, each unit's threshold at the last update,
+      ``clipping * max(param_norm, eps)`` (same shapes as ``grad_norm``).
+    scale: per leaf, the factor each unit was multiplied by.
+    clipped: whether any unit was scaled down at the last update.
+    frac_clipped: the fraction of units scaled down at the last update.
+    num_clipped: how many updates have had a unit scaled down so far.
+  """
+
+  count: jax.Array
+  grad_norm: Any
+  threshold: Any
+  scale: Any
+  clipped: jax.Array
+  frac_clipped: jax.Array
+  num_clipped: jax.Array
+
+
+def adaptive_grad_clip(
+    clipping: Threshold, eps: Threshold = 1e-3, *, axis: Axis = None
+) -> optax.GradientTransformation:
+  """Clips each unit's update norm to ``clipping`` times its parameters' norm.
+
+  For every unit (an output unit of a dense kernel, an output channel of a
+  convolution, a whole bias vector), the update ``g`` and the parameters
+  ``w`` of that unit give ``g * min(1, clipping * max(|w|, eps) / |g|)``,
+  with 2-norms accumulated in float32. The units are those of
+  ``optax.adaptive_grad_clip``: with ``axis=None``, a scalar or vector (or
+  any leaf with one non-trivial dimension) is one unit; a 2-D ``(in, out)``
+  kernel or 3-D multi-head kernel is reduced over axis 0; a 4-D ``HWIO``
+  convolution over ``(0, 1, 2)``; a 5-D ``DHWIO`` one over ``(0, 1, 2, 3)``.
+  Give ``axis`` (the axes to reduce) for other layouts; it then applies to
+  every leaf. The result is ``optax.adaptive_grad_clip``'s, except that
+  bfloat16 and float16 norms are accumulated in float32 here rather than in
+  their own dtype.
+
+  Args:
+    clipping: the largest ratio of a unit's update norm to its parameter
+      norm: a non-negative number, a JAX scalar or an Optax schedule of the
+      step count.
+    eps: the smallest parameter norm used, so that zero-initialised units
+      (biases) can move: a non-negative number, JAX scalar or schedule.
+    axis: ``None`` for the per-shape rules above, or the axes to reduce over.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is an
+    :class:`AdaptiveGradClipState`. Its ``update`` needs ``params``.
+
+  References:
+    Brock et al., `High-Performance Large-Scale Image Recognition Without
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optaxclip as oc
+    >>> clip = oc.adaptive_grad_clip(0.1)
+    >>> params = {"w": jnp.array([[3.0, 0.0], [4.0, 1.0]])}  # unit norms 5, 1
+    >>> grads = {"w": jnp.array([[1.0, 0.0], [0.0, 0.05]])}  # unit norms 1, 0.05
+    >>> state = clip.init(params)
+    >>> updates, state = clip.update(grads, state, params)
+    >>> print(updates["w"], state.frac_clipped)
+    [[0.5  0.  ]
+     [0.   0.05]] 0.5
+  """
+  where = "adaptive_grad_clip"
+  _common.check_threshold(clipping, "clipping", where)
+  _common.check_threshold(eps, "eps", where)
+
+  def init_fn(params):
+    leaves, _, _ = _flatten(params)
+    axes = [_unit_axes(path, x, axis) for path, x in leaves]
+    norms = jax.eval_shape(
+        lambda xs: _norms._leaf_norms(xs, 2.0, axes), [x for _, x in leaves])
+    dtypes = [n.dtype for n in norms]
+    shapes = [_kept_shape(x.shape, a) for (_, x), a in zip(leaves, axes)]
+    zeros = _fill(params, [jnp.zeros(s, d) for s, d in zip(shapes, dtypes)])
+    return AdaptiveGradClipState(
+        count=jnp.zeros((), jnp.int32), grad_norm=zeros,
+        threshold=_fill(params, [jnp.zeros(s, d)
+                                 for s, d in zip(shapes, dtypes)]),
+        scale=_fill(params, [jnp.ones(s, d) for s, d in zip(shapes, dtypes)]),
+        clipped=jnp.zeros((), bool), frac_clipped=jnp.zeros((), jnp.float32),
+        num_clipped=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(_NO_PARAMS)
+    leaves, treedef, all_leaves = _flatten(updates)
+    try:
+      params_flat = treedef.flatten_up_to(params)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          f"{where}: params do not have the structure of the updates;"
+          " pass the parameters the updates are for.") from e
+    live = [i for i, x in enumerate(all_leaves) if not _common.is_masked(x)]
+    p_leaves = [params_flat[i] for i in live]
+    for (path, g), w in zip(leaves, p_leaves):
+      if jnp.shape(g) != jnp.shape(w):
+        raise ValueError(
+            f"{where}: the update at {jax.tree_util.keystr(path) or 'root'}"
+            f" has shape {jnp.shape(g)} but its parameter has shape"
+            f" {jnp.shape(w)}.")
+    g_leaves = [g for _, g in leaves]
+    axes = [_unit_axes(path, g, axis) for path, g in leaves]
+    norms = _norms._leaf_norms(g_leaves + list(p_leaves), 2.0, axes + axes)
+    g_norms, p_norms = norms[:len(g_leaves)], norms[len(g_leaves):]
+    out, thresholds, scales, over = [], [], [], []
+    for g, gn, pn in zip(g_leaves, g_norms, p_norms):
+      dtype = gn.dtype
+      c = _common.resolve(clipping, state.count, dtype)
+      e = _common.resolve(eps, state.count, dtype)
+      t = c * jnp.maximum(pn.astype(dtype), e)
+      o = gn > t
+      s = jnp.where(o, _common.clip_scale(gn, t),
+                    jnp.where(jnp.isnan(gn), jnp.nan, 1)).astype(dtype)
+      out.append(_common.scale_leaf(g, s))
+      thresholds.append(t)
+      scales.append(s)
+      over.append(o)
+    num_over = sum((jnp.sum(o, dtype=jnp.int32) for o in over),
+                   jnp.zeros((), jnp.int32))
+    num_units = max(sum(o.size for o in over), 1)
+    clipped = num_over > 0
+
+    def squeeze(values):
+      return _fill(updates, [jnp.reshape(v, _kept_shape(g.shape, a))
+                             for v, g, a in zip(values, g_leaves, axes)])
+
+    new_leaves = list(all_leaves)
+    for i, x in zip(live, out):
+      new_leaves[i] = x
+    return jax.tree_util.tree_unflatten(treedef, new_leaves), (
+        AdaptiveGradClipState(
+            count=_common.increment(state.count), grad_norm=squeeze(g_norms),
+            threshold=squeeze(thresholds), scale=squeeze(scales),
+            clipped=clipped,
+            frac_clipped=num_over.astype(jnp.float32) / num_units,
+            num_clipped=state.num_clipped + clipped.astype(jnp.int32)))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _flatten(tree: Any) -> tuple[list[tuple[Any, jax.Array]], Any, list[Any]]:
+  """The live (path, leaf) pairs, the treedef and every leaf of ``tree``."""
+  _norms.float_leaves(tree, "adaptive_grad_clip")
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=_common.is_masked)
+  all_leaves = [x for _, x in with_path]
+  live = [(path, x) for path, x in with_path if not _common.is_masked(x)]
+  return live, treedef, all_leaves
+
+
+def _fill(like: Any, values: list[jax.Array]) -> Any:
+  """A tree like ``like`` whose live leaves are ``values``, in order."""
+  leaves, treedef = jax.tree_util.tree_flatten(like, is_leaf=_common.is_masked)
+  it = iter(values)
+  return jax.tree_util.tree_unflatten(
+      treedef, [x if _common.is_masked(x) else next(it) for x in leaves])
+
+
+def _unit_axes(path: Any, x: jax.Array, axis: Axis) -> tuple[int, ...]:
+  """The axes a unit spans: ``axis`` if given, else optax's per-shape rule."""
+  if axis is not None:
+    if isinstance(axis, (jax.Array, np.ndarray)):
+      if not _norms.is_concrete(axis):
+        raise TypeError(
+            "adaptive_grad_clip: axis must be static; with"
+            " optax.inject_hyperparams pass static_args=('axis',).")
+      axis = tuple(int(a) for a in np.atleast_1d(np.asarray(axis)))
+    return _norms._leaf_axes(path, x, axis)
+  shape = jnp.shape(x)
+  ndim = len(shape)
+  if sum(d != 1 for d in shape) <= 1:
+    return tuple(range(ndim))
+  if ndim in (2, 3):
+    return (0,)
+  if ndim in (4, 5):
+    return tuple(range(ndim - 1))
+  raise ValueError(
+      f"adaptive_grad_clip: no default units for the leaf at"
+      f" {jax.tree_util.keystr(path) or 'root'} of shape {shape}; pass axis="
+      " (the axes one unit spans) or clip that leaf with another"
+      " transformation (optax.multi_transform).")
+
+
+def _kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(d for i, d in enumerate(shape) if i not in axes)

@@ -1,0 +1,307 @@
+"""AutoClip: clip the norm to a quantile of its own recent history."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optaxclip import _common, _norms
+from optaxclip._common import Threshold
+from optaxclip._norms import AxisName, Ord
+
+
+class ClipByQuantileState(NamedTuple):
+  """State of :func:`clip_by_quantile`.
+
+  Attributes:
+    count: updates seen so far (int32).
+    grad_norm: the norm of the last incoming update, before clipping (with
+      ``per_leaf=True``, a tree holding one norm per leaf).
+    threshold: the threshold in force at the last update: the quantile of the
+      recorded norms, the last one included (a tree with ``per_leaf=True``).
+    scale: the factor the last update was multiplied by (a tree with
+      ``per_leaf=True``).
+    clipped: whether the last update (any leaf of it) was scaled down.
+    num_clipped: how many updates have been scaled down so far.
+    norm_history: the ring buffer of recorded pre-clip norms, shape
+      ``(history,)``, or ``(num_leaves, history)`` with ``per_leaf=True``
+      (leaves in tree-flattening order). Only the first ``fill`` slots hold
+      norms.
+    sorted_norms: the recorded norms in ascending order (same shape as
+      ``norm_history``), padded with ``inf``; kept sorted by one insertion
+      and one removal per step, so no step sorts the buffer.
+    fill: how many slots of ``norm_history`` hold norms (int32, at most
+      ``history``).
+    index: the slot the next norm is written to (int32).
+  """
+
+  count: jax.Array
+  grad_norm: Any
+  threshold: Any
+  scale: Any
+  clipped: jax.Array
+  num_clipped: jax.Array
+  norm_history: jax.Array
+  sorted_norms: jax.Array
+  fill: jax.Array
+  index: jax.Array
+
+
+def clip_by_quantile(
+    quantile: Threshold = 0.9,
+    history: int = 1000,
+    *,
+    ord: Ord = 2,
+    per_leaf: bool = False,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformation:
+  """AutoClip: clips the norm to a quantile of the recent pre-clip norms.
+
+  At every step the global norm of the incoming update is recorded in a ring
+  buffer holding the last ``history`` norms, then the update is scaled by
+  ``min(1, t / norm)`` where ``t`` is the ``quantile`` of the recorded norms,
+  the current one included (linear interpolation between order statistics,
+  as ``numpy.quantile``'s default). The first update is therefore never
+  clipped: its norm is the only one recorded. Norms are recorded before
+  clipping, as in the paper's code.
+
+  The buffer has a fixed size and the quantile is computed on the device
+  from its filled part only, from a sorted copy of the buffer that each step
+  updates in ``O(history)`` work (drop the oldest norm, insert the newest);
+  the update is one compiled program from the first step on, with no host
+  round-trip. Unlike
+  the paper's code, which keeps every norm since the start, only the last
+  ``history`` norms count; and a non-finite norm is not recorded (one NaN
+  step would otherwise poison the threshold for ``history`` steps; with
+  ``per_leaf=True`` a step with any non-finite leaf norm records nothing);
+  that step's update still carries its NaN or Inf unless it is dropped, e.g.
+  by :func:`optaxclip.skip_step`.
+
+  Args:
+    quantile: the quantile in ``[0, 1]`` (the paper's percentile / 100): a
+      number, a JAX scalar or an Optax schedule of the step count.
+    history: how many recent norms to keep (the ring buffer's size), >= 1.
+    ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
+    per_leaf: keep one history per leaf and clip each leaf to the quantile
+      of its own norms.
+    axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
+      name (or names) to reduce norms over.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a
+    :class:`ClipByQuantileState`.
+
+  References:
+    Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optaxclip as oc
+    >>> clip = oc.clip_by_quantile(0.5, history=3)
+    >>> state = clip.init(jnp.zeros(1))
+    >>> for g in [1.0, 3.0, 2.0, 10.0]:
+    ...   updates, state = clip.update(jnp.array([g]), state)
+    ...   print(updates, state.threshold, state.fill)
+    [1.] 1.0 1
+    [2.] 2.0 2
+    [2.] 2.0 3
+    [3.] 3.0 3
+  """
+  where = "clip_by_quantile"
+  check_range(quantile, "quantile", where, lo=0.0, hi=1.0)
+  check_int(history, "history", where, lo=1)
+  p = _norms.canonical_ord(ord)
+
+  def init_fn(params):
+    dtype = _norms.tree_acc_dtype(params)
+    size = static_size(history, "history", where)
+    leaves, treedef = _live_leaves(params)
+    count = jnp.zeros((), jnp.int32)
+    if per_leaf:
+      buf = jnp.zeros((len(leaves), size), dtype)
+      zeros = _unflatten(treedef, params, jnp.zeros((len(leaves),), dtype))
+      infs = _unflatten(treedef, params, jnp.full((len(leaves),), jnp.inf,
+                                                  dtype))
+      ones = _unflatten(treedef, params, jnp.ones((len(leaves),), dtype))
+    else:
+      buf = jnp.zeros((size,), dtype)
+      zeros = jnp.zeros((), dtype)
+      infs = jnp.full((), jnp.inf, dtype)
+      ones = jnp.ones((), dtype)
+    return ClipByQuantileState(
+        count=count, grad_norm=zeros, threshold=infs, scale=ones,
+        clipped=jnp.zeros((), bool), num_clipped=jnp.zeros((), jnp.int32),
+        norm_history=buf, sorted_norms=jnp.full_like(buf, jnp.inf),
+        fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    dtype = state.norm_history.dtype
+    size = state.norm_history.shape[-1]  # Static even when injected.
+    if per_leaf:
+      leaves, treedef = _live_leaves(updates)
+      norm = _per_leaf_norms(leaves, p, axis_name, dtype)
+    else:
+      norm = _norms.global_norm(updates, p, axis_name=axis_name).astype(dtype)
+    finite = jnp.all(jnp.isfinite(norm))
+    oldest = jnp.where(state.fill == size,
+                       state.norm_history[..., state.index], jnp.inf)
+    recorded = state.norm_history.at[..., state.index].set(norm)
+    buf = jnp.where(finite, recorded, state.norm_history)
+    ordered = jnp.where(
+        finite, sorted_replace(state.sorted_norms, oldest, norm),
+        state.sorted_norms)
+    fill = jnp.where(finite, jnp.minimum(state.fill + 1, size), state.fill)
+    index = jnp.where(finite, (state.index + 1) % size, state.index)
+    q = _common.resolve(quantile, state.count, dtype)
+    threshold = sorted_quantile(ordered, fill, q)
+    over = norm > threshold
+    scale = jnp.where(over, _common.clip_scale(norm, threshold),
+                      jnp.where(jnp.isnan(norm), jnp.nan, 1)).astype(dtype)
+    clipped = jnp.any(over)
+    if per_leaf:
+      live = iter(range(len(leaves)))
+      scales = [None if _common.is_masked(x) else scale[next(live)]
+                for x in treedef.flatten_up_to(updates)]
+      updates = jax.tree_util.tree_unflatten(treedef, [
+          x if s is None else _common.scale_leaf(x, s)
+          for x, s in zip(treedef.flatten_up_to(updates), scales)])
+      norm, threshold, scale = (_unflatten(treedef, updates, v)
+                                for v in (norm, threshold, scale))
+    else:
+      updates = _common.tree_map_arrays(
+          lambda g: _common.scale_leaf(g, scale), updates)
+    return updates, ClipByQuantileState(
+        count=_common.increment(state.count), grad_norm=norm,
+        threshold=threshold, scale=scale, clipped=clipped,
+        num_clipped=state.num_clipped + clipped.astype(jnp.int32),
+        norm_history=buf, sorted_norms=ordered, fill=fill, index=index)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def sorted_replace(ordered: jax.Array, old: jax.Array,
+                   new: jax.Array) -> jax.Array:
+  """Removes one ``old`` from and inserts ``new`` into sorted rows.
+
+  ``ordered`` is ascending along its last axis; ``old`` and ``new`` hold one
+  value per row. ``old`` must be present (``inf`` removes the padding);
+  ``new`` must not be NaN. Linear work per row, no sort.
+  """
+  inf = jnp.full(ordered.shape[:-1] + (1,), jnp.inf, ordered.dtype)
+  slot = jnp.arange(ordered.shape[-1])
+  gone = jnp.sum(ordered < old[..., None], axis=-1, keepdims=True)
+  ordered = jnp.where(slot < gone, ordered,
+                      jnp.concatenate([ordered[..., 1:], inf], axis=-1))
+  at = jnp.sum(ordered < new[..., None], axis=-1, keepdims=True)
+  shifted = jnp.concatenate([inf, ordered[..., :-1]], axis=-1)
+  return jnp.where(slot < at, ordered,
+                   jnp.where(slot == at, new[..., None], shifted))
+
+
+def sorted_quantile(ordered: jax.Array, fill: jax.Array,
+                    q: jax.Array) -> jax.Array:
+  """The ``q``-quantile of the first ``fill`` entries of sorted rows.
+
+  Linear interpolation between order statistics, as ``numpy.quantile``'s
+  default method; ``inf`` when nothing is recorded yet.
+  """
+  dtype = ordered.dtype
+  last = jnp.maximum(fill - 1, 0)
+  pos = q.astype(dtype) * last.astype(dtype)
+  lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, last)
+  hi = jnp.minimum(lo + 1, last)
+  t = pos - lo.astype(dtype)
+  a = jnp.take(ordered, lo, axis=-1)
+  b = jnp.take(ordered, hi, axis=-1)
+  diff = b - a
+  # numpy's lerp: from the nearer end, exact at both ends.
+  value = jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
+  value = jnp.where(lo == hi, a, value)
+  return jnp.where(fill > 0, value, jnp.inf).astype(dtype)
+
+
+def check_range(value: Any, name: str, where: str, *, lo: float, hi: float,
+                open_lo: bool = False, open_hi: bool = False) -> None:
+  """Raises when a scalar known at construction lies outside ``[lo, hi]``.
+
+  Schedules and traced arrays are checked at run time by nobody: their values
+  are the caller's to keep in range.
+  """
+  if callable(value) and not isinstance(value, jax.Array):
+    return
+  if isinstance(value, bool) or not isinstance(
+      value, (int, float, np.number, np.ndarray, jax.Array)):
+    raise TypeError(f"{where}: {name} must be a number, a JAX scalar or an"
+                    f" Optax schedule; got {type(value).__name__}.")
+  if jnp.ndim(value) != 0:
+    raise ValueError(f"{where}: {name} must be a scalar, got shape"
+                     f" {jnp.shape(value)}.")
+  if not _norms.is_concrete(value):
+    return
+  v = float(np.asarray(value))
+  below = v <= lo if open_lo else v < lo
+  above = v >= hi if open_hi else v > hi
+  if math.isnan(v) or below or above:
+    interval = (("(" if open_lo else "[") + f"{lo:g}, {hi:g}"
+                + (")" if open_hi else "]"))
+    raise ValueError(f"{where}: {name}={v} is outside {interval}; give a"
+                     f" value in {interval}.")
+
+
+def check_int(value: Any, name: str, where: str, *, lo: int) -> None:
+  """Raises unless ``value`` is an integer >= ``lo`` (traced ones pass)."""
+  if isinstance(value, bool) or not isinstance(
+      value, (int, np.integer, np.ndarray, jax.Array)):
+    raise TypeError(f"{where}: {name} must be an integer >= {lo}; got"
+                    f" {type(value).__name__}.")
+  if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value),
+                                                jnp.integer):
+    raise TypeError(f"{where}: {name} must be an integer >= {lo}; got"
+                    f" {value!r}.")
+  if _norms.is_concrete(value) and int(np.asarray(value)) < lo:
+    raise ValueError(f"{where}: {name}={int(np.asarray(value))} must be an"
+                     f" integer >= {lo}.")
+
+
+def static_size(value: Any, name: str, where: str) -> int:
+  """``value`` as a Python int, or a clear error when it is traced."""
+  if not _norms.is_concrete(value):
+    raise TypeError(
+        f"{where}: {name} sizes a buffer in the state, so init needs its"
+        " value; under optax.inject_hyperparams with a jitted init, pass"
+        f" static_args=({name!r},).")
+  return int(np.asarray(value))
+
+
+def _live_leaves(tree: Any) -> tuple[list[jax.Array], Any]:
+  """The array leaves (not masked) of ``tree`` and its treedef."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_common.is_masked)
+  _norms.float_leaves(tree, "clip_by_quantile")
+  return [x for x in leaves if not _common.is_masked(x)], treedef
+
+
+def _unflatten(treedef: Any, like: Any, values: jax.Array) -> Any:
+  """A tree like ``like`` whose live leaves are the entries of ``values``."""
+  live = iter(range(values.shape[0]))
+  return jax.tree_util.tree_unflatten(treedef, [
+      x if _common.is_masked(x) else values[next(live)]
+      for x in treedef.flatten_up_to(like)])
+
+
+def _per_leaf_norms(leaves: list[jax.Array], p: Any, axis_name: AxisName,
+                    dtype: Any) -> jax.Array:
+  """One norm per leaf, stacked into a vector of ``dtype``."""
+  if not leaves:
+    return jnp.zeros((0,), dtype)
+  if isinstance(p, jax.Array) or axis_name is not None:
+    norms = [_norms.global_norm(x, p, axis_name=axis_name) for x in leaves]
+  else:
+    norms = jax.tree_util.tree_leaves(_norms.leaf_norms(leaves, p))
+  return jnp.stack([jnp.reshape(n, ()).astype(dtype) for n in norms])
