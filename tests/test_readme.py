@@ -25,9 +25,11 @@ def test_readme_python_blocks_run_and_print_what_they_show():
   assert len(blocks) >= 3
   namespace: dict = {}
   for block in blocks:
-    # Lines starting with "# " at column 0 are the output the block shows.
-    expected = [line[2:] for line in block.splitlines()
-                if line.startswith("# ")]
+    # The "# " comment lines that end a block are the output it shows.
+    lines = block.rstrip().splitlines()
+    expected = []
+    while lines and lines[-1].startswith("# "):
+      expected.insert(0, lines.pop()[2:])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
       exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
