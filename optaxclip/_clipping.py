@@ -291,25 +291,85 @@ def clip_by_value(
     lo = (_common.tree_map_arrays(jnp.negative, hi) if symmetric else
           _common.leaf_thresholds(min_value, updates, state.count,
                                   "min_value", where))
-    clipped_updates = _common.tree_map_arrays(
-        lambda g, a, b: jnp.clip(g, a.astype(g.dtype), b.astype(g.dtype)),
-        updates, lo, hi)
     norm = _norms.global_norm(updates).astype(dtype)
-    out_norm = _norms.global_norm(clipped_updates).astype(dtype)
-    changed = [jnp.sum(g != c, dtype=jnp.int32) for g, c in zip(
-        _norms.float_leaves(updates, where),
-        _norms.float_leaves(clipped_updates, where))]
-    num_changed = sum(changed, jnp.zeros((), jnp.int32))
-    size = max(sum(x.size for x in _norms.float_leaves(updates, where)), 1)
-    clipped = num_changed > 0
-    scale = jnp.where(norm > 0, out_norm / jnp.where(norm > 0, norm, 1), 1)
+    leaves = _norms.float_leaves(updates, where)
+    out_sq, num_changed = _value_clip_stats(
+        leaves, _norms.float_leaves(lo, where), _norms.float_leaves(hi, where),
+        jnp.where(norm > 0, norm, 1), dtype)
+    # An exact zero that depends on the statistics: the clip then runs after
+    # them, in place, instead of on a copy of the updates.
+    t = out_sq + num_changed
+    after = 0 * jnp.where(jnp.isfinite(t), t, 0)
+    clipped_updates = _common.tree_map_arrays(
+        lambda g, a, b: jnp.clip(g, (a + after).astype(g.dtype),
+                                 (b + after).astype(g.dtype)),
+        updates, lo, hi)
+    size = max(sum(x.size for x in leaves), 1)
+    clipped = ~(num_changed <= 0)  # A NaN element counts as changed.
+    scale = jnp.where(clipped & (norm > 0), jnp.sqrt(out_sq), 1)
     return clipped_updates, ClipByValueState(
         count=_common.increment(state.count), grad_norm=norm,
         scale=scale.astype(dtype), clipped=clipped,
-        frac_clipped=num_changed.astype(jnp.float32) / size,
+        frac_clipped=num_changed / size,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+_SMALL = 1 << 16  # Leaves up to this size take the plain, compact form.
+
+
+def _value_clip_stats(leaves: list[jax.Array], lo: list[jax.Array],
+                      hi: list[jax.Array], norm: jax.Array,
+                      dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """``sum((clip(g) / norm) ** 2)`` and the number of elements clipping changes.
+
+  Each is one plain sum per leaf of a min/max/abs/multiply expression, which
+  XLA fuses into one reduction kernel that reads the leaf once. CPU backends
+  materialise, as full-size temporaries, comparisons, selects and any
+  broadcast scalar or constant that two such kernels share; so there are no
+  comparisons, no constants, and the ``j``-th leaf of a given shape scales by
+  its own power of two ``2**-j`` (exact) so that its scalars are its own.
+  Dividing by the pre-clip ``norm`` keeps every term in [0, 1], so the sum
+  cannot overflow. An element counts as changed when its distance to the
+  interval, times about 2**126, reaches 1: exactly the elements outside it,
+  down to distances in the subnormal range (which count fractionally).
+  On one device, small leaves are concatenated (a copy of little cost) and
+  take the plain form, a clip and a comparison: one reduction each for all
+  of them, where XLA would otherwise emit (and compile) one unrolled kernel
+  per leaf.
+  """
+  seen: dict[tuple[Any, ...], int] = {}
+  out_sq = jnp.zeros((), dtype)
+  changed = jnp.zeros((), jnp.float32)
+  inv = _norms._ratio(jnp.ones((), dtype), norm.astype(dtype))
+  small, merge = [], _norms.single_device()
+  for g, a, b in zip(leaves, lo, hi):
+    j = seen[g.shape, g.dtype] = seen.get((g.shape, g.dtype), -1) + 1
+    j %= 32  # Beyond, a shared scalar costs memory, never correctness.
+    acc = _norms.acc_dtype(g.dtype)
+    a = a.astype(g.dtype).astype(acc)  # The bounds the clip itself uses.
+    b = b.astype(g.dtype).astype(acc)
+    x = g.astype(acc)
+    if g.size <= _SMALL and merge:
+      small.append((x.ravel(), jnp.full(g.size, a), jnp.full(g.size, b)))
+      continue
+    s = jnp.asarray(2.0 ** -j, acc)
+    r = inv.astype(acc) * s  # 2**-j / norm.
+    # clip(x, a, b) * r as min(-min(-x r, -a r), b r): no clamp op.
+    c = jnp.minimum(-jnp.minimum(-(x * r), -(a * r)), b * r)
+    out_sq += jnp.sum(jnp.square(c), dtype=dtype) * 4.0 ** j
+    # Twice the distance to [a, b], times 2**-j: relu(d) = (d + |d|) / 2.
+    above, below = x * s - b * s, a * s - x * s
+    twice = (above + jnp.abs(above)) + (below + jnp.abs(below))
+    changed += jnp.sum(jnp.minimum(twice * 2.0 ** (125 - j), s),
+                       dtype=jnp.float32) * 2.0 ** j
+  if small:
+    x, a, b = (jnp.concatenate(v).astype(dtype) for v in zip(*small))
+    c = jnp.clip(x, a, b)
+    out_sq += jnp.sum(jnp.square(c * inv))
+    changed += jnp.sum(x != c, dtype=jnp.float32)
+  return out_sq, changed
 
 
 def _check_order(min_value: Any, max_value: Any, where: str) -> None:

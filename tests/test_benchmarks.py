@@ -1,0 +1,120 @@
+"""Smoke test of the benchmark harness: quick mode on a tiny tree."""
+
+import json
+import os
+
+import pytest
+
+from benchmarks import __main__ as bench
+from benchmarks import report, suite
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+  out = tmp_path_factory.mktemp("results")
+  argv = ["--quick", "--trees", "tiny", "--dtypes", "float32,bfloat16",
+          "--only", "value,global_norm", "--reps", "2", "--warmup", "1",
+          "--chained-reps", "2", "--compile-reps", "1", "--no-progress",
+          "--out", str(out), "--name", "smoke"]
+  paths = bench.main(argv)
+  return out, paths
+
+
+def test_writes_json_markdown_and_png(outputs):
+  out, paths = outputs
+  names = sorted(os.path.basename(p) for p in paths)
+  assert names == ["smoke.json", "smoke.md", "smoke.png"]
+  for p in paths:
+    assert os.path.getsize(p) > 0
+  with open(out / "smoke.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_json_fields(outputs):
+  out, _ = outputs
+  with open(out / "smoke.json") as f:
+    data = json.load(f)
+  meta = data["meta"]
+  for key in ("command", "platform", "device", "versions", "config"):
+    assert key in meta
+  assert meta["config"]["trees"] == ["tiny"]
+  rows = data["rows"]
+  sections = {r["section"] for r in rows}
+  assert sections == {"standalone", "norm", "chained", "compile"}
+  names = {r["name"] for r in rows if r["section"] == "standalone"}
+  assert {"in-place scale (bound)", "optaxclip.clip_by_value", "optax.clip",
+          "optaxclip.clip_by_global_norm",
+          "optax.clip_by_global_norm"} <= names
+  if suite.torch_available():
+    assert "torch clip_grad_norm_(foreach)" in names
+  for r in rows:
+    if r["section"] in ("standalone", "norm"):
+      assert r["time_ms"] > 0 and r["gbps"] > 0 and r["frac_bound"] > 0
+      assert r["bytes"] == r["passes"] * r["tree_bytes"]
+      assert r["dtype"] in ("float32", "bfloat16")
+    if r["section"] == "chained":
+      assert r["ratio"] == pytest.approx(r["time_ms"] / r["adamw_ms"])
+    if r["section"] == "compile":
+      assert r["optaxclip_s"] > 0 and r["optax_s"] > 0
+  gn = [r for r in rows if r["section"] == "standalone"
+        and r["name"] == "optaxclip.clip_by_global_norm"]
+  assert {r["dtype"] for r in gn} == {"float32", "bfloat16"}
+  assert all(r["passes"] == 3 for r in gn)
+
+
+def test_targets_and_markdown(outputs):
+  out, _ = outputs
+  with open(out / "smoke.json") as f:
+    data = json.load(f)
+  targets = {t["target"]: t for t in data["targets"]}
+  t = targets["clip_by_global_norm time / optax.clip_by_global_norm"]
+  assert t["limit"] == 0.85 and t["kind"] == "max"
+  assert t["met"] == (t["value"] <= 0.85)
+  md = (out / "smoke.md").read_text()
+  assert "## Standalone update" in md and "## Chained with AdamW" in md
+  assert md.strip() == report.markdown(data["meta"], data["rows"],
+                                       data["targets"]).strip()
+
+
+_ONE_DEVICE = r"""
+import jax, jax.numpy as jnp, numpy as np, optaxclip as oc
+assert jax.device_count() == 1
+rng = np.random.default_rng(0)
+g = {"big": rng.normal(size=(300, 300)).astype(np.float32),
+     "b1": rng.normal(size=(7,)).astype(np.float32),
+     "b2": rng.normal(size=(5, 3)).astype(np.float32),
+     "h": rng.normal(size=(9,)).astype(np.float16)}
+x = np.concatenate([np.ravel(v).astype(np.float64) for v in g.values()])
+gj = jax.tree.map(jnp.asarray, g)
+for o in (2, 1, np.inf, 3):
+  np.testing.assert_allclose(float(oc.global_norm(gj, o)), np.linalg.norm(x, o),
+                             rtol=1e-5)
+huge = dict(gj, big=gj["big"] * 1e35)
+xh = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in huge.values()])
+np.testing.assert_allclose(float(oc.global_norm(huge)), np.linalg.norm(xh),
+                           rtol=1e-5)
+for lo in (None, -0.3):
+  tx = oc.clip_by_value(0.5, lo)
+  u, st = jax.jit(tx.update)(gj, tx.init(gj))
+  c = np.concatenate([np.ravel(np.clip(v, np.asarray(-0.5 if lo is None else lo,
+                                                     v.dtype),
+                                       np.asarray(0.5, v.dtype))).astype(np.float64)
+                      for v in g.values()])
+  np.testing.assert_allclose(float(st.scale),
+                             np.linalg.norm(c) / np.linalg.norm(x), rtol=1e-5)
+  np.testing.assert_allclose(float(st.frac_clipped), np.mean(c != x), rtol=1e-6)
+  assert bool(st.clipped)
+print("ok")
+"""
+
+
+def test_one_device_paths_match_numpy():
+  """The benchmarks run on one device, where small leaves are concatenated."""
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", _ONE_DEVICE], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().endswith("ok")
