@@ -4,6 +4,7 @@ Value, per-tensor, per-unit and global-norm clipping, adaptive clipping, and a
 step guard, each an ``optax.GradientTransformation`` that records what it did.
 """
 
+from optaxclip._agc import AdaptiveGradClipState, adaptive_grad_clip
 from optaxclip._checks import CheckFiniteState, NonFiniteGradientError, check_finite
 from optaxclip._clipping import (
     ClipByGlobalNormState,
@@ -14,24 +15,40 @@ from optaxclip._clipping import (
     clip_by_value,
 )
 from optaxclip._norms import global_norm
+from optaxclip._quantile import ClipByQuantileState, clip_by_quantile
+from optaxclip._skip import SkipStepState, SkipStepStats, skip_step
 from optaxclip._stats import clip_stats, register_state
+from optaxclip._zclip import ZClipState, zclip
 
 register_state(ClipByGlobalNormState, "clip_by_global_norm")
 register_state(ClipByNormState, "clip_by_norm")
 register_state(ClipByValueState, "clip_by_value")
+register_state(AdaptiveGradClipState, "adaptive_grad_clip")
+register_state(ClipByQuantileState, "clip_by_quantile")
+register_state(ZClipState, "zclip")
+register_state(SkipStepStats, "skip_step")
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveGradClipState",
     "CheckFiniteState",
     "ClipByGlobalNormState",
     "ClipByNormState",
+    "ClipByQuantileState",
     "ClipByValueState",
     "NonFiniteGradientError",
+    "SkipStepState",
+    "SkipStepStats",
+    "ZClipState",
+    "adaptive_grad_clip",
     "check_finite",
     "clip_by_global_norm",
     "clip_by_norm",
+    "clip_by_quantile",
     "clip_by_value",
     "clip_stats",
     "global_norm",
+    "skip_step",
+    "zclip",
 ]

@@ -1,0 +1,363 @@
+"""Tests for skip_step: a bad step leaves no trace in the optimizer."""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optaxclip as oc
+
+SHAPES = {"w": (6, 4), "b": (4,), "h": {"v": (3, 2)}}
+
+
+def _params(seed=0):
+  key = jax.random.PRNGKey(seed)
+  leaves, treedef = jax.tree_util.tree_flatten(
+      SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree_util.tree_unflatten(
+      treedef, [jax.random.normal(k, s) for k, s in zip(keys, leaves)])
+
+
+def _batches(n, seed=1):
+  """Gradient trees of varied scale, some above 1 so that clipping acts."""
+  out = []
+  for i in range(n):
+    scale = 3.0 if i % 3 == 0 else 0.2
+    out.append(jax.tree_util.tree_map(lambda x, s=scale: s * x,
+                                      _params(seed + i)))
+  return out
+
+
+def _poison(grads, value):
+  leaves, treedef = jax.tree_util.tree_flatten(grads)
+  x = leaves[-1]
+  leaves[-1] = x.ravel().at[5].set(value).reshape(x.shape)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _run(opt, params, batches, step=None):
+  step = step or jax.jit(lambda p, s, g: _apply(opt, p, s, g))
+  state = opt.init(params)
+  for g in batches:
+    params, state = step(params, state, g)
+  return params, state
+
+
+def _apply(opt, params, state, grads):
+  updates, state = opt.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
+def assert_bitwise_equal(a, b):
+  """Every leaf equal bit for bit (signed zeros and NaN payloads included)."""
+  la, ta = jax.tree_util.tree_flatten(a)
+  lb, tb = jax.tree_util.tree_flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert x.tobytes() == y.tobytes(), (x, y)
+
+
+def _inners():
+  return {
+      "global_norm+adamw": lambda: optax.chain(
+          oc.clip_by_global_norm(1.0), optax.adamw(1e-2)),
+      "zclip+adamw": lambda: optax.chain(
+          oc.zclip(warmup_steps=3), optax.adamw(1e-2)),
+      "quantile+adamw": lambda: optax.chain(
+          oc.clip_by_quantile(0.5, history=4), optax.adamw(1e-2)),
+  }
+
+
+@pytest.mark.parametrize("inner, bad", [
+    ("global_norm+adamw", np.nan), ("global_norm+adamw", np.inf),
+    ("global_norm+adamw", -np.inf), ("zclip+adamw", np.nan),
+    ("quantile+adamw", np.inf)])
+def test_bad_batch_leaves_no_trace(inner, bad):
+  # The guarantee: a bad batch at step k, then good batches, gives the same
+  # bits as the run in which batch k never came.
+  make = _inners()[inner]
+  batches = _batches(9)
+  k = 4
+  with_bad = batches[:k] + [_poison(batches[k], bad)] + batches[k:]
+  opt = oc.skip_step(make())
+  step = jax.jit(lambda p, s, g: _apply(opt, p, s, g))
+  p_bad, s_bad = _run(opt, _params(), with_bad, step)
+  p_ref, s_ref = _run(opt, _params(), batches, step)
+  assert_bitwise_equal(p_bad, p_ref)
+  assert_bitwise_equal(s_bad.inner_state, s_ref.inner_state)
+  assert int(s_bad.stats.num_skipped) == 1
+  assert int(s_bad.stats.count) == len(with_bad)
+  assert int(s_ref.stats.num_skipped) == 0
+
+
+def test_skipped_step_keeps_signed_zero_parameters():
+  # params + update must reproduce a -0.0 parameter, so the zeros are -0.0.
+  params = {"w": jnp.array([-0.0, 1.0]), "frozen": jnp.array([-0.0, 0.0])}
+  opt = oc.skip_step(optax.sgd(0.1))
+  state = opt.init(params)
+  grads = {"w": jnp.array([jnp.nan, 1.0]), "frozen": jnp.zeros(2)}
+  new, _ = jax.jit(lambda p, s, g: _apply(opt, p, s, g))(params, state, grads)
+  assert_bitwise_equal(new, params)
+
+
+def test_good_steps_match_the_unwrapped_optimizer():
+  batches = _batches(6)
+  make = _inners()["global_norm+adamw"]
+  p_ref, s_ref = _run(make(), _params(), batches)
+  p, s = _run(oc.skip_step(make()), _params(), batches)
+  assert_bitwise_equal(p, p_ref)
+  assert_bitwise_equal(s.inner_state, s_ref)
+  ref_norms = [float(oc.global_norm(g)) for g in batches]
+  np.testing.assert_allclose(float(s.stats.grad_norm), ref_norms[-1],
+                             rtol=1e-6)
+  assert int(s.stats.num_skipped) == 0 and not bool(s.stats.skipped)
+
+
+def test_matches_optax_apply_if_finite():
+  # optax.apply_if_finite skips non-finite steps with lax.cond and its own
+  # isfinite pass: an independent implementation of the non-finite rule.
+  batches = _batches(8)
+  batches[2] = _poison(batches[2], np.nan)
+  batches[5] = _poison(batches[5], np.inf)
+  make = _inners()["global_norm+adamw"]
+  p_ref, s_ref = _run(optax.apply_if_finite(make(), 10**6), _params(),
+                      batches)
+  p, s = _run(oc.skip_step(make()), _params(), batches)
+  chex.assert_trees_all_close(p, p_ref, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(s.inner_state, s_ref.inner_state, rtol=1e-6,
+                              atol=1e-7)
+  assert int(s.stats.num_skipped) == int(s_ref.total_notfinite) == 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_skipped_update_is_negative_zero_in_the_leaf_dtype(dtype):
+  grads = {"a": jnp.array([1.0, jnp.nan], dtype), "b": jnp.ones((2, 3), dtype),
+           "none": None}
+  opt = oc.skip_step(optax.adam(0.1))
+  state = opt.init(grads)
+  updates, state = jax.jit(opt.update)(grads, state)
+  assert updates["none"] is None
+  for name in ("a", "b"):
+    u = np.asarray(updates[name].astype(jnp.float32))
+    assert updates[name].dtype == dtype
+    assert np.all(u == 0) and np.all(np.signbit(u))
+  assert bool(state.stats.skipped)
+
+
+def test_max_norm_rule_and_schedule():
+  grads = {"w": jnp.array([3.0, 4.0])}  # Norm 5.
+  opt = oc.skip_step(optax.sgd(1.0), max_norm=optax.constant_schedule(4.0))
+  state = opt.init(grads)
+  updates, state = opt.update(grads, state)
+  assert bool(state.stats.skipped)
+  assert float(state.stats.threshold) == 4.0
+  np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
+  opt = oc.skip_step(optax.sgd(1.0), max_norm=6.0)
+  updates, state = opt.update(grads, opt.init(grads))
+  assert not bool(state.stats.skipped)
+  np.testing.assert_array_equal(updates["w"], [-3.0, -4.0])
+
+
+def test_nonfinite_false_lets_nan_through_but_keeps_max_norm():
+  opt = oc.skip_step(optax.sgd(1.0), nonfinite=False, max_norm=1.0)
+  state = opt.init({"w": jnp.zeros(2)})
+  updates, state = opt.update({"w": jnp.array([jnp.nan, 0.0])}, state)
+  assert not bool(state.stats.skipped)
+  assert np.isnan(updates["w"][0])
+  updates, state = opt.update({"w": jnp.array([3.0, 0.0])}, state)
+  assert bool(state.stats.skipped)
+  assert int(state.stats.num_skipped) == 1
+
+
+def _spike_reference(norms, factor, decay, warmup):
+  """float64 NumPy re-implementation of the spike rule, step by step."""
+  mean, taken, out = 0.0, 0, []
+  for n in norms:
+    limit = factor * mean if taken >= warmup else np.inf
+    skip = not np.isfinite(n) or n > limit
+    if not skip:
+      taken += 1
+      # Adam-style bias correction of an EMA started at 0.
+      w = (1 - decay) / (1 - decay ** taken)
+      mean = mean + w * (n - mean)
+    out.append((skip, limit, mean))
+  return out
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), factor=st.sampled_from([2.0, 3.0, 5.0]),
+       decay=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+       warmup=st.integers(1, 6))
+def test_spike_rule_matches_reference(seed, factor, decay, warmup):
+  rng = np.random.default_rng(seed)
+  norms = np.exp(rng.normal(0.0, 0.3, size=24))
+  for i in rng.choice(24, size=4, replace=False):
+    norms[i] *= rng.choice([10.0, 50.0])  # Planted spikes.
+  norms[rng.integers(24)] = np.nan
+  ref = _spike_reference(norms, factor, decay, warmup)
+  opt = oc.skip_step(optax.sgd(1.0), spike_factor=factor, spike_decay=decay,
+                     spike_warmup=warmup)
+  update = jax.jit(opt.update)
+  state = opt.init({"g": jnp.zeros(1)})
+  for n, (skip, limit, mean) in zip(norms, ref):
+    if np.isfinite(limit) and abs(n - limit) < 1e-4 * limit:
+      return  # Too close to the threshold to compare float32 with float64.
+    _, state = update({"g": jnp.array([n], jnp.float32)}, state)
+    assert bool(state.stats.skipped) == skip
+    np.testing.assert_allclose(float(state.stats.norm_ema), mean, rtol=1e-5)
+    np.testing.assert_allclose(float(state.stats.threshold), limit,
+                               rtol=1e-5)
+
+
+def test_spike_rule_skips_planted_spikes():
+  opt = oc.skip_step(optax.sgd(1.0), spike_factor=4.0, spike_warmup=3)
+  state = opt.init({"g": jnp.zeros(2)})
+  skipped = []
+  for i in range(12):
+    norm = 20.0 if i in (5, 9) else 1.0 + 0.1 * (i % 2)
+    _, state = opt.update({"g": jnp.array([norm, 0.0])}, state)
+    skipped.append(bool(state.stats.skipped))
+  assert [i for i, s in enumerate(skipped) if s] == [5, 9]
+
+
+def test_extra_args_and_params_reach_the_inner_transform():
+  seen = {}
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, *, loss):
+    seen["params"], seen["loss"] = params, loss
+    return jax.tree_util.tree_map(lambda g: g * loss, updates), state
+
+  inner = optax.chain(
+      oc.clip_by_global_norm(10.0),
+      optax.GradientTransformationExtraArgs(init_fn, update_fn))
+  opt = oc.skip_step(inner)
+  assert isinstance(opt, optax.GradientTransformationExtraArgs)
+  params = {"w": jnp.ones(2)}
+  updates, _ = opt.update({"w": jnp.array([1.0, 2.0])}, opt.init(params),
+                          params, loss=jnp.float32(3.0))
+  np.testing.assert_array_equal(updates["w"], [3.0, 6.0])
+  assert seen["params"] is params and float(seen["loss"]) == 3.0
+
+
+def test_clip_stats_finds_guard_and_inner_clipper():
+  opt = oc.skip_step(optax.chain(oc.clip_by_global_norm(1.0),
+                                 optax.adam(0.1)))
+  params = {"w": jnp.zeros(2)}
+  state = opt.init(params)
+  _, state = opt.update({"w": jnp.array([3.0, 4.0])}, state, params)
+  _, state = opt.update({"w": jnp.array([jnp.inf, 4.0])}, state, params)
+  stats = oc.clip_stats(state)
+  assert int(stats["skip_step/num_skipped"]) == 1
+  assert bool(stats["skip_step/skipped"])
+  assert int(stats["skip_step/count"]) == 2
+  assert float(stats["clip_by_global_norm/grad_norm"]) == 5.0  # Step 1 kept.
+  assert int(stats["clip_by_global_norm/count"]) == 1
+  assert float(optax.tree.get(state, "num_skipped")) == 1
+
+
+def test_inject_hyperparams():
+  inner = optax.chain(oc.clip_by_global_norm(1.0), optax.sgd(1.0))
+  opt = optax.inject_hyperparams(oc.skip_step)(
+      inner, max_norm=4.0, spike_factor=100.0, spike_warmup=2)
+  grads = {"w": jnp.array([3.0, 4.0])}
+  state = opt.init(grads)
+  update = jax.jit(opt.update)
+  _, state = update(grads, state)
+  assert bool(state.inner_state.stats.skipped)
+  state.hyperparams["max_norm"] = jnp.asarray(6.0)
+  _, state = update(grads, state)
+  assert not bool(state.inner_state.stats.skipped)
+  assert int(state.inner_state.stats.num_skipped) == 1
+
+
+def test_jitted_without_retrace_or_host_transfer():
+  traces = []
+  opt = oc.skip_step(optax.chain(oc.zclip(warmup_steps=2), optax.adam(0.1)),
+                     spike_factor=10.0)
+
+  def step(p, s, g):
+    traces.append(1)
+    return _apply(opt, p, s, g)
+
+  step = jax.jit(step)
+  params = jax.device_put(_params())
+  state = jax.device_put(opt.init(params))
+  batches = [jax.device_put(g) for g in _batches(5)]
+  batches[3] = jax.device_put(_poison(batches[3], np.nan))
+  with jax.transfer_guard("disallow"):
+    for g in batches:
+      params, state = step(params, state, g)
+  assert len(traces) == 1
+  assert int(state.stats.num_skipped) == 1
+
+
+def test_norm_is_shared_with_the_inner_clipper():
+  # Under jit, XLA merges the guard's norm with clip_by_global_norm's
+  # identical one: the guarded step has no more reductions than the chain.
+  params = _params()
+  inner = optax.chain(oc.clip_by_global_norm(1.0), optax.adamw(1e-3))
+
+  def reductions(opt):
+    text = jax.jit(lambda g, s, p: opt.update(g, s, p)).lower(
+        params, opt.init(params), params).compile().as_text()
+    return len(re.findall(r"\] reduce\(", text))
+
+  assert reductions(oc.skip_step(inner)) == reductions(inner)
+
+
+def test_shard_map_axis_name_takes_the_global_decision():
+  from jax.sharding import PartitionSpec as P
+  n = jax.device_count()
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+  grads = jnp.ones((n, 4)).at[0, 0].set(5.0)  # Only one shard is large.
+  opt = oc.skip_step(optax.sgd(1.0), max_norm=5.5, axis_name="d")
+
+  def local(g):
+    state = opt.init(g)
+    updates, state = opt.update(g, state)
+    return updates, state.stats.skipped[None], state.stats.grad_norm[None]
+
+  updates, skipped, norm = jax.jit(jax.shard_map(
+      local, mesh=mesh, in_specs=P("d"), out_specs=(P("d"), P("d"), P("d"))))(
+          grads)
+  expected = float(oc.global_norm(grads))
+  assert expected > 5.5
+  np.testing.assert_allclose(np.asarray(norm), expected, rtol=1e-6)
+  assert np.all(np.asarray(skipped))
+  np.testing.assert_array_equal(updates, 0.0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"max_norm": -1.0}, ValueError, "max_norm"),
+    ({"max_norm": "big"}, TypeError, "max_norm"),
+    ({"spike_factor": 0.0}, ValueError, "spike_factor"),
+    ({"spike_factor": [2.0]}, TypeError, "spike_factor"),
+    ({"spike_decay": 1.0}, ValueError, "spike_decay"),
+    ({"spike_decay": float("nan")}, ValueError, "spike_decay"),
+    ({"spike_warmup": 0}, ValueError, "spike_warmup"),
+    ({"spike_warmup": 2.5}, ValueError, "spike_warmup"),
+    ({"nonfinite": "yes"}, TypeError, "nonfinite"),
+    ({"nonfinite": False}, ValueError, "max_norm or spike_factor"),
+    ({"ord": 0}, ValueError, "ord"),
+])
+def test_bad_arguments(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    oc.skip_step(optax.sgd(1.0), **kwargs)
+
+
+def test_inner_must_be_a_transformation():
+  with pytest.raises(TypeError, match="inner"):
+    oc.skip_step(optax.sgd)
