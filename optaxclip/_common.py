@@ -121,3 +121,56 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
 
 def increment(count: jax.Array) -> jax.Array:
   return optax.safe_increment(count)
+
+
+def check_range(value: Any, name: str, where: str, *, lo: float, hi: float,
+                open_lo: bool = False, open_hi: bool = False) -> None:
+  """Raises when a scalar known at construction lies outside ``[lo, hi]``.
+
+  Schedules and traced arrays are checked at run time by nobody: their values
+  are the caller's to keep in range.
+  """
+  if callable(value) and not isinstance(value, jax.Array):
+    return
+  if isinstance(value, bool) or not isinstance(
+      value, (int, float, np.number, np.ndarray, jax.Array)):
+    raise TypeError(f"{where}: {name} must be a number, a JAX scalar or an"
+                    f" Optax schedule; got {type(value).__name__}.")
+  if jnp.ndim(value) != 0:
+    raise ValueError(f"{where}: {name} must be a scalar, got shape"
+                     f" {jnp.shape(value)}.")
+  if not _norms.is_concrete(value):
+    return
+  v = float(np.asarray(value))
+  below = v <= lo if open_lo else v < lo
+  above = v >= hi if open_hi else v > hi
+  if math.isnan(v) or below or above:
+    interval = (("(" if open_lo else "[") + f"{lo:g}, {hi:g}"
+                + (")" if open_hi else "]"))
+    raise ValueError(f"{where}: {name}={v} is outside {interval}; give a"
+                     f" value in {interval}.")
+
+
+def check_int(value: Any, name: str, where: str, *, lo: int) -> None:
+  """Raises unless ``value`` is an integer >= ``lo`` (traced ones pass)."""
+  if isinstance(value, bool) or not isinstance(
+      value, (int, np.integer, np.ndarray, jax.Array)):
+    raise TypeError(f"{where}: {name} must be an integer >= {lo}; got"
+                    f" {type(value).__name__}.")
+  if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value),
+                                                jnp.integer):
+    raise TypeError(f"{where}: {name} must be an integer >= {lo}; got"
+                    f" {value!r}.")
+  if _norms.is_concrete(value) and int(np.asarray(value)) < lo:
+    raise ValueError(f"{where}: {name}={int(np.asarray(value))} must be an"
+                     f" integer >= {lo}.")
+
+
+def static_size(value: Any, name: str, where: str) -> int:
+  """``value`` as a Python int, or a clear error when it is traced."""
+  if not _norms.is_concrete(value):
+    raise TypeError(
+        f"{where}: {name} sizes a buffer in the state, so init needs its"
+        " value; under optax.inject_hyperparams with a jitted init, pass"
+        f" static_args=({name!r},).")
+  return int(np.asarray(value))

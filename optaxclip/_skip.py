@@ -146,12 +146,11 @@ def skip_step(
   if max_norm is not None:
     _common.check_threshold(max_norm, "max_norm", where)
   if spike_factor is not None:
-    _check_scalar(spike_factor, "spike_factor", where,
-                  lambda v: v > 0, "a number > 0, e.g. 5.0")
-  _check_scalar(spike_decay, "spike_decay", where, lambda v: 0 <= v < 1,
-                "a number in [0, 1), e.g. 0.99")
-  _check_scalar(spike_warmup, "spike_warmup", where,
-                lambda v: v >= 1 and v == int(v), "an integer >= 1")
+    _common.check_range(spike_factor, "spike_factor", where, lo=0.0,
+                        hi=math.inf, open_lo=True)
+  _common.check_range(spike_decay, "spike_decay", where, lo=0.0, hi=1.0,
+                      open_hi=True)
+  _common.check_int(spike_warmup, "spike_warmup", where, lo=1)
   if not nonfinite and max_norm is None and spike_factor is None:
     raise ValueError(
         f"{where}: with nonfinite=False, give max_norm or spike_factor;"
@@ -210,21 +209,3 @@ def skip_step(
     return new_updates, SkipStepState(stats=new_stats, inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_scalar(value: Any, name: str, where: str, ok: Any,
-                  expected: str) -> None:
-  """Raises for a scalar hyper-parameter whose value is known and bad."""
-  if isinstance(value, bool) or not isinstance(
-      value, (int, float, np.number, np.ndarray, jax.Array)):
-    raise TypeError(f"{where}: {name} must be {expected}, got"
-                    f" {type(value).__name__}.")
-  if jnp.ndim(value) != 0:
-    raise ValueError(f"{where}: {name} must be a scalar, got shape"
-                     f" {jnp.shape(value)}.")
-  if not _norms.is_concrete(value):
-    return  # Injected by optax.inject_hyperparams: known at run time only.
-  v = float(np.asarray(value))
-  if math.isnan(v) or not ok(v):
-    raise ValueError(f"{where}: {name}={v} is not valid; it must be"
-                     f" {expected}.")

@@ -12,7 +12,6 @@ import optax
 from optaxclip import _common, _norms
 from optaxclip._common import Threshold
 from optaxclip._norms import AxisName, Ord
-from optaxclip._quantile import check_int, check_range, static_size
 
 _MODES = ("adaptive", "mean", "percentile")
 
@@ -135,20 +134,20 @@ def zclip(
     [1.0338] True 1.0338
   """
   where = "zclip"
-  check_range(alpha, "alpha", where, lo=0.0, hi=1.0, open_lo=True,
+  _common.check_range(alpha, "alpha", where, lo=0.0, hi=1.0, open_lo=True,
               open_hi=True)
-  check_range(z_thresh, "z_thresh", where, lo=0.0, hi=np.inf)
-  check_int(warmup_steps, "warmup_steps", where, lo=1)
+  _common.check_range(z_thresh, "z_thresh", where, lo=0.0, hi=np.inf)
+  _common.check_int(warmup_steps, "warmup_steps", where, lo=1)
   if max_norm is not None:
     _common.check_threshold(max_norm, "max_norm", where)
-  check_range(eps, "eps", where, lo=0.0, hi=np.inf)
+  _common.check_range(eps, "eps", where, lo=0.0, hi=np.inf)
   if mode not in _MODES:
     raise ValueError(f"{where}: mode={mode!r} is not one of {_MODES}.")
   p = _norms.canonical_ord(ord)
 
   def init_fn(params):
     dtype = _norms.tree_acc_dtype(params)
-    size = static_size(warmup_steps, "warmup_steps", where)
+    size = _common.static_size(warmup_steps, "warmup_steps", where)
     zero = jnp.zeros((), dtype)
     return ZClipState(
         count=jnp.zeros((), jnp.int32), grad_norm=zero,

@@ -348,7 +348,7 @@ def test_shard_map_axis_name_takes_the_global_decision():
     ({"spike_decay": 1.0}, ValueError, "spike_decay"),
     ({"spike_decay": float("nan")}, ValueError, "spike_decay"),
     ({"spike_warmup": 0}, ValueError, "spike_warmup"),
-    ({"spike_warmup": 2.5}, ValueError, "spike_warmup"),
+    ({"spike_warmup": 2.5}, TypeError, "spike_warmup"),  # As history.
     ({"nonfinite": "yes"}, TypeError, "nonfinite"),
     ({"nonfinite": False}, ValueError, "max_norm or spike_factor"),
     ({"ord": 0}, ValueError, "ord"),
