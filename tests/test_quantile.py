@@ -230,12 +230,15 @@ def test_no_host_transfer_under_jit():
     for _ in range(5):
       updates, state = update(g, state)
     jax.block_until_ready((updates, state))
+  # The guard raises on any host transfer; the steps also did their work.
+  assert int(state.count) == 6 and int(state.fill) == 6
   tx2 = oc.clip_by_quantile(0.5, 8, per_leaf=True)
   update2 = jax.jit(tx2.update)
   state2 = jax.device_put(tx2.init(g))
   update2(g, state2)
   with jax.transfer_guard("disallow"):
-    jax.block_until_ready(update2(g, state2))
+    _, state2 = jax.block_until_ready(update2(g, state2))
+  assert int(state2.count) == 1
 
 
 def test_inject_hyperparams():
