@@ -62,10 +62,10 @@ def optimizers(steps: int) -> dict[str, optax.GradientTransformation | None]:
       "none": None,
       "clip_by_global_norm(1.0)": oc.clip_by_global_norm(1.0),
       "per_group(constant)": optax.multi_transform(
-          {"embed": oc.clip_by_value(0.1),
+          {"embed": oc.clip_by_value(0.1, stats=True),
            "dense": oc.clip_by_global_norm(1.0)}, group_of),
       "per_group(schedule)": optax.multi_transform(
-          {"embed": oc.clip_by_value(0.1),
+          {"embed": oc.clip_by_value(0.1, stats=True),
            "dense": oc.clip_by_global_norm(decay)}, group_of),
       # AGC's units differ by group: an embedding's unit is a row (reduce
       # axis 1), a dense kernel's an output column (the default).

@@ -93,33 +93,33 @@ def adaptive_grad_clip(
   _common.check_threshold(eps, "eps", where)
 
   def init_fn(params):
-    leaves, _, _ = _flatten(params)
-    axes = [_unit_axes(path, x, axis) for path, x in leaves]
-    norms = jax.eval_shape(
-        lambda xs: _norms._leaf_norms(xs, 2.0, axes), [x for _, x in leaves])
-    dtypes = [n.dtype for n in norms]
-    shapes = [_kept_shape(x.shape, a) for (_, x), a in zip(leaves, axes)]
-    zeros = _fill(params, [jnp.zeros(s, d) for s, d in zip(shapes, dtypes)])
+    leaves, rebuild = _norms.live_leaves(params, where)
+    shapes = [_norms.kept_shape(x.shape, _unit_axes(path, x, axis))
+              for path, x in leaves]
+    dtypes = [_norms.acc_dtype(x.dtype) for _, x in leaves]
+
+    def full(value):
+      return rebuild([jnp.full(s, value, d) for s, d in zip(shapes, dtypes)])
+
     return AdaptiveGradClipState(
-        count=jnp.zeros((), jnp.int32), grad_norm=zeros,
-        threshold=_fill(params, [jnp.zeros(s, d)
-                                 for s, d in zip(shapes, dtypes)]),
-        scale=_fill(params, [jnp.ones(s, d) for s, d in zip(shapes, dtypes)]),
-        clipped=jnp.zeros((), bool), frac_clipped=jnp.zeros((), jnp.float32),
+        count=jnp.zeros((), jnp.int32), grad_norm=full(0), threshold=full(0),
+        scale=full(1), clipped=jnp.zeros((), bool),
+        frac_clipped=jnp.zeros((), jnp.float32),
         num_clipped=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(_NO_PARAMS)
-    leaves, treedef, all_leaves = _flatten(updates)
+    leaves, rebuild = _norms.live_leaves(updates, where)
+    treedef = jax.tree_util.tree_structure(updates, is_leaf=_common.is_masked)
     try:
       params_flat = treedef.flatten_up_to(params)
     except (ValueError, TypeError) as e:
       raise ValueError(
           f"{where}: params do not have the structure of the updates;"
           " pass the parameters the updates are for.") from e
-    live = [i for i, x in enumerate(all_leaves) if not _common.is_masked(x)]
-    p_leaves = [params_flat[i] for i in live]
+    p_leaves = [w for w, x in zip(params_flat, treedef.flatten_up_to(updates))
+                if not _common.is_masked(x)]
     for (path, g), w in zip(leaves, p_leaves):
       if jnp.shape(g) != jnp.shape(w):
         raise ValueError(
@@ -128,60 +128,36 @@ def adaptive_grad_clip(
             f" {jnp.shape(w)}.")
     g_leaves = [g for _, g in leaves]
     axes = [_unit_axes(path, g, axis) for path, g in leaves]
-    norms = _norms._leaf_norms(g_leaves + list(p_leaves), 2.0, axes + axes)
+    norms = _norms.leaf_norm_parts(g_leaves + list(p_leaves), 2.0, axes + axes)
     g_norms, p_norms = norms[:len(g_leaves)], norms[len(g_leaves):]
-    out, thresholds, scales, over = [], [], [], []
+    out, values, thresholds, scales, over = [], [], [], [], []
     for g, gn, pn in zip(g_leaves, g_norms, p_norms):
-      dtype = gn.dtype
+      dtype = gn.lo.dtype
       c = _common.resolve(clipping, state.count, dtype)
       e = _common.resolve(eps, state.count, dtype)
-      t = c * jnp.maximum(pn.astype(dtype), e)
-      o = gn > t
-      s = jnp.where(o, _common.clip_scale(gn, t),
-                    jnp.where(jnp.isnan(gn), jnp.nan, 1)).astype(dtype)
+      t = c * jnp.maximum(pn.value().astype(dtype), e)
+      s = _common.clip_factors(gn, t)
       out.append(_common.scale_leaf(g, s))
+      values.append(gn.value())
       thresholds.append(t)
-      scales.append(s)
-      over.append(o)
+      scales.append(s.value())
+      over.append(values[-1] > t)
     num_over = sum((jnp.sum(o, dtype=jnp.int32) for o in over),
                    jnp.zeros((), jnp.int32))
     num_units = max(sum(o.size for o in over), 1)
     clipped = num_over > 0
 
-    def squeeze(values):
-      return _fill(updates, [jnp.reshape(v, _kept_shape(g.shape, a))
-                             for v, g, a in zip(values, g_leaves, axes)])
+    def squeeze(arrays):
+      return rebuild([jnp.reshape(v, _norms.kept_shape(g.shape, a))
+                      for v, g, a in zip(arrays, g_leaves, axes)])
 
-    new_leaves = list(all_leaves)
-    for i, x in zip(live, out):
-      new_leaves[i] = x
-    return jax.tree_util.tree_unflatten(treedef, new_leaves), (
-        AdaptiveGradClipState(
-            count=_common.increment(state.count), grad_norm=squeeze(g_norms),
-            threshold=squeeze(thresholds), scale=squeeze(scales),
-            clipped=clipped,
-            frac_clipped=num_over.astype(jnp.float32) / num_units,
-            num_clipped=state.num_clipped + clipped.astype(jnp.int32)))
+    return rebuild(out), AdaptiveGradClipState(
+        count=_common.increment(state.count), grad_norm=squeeze(values),
+        threshold=squeeze(thresholds), scale=squeeze(scales),
+        clipped=clipped, frac_clipped=num_over.astype(jnp.float32) / num_units,
+        num_clipped=state.num_clipped + clipped.astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _flatten(tree: Any) -> tuple[list[tuple[Any, jax.Array]], Any, list[Any]]:
-  """The live (path, leaf) pairs, the treedef and every leaf of ``tree``."""
-  _norms.float_leaves(tree, "adaptive_grad_clip")
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=_common.is_masked)
-  all_leaves = [x for _, x in with_path]
-  live = [(path, x) for path, x in with_path if not _common.is_masked(x)]
-  return live, treedef, all_leaves
-
-
-def _fill(like: Any, values: list[jax.Array]) -> Any:
-  """A tree like ``like`` whose live leaves are ``values``, in order."""
-  leaves, treedef = jax.tree_util.tree_flatten(like, is_leaf=_common.is_masked)
-  it = iter(values)
-  return jax.tree_util.tree_unflatten(
-      treedef, [x if _common.is_masked(x) else next(it) for x in leaves])
 
 
 def _unit_axes(path: Any, x: jax.Array, axis: Axis) -> tuple[int, ...]:
@@ -193,7 +169,7 @@ def _unit_axes(path: Any, x: jax.Array, axis: Axis) -> tuple[int, ...]:
             "adaptive_grad_clip: axis must be static; with"
             " optax.inject_hyperparams pass static_args=('axis',).")
       axis = tuple(int(a) for a in np.atleast_1d(np.asarray(axis)))
-    return _norms._leaf_axes(path, x, axis)
+    return _norms.leaf_axes(path, x, axis)
   shape = jnp.shape(x)
   ndim = len(shape)
   if sum(d != 1 for d in shape) <= 1:
@@ -207,7 +183,3 @@ def _unit_axes(path: Any, x: jax.Array, axis: Axis) -> tuple[int, ...]:
       f" {jax.tree_util.keystr(path) or 'root'} of shape {shape}; pass axis="
       " (the axes one unit spans) or clip that leaf with another"
       " transformation (optax.multi_transform).")
-
-
-def _kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(d for i, d in enumerate(shape) if i not in axes)

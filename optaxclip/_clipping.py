@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optaxclip import _common, _norms
@@ -60,22 +62,34 @@ class ClipByNormState(NamedTuple):
 class ClipByValueState(NamedTuple):
   """State of :func:`clip_by_value`.
 
+  Value clipping needs no reduction, so by default it keeps only what is
+  free; ``stats=True`` adds the fields marked below, at the cost of reading
+  the update again (see the benchmarks). Fields that are not kept are
+  ``None``.
+
   Attributes:
     count: updates seen so far (int32).
-    grad_norm: the global 2-norm of the last incoming update, before clipping.
-    scale: ``norm(clipped update) / grad_norm``, the factor by which clipping
-      shrank the update as a whole (1 when nothing was clipped).
-    clipped: whether any element of the last update was clipped.
-    frac_clipped: the fraction of elements clipped at the last update.
-    num_clipped: how many updates have had an element clipped so far.
+    threshold: ``max_value`` in force at the last update (a scalar, or a tree
+      of scalars when ``max_value`` is a tree).
+    grad_norm: (``stats=True``) the global 2-norm of the last incoming
+      update, before clipping.
+    scale: (``stats=True``) ``norm(clipped update) / grad_norm``, the factor
+      by which clipping shrank the update as a whole (1 when nothing was
+      clipped or the update is zero).
+    clipped: (``stats=True``) whether any element of the last update was
+      changed (a NaN element counts as changed).
+    frac_clipped: (``stats=True``) the fraction of elements changed.
+    num_clipped: (``stats=True``) how many updates have had an element
+      changed so far.
   """
 
   count: jax.Array
-  grad_norm: jax.Array
-  scale: jax.Array
-  clipped: jax.Array
-  frac_clipped: jax.Array
-  num_clipped: jax.Array
+  threshold: Any
+  grad_norm: jax.Array | None = None
+  scale: jax.Array | None = None
+  clipped: jax.Array | None = None
+  frac_clipped: jax.Array | None = None
+  num_clipped: jax.Array | None = None
 
 
 def clip_by_global_norm(
@@ -133,15 +147,17 @@ def clip_by_global_norm(
   def update_fn(updates, state, params=None):
     del params
     dtype = state.grad_norm.dtype
-    norm = _norms.global_norm(updates, p, axis_name=axis_name).astype(dtype)
+    norm = _norms.global_norm_parts(updates, p, axis_name=axis_name)
     threshold = _common.resolve(max_norm, state.count, dtype)
-    scale = _common.clip_scale(norm, threshold)
+    scale = _common.clip_factors(norm, threshold)
     updates = _common.tree_map_arrays(
         lambda g: _common.scale_leaf(g, scale), updates)
-    clipped = norm > threshold
+    grad_norm = norm.value().astype(dtype)
+    clipped = grad_norm > threshold
     return updates, ClipByGlobalNormState(
-        count=_common.increment(state.count), grad_norm=norm,
-        threshold=threshold, scale=scale, clipped=clipped,
+        count=_common.increment(state.count), grad_norm=grad_norm,
+        threshold=threshold, scale=scale.value().astype(dtype),
+        clipped=clipped,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -189,15 +205,13 @@ def clip_by_norm(
   _common.check_threshold(max_norm, "max_norm", where, allow_tree=True)
   p = _norms.canonical_ord(ord)
 
-  def squeeze(norms, tree):
-    return _common.tree_map_arrays(
-        lambda g, n: jnp.reshape(n, _kept_shape(g, axis)), tree, norms)
-
   def init_fn(params):
-    jax.eval_shape(lambda t: _norms.leaf_norms(t, p, axis=axis), params)
-    zeros = _common.tree_map_arrays(
-        lambda g: jnp.zeros(_kept_shape(g, axis), _norms.acc_dtype(g.dtype)),
-        params)
+    leaves, rebuild = _norms.live_leaves(params, where)
+    for path, x in leaves:
+      _norms.leaf_axes(path, x, axis)  # A clear error for a bad axis.
+    zeros = rebuild([
+        jnp.zeros(_norms.kept_shape(x.shape, _norms.leaf_axes(path, x, axis)),
+                  _norms.acc_dtype(x.dtype)) for path, x in leaves])
     count = jnp.zeros((), jnp.int32)
     return ClipByNormState(
         count=count, grad_norm=zeros,
@@ -209,29 +223,38 @@ def clip_by_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    norms = _norms.leaf_norms(updates, p, axis=axis)
+    leaves, rebuild = _norms.live_leaves(updates, where)
+    axes = [_norms.leaf_axes(path, x, axis) for path, x in leaves]
+    xs = [x for _, x in leaves]
+    norms = _norms.leaf_norm_parts(xs, p, axes)
     thresholds = _common.leaf_thresholds(max_norm, updates, state.count,
                                          "max_norm", where)
-    scales = _common.tree_map_arrays(_common.clip_scale, norms, thresholds)
-    updates = _common.tree_map_arrays(_common.scale_leaf, updates, scales)
-    over = jax.tree_util.tree_leaves(
-        _common.tree_map_arrays(lambda n, t: n > t, norms, thresholds))
+    scales = [_common.clip_factors(n, t) for n, t in
+              zip(norms, _norms.float_leaves(thresholds, where))]
+    out = [_common.scale_leaf(g, s) for g, s in zip(xs, scales)]
+    values = [n.value() for n in norms]
+    over = [v > t for v, t in zip(values,
+                                  _norms.float_leaves(thresholds, where))]
     num_over = sum((jnp.sum(o, dtype=jnp.int32) for o in over),
                    jnp.zeros((), jnp.int32))
     num_units = max(sum(o.size for o in over), 1)
     clipped = num_over > 0
-    return updates, ClipByNormState(
-        count=_common.increment(state.count),
-        grad_norm=squeeze(norms, updates), threshold=thresholds,
-        scale=squeeze(scales, updates), clipped=clipped,
-        frac_clipped=num_over.astype(jnp.float32) / num_units,
+
+    def squeeze(arrays):
+      return rebuild([jnp.reshape(v, _norms.kept_shape(x.shape, a))
+                      for v, x, a in zip(arrays, xs, axes)])
+
+    return rebuild(out), ClipByNormState(
+        count=_common.increment(state.count), grad_norm=squeeze(values),
+        threshold=thresholds, scale=squeeze([s.value() for s in scales]),
+        clipped=clipped, frac_clipped=num_over.astype(jnp.float32) / num_units,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def clip_by_value(
-    max_value: Any, min_value: Any = None
+    max_value: Any, min_value: Any = None, *, stats: bool = False
 ) -> optax.GradientTransformation:
   """Clips every element of the update to ``[-max_value, max_value]``.
 
@@ -240,6 +263,12 @@ def clip_by_value(
   ``torch.nn.utils.clip_grad_value_``, ``optax.clip``). Unlike norm
   clipping, value clipping changes the direction of the update.
 
+  Edge cases: a NaN element stays NaN; ``max_value=inf`` changes nothing;
+  ``max_value=0`` zeroes the update. A bound that arrives at run time (a
+  schedule, an injected value) is made safe: a negative or NaN symmetric
+  ``max_value`` acts as 0, a NaN bound of ``[min_value, max_value]`` acts as
+  0, and a ``min_value`` above ``max_value`` is lowered to it.
+
   Args:
     max_value: the upper bound (and, negated, the lower bound when
       ``min_value`` is ``None``): a number, a JAX scalar, an Optax schedule of
@@ -247,6 +276,10 @@ def clip_by_value(
       Must be non-negative when ``min_value`` is ``None``.
     min_value: the lower bound, in the same forms; must not exceed
       ``max_value``.
+    stats: also record the pre-clip norm, the fraction of elements changed
+      and the norm ratio (:class:`ClipByValueState`). This reads the update
+      twice more per step; without it the clip is a single elementwise pass,
+      as ``optax.clip``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -259,7 +292,7 @@ def clip_by_value(
   Example:
     >>> import jax.numpy as jnp
     >>> import optaxclip as oc
-    >>> clip = oc.clip_by_value(1.0)
+    >>> clip = oc.clip_by_value(1.0, stats=True)
     >>> grads = jnp.array([-3.0, 0.5, 2.0])
     >>> state = clip.init(grads)
     >>> updates, state = clip.update(grads, state)
@@ -274,120 +307,106 @@ def clip_by_value(
     _common.check_threshold(min_value, "min_value", where, allow_tree=True,
                             allow_negative=True)
     _check_order(min_value, max_value, where)
+  if not isinstance(stats, bool):
+    raise TypeError(f"{where}: stats must be True or False, got {stats!r}.")
+  tree_valued = _common._is_tree_threshold(max_value)
+
+  def bound(value, updates, count, name):
+    if symmetric:
+      return _common.leaf_thresholds(value, updates, count, name, where)
+    return _common.leaf_thresholds(value, updates, count, name, where,
+                                   lo=-math.inf, nan=0.0)
+
+  def record(hi, updates, count, dtype):
+    if tree_valued:
+      return hi
+    if symmetric:
+      return _common.resolve(max_value, count, dtype)
+    return _common.resolve(max_value, count, dtype, lo=-math.inf, nan=0.0)
 
   def init_fn(params):
     dtype = _norms.tree_acc_dtype(params)
-    return ClipByValueState(
-        count=jnp.zeros((), jnp.int32), grad_norm=jnp.zeros((), dtype),
-        scale=jnp.ones((), dtype), clipped=jnp.zeros((), bool),
-        frac_clipped=jnp.zeros((), jnp.float32),
-        num_clipped=jnp.zeros((), jnp.int32))
+    count = jnp.zeros((), jnp.int32)
+    hi = bound(max_value, params, count, "max_value")
+    extra = {}
+    if stats:
+      extra = dict(grad_norm=jnp.zeros((), dtype), scale=jnp.ones((), dtype),
+                   clipped=jnp.zeros((), bool),
+                   frac_clipped=jnp.zeros((), jnp.float32),
+                   num_clipped=jnp.zeros((), jnp.int32))
+    return ClipByValueState(count=count,
+                            threshold=record(hi, params, count, dtype),
+                            **extra)
 
   def update_fn(updates, state, params=None):
     del params
-    dtype = state.grad_norm.dtype
-    hi = _common.leaf_thresholds(max_value, updates, state.count, "max_value",
-                                 where)
-    lo = (_common.tree_map_arrays(jnp.negative, hi) if symmetric else
-          _common.leaf_thresholds(min_value, updates, state.count,
-                                  "min_value", where))
-    norm = _norms.global_norm(updates).astype(dtype)
-    leaves = _norms.float_leaves(updates, where)
-    out_sq, num_changed = _value_clip_stats(
-        leaves, _norms.float_leaves(lo, where), _norms.float_leaves(hi, where),
-        jnp.where(norm > 0, norm, 1), dtype)
-    # An exact zero that depends on the statistics: the clip then runs after
-    # them, in place, instead of on a copy of the updates.
-    t = out_sq + num_changed
-    after = 0 * jnp.where(jnp.isfinite(t), t, 0)
-    clipped_updates = _common.tree_map_arrays(
-        lambda g, a, b: jnp.clip(g, (a + after).astype(g.dtype),
-                                 (b + after).astype(g.dtype)),
+    dtype = _norms.tree_acc_dtype(updates)
+    hi = bound(max_value, updates, state.count, "max_value")
+    if symmetric:
+      lo = _common.tree_map_arrays(jnp.negative, hi)
+    else:
+      lo = _common.tree_map_arrays(
+          jnp.minimum, bound(min_value, updates, state.count, "min_value"), hi)
+    out = _common.tree_map_arrays(
+        lambda g, a, b: jnp.clip(g, a.astype(g.dtype), b.astype(g.dtype)),
         updates, lo, hi)
-    size = max(sum(x.size for x in leaves), 1)
-    clipped = ~(num_changed <= 0)  # A NaN element counts as changed.
-    scale = jnp.where(clipped & (norm > 0), jnp.sqrt(out_sq), 1)
-    return clipped_updates, ClipByValueState(
-        count=_common.increment(state.count), grad_norm=norm,
-        scale=scale.astype(dtype), clipped=clipped,
-        frac_clipped=num_changed / size,
+    new = ClipByValueState(count=_common.increment(state.count),
+                           threshold=record(hi, updates, state.count, dtype))
+    if not stats:
+      return out, new
+    before = _norms.global_norm_parts(updates)
+    after = _norms.global_norm_parts(out)
+    leaves = _norms.float_leaves(updates, where)
+    changed = sum((jnp.sum(g != c, dtype=jnp.int32) for g, c in
+                   zip(leaves, _norms.float_leaves(out, where))),
+                  jnp.zeros((), jnp.int32))
+    clipped = changed > 0
+    ratio = (after.hi / before.hi) * (after.lo / jnp.where(
+        before.lo > 0, before.lo, 1))
+    scale = jnp.where(clipped & (before.lo > 0), ratio, 1).astype(dtype)
+    return out, new._replace(
+        grad_norm=before.value().astype(dtype), scale=scale, clipped=clipped,
+        frac_clipped=changed.astype(jnp.float32) / max(
+            sum(x.size for x in leaves), 1),
         num_clipped=state.num_clipped + clipped.astype(jnp.int32))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-_SMALL = 1 << 16  # Leaves up to this size take the plain, compact form.
-
-
-def _value_clip_stats(leaves: list[jax.Array], lo: list[jax.Array],
-                      hi: list[jax.Array], norm: jax.Array,
-                      dtype: Any) -> tuple[jax.Array, jax.Array]:
-  """``sum((clip(g) / norm) ** 2)`` and the number of elements clipping changes.
-
-  Each is one plain sum per leaf of a min/max/abs/multiply expression, which
-  XLA fuses into one reduction kernel that reads the leaf once. CPU backends
-  materialise, as full-size temporaries, comparisons, selects and any
-  broadcast scalar or constant that two such kernels share; so there are no
-  comparisons, no constants, and the ``j``-th leaf of a given shape scales by
-  its own power of two ``2**-j`` (exact) so that its scalars are its own.
-  Dividing by the pre-clip ``norm`` keeps every term in [0, 1], so the sum
-  cannot overflow. An element counts as changed when its distance to the
-  interval, times about 2**126, reaches 1: exactly the elements outside it,
-  down to distances in the subnormal range (which count fractionally).
-  On one device, small leaves are concatenated (a copy of little cost) and
-  take the plain form, a clip and a comparison: one reduction each for all
-  of them, where XLA would otherwise emit (and compile) one unrolled kernel
-  per leaf.
-  """
-  seen: dict[tuple[Any, ...], int] = {}
-  out_sq = jnp.zeros((), dtype)
-  changed = jnp.zeros((), jnp.float32)
-  inv = _norms._ratio(jnp.ones((), dtype), norm.astype(dtype))
-  small, merge = [], _norms.single_device()
-  for g, a, b in zip(leaves, lo, hi):
-    j = seen[g.shape, g.dtype] = seen.get((g.shape, g.dtype), -1) + 1
-    j %= 32  # Beyond, a shared scalar costs memory, never correctness.
-    acc = _norms.acc_dtype(g.dtype)
-    a = a.astype(g.dtype).astype(acc)  # The bounds the clip itself uses.
-    b = b.astype(g.dtype).astype(acc)
-    x = g.astype(acc)
-    if g.size <= _SMALL and merge:
-      small.append((x.ravel(), jnp.full(g.size, a), jnp.full(g.size, b)))
-      continue
-    s = jnp.asarray(2.0 ** -j, acc)
-    r = inv.astype(acc) * s  # 2**-j / norm.
-    # clip(x, a, b) * r as min(-min(-x r, -a r), b r): no clamp op.
-    c = jnp.minimum(-jnp.minimum(-(x * r), -(a * r)), b * r)
-    out_sq += jnp.sum(jnp.square(c), dtype=dtype) * 4.0 ** j
-    # Twice the distance to [a, b], times 2**-j: relu(d) = (d + |d|) / 2.
-    above, below = x * s - b * s, a * s - x * s
-    twice = (above + jnp.abs(above)) + (below + jnp.abs(below))
-    changed += jnp.sum(jnp.minimum(twice * 2.0 ** (125 - j), s),
-                       dtype=jnp.float32) * 2.0 ** j
-  if small:
-    x, a, b = (jnp.concatenate(v).astype(dtype) for v in zip(*small))
-    c = jnp.clip(x, a, b)
-    out_sq += jnp.sum(jnp.square(c * inv))
-    changed += jnp.sum(x != c, dtype=jnp.float32)
-  return out_sq, changed
-
-
 def _check_order(min_value: Any, max_value: Any, where: str) -> None:
-  """Raises when both bounds are known numbers and ``min > max``."""
+  """Raises when both bounds are known numbers and ``min > max``.
+
+  Trees of bounds are compared leaf by leaf where one is a prefix of the
+  other; a number is compared with every leaf of the other bound.
+  """
   def known(v):
-    return (not callable(v) and isinstance(v, (int, float, jax.Array))
+    return (not callable(v) and isinstance(v, (int, float, np.number,
+                                               np.ndarray, jax.Array))
             and _norms.is_concrete(v))
-  if known(min_value) and known(max_value) and float(min_value) > float(
+
+  pairs: list[tuple[Any, Any, str]] = []
+  if _common._is_tree_threshold(min_value) or _common._is_tree_threshold(
       max_value):
-    raise ValueError(
-        f"{where}: min_value={float(min_value)} is above"
-        f" max_value={float(max_value)}; swap them.")
-
-
-def _kept_shape(g: jax.Array, axis: Axis) -> tuple[int, ...]:
-  """The shape of ``g`` with the reduced axes dropped."""
-  if axis is None:
-    return ()
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  reduced = {a % g.ndim for a in axes}
-  return tuple(d for i, d in enumerate(g.shape) if i not in reduced)
+    if not _common._is_tree_threshold(max_value):
+      pairs = [(v, max_value, jax.tree_util.keystr(k)) for k, v in
+               jax.tree_util.tree_leaves_with_path(min_value)]
+    elif not _common._is_tree_threshold(min_value):
+      pairs = [(min_value, v, jax.tree_util.keystr(k)) for k, v in
+               jax.tree_util.tree_leaves_with_path(max_value)]
+    else:
+      try:
+        jax.tree_util.tree_map_with_path(
+            lambda k, a, b: pairs.append((a, b, jax.tree_util.keystr(k))),
+            min_value, max_value)
+      except (ValueError, TypeError):
+        raise ValueError(
+            f"{where}: min_value and max_value must have the same tree"
+            " structure (or one of them be a single number).") from None
+  else:
+    pairs = [(min_value, max_value, "")]
+  for lo, hi, path in pairs:
+    if known(lo) and known(hi) and float(np.asarray(lo)) > float(
+        np.asarray(hi)):
+      raise ValueError(
+          f"{where}: min_value{path}={float(np.asarray(lo))} is above"
+          f" max_value{path}={float(np.asarray(hi))}; swap them.")

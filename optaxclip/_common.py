@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,7 @@ Threshold = float | jax.Array | Callable[[jax.Array], Any]
 """A number, a JAX scalar, or an Optax schedule ``step -> value``."""
 
 
-def is_masked(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
+is_masked = _norms.is_masked
 
 
 def check_threshold(value: Any, name: str, where: str, *,
@@ -59,11 +58,23 @@ def check_threshold(value: Any, name: str, where: str, *,
       )
 
 
-def resolve(value: Threshold, count: jax.Array, dtype: Any) -> jax.Array:
-  """The threshold in force at step ``count``, as a scalar of ``dtype``."""
+def resolve(value: Threshold, count: jax.Array, dtype: Any, *,
+            lo: float = 0.0, hi: float = math.inf,
+            nan: float | None = None) -> jax.Array:
+  """The hyper-parameter in force at step ``count``, as a scalar of ``dtype``.
+
+  Values that arrive at run time (a schedule's output, an array injected by
+  ``optax.inject_hyperparams``) are clamped into ``[lo, hi]``, and NaN
+  becomes ``nan`` (``lo`` by default): a threshold of -1 or NaN acts as 0,
+  it never flips the sign of an update or poisons it. The value returned is
+  the one in force, and the one clippers record in their state.
+  """
   if callable(value) and not isinstance(value, jax.Array):
     value = value(count)
-  return jnp.asarray(value, dtype)
+  v = jnp.asarray(value, dtype)
+  v = jnp.where(jnp.isnan(v), jnp.asarray(lo if nan is None else nan, dtype),
+                v)
+  return jnp.clip(v, lo, hi)
 
 
 def broadcast_prefix(prefix: Any, tree: Any, name: str, where: str) -> Any:
@@ -85,15 +96,19 @@ def broadcast_prefix(prefix: Any, tree: Any, name: str, where: str) -> Any:
 
 
 def leaf_thresholds(value: Any, updates: Any, count: jax.Array, name: str,
-                    where: str) -> Any:
-  """A tree like ``updates`` holding the threshold in force for each leaf."""
+                    where: str, **bounds: Any) -> Any:
+  """A tree like ``updates`` holding the threshold in force for each leaf.
+
+  ``bounds`` (``lo``, ``hi``, ``nan``) are passed to :func:`resolve`.
+  """
   if not _is_tree_threshold(value):
-    t = resolve(value, count, _norms.tree_acc_dtype(updates))
+    t = resolve(value, count, _norms.tree_acc_dtype(updates), **bounds)
     return tree_map_arrays(lambda g: t.astype(_norms.acc_dtype(g.dtype)),
                            updates)
   full = broadcast_prefix(value, updates, name, where)
   return tree_map_arrays(
-      lambda g, t: resolve(t, count, _norms.acc_dtype(g.dtype)), updates, full)
+      lambda g, t: resolve(t, count, _norms.acc_dtype(g.dtype), **bounds),
+      updates, full)
 
 
 def _is_tree_threshold(value: Any) -> bool:
@@ -108,15 +123,92 @@ def tree_map_arrays(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
       is_leaf=is_masked)
 
 
-def scale_leaf(g: jax.Array, s: jax.Array) -> jax.Array:
-  """``g * s`` computed in the wider dtype and cast back to ``g``'s."""
+class Scale(NamedTuple):
+  """A clip factor as two normal floats: ``g * scale`` is ``g * a * b``.
+
+  ``a`` is a power of two; splitting keeps the product exact where the
+  factor itself is below the smallest normal number (a norm more than ~1e38
+  times the threshold), which a CPU or GPU would flush to zero.
+  """
+
+  a: jax.Array
+  b: jax.Array
+
+  def value(self) -> jax.Array:
+    """The factor as one number (it may underflow to 0; the pair does not)."""
+    return self.a * self.b
+
+
+def clip_factors(norm: _norms.Norm | jax.Array, threshold: jax.Array) -> Scale:
+  """``min(1, threshold / norm)``: the one scale rule of every clipper.
+
+  Edge cases (``n`` the norm, ``t`` the threshold):
+
+  ======================  ==========================================
+  ``n <= t``              1, exactly: the update is returned bit for bit
+  ``n = 0``               1 (``t = 0`` included)
+  ``t = inf``             1 (``n = inf`` included)
+  ``t = 0 < n``           0
+  ``t`` negative or NaN   acts as ``t = 0``
+  ``n = inf``, finite t   0 (an infinite entry becomes NaN, others 0)
+  ``n`` NaN               NaN: the update is NaN, as in optax
+  ``t / n`` subnormal     exact: applied as two normal factors
+  ======================  ==========================================
+
+  The derivative with respect to the update is finite everywhere, at a
+  zero norm and at ``n = t`` included.
+
+  Args:
+    norm: a :class:`optaxclip._norms.Norm` (exact beyond overflow) or an
+      array of norms.
+    threshold: the threshold(s), broadcastable against ``norm``.
+
+  Returns:
+    The factor as a :class:`Scale` pair, in the norm's dtype.
+  """
+  if not isinstance(norm, _norms.Norm):
+    norm = _norms.Norm(jnp.ones_like(norm), norm)
+  hi, lo = norm
+  dtype = lo.dtype
+  t = jnp.asarray(threshold).astype(dtype)
+  t = jnp.where(t >= 0, t, jnp.zeros((), dtype))
+  n = hi * lo
+  over = n > t  # False for a NaN norm.
+  finite = jnp.isfinite(hi) & jnp.isfinite(lo)
+  e_hi = _exponent(jnp.where(finite, hi, 1))
+  e_lo = _exponent(jnp.where(finite, lo, 1))
+  den = (hi * _norms.pow2(-e_hi, dtype)) * (lo * _norms.pow2(-e_lo, dtype))
+  den = jnp.where(over & finite & (den > 0), den, 1)
+  e = jnp.where(finite, e_hi + e_lo, 0)
+  e1 = jnp.minimum(e, jnp.finfo(dtype).maxexp - 2)
+  one = jnp.ones((), dtype)
+  a = jnp.where(over, _norms.pow2(-e1, dtype), one)
+  b = jnp.where(finite, (t / den) * _norms.pow2(e1 - e, dtype),
+                jnp.zeros((), dtype))
+  b = jnp.where(over, b, one)
+  return Scale(a, jnp.where(jnp.isnan(n), jnp.nan, b).astype(dtype))
+
+
+def _exponent(x: jax.Array) -> jax.Array:
+  """``e >= 0`` with ``x * 2**-e`` below 1 (for ``x >= 1``), clamped normal."""
+  return jnp.maximum(_norms.ceil_pow2_exponent(x), 0)
+
+
+def clip_scale(norm: _norms.Norm | jax.Array, threshold: jax.Array
+               ) -> jax.Array:
+  """:func:`clip_factors` as one number, to record or to compare."""
+  return clip_factors(norm, threshold).value()
+
+
+def scale_leaf(g: jax.Array, s: Scale | jax.Array) -> jax.Array:
+  """``g * s`` computed in the wider dtype and cast back to ``g``'s.
+
+  A :class:`Scale` pair is applied as two multiplies, which XLA fuses into
+  the same elementwise kernel.
+  """
+  if isinstance(s, Scale):
+    return ((g * s.a) * s.b).astype(g.dtype)
   return (g * s).astype(g.dtype)
-
-
-def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
-  """``min(1, threshold / norm)``: 1 for a zero norm, NaN for a NaN norm."""
-  tiny = jnp.finfo(norm.dtype).tiny
-  return jnp.minimum(1, threshold.astype(norm.dtype) / jnp.maximum(norm, tiny))
 
 
 def increment(count: jax.Array) -> jax.Array:
@@ -124,18 +216,23 @@ def increment(count: jax.Array) -> jax.Array:
 
 
 def check_range(value: Any, name: str, where: str, *, lo: float, hi: float,
-                open_lo: bool = False, open_hi: bool = False) -> None:
+                open_lo: bool = False, open_hi: bool = False,
+                schedule: bool = True) -> None:
   """Raises when a scalar known at construction lies outside ``[lo, hi]``.
 
-  Schedules and traced arrays are checked at run time by nobody: their values
-  are the caller's to keep in range.
+  Schedules (where ``schedule`` allows them) and traced arrays are checked
+  at run time: :func:`resolve` clamps their values into range.
   """
   if callable(value) and not isinstance(value, jax.Array):
-    return
+    if schedule:
+      return
+    raise TypeError(f"{where}: {name} does not take a schedule; give a"
+                    " number or a JAX scalar.")
   if isinstance(value, bool) or not isinstance(
       value, (int, float, np.number, np.ndarray, jax.Array)):
-    raise TypeError(f"{where}: {name} must be a number, a JAX scalar or an"
-                    f" Optax schedule; got {type(value).__name__}.")
+    raise TypeError(f"{where}: {name} must be a number, a JAX scalar"
+                    + (" or an Optax schedule" if schedule else "")
+                    + f"; got {type(value).__name__}.")
   if jnp.ndim(value) != 0:
     raise ValueError(f"{where}: {name} must be a scalar, got shape"
                      f" {jnp.shape(value)}.")

@@ -1,23 +1,41 @@
-"""Norms that accumulate in float32 (or wider) and stay finite.
+"""Norms that accumulate in float32 (or wider) and never overflow.
 
 Every norm here is computed in the *accumulation dtype* of its input: float32
 for float16, bfloat16 and float32 (and complex64) gradients, float64 for
-float64 (and complex128) gradients. The common case is a single fused pass:
-``sum(|x| ** p)`` followed by a root. When that plain sum overflows (float32
-values near 1e38), or is so small that its terms went subnormal, one
-``lax.cond`` switches to a rescaled form, ``m * sum((|x| / m) ** p) ** (1/p)``
-with ``m = max |x|``, which is exact for every finite input whose norm is
-representable. The rescaled branch runs only on those rare steps (and, for the
-global norm, when the whole tree is zero). Per-leaf norms trust an exact zero
-sum: a leaf or unit whose entries all lie below ~4e-23 (float32) reads as norm
-0, which clips it exactly as its true norm would.
+float64 (and complex128) gradients.
+
+One formulation serves every device count, mesh and backend:
+
+- **Hot path.** One reduction per leaf, ``sum(|x| ** p)``, exactly what
+  ``optax.global_norm`` does, then a root. Nothing is concatenated or copied,
+  so leaves may carry any sharding.
+- **Cold path.** When that sum overflowed, or (for ``p > 1``) is so small that
+  its terms may have gone subnormal, one ``lax.cond`` recomputes the norm as
+  ``2**e * sum(|x * 2**-e| ** p) ** (1/p)`` with ``2**e`` the power of two at
+  or above ``max |x|``: power-of-two scaling is exact, so the result is exact
+  for every finite input. Leaves of one type (shape, dtype, sharding) are
+  stacked, in chunks of at most ``_CHUNK_BYTES``, so the cold branch has a
+  handful of reductions rather than one per leaf and compiles in about the
+  time of the hot path.
+
+The result is a :class:`Norm`, a pair ``(hi, lo)`` whose product is the norm:
+``hi`` is ``2**e`` on the cold path (``1`` on the hot path). A norm too large
+for the accumulation dtype (float32 values near 3.4e38) reads as ``inf`` when
+multiplied out, but the pair still clips exactly (see
+:func:`optaxclip._common.clip_factors`).
+
+Per-leaf norms trust an exact zero sum: a leaf or unit whose every
+``|x| ** p`` lies below the smallest normal number (entries below ~1e-19 for
+``p = 2`` in float32) reads as norm 0, which clips it as its true norm would
+for any threshold above that norm; dead units then cost no cold path. The
+global norm rescales even then.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +47,17 @@ Axis = int | Sequence[int] | None
 AxisName = str | Sequence[str] | None
 
 _RMS = "rms"
+_CHUNK_BYTES = 16 << 20  # The largest temporary the cold path stacks.
+
+
+class Norm(NamedTuple):
+  """A norm as ``hi * lo``, exact even where the product overflows."""
+
+  hi: jax.Array
+  lo: jax.Array
+
+  def value(self) -> jax.Array:
+    return self.hi * self.lo
 
 
 def global_norm(
@@ -53,7 +82,9 @@ def global_norm(
 
   Returns:
     A scalar in the accumulation dtype (float32, or float64 for float64
-    leaves).
+    leaves): exact to rounding for every finite input whose norm is
+    representable, ``inf`` above that (or for an infinite entry), NaN when an
+    entry is NaN, ``0`` for an empty tree.
 
   Example:
     >>> import jax.numpy as jnp
@@ -65,11 +96,30 @@ def global_norm(
     >>> print(oc.global_norm(big))
     600.0
   """
+  return global_norm_parts(tree, ord, axis_name=axis_name).value()
+
+
+def global_norm_parts(tree: Any, ord: Ord = 2, *,
+                      axis_name: AxisName = None) -> Norm:
+  """:func:`global_norm` as a :class:`Norm` pair (exact beyond overflow)."""
   p = canonical_ord(ord)
   leaves = float_leaves(tree, "global_norm")
-  if isinstance(p, jax.Array):
-    return _traced_ord_norm(leaves, p, axis_name)
-  return _global_norm(leaves, p, axis_name)
+  dtype = _common_acc_dtype(leaves)
+  if not leaves:
+    zero = jnp.zeros((), dtype)
+    return Norm(jnp.ones((), dtype), zero)
+  if p == _RMS:
+    n = _global_norm(leaves, 2.0, axis_name, dtype)
+    size = _global_size(leaves, axis_name)
+    root = jnp.sqrt(jnp.maximum(jnp.asarray(size, dtype), 1))
+    return Norm(n.hi, n.lo / root)
+  if isinstance(p, jax.Array):  # Traced, e.g. injected by inject_hyperparams.
+    return jax.lax.switch(_ord_index(p), [
+        lambda: _global_norm(leaves, 2.0, axis_name, dtype),
+        lambda: _global_norm(leaves, 1.0, axis_name, dtype),
+        lambda: _global_norm(leaves, math.inf, axis_name, dtype),
+        lambda: _global_norm(leaves, p.astype(dtype), axis_name, dtype)])
+  return _global_norm(leaves, p, axis_name, dtype)
 
 
 def leaf_norms(tree: Any, ord: Ord = 2, *, axis: Axis = None) -> Any:
@@ -87,32 +137,33 @@ def leaf_norms(tree: Any, ord: Ord = 2, *, axis: Axis = None) -> Any:
     the reduced axes kept as size-1 dimensions (so they broadcast against the
     leaf), in the accumulation dtype.
   """
+  leaves, rebuild = live_leaves(tree, "leaf_norms")
+  axes = [leaf_axes(path, x, axis) for path, x in leaves]
+  norms = leaf_norm_parts([x for _, x in leaves], ord, axes)
+  return rebuild([n.value() for n in norms])
+
+
+def leaf_norm_parts(leaves: list[jax.Array], ord: Ord,
+                    axes: list[tuple[int, ...]]) -> list[Norm]:
+  """Per-leaf (per-unit) norms as :class:`Norm` pairs, keepdims."""
   p = canonical_ord(ord)
+  if not leaves:
+    return []
+  if p == _RMS:
+    out = leaf_norm_parts(leaves, 2.0, axes)
+    return [Norm(n.hi, n.lo / math.sqrt(max(unit_size(x, a), 1)))
+            for n, x, a in zip(out, leaves, axes)]
   if isinstance(p, jax.Array):  # Traced, e.g. injected by inject_hyperparams.
-    return jax.lax.switch(
-        _ord_index(p),
-        [lambda: leaf_norms(tree, 2, axis=axis),
-         lambda: leaf_norms(tree, 1, axis=axis),
-         lambda: leaf_norms(tree, math.inf, axis=axis),
-         lambda: _tree_general_leaf_norms(tree, p, axis)])
-  float_leaves(tree, "leaf_norms")  # A clear error for integer leaves.
-  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=_is_masked
-  )
-  axes = [() if _is_masked(x) else _leaf_axes(path, x, axis)
-          for path, x in paths_leaves]
-  leaves = [x for _, x in paths_leaves]
-  live = [(i, x, a) for i, (x, a) in enumerate(zip(leaves, axes))
-          if not _is_masked(x)]
-  norms = _leaf_norms([x for _, x, _ in live], p, [a for _, _, a in live])
-  out = list(leaves)
-  for (i, _, _), n in zip(live, norms):
-    out[i] = n
-  return jax.tree_util.tree_unflatten(treedef, out)
+    return jax.lax.switch(_ord_index(p), [
+        lambda: _leaf_norms(leaves, 2.0, axes),
+        lambda: _leaf_norms(leaves, 1.0, axes),
+        lambda: _leaf_norms(leaves, math.inf, axes),
+        lambda: _leaf_norms(leaves, p.astype(jnp.float32), axes)])
+  return _leaf_norms(leaves, p, axes)
 
 
 # ----------------------------------------------------------------------------
-# Arguments and dtypes.
+# Arguments, dtypes and traversal.
 
 
 def canonical_ord(ord: Any) -> float | str | jax.Array:
@@ -157,32 +208,59 @@ def acc_dtype(dtype: Any) -> np.dtype:
 
 def tree_acc_dtype(tree: Any) -> np.dtype:
   """The widest accumulation dtype over the leaves of ``tree``."""
-  dtypes = [acc_dtype(x.dtype) for x in float_leaves(tree, "optaxclip")]
-  return np.dtype(jnp.result_type(jnp.float32, *dtypes))
+  return _common_acc_dtype(float_leaves(tree, "optaxclip"))
 
 
-def _is_masked(x: Any) -> bool:
+def _common_acc_dtype(leaves: list[jax.Array]) -> np.dtype:
+  return np.dtype(jnp.result_type(jnp.float32,
+                                  *[acc_dtype(x.dtype) for x in leaves]))
+
+
+def is_masked(x: Any) -> bool:
+  """``optax.MaskedNode``: a leaf that ``optax.masked`` left out."""
   return isinstance(x, optax.MaskedNode)
+
+
+def live_leaves(tree: Any, where: str) -> tuple[list[tuple[Any, jax.Array]],
+                                                 Any]:
+  """The ``(path, leaf)`` pairs of the array leaves, and a rebuilder.
+
+  ``None`` and ``optax.MaskedNode`` leaves are skipped; integer leaves raise
+  a TypeError naming the leaf. ``rebuild(values)`` returns a tree of the same
+  structure whose live leaves are ``values`` (in order) and whose masked
+  leaves are kept.
+  """
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=is_masked)
+  live = [(path, x) for path, x in with_path if not is_masked(x)]
+  for path, x in live:
+    _check_float(path, x, where)
+
+  def rebuild(values: Sequence[Any]) -> Any:
+    it = iter(values)
+    return jax.tree_util.tree_unflatten(
+        treedef, [x if is_masked(x) else next(it) for _, x in with_path])
+
+  return live, rebuild
 
 
 def float_leaves(tree: Any, where: str) -> list[jax.Array]:
   """The array leaves of ``tree``; a clear TypeError on non-float ones."""
-  out = []
-  for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_masked):
-    if _is_masked(x):
-      continue
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      raise TypeError(
-          f"{where}: the gradient leaf at {jax.tree_util.keystr(path) or 'root'}"
-          f" has dtype {dtype}; clipping needs floating-point or complex"
-          " gradients. Exclude integer leaves with optax.masked or cast them."
-      )
-    out.append(x)
-  return out
+  return [x for _, x in live_leaves(tree, where)[0]]
 
 
-def _leaf_axes(path: Any, x: Any, axis: Axis) -> tuple[int, ...]:
+def _check_float(path: Any, x: Any, where: str) -> None:
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(
+        f"{where}: the gradient leaf at {jax.tree_util.keystr(path) or 'root'}"
+        f" has dtype {dtype}; clipping needs floating-point or complex"
+        " gradients. Exclude integer leaves with optax.masked or cast them."
+    )
+
+
+def leaf_axes(path: Any, x: Any, axis: Axis) -> tuple[int, ...]:
+  """The axes of ``x`` that ``axis`` names, non-negative and sorted."""
   ndim = jnp.ndim(x)
   if axis is None:
     return tuple(range(ndim))
@@ -200,156 +278,191 @@ def _leaf_axes(path: Any, x: Any, axis: Axis) -> tuple[int, ...]:
   return tuple(sorted(set(out)))
 
 
+def kept_shape(shape: Sequence[int], axes: tuple[int, ...]) -> tuple[int, ...]:
+  """``shape`` without the reduced ``axes``: one entry per unit."""
+  return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+def unit_size(x: jax.Array, axes: tuple[int, ...]) -> int:
+  """How many elements one unit (the reduced ``axes``) of ``x`` holds."""
+  return math.prod(x.shape[a] for a in axes)
+
+
 # ----------------------------------------------------------------------------
-# The norm kernels.
+# The kernels.
 
 
-def _abs_pow(x: jax.Array, p: float) -> jax.Array:
-  """``|x| ** p`` in the accumulation dtype, fused with the cast."""
+def _abs_pow(x: jax.Array, p: Any) -> jax.Array:
+  """``|x| ** p`` in the accumulation dtype, fused with the cast.
+
+  For ``p`` other than 1, 2 and a traced ``p``, zeros are kept out of the
+  power so that its derivative stays finite at 0.
+  """
   acc = acc_dtype(x.dtype)
   if jnp.iscomplexobj(x):
-    if p == 2:
+    if isinstance(p, float) and p == 2:
       return jnp.square(x.real.astype(acc)) + jnp.square(x.imag.astype(acc))
     a = jnp.abs(x).astype(acc)
   else:
     a = x.astype(acc)
-    if p == 2:
+    if isinstance(p, float) and p == 2:
       return jnp.square(a)
     a = jnp.abs(a)
-  return a if p == 1 else a ** p
+  if isinstance(p, float) and p == 1:
+    return a
+  pos = a > 0
+  return jnp.where(pos, jnp.where(pos, a, 1) ** p, 0)
+
+
+def _root(s: jax.Array, p: Any) -> jax.Array:
+  """``s ** (1/p)`` with a finite derivative at ``s = 0``."""
+  if isinstance(p, float) and p == 1:
+    return s
+  pos = s > 0
+  safe = jnp.where(pos, s, 1)
+  r = jnp.sqrt(safe) if isinstance(p, float) and p == 2 else safe ** (1 / p)
+  return jnp.where(pos, r, jnp.where(jnp.isnan(s), s, 0))
+
+
+def _needs_rescale(s: jax.Array, p: Any, zero: bool) -> jax.Array:
+  """Sums that overflowed, or (``p > 1``) whose terms may have gone subnormal.
+
+  With ``zero``, an exact 0 counts too: every term may have underflowed.
+  """
+  bad = ~jnp.isfinite(s)
+  if isinstance(p, float) and p <= 1:
+    return bad
+  info = jnp.finfo(s.dtype)
+  small = s < info.tiny / info.eps
+  if not zero:
+    small &= s > 0
+  return bad | (small & (p > 1))
+
+
+def pow2(e: jax.Array, dtype: Any) -> jax.Array:
+  """``2.0 ** e`` for integer ``e`` in the normal range, exact (bit-built)."""
+  info = jnp.finfo(dtype)
+  bits = jnp.int64 if info.bits == 64 else jnp.int32
+  biased = (e.astype(bits) - info.minexp + 1) << info.nmant
+  return jax.lax.bitcast_convert_type(biased, dtype)
+
+
+def ceil_pow2_exponent(m: jax.Array) -> jax.Array:
+  """The exponent ``e`` of the power of two at or just above ``m``.
+
+  Clamped so that both ``2**e`` and ``2**-e`` are normal; ``m`` must be
+  finite and non-negative (0 gives the lowest exponent).
+  """
+  info = jnp.finfo(m.dtype)
+  _, e = jnp.frexp(jax.lax.stop_gradient(m))  # m = f * 2**e, 0.5 <= f < 1.
+  return jnp.clip(e, info.minexp + 1, info.maxexp - 2)
+
+
+def _global_norm(leaves: list[jax.Array], p: Any, axis_name: AxisName,
+                 dtype: Any) -> Norm:
+  one = jnp.ones((), dtype)
+  if isinstance(p, float) and p == math.inf:
+    return Norm(one, _tree_max(leaves, axis_name, dtype))
+  s = _psum([jnp.sum(_abs_pow(x, p), dtype=dtype) for x in leaves], leaves,
+            axis_name)
+
+  def plain(s):
+    return Norm(_one_like(s), _root(s, p))
+
+  def rescaled(s):
+    del s
+    stacks = _stacked(leaves)
+    m = _tree_max(stacks, axis_name, dtype)
+    e = ceil_pow2_exponent(jnp.where(jnp.isfinite(m), m, 0))
+    f = pow2(-e, dtype)
+    t = _psum([jnp.sum(_abs_pow(x * f.astype(acc_dtype(x.dtype)), p),
+                       dtype=dtype) for x in stacks], stacks, axis_name)
+    finite = jnp.isfinite(m)
+    return Norm(jnp.where(finite, pow2(e, dtype), one),
+                jnp.where(finite, _root(t, p), m))
+
+  return jax.lax.cond(_needs_rescale(s, p, zero=True), rescaled, plain, s)
+
+
+def _leaf_norms(leaves: list[jax.Array], p: Any,
+                axes: list[tuple[int, ...]]) -> list[Norm]:
+  """Per-leaf (per-unit) norms with one ``lax.cond`` for the whole tree."""
+  def ones(a):
+    return [_one_like(x) for x in a]
+
+  if isinstance(p, float) and p == math.inf:
+    maxes = [jnp.max(_abs(x), axis=a, keepdims=True, initial=0)
+             for x, a in zip(leaves, axes)]
+    return [Norm(o, m) for o, m in zip(ones(maxes), maxes)]
+  sums = [jnp.sum(_abs_pow(x, p), axis=a, keepdims=True)
+          for x, a in zip(leaves, axes)]
+  # A zero sum is taken at its word here (dead units are common, and their
+  # clipping is the same either way); tiny nonzero sums are rescaled.
+  bad = jnp.stack([jnp.any(_needs_rescale(s, p, zero=False))
+                   for s in sums]).any()
+
+  def plain(sums):
+    roots = [_root(s, p) for s in sums]
+    return [Norm(o, r) for o, r in zip(ones(roots), roots)]
+
+  def rescaled(sums):
+    out: list[Norm | None] = [None] * len(leaves)
+    for group in _groups(leaves, axes):
+      x = _stack([leaves[i] for i in group])
+      a = tuple(d + 1 for d in axes[group[0]])
+      m = jnp.max(_abs(x), axis=a, keepdims=True, initial=0)
+      e = ceil_pow2_exponent(jnp.where(jnp.isfinite(m), m, 0))
+      scaled = x * pow2(-e, m.dtype).astype(acc_dtype(x.dtype))
+      s = jnp.sum(_abs_pow(scaled, p), axis=a, keepdims=True)
+      finite = jnp.isfinite(m)
+      hi = jnp.where(finite, pow2(e, m.dtype), 1)
+      lo = jnp.where(finite, _root(s, p), m)
+      for j, i in enumerate(group):
+        out[i] = Norm(hi[j].astype(sums[i].dtype), lo[j].astype(sums[i].dtype))
+    return out
+
+  return jax.lax.cond(bad, rescaled, plain, sums)
+
+
+def _one_like(x: jax.Array) -> jax.Array:
+  """Ones shaped, typed and (under ``shard_map``) varying like ``x``."""
+  return jnp.where(jnp.isnan(x), 1, 1).astype(x.dtype)
 
 
 def _abs(x: jax.Array) -> jax.Array:
   return jnp.abs(x).astype(acc_dtype(x.dtype))
 
 
-def _root(s: jax.Array, p: float) -> jax.Array:
-  if p == 2:
-    return jnp.sqrt(s)
-  return s if p == 1 else s ** (1.0 / p)
+def _type_key(x: jax.Array) -> Any:
+  """Leaves with equal keys can be stacked: same shape, dtype and sharding."""
+  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+  return str(aval), x.shape, x.dtype
 
 
-def _needs_rescale(s: jax.Array, p: float, zero: bool) -> jax.Array:
-  """Sums that overflowed, or whose terms may have gone subnormal.
-
-  With ``zero``, an exact 0 counts too: every term may have underflowed.
-  """
-  bad = ~jnp.isfinite(s)
-  if p > 1:
-    info = jnp.finfo(s.dtype)
-    bad |= (s < info.tiny / info.eps) if zero else (
-        (s > 0) & (s < info.tiny / info.eps))
-  return bad
-
-
-def _ratio(a: jax.Array, m: jax.Array) -> jax.Array:
-  """``a / m`` for ``0 < m`` finite, exact even where ``1/m`` is subnormal.
-
-  XLA turns a division by a broadcast scalar into a multiply by its
-  reciprocal, and CPUs flush subnormal reciprocals (of ``m`` above ~1e38) to
-  zero; a power-of-two pre-scale, exact in floating point, keeps ``m`` and
-  ``1/m`` normal.
-  """
-  c = jnp.where(m > 2.0**64, 2.0**-64, jnp.where(m < 2.0**-64, 2.0**64, 1.0))
-  c = c.astype(m.dtype)
-  return (a * c) / (m * c)
+def _groups(leaves: list[jax.Array],
+            axes: list[tuple[int, ...]] | None = None) -> list[list[int]]:
+  """Indices of leaves of one type, in chunks of at most ``_CHUNK_BYTES``."""
+  by_key: dict[Any, list[list[int]]] = {}
+  for i, x in enumerate(leaves):
+    key = (_type_key(x), None if axes is None else axes[i])
+    chunks = by_key.setdefault(key, [[]])
+    if chunks[-1] and (len(chunks[-1]) + 1) * x.nbytes > _CHUNK_BYTES:
+      chunks.append([])
+    chunks[-1].append(i)
+  return [c for chunks in by_key.values() for c in chunks]
 
 
-def _over(x: jax.Array, m: jax.Array) -> jax.Array:
-  """``x / m`` in the accumulation dtype (complex stays complex).
-
-  The absolute value is left to ``_abs_pow``: an ``|x|`` shared with the
-  max reduction would be materialised as a temporary copy of the leaf.
-  """
-  if not jnp.iscomplexobj(x):
-    x = x.astype(acc_dtype(x.dtype))
-  return _ratio(x, m.astype(acc_dtype(x.dtype)))
+def _stack(xs: list[jax.Array]) -> jax.Array:
+  return xs[0][None] if len(xs) == 1 else jnp.stack(xs)
 
 
-def _rescaled(x: jax.Array, p: float, axes: tuple[int, ...],
-              m: jax.Array | None = None) -> jax.Array:
-  """``m * sum((|x|/m) ** p) ** (1/p)``: exact where the plain sum is not."""
-  if m is None:
-    m = jnp.max(_abs(x), axis=axes, keepdims=True, initial=0)
-  safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-  s = jnp.sum(_abs_pow(_over(x, safe), p), axis=axes, keepdims=True)
-  n = safe * _root(s, p)
-  return jnp.where(jnp.isinf(m), m, n)  # An infinite entry: infinite norm.
+def _stacked(leaves: list[jax.Array]) -> list[jax.Array]:
+  """The leaves stacked by type: few reductions, bounded temporaries."""
+  return [_stack([leaves[i] for i in g]) for g in _groups(leaves)]
 
 
-def _global_norm(leaves: list[jax.Array], p: float | str,
-                 axis_name: AxisName) -> jax.Array:
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  dtype = jnp.result_type(jnp.float32, *[acc_dtype(x.dtype) for x in leaves])
-  if axis_name is None and single_device():
-    leaves = _merge_small(leaves, dtype)
-  if p == _RMS:
-    size = _global_size(leaves, axis_name)
-    n = _global_norm(leaves, 2.0, axis_name)
-    return n / jnp.sqrt(jnp.asarray(max(size, 1) if isinstance(size, int)
-                                    else size, dtype))
-  if p == math.inf:
-    m = _tree_max(leaves, dtype, axis_name)
-    return m
-
-  def plain(s):
-    return _root(s, p)
-
-  def rescaled(s):
-    del s
-    m = _tree_max(leaves, dtype, axis_name)
-    safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-    f = _distinct_factors(leaves)
-    t = _psum_leaves([jnp.sum(_abs_pow(_over(x, safe * k), p), dtype=dtype)
-                      * k ** p for x, k in zip(leaves, f)], leaves, axis_name)
-    return jnp.where(jnp.isinf(m), m, safe * _root(t, p))
-
-  s = _psum_leaves([jnp.sum(_abs_pow(x, p), dtype=dtype) for x in leaves],
-                   leaves, axis_name)
-  return jax.lax.cond(_needs_rescale(s, p, zero=True), rescaled, plain, s)
-
-
-_SMALL = 1 << 16
-
-
-def single_device() -> bool:
-  """One device: concatenating leaves moves no data between devices."""
-  return jax.device_count() == 1
-
-
-def _merge_small(leaves: list[jax.Array], dtype: Any) -> list[jax.Array]:
-  """The leaves, with all real ones of at most 2**16 elements concatenated.
-
-  XLA emits one unrolled reduction kernel per small leaf, slow to compile
-  (biases and norm scales are most of a network's leaves); one concatenated
-  vector (a copy of little cost, in the accumulation dtype) needs one.
-  """
-  small = [x for x in leaves
-           if x.size <= _SMALL and not jnp.iscomplexobj(x)]
-  if len(small) < 2:
-    return leaves
-  big = [x for x in leaves if x.size > _SMALL or jnp.iscomplexobj(x)]
-  return big + [jnp.concatenate([jnp.ravel(x).astype(dtype) for x in small])]
-
-
-def _distinct_factors(leaves: list[jax.Array]) -> list[float]:
-  """``1 + j / 1024`` for the ``j``-th leaf of each shape and dtype.
-
-  Leaves of one shape scaled by one shared scalar would share its broadcast,
-  which CPU backends materialise as a full-size temporary between reduction
-  kernels; a factor of their own (within 0.1% of 1, rounding errors of 1 ulp)
-  keeps every kernel reading only its leaf.
-  """
-  seen: dict[tuple[Any, ...], int] = {}
-  out = []
-  for x in leaves:
-    j = seen[x.shape, x.dtype] = seen.get((x.shape, x.dtype), -1) + 1
-    out.append(1.0 + (j % 1024) / 1024)
-  return out
-
-
-def _tree_max(leaves, dtype, axis_name):
+def _tree_max(leaves: list[jax.Array], axis_name: AxisName,
+              dtype: Any) -> jax.Array:
   m = jnp.max(jnp.stack([jnp.max(_abs(x), initial=0).astype(dtype)
                          for x in leaves]))
   if axis_name is not None and (axes := _split_axes(m, _axis_names(axis_name))):
@@ -357,8 +470,12 @@ def _tree_max(leaves, dtype, axis_name):
   return m
 
 
-def _psum_leaves(partials: list[jax.Array], leaves: list[jax.Array],
-                 axis_name: AxisName) -> jax.Array:
+# ----------------------------------------------------------------------------
+# Sharded reductions (shard_map / pmap with ``axis_name``).
+
+
+def _psum(partials: list[jax.Array], leaves: list[jax.Array],
+          axis_name: AxisName) -> jax.Array:
   """The total of per-leaf partial sums over the whole, unsharded tree.
 
   Inside ``shard_map``/``pmap`` one ``psum`` of one scalar does it: the
@@ -371,7 +488,7 @@ def _psum_leaves(partials: list[jax.Array], leaves: list[jax.Array],
   axis.
   """
   if axis_name is None:
-    return sum(partials)
+    return sum(partials[1:], partials[0])
   splits = [_split_axes(x, _axis_names(axis_name)) for x in leaves]
   axes = tuple(n for n in _axis_names(axis_name) if any(n in s for s in splits))
   groups: dict[int, jax.Array] = {}
@@ -415,74 +532,6 @@ def _varying(x: Any) -> frozenset | None:
       aval, "vma", None)
 
 
-def _leaf_norms(leaves: list[jax.Array], p: float | str,
-                axes: list[tuple[int, ...]]) -> list[jax.Array]:
-  """Per-leaf (per-unit) norms with one ``lax.cond`` for the whole tree."""
-  if not leaves:
-    return []
-  if p == _RMS:
-    out = _leaf_norms(leaves, 2.0, axes)
-    return [n / math.sqrt(max(_unit_size(x, a), 1))
-            for n, x, a in zip(out, leaves, axes)]
-  if p == math.inf:
-    return [jnp.max(_abs(x), axis=a, keepdims=True, initial=0)
-            for x, a in zip(leaves, axes)]
-  sums = [jnp.sum(_abs_pow(x, p), axis=a, keepdims=True)
-          for x, a in zip(leaves, axes)]
-  # A zero sum is taken at its word here (dead units are common and their
-  # clipping is the same either way); tiny nonzero sums are rescaled.
-  bad = jnp.stack([jnp.any(_needs_rescale(s, p, zero=False))
-                   for s in sums]).any()
-
-  def plain(sums):
-    return [_root(s, p) for s in sums]
-
-  def rescaled(sums):
-    del sums
-    return [_rescaled(x, p, a) for x, a in zip(leaves, axes)]
-
-  return jax.lax.cond(bad, rescaled, plain, sums)
-
-
-def _unit_size(x: jax.Array, axes: tuple[int, ...]) -> int:
-  return math.prod(x.shape[a] for a in axes)
-
-
-def _traced_ord_norm(leaves, p, axis_name):
-  """Global norm for an ``ord`` only known at run time (inject_hyperparams)."""
-  branches = [lambda: _global_norm(leaves, 2.0, axis_name),
-              lambda: _global_norm(leaves, 1.0, axis_name),
-              lambda: _global_norm(leaves, math.inf, axis_name)]
-  # A general p uses the rescaled form, which is exact for every p > 0.
-
-  def general():
-    dtype = jnp.result_type(jnp.float32, *[acc_dtype(x.dtype) for x in leaves])
-    q = jnp.asarray(p, dtype)
-    m = _tree_max(leaves, dtype, axis_name)
-    safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-    f = _distinct_factors(leaves)
-    t = _psum_leaves([jnp.sum(jnp.abs(_over(x, safe * k)) ** q, dtype=dtype)
-                      * k ** q for x, k in zip(leaves, f)], leaves, axis_name)
-    return jnp.where(jnp.isinf(m), m, safe * t ** (1 / q))
-
-  branches.append(general)
-  return jax.lax.switch(_ord_index(p), branches)
-
-
 def _ord_index(p: jax.Array) -> jax.Array:
   """0, 1, 2 for a traced ord of 2, 1, inf; 3 for any other p."""
   return jnp.select([p == 2, p == 1, jnp.isinf(p)], [0, 1, 2], 3)
-
-
-def _tree_general_leaf_norms(tree: Any, p: jax.Array, axis: Axis) -> Any:
-  """Per-leaf norms for a traced p: the rescaled form, exact for any p > 0."""
-  def one(path, x):
-    if _is_masked(x):
-      return x
-    axes = _leaf_axes(path, x, axis)
-    m = jnp.max(_abs(x), axis=axes, keepdims=True, initial=0)
-    q = jnp.asarray(p, m.dtype)
-    safe = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-    s = jnp.sum(jnp.abs(_over(x, safe)) ** q, axis=axes, keepdims=True)
-    return jnp.where(jnp.isinf(m), m, safe * s ** (1 / q))
-  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_masked)

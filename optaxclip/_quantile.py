@@ -119,22 +119,22 @@ def clip_by_quantile(
   def init_fn(params):
     dtype = _norms.tree_acc_dtype(params)
     size = _common.static_size(history, "history", where)
-    leaves, treedef = _live_leaves(params)
+    leaves, rebuild = _norms.live_leaves(params, where)
     count = jnp.zeros((), jnp.int32)
     if per_leaf:
       buf = jnp.zeros((len(leaves), size), dtype)
-      zeros = _unflatten(treedef, params, jnp.zeros((len(leaves),), dtype))
-      infs = _unflatten(treedef, params, jnp.full((len(leaves),), jnp.inf,
-                                                  dtype))
-      ones = _unflatten(treedef, params, jnp.ones((len(leaves),), dtype))
+
+      def full(value):
+        return rebuild([jnp.full((), value, dtype)] * len(leaves))
     else:
       buf = jnp.zeros((size,), dtype)
-      zeros = jnp.zeros((), dtype)
-      infs = jnp.full((), jnp.inf, dtype)
-      ones = jnp.ones((), dtype)
+
+      def full(value):
+        return jnp.full((), value, dtype)
     return ClipByQuantileState(
-        count=count, grad_norm=zeros, threshold=infs, scale=ones,
-        clipped=jnp.zeros((), bool), num_clipped=jnp.zeros((), jnp.int32),
+        count=count, grad_norm=full(0), threshold=full(jnp.inf),
+        scale=full(1), clipped=jnp.zeros((), bool),
+        num_clipped=jnp.zeros((), jnp.int32),
         norm_history=buf, sorted_norms=jnp.full_like(buf, jnp.inf),
         fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32))
 
@@ -142,11 +142,12 @@ def clip_by_quantile(
     del params
     dtype = state.norm_history.dtype
     size = state.norm_history.shape[-1]  # Static even when injected.
+    leaves, rebuild = _norms.live_leaves(updates, where)
     if per_leaf:
-      leaves, treedef = _live_leaves(updates)
-      norm = _per_leaf_norms(leaves, p, axis_name, dtype)
+      parts = _per_leaf_norms([x for _, x in leaves], p, axis_name, dtype)
     else:
-      norm = _norms.global_norm(updates, p, axis_name=axis_name).astype(dtype)
+      parts = _norms.global_norm_parts(updates, p, axis_name=axis_name)
+    norm = parts.value().astype(dtype)
     finite = jnp.all(jnp.isfinite(norm))
     oldest = jnp.where(state.fill == size,
                        state.norm_history[..., state.index], jnp.inf)
@@ -157,27 +158,23 @@ def clip_by_quantile(
         state.sorted_norms)
     fill = jnp.where(finite, jnp.minimum(state.fill + 1, size), state.fill)
     index = jnp.where(finite, (state.index + 1) % size, state.index)
-    q = _common.resolve(quantile, state.count, dtype)
+    q = _common.resolve(quantile, state.count, dtype, hi=1.0)
     threshold = sorted_quantile(ordered, fill, q)
-    over = norm > threshold
-    scale = jnp.where(over, _common.clip_scale(norm, threshold),
-                      jnp.where(jnp.isnan(norm), jnp.nan, 1)).astype(dtype)
-    clipped = jnp.any(over)
+    scale = _common.clip_factors(parts, threshold)
+    clipped = jnp.any(norm > threshold)
     if per_leaf:
-      live = iter(range(len(leaves)))
-      scales = [None if _common.is_masked(x) else scale[next(live)]
-                for x in treedef.flatten_up_to(updates)]
-      updates = jax.tree_util.tree_unflatten(treedef, [
-          x if s is None else _common.scale_leaf(x, s)
-          for x, s in zip(treedef.flatten_up_to(updates), scales)])
-      norm, threshold, scale = (_unflatten(treedef, updates, v)
-                                for v in (norm, threshold, scale))
+      updates = rebuild([
+          _common.scale_leaf(x, _common.Scale(scale.a[i], scale.b[i]))
+          for i, (_, x) in enumerate(leaves)])
+      norm, threshold, values = (rebuild(list(v)) for v in (
+          norm, threshold, scale.value().astype(dtype)))
     else:
       updates = _common.tree_map_arrays(
           lambda g: _common.scale_leaf(g, scale), updates)
+      values = scale.value().astype(dtype)
     return updates, ClipByQuantileState(
         count=_common.increment(state.count), grad_norm=norm,
-        threshold=threshold, scale=scale, clipped=clipped,
+        threshold=threshold, scale=values, clipped=clipped,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32),
         norm_history=buf, sorted_norms=ordered, fill=fill, index=index)
 
@@ -225,28 +222,16 @@ def sorted_quantile(ordered: jax.Array, fill: jax.Array,
   return jnp.where(fill > 0, value, jnp.inf).astype(dtype)
 
 
-def _live_leaves(tree: Any) -> tuple[list[jax.Array], Any]:
-  """The array leaves (not masked) of ``tree`` and its treedef."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_common.is_masked)
-  _norms.float_leaves(tree, "clip_by_quantile")
-  return [x for x in leaves if not _common.is_masked(x)], treedef
-
-
-def _unflatten(treedef: Any, like: Any, values: jax.Array) -> Any:
-  """A tree like ``like`` whose live leaves are the entries of ``values``."""
-  live = iter(range(values.shape[0]))
-  return jax.tree_util.tree_unflatten(treedef, [
-      x if _common.is_masked(x) else values[next(live)]
-      for x in treedef.flatten_up_to(like)])
-
-
 def _per_leaf_norms(leaves: list[jax.Array], p: Any, axis_name: AxisName,
-                    dtype: Any) -> jax.Array:
-  """One norm per leaf, stacked into a vector of ``dtype``."""
+                    dtype: Any) -> _norms.Norm:
+  """One norm per leaf, as a :class:`Norm` of vectors of ``dtype``."""
   if not leaves:
-    return jnp.zeros((0,), dtype)
-  if isinstance(p, jax.Array) or axis_name is not None:
-    norms = [_norms.global_norm(x, p, axis_name=axis_name) for x in leaves]
+    return _norms.Norm(jnp.ones((0,), dtype), jnp.zeros((0,), dtype))
+  if axis_name is not None:
+    norms = [_norms.global_norm_parts(x, p, axis_name=axis_name)
+             for x in leaves]
   else:
-    norms = jax.tree_util.tree_leaves(_norms.leaf_norms(leaves, p))
-  return jnp.stack([jnp.reshape(n, ()).astype(dtype) for n in norms])
+    norms = _norms.leaf_norm_parts(leaves, p, [tuple(range(x.ndim))
+                                               for x in leaves])
+  return _norms.Norm(*(jnp.stack([jnp.reshape(v, ()).astype(dtype)
+                                  for v in vs]) for vs in zip(*norms)))

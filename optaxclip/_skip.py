@@ -147,9 +147,9 @@ def skip_step(
     _common.check_threshold(max_norm, "max_norm", where)
   if spike_factor is not None:
     _common.check_range(spike_factor, "spike_factor", where, lo=0.0,
-                        hi=math.inf, open_lo=True)
+                        hi=math.inf, open_lo=True, schedule=False)
   _common.check_range(spike_decay, "spike_decay", where, lo=0.0, hi=1.0,
-                      open_hi=True)
+                      open_hi=True, schedule=False)
   _common.check_int(spike_warmup, "spike_warmup", where, lo=1)
   if not nonfinite and max_norm is None and spike_factor is None:
     raise ValueError(

@@ -140,7 +140,7 @@ def zclip(
   _common.check_int(warmup_steps, "warmup_steps", where, lo=1)
   if max_norm is not None:
     _common.check_threshold(max_norm, "max_norm", where)
-  _common.check_range(eps, "eps", where, lo=0.0, hi=np.inf)
+  _common.check_range(eps, "eps", where, lo=0.0, hi=np.inf, schedule=False)
   if mode not in _MODES:
     raise ValueError(f"{where}: mode={mode!r} is not one of {_MODES}.")
   p = _norms.canonical_ord(ord)
@@ -161,8 +161,9 @@ def zclip(
     del params
     dtype = state.grad_norm.dtype
     size = state.warmup_norms.shape[0]  # Static even when injected.
-    g = _norms.global_norm(updates, p, axis_name=axis_name).astype(dtype)
-    a = _common.resolve(alpha, state.count, dtype)
+    parts = _norms.global_norm_parts(updates, p, axis_name=axis_name)
+    g = parts.value().astype(dtype)
+    a = _common.resolve(alpha, state.count, dtype, hi=1.0)
     zt = _common.resolve(z_thresh, state.count, dtype)
 
     # Warm-up: collect the norm; after the last one, start the statistics.
@@ -195,8 +196,7 @@ def zclip(
     threshold = threshold.astype(dtype)
 
     over = g > threshold
-    scale = jnp.where(over, _common.clip_scale(g, threshold),
-                      jnp.where(jnp.isnan(g), jnp.nan, 1)).astype(dtype)
+    scale = _common.clip_factors(parts, threshold)
     updates = _common.tree_map_arrays(
         lambda x: _common.scale_leaf(x, scale), updates)
 
@@ -210,7 +210,7 @@ def zclip(
     var = jnp.where(track, var1, jnp.where(start, var0, state.var))
     return updates, ZClipState(
         count=_common.increment(state.count), grad_norm=g,
-        threshold=threshold, scale=scale, clipped=over,
+        threshold=threshold, scale=scale.value().astype(dtype), clipped=over,
         num_clipped=state.num_clipped + over.astype(jnp.int32),
         spike=spike, z=jnp.where(warm, 0, z).astype(dtype),
         mean=mean.astype(dtype), var=var.astype(dtype), warmup_norms=buf,

@@ -94,7 +94,7 @@ xh = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in huge.values()]
 np.testing.assert_allclose(float(oc.global_norm(huge)), np.linalg.norm(xh),
                            rtol=1e-5)
 for lo in (None, -0.3):
-  tx = oc.clip_by_value(0.5, lo)
+  tx = oc.clip_by_value(0.5, lo, stats=True)
   u, st = jax.jit(tx.update)(gj, tx.init(gj))
   c = np.concatenate([np.ravel(np.clip(v, np.asarray(-0.5 if lo is None else lo,
                                                      v.dtype),

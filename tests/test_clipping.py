@@ -189,23 +189,37 @@ class ClipByGlobalNormTest(chex.TestCase):
     with self.assertRaisesRegex(TypeError, r"\['ids'\]"):
       tx.update(grads, tx.init({"ids": jnp.ones(2)}))
 
-  def test_multiply_fuses_into_adamw(self):
-    """The clip adds no elementwise pass of its own to a jitted AdamW step."""
-    params = {"w": jnp.ones((64, 64)), "b": jnp.ones(64)}
-    opt = optax.chain(oc.clip_by_global_norm(1.0), optax.adamw(1e-3))
-    state = opt.init(params)
+  def test_scale_fuses_into_adamw(self):
+    """The clip writes no gradient-sized array of its own in an AdamW step.
 
-    def step(grads, state, params):
-      updates, state = opt.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
+    Counted in the compiled program: the kernels whose output holds a
+    gradient-sized array. AdamW alone writes three (``mu``, ``nu``, the new
+    parameters); a scale that XLA does not fuse into them adds a fourth, as
+    ``optax.clip_by_global_norm``'s divide-and-select form does, which the
+    test checks too, so that the count can tell the difference.
+    """
+    params = {"w": jnp.ones((256, 256)), "b": jnp.ones(256)}
 
-    hlo = jax.jit(step).lower(params, state, params).compile().as_text()
-    # Every gradient-sized multiply sits inside a fusion with AdamW's update:
-    # the top-level program has none of its own.
-    entry = hlo.split("ENTRY")[1]
-    standalone = [line for line in entry.splitlines()
-                  if " multiply(" in line and "f32[64,64]" in line]
-    self.assertEqual(standalone, [])
+    def writes(opt):
+      state = opt.init(params)
+
+      def step(grads, state, params):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+      hlo = jax.jit(step).lower(params, state, params).compile().as_text()
+      entry = hlo.split("ENTRY")[1]
+      return sum(1 for line in entry.splitlines()
+                 if " fusion(" in line
+                 and "f32[256,256]" in line.split(" fusion(")[0])
+
+    base = writes(optax.adamw(1e-3))
+    for clip in (oc.clip_by_global_norm(1.0), oc.clip_by_norm(1.0),
+                 oc.zclip(), oc.clip_by_quantile(), oc.clip_by_value(1.0)):
+      self.assertEqual(writes(optax.chain(clip, optax.adamw(1e-3))), base)
+    self.assertEqual(
+        writes(optax.chain(optax.clip_by_global_norm(1.0),
+                           optax.adamw(1e-3))), base + 1)
 
 
 class ClipByNormTest(chex.TestCase):
@@ -293,7 +307,7 @@ class ClipByValueTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_matches_optax_clip(self):
     grads = grads_tree(scale=2.0)
-    tx = oc.clip_by_value(1.0)
+    tx = oc.clip_by_value(1.0, stats=True)
     updates, state = self.variant(tx.update)(grads, tx.init(grads))
     theirs, _ = optax.clip(1.0).update(grads, None)
     chex.assert_trees_all_equal(updates, theirs)
@@ -307,13 +321,14 @@ class ClipByValueTest(chex.TestCase):
 
   def test_asymmetric_bounds(self):
     g = jnp.asarray([-3.0, -0.5, 0.2, 4.0])
-    updates, state = apply(oc.clip_by_value(1.0, min_value=-0.25), g)
+    updates, state = apply(oc.clip_by_value(1.0, min_value=-0.25, stats=True),
+                           g)
     np.testing.assert_array_equal(updates, np.float32([-0.25, -0.25, 0.2, 1.0]))
     np.testing.assert_allclose(state.frac_clipped, 0.75)
 
   def test_below_threshold_unchanged(self):
     g = grads_tree()
-    updates, state = apply(oc.clip_by_value(100.0), g)
+    updates, state = apply(oc.clip_by_value(100.0, stats=True), g)
     chex.assert_trees_all_equal(updates, g)
     self.assertFalse(state.clipped)
     self.assertEqual(float(state.scale), 1.0)
@@ -321,7 +336,7 @@ class ClipByValueTest(chex.TestCase):
   def test_dtypes_and_schedule(self):
     g = {"h": jnp.asarray([70000.0, -2.0], jnp.float32).astype(jnp.bfloat16),
          "f": jnp.asarray([300.0], jnp.float16)}
-    tx = oc.clip_by_value(lambda step: 10.0 * (step + 1))
+    tx = oc.clip_by_value(lambda step: 10.0 * (step + 1), stats=True)
     state = tx.init(g)
     updates, state = tx.update(g, state)
     chex.assert_trees_all_equal_dtypes(updates, g)
@@ -347,6 +362,34 @@ class ClipByValueTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, "max_value"):
       oc.clip_by_value(math.nan)
     oc.clip_by_value(-1.0, min_value=-2.0)  # Both negative is a valid range.
+    with self.assertRaisesRegex(ValueError, r"min_value\['w'\]=2.0 is above"):
+      oc.clip_by_value({"w": 1.0}, min_value={"w": 2.0})
+    with self.assertRaisesRegex(ValueError, r"min_value\['b'\]=3.0 is above"):
+      oc.clip_by_value(2.0, min_value={"w": 0.0, "b": 3.0})
+    with self.assertRaisesRegex(TypeError, "stats"):
+      oc.clip_by_value(1.0, stats="yes")
+
+  def test_default_keeps_only_free_statistics(self):
+    g = jnp.asarray([-3.0, 0.5, 2.0])
+    updates, state = apply(oc.clip_by_value(1.0), g)
+    np.testing.assert_array_equal(updates, np.float32([-1.0, 0.5, 1.0]))
+    self.assertEqual(int(state.count), 1)
+    self.assertEqual(float(state.threshold), 1.0)
+    for field in ("grad_norm", "scale", "clipped", "frac_clipped",
+                  "num_clipped"):
+      self.assertIsNone(getattr(state, field), field)
+
+  def test_run_time_bounds_are_made_safe(self):
+    g = jnp.asarray([-3.0, 0.5, 2.0])
+    # A schedule that goes negative or NaN acts as 0: no sign flip, no NaN.
+    for bad in (-1.0, math.nan):
+      updates, state = apply(oc.clip_by_value(lambda step, b=bad: b), g)
+      np.testing.assert_array_equal(updates, np.zeros(3, np.float32))
+      self.assertEqual(float(state.threshold), 0.0)
+    # A run-time min_value above max_value is lowered to it.
+    updates, _ = apply(oc.clip_by_value(lambda s: 1.0,
+                                        min_value=lambda s: 2.0), g)
+    np.testing.assert_array_equal(updates, np.ones(3, np.float32))
 
 
 def _leaf_norm_dict(tree):
@@ -376,7 +419,7 @@ def jitted(name, ord, axis=None):
     elif name == "leaf":
       tx = oc.clip_by_norm(t, ord=ord, axis=axis)
     else:
-      tx = oc.clip_by_value(t)
+      tx = oc.clip_by_value(t, stats=True)
     updates, state = apply(tx, grads)
     after = (oc.global_norm(updates, ord) if name == "global" else
              _norms.leaf_norms(updates, ord, axis=axis) if name == "leaf" else
@@ -436,7 +479,7 @@ def test_value_clip_properties(leaves, t):
 
 @pytest.mark.parametrize("make", [
     lambda: oc.clip_by_global_norm(1.0), lambda: oc.clip_by_norm(1.0),
-    lambda: oc.clip_by_value(1.0)])
+    lambda: oc.clip_by_value(1.0, stats=True)])
 def test_stats_through_optax_wrappers(make):
   params = {"emb": jnp.ones((4, 3)), "w": jnp.ones((3, 2))}
   grads = jax.tree.map(lambda p: 5 * p, params)

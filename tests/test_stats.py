@@ -28,7 +28,7 @@ def test_single_clipper_uses_plain_field_names():
 
 
 def test_several_clippers_are_prefixed_and_numbered():
-  opt = optax.chain(oc.clip_by_value(1.5), oc.clip_by_global_norm(1.0),
+  opt = optax.chain(oc.clip_by_value(1.5, stats=True), oc.clip_by_global_norm(1.0),
                     oc.clip_by_global_norm(0.5), optax.sgd(0.1))
   stats = oc.clip_stats(step(opt))
   assert "clip_by_value/frac_clipped" in stats

@@ -1,0 +1,146 @@
+"""The same numbers on one device and on eight.
+
+The suite runs on 8 host devices; most users run on one. These tests run the
+core tests again in a one-device process, and compare every transform's
+results between a one-device process and this one, leaf by leaf.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORE = ["optaxclip", "tests/test_norms.py", "tests/test_common.py",
+        "tests/test_clipping.py", "tests/test_agc.py", "tests/test_quantile.py",
+        "tests/test_zclip.py", "tests/test_skip_step.py", "tests/test_stats.py",
+        "tests/test_readme.py",
+        "tests/test_devices.py::test_one_device_mesh_with_explicit_axes"]
+
+from_eight = pytest.mark.skipif(
+    jax.device_count() == 1, reason="runs the one-device side from 8 devices")
+
+
+def _one_device_env():
+  env = dict(os.environ, OPTAXCLIP_TEST_DEVICES="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+@from_eight
+def test_core_suite_on_one_device():
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CORE],
+      cwd=ROOT, env=_one_device_env(), capture_output=True, text=True,
+      timeout=1800)
+  tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+  assert proc.returncode == 0, tail
+  assert " passed" in proc.stdout.splitlines()[-1], tail
+
+
+# A battery of inputs: same-shape leaves (stacked on the cold path), huge and
+# tiny values, mixed dtypes, a zero leaf.
+_BATTERY = r'''
+import json, math, sys
+import jax, jax.numpy as jnp, numpy as np, optax
+import optaxclip as oc
+
+def trees():
+  rng = np.random.default_rng(7)
+  base = {f"l{i}": {"k": rng.normal(size=(6, 4)).astype(np.float32),
+                    "b": rng.normal(size=4).astype(np.float32)}
+          for i in range(5)}
+  base["h"] = rng.normal(size=(3,)).astype(np.float16)
+  base["z"] = np.zeros((2, 2), np.float32)
+  out = {"normal": base}
+  for name, s in (("huge", 3e37), ("tiny", 1e-30)):
+    t = jax.tree.map(lambda x: x.astype(np.float32) * np.float32(s), base)
+    t["l3"]["k"] = t["l3"]["k"] * 7  # One leaf of a group stands out.
+    out[name] = t
+  return out
+
+def transforms():
+  return {
+      "global": oc.clip_by_global_norm(1.0),
+      "global_l1": oc.clip_by_global_norm(1.0, ord=1),
+      "global_rms": oc.clip_by_global_norm(1e-3, ord="rms"),
+      "global_inf": oc.clip_by_global_norm(1.0, ord=math.inf),
+      "norm": oc.clip_by_norm(0.5),
+      "norm_axis": oc.clip_by_norm(0.5, axis=-1, ord=3),
+      "value": oc.clip_by_value(0.5, stats=True),
+      "agc": oc.adaptive_grad_clip(0.01),
+      "quantile": oc.clip_by_quantile(0.5, history=3),
+      "zclip": oc.zclip(warmup_steps=2),
+      "skip": oc.skip_step(optax.sgd(0.1), max_norm=1e30),
+  }
+
+def run():
+  res = {}
+  for tname, tree in trees().items():
+    g = jax.tree.map(jnp.asarray, tree)
+    params = jax.tree.map(lambda x: jnp.ones_like(x) * 0.1, g)
+    for name, tx in transforms().items():
+      state = tx.init(params)
+      step = jax.jit(tx.update)
+      for _ in range(3):
+        u, state = step(g, state, params)
+      res[f"{tname}/{name}"] = [np.asarray(x, np.float64).tolist()
+                                for x in jax.tree.leaves((u, state))]
+  return res
+
+if __name__ == "__main__":
+  json.dump(run(), open(sys.argv[1], "w"))
+'''
+
+
+@from_eight
+def test_every_transform_agrees_between_one_and_eight_devices(tmp_path):
+  script = tmp_path / "battery.py"
+  script.write_text(_BATTERY)
+  out = tmp_path / "one.json"
+  proc = subprocess.run([sys.executable, str(script), str(out)], cwd=ROOT,
+                        env=_one_device_env(), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json
+  one = json.loads(out.read_text())
+  namespace: dict = {}
+  exec(compile(_BATTERY, "battery", "exec"), namespace)  # noqa: S102
+  here = namespace["run"]()
+  assert jax.device_count() > 1 and set(one) == set(here)
+  for key in here:
+    assert len(one[key]) == len(here[key]), key
+    for a, b in zip(one[key], here[key]):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-6,
+                                 atol=0, err_msg=key)
+
+
+def test_one_device_mesh_with_explicit_axes():
+  # A mesh of one device (Explicit axes, make_mesh's default) with sharded
+  # and replicated leaves of one shape: every transform runs and matches the
+  # unsharded result.
+  import optax
+
+  import optaxclip as oc
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  g = {"a": rng.normal(size=(8, 4)).astype(np.float32) * 3e37,
+       "b": rng.normal(size=(8, 4)).astype(np.float32),
+       "c": rng.normal(size=4).astype(np.float32)}
+  specs = {"a": jax.P("data"), "b": jax.P(), "c": jax.P()}
+  sharded = {k: jax.device_put(v, jax.NamedSharding(mesh, specs[k]))
+             for k, v in g.items()}
+  for tx in (oc.clip_by_global_norm(1.0), oc.clip_by_norm(1.0),
+             oc.clip_by_value(0.1, stats=True), oc.zclip(),
+             oc.skip_step(optax.sgd(0.1)), oc.adaptive_grad_clip(0.1)):
+    got, _ = jax.jit(tx.update)(sharded, tx.init(sharded), sharded)
+    want, _ = jax.jit(tx.update)(jax.tree.map(jnp.asarray, g), tx.init(g), g)
+    for k in g:
+      np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]),
+                                 rtol=1e-6)
+  np.testing.assert_allclose(float(oc.global_norm(sharded)),
+                             float(oc.global_norm(g)), rtol=1e-6)
