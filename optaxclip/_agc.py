@@ -60,6 +60,11 @@ def adaptive_grad_clip(
   bfloat16 and float16 norms are accumulated in float32 here rather than in
   their own dtype.
 
+  Edge cases: a unit whose update norm is 0 is unchanged; a unit with zero
+  parameters may move up to ``clipping * eps``; a negative or NaN
+  ``clipping`` or ``eps`` arriving at run time acts as 0; a NaN update norm
+  gives a NaN unit.
+
   Args:
     clipping: the largest ratio of a unit's update norm to its parameter
       norm: a non-negative number, a JAX scalar or an Optax schedule of the

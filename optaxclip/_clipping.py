@@ -101,8 +101,17 @@ def clip_by_global_norm(
   where ``norm`` is the norm of all leaves taken together
   (:func:`optaxclip.global_norm`: float32-accumulated and overflow-safe). An
   update whose norm is at or below ``max_norm`` is returned unchanged, bit for
-  bit. The scale is a single multiply per element, so under ``jax.jit`` it
-  fuses into the transformation that follows (e.g. AdamW's update).
+  bit. The scale is applied by multiplying (no divide, no select), so under
+  ``jax.jit`` it fuses into the transformation that follows (e.g. AdamW's
+  update) and adds no pass over the gradients of its own.
+
+  Edge cases: a zero update (norm 0) is returned unchanged, whatever the
+  threshold; ``max_norm=inf`` never clips, ``max_norm=0`` zeroes the
+  update; a negative or NaN threshold arriving at run time acts as 0 and is
+  recorded as 0. A NaN in the update gives a NaN norm and a NaN update (as in
+  optax; :func:`optaxclip.skip_step` drops such steps); an infinite entry
+  gives an infinite norm and a zero factor. A norm beyond float32's range
+  (entries near 3.4e38) is recorded as ``inf`` but clipped exactly.
 
   Args:
     max_norm: the largest global norm allowed: a non-negative number, a JAX
@@ -175,6 +184,11 @@ def clip_by_norm(
   2-norm by the square root of the number of elements reduced, which is
   ``optax.clip_by_block_rms``.
 
+  Edge cases, per leaf or unit, as for :func:`clip_by_global_norm`: a zero
+  norm is left unchanged, ``inf`` never clips, ``0`` (or a negative or NaN
+  run-time threshold) zeroes, a NaN norm gives NaN. A leaf or unit whose
+  every ``|g| ** p`` underflows float32 reads as norm 0 (and is unchanged).
+
   Args:
     max_norm: the largest norm allowed for each leaf: a non-negative number,
       a JAX scalar, an Optax schedule of the step count, or a pytree prefix
@@ -226,27 +240,24 @@ def clip_by_norm(
     leaves, rebuild = _norms.live_leaves(updates, where)
     axes = [_norms.leaf_axes(path, x, axis) for path, x in leaves]
     xs = [x for _, x in leaves]
-    norms = _norms.leaf_norm_parts(xs, p, axes)
+    groups, norms = _norms.grouped_leaf_norms(xs, p, axes)
     thresholds = _common.leaf_thresholds(max_norm, updates, state.count,
                                          "max_norm", where)
-    scales = [_common.clip_factors(n, t) for n, t in
-              zip(norms, _norms.float_leaves(thresholds, where))]
-    out = [_common.scale_leaf(g, s) for g, s in zip(xs, scales)]
-    values = [n.value() for n in norms]
-    over = [v > t for v, t in zip(values,
-                                  _norms.float_leaves(thresholds, where))]
-    num_over = sum((jnp.sum(o, dtype=jnp.int32) for o in over),
-                   jnp.zeros((), jnp.int32))
-    num_units = max(sum(o.size for o in over), 1)
+    t_leaves = _norms.float_leaves(thresholds, where)
+    out, values, scales = _common.apply_grouped(
+        xs, groups, norms, lambda g: _common.stack_scalars(
+            [t_leaves[i] for i in g], norms[groups.index(g)].lo.ndim))
+    over = [jnp.sum(v > _common.stack_scalars([t_leaves[i] for i in g],
+                                             v.ndim), dtype=jnp.int32)
+            for g, v in zip(groups, values)]
+    num_over = sum(over, jnp.zeros((), jnp.int32))
+    num_units = max(sum(v.size for v in values), 1)
     clipped = num_over > 0
-
-    def squeeze(arrays):
-      return rebuild([jnp.reshape(v, _norms.kept_shape(x.shape, a))
-                      for v, x, a in zip(arrays, xs, axes)])
-
     return rebuild(out), ClipByNormState(
-        count=_common.increment(state.count), grad_norm=squeeze(values),
-        threshold=thresholds, scale=squeeze([s.value() for s in scales]),
+        count=_common.increment(state.count),
+        grad_norm=rebuild(_common.ungroup(groups, values, xs, axes)),
+        threshold=thresholds,
+        scale=rebuild(_common.ungroup(groups, scales, xs, axes)),
         clipped=clipped, frac_clipped=num_over.astype(jnp.float32) / num_units,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32))
 
@@ -267,7 +278,8 @@ def clip_by_value(
   ``max_value=0`` zeroes the update. A bound that arrives at run time (a
   schedule, an injected value) is made safe: a negative or NaN symmetric
   ``max_value`` acts as 0, a NaN bound of ``[min_value, max_value]`` acts as
-  0, and a ``min_value`` above ``max_value`` is lowered to it.
+  0, and where a ``min_value`` exceeds ``max_value`` every element becomes
+  ``max_value``.
 
   Args:
     max_value: the upper bound (and, negated, the lower bound when
@@ -342,11 +354,9 @@ def clip_by_value(
     del params
     dtype = _norms.tree_acc_dtype(updates)
     hi = bound(max_value, updates, state.count, "max_value")
-    if symmetric:
-      lo = _common.tree_map_arrays(jnp.negative, hi)
-    else:
-      lo = _common.tree_map_arrays(
-          jnp.minimum, bound(min_value, updates, state.count, "min_value"), hi)
+    # jnp.clip gives max_value where a run-time min_value exceeds it.
+    lo = (_common.tree_map_arrays(jnp.negative, hi) if symmetric else
+          bound(min_value, updates, state.count, "min_value"))
     out = _common.tree_map_arrays(
         lambda g, a, b: jnp.clip(g, a.astype(g.dtype), b.astype(g.dtype)),
         updates, lo, hi)

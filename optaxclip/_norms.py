@@ -146,20 +146,43 @@ def leaf_norms(tree: Any, ord: Ord = 2, *, axis: Axis = None) -> Any:
 def leaf_norm_parts(leaves: list[jax.Array], ord: Ord,
                     axes: list[tuple[int, ...]]) -> list[Norm]:
   """Per-leaf (per-unit) norms as :class:`Norm` pairs, keepdims."""
+  groups, norms = grouped_leaf_norms(leaves, ord, axes)
+  out: list[Any] = [None] * len(leaves)
+  for group, n in zip(groups, norms):
+    for j, i in enumerate(group):
+      out[i] = Norm(n.hi[j], n.lo[j])
+  return out
+
+
+def grouped_leaf_norms(leaves: list[jax.Array], ord: Ord,
+                       axes: list[tuple[int, ...]]
+                       ) -> tuple[list[list[int]], list[Norm]]:
+  """Per-leaf (per-unit) norms, stacked by group of leaves of one type.
+
+  Returns ``(groups, norms)``: ``groups[k]`` lists the indices of the leaves
+  of group ``k`` (same shape, dtype, sharding and ``axes``), and
+  ``norms[k]`` holds their norms stacked along a new leading axis (reduced
+  axes kept as size 1). Working on groups keeps the number of operations
+  per step, and so the compile time, proportional to the number of leaf
+  types rather than of leaves.
+  """
   p = canonical_ord(ord)
   if not leaves:
-    return []
+    return [], []
+  groups = _groups(leaves, axes)
   if p == _RMS:
-    out = leaf_norm_parts(leaves, 2.0, axes)
-    return [Norm(n.hi, n.lo / math.sqrt(max(unit_size(x, a), 1)))
-            for n, x, a in zip(out, leaves, axes)]
+    _, norms = grouped_leaf_norms(leaves, 2.0, axes)
+    return groups, [
+        Norm(n.hi, n.lo / math.sqrt(max(unit_size(leaves[g[0]], axes[g[0]]),
+                                        1)))
+        for g, n in zip(groups, norms)]
   if isinstance(p, jax.Array):  # Traced, e.g. injected by inject_hyperparams.
-    return jax.lax.switch(_ord_index(p), [
-        lambda: _leaf_norms(leaves, 2.0, axes),
-        lambda: _leaf_norms(leaves, 1.0, axes),
-        lambda: _leaf_norms(leaves, math.inf, axes),
-        lambda: _leaf_norms(leaves, p.astype(jnp.float32), axes)])
-  return _leaf_norms(leaves, p, axes)
+    return groups, jax.lax.switch(_ord_index(p), [
+        lambda: _leaf_norms(leaves, 2.0, axes, groups),
+        lambda: _leaf_norms(leaves, 1.0, axes, groups),
+        lambda: _leaf_norms(leaves, math.inf, axes, groups),
+        lambda: _leaf_norms(leaves, p.astype(jnp.float32), axes, groups)])
+  return groups, _leaf_norms(leaves, p, axes, groups)
 
 
 # ----------------------------------------------------------------------------
@@ -385,29 +408,26 @@ def _global_norm(leaves: list[jax.Array], p: Any, axis_name: AxisName,
 
 
 def _leaf_norms(leaves: list[jax.Array], p: Any,
-                axes: list[tuple[int, ...]]) -> list[Norm]:
-  """Per-leaf (per-unit) norms with one ``lax.cond`` for the whole tree."""
-  def ones(a):
-    return [_one_like(x) for x in a]
-
+                axes: list[tuple[int, ...]],
+                groups: list[list[int]]) -> list[Norm]:
+  """Per-group stacked norms with one ``lax.cond`` for the whole tree."""
   if isinstance(p, float) and p == math.inf:
-    maxes = [jnp.max(_abs(x), axis=a, keepdims=True, initial=0)
-             for x, a in zip(leaves, axes)]
-    return [Norm(o, m) for o, m in zip(ones(maxes), maxes)]
-  sums = [jnp.sum(_abs_pow(x, p), axis=a, keepdims=True)
-          for x, a in zip(leaves, axes)]
+    maxes = [_stack([jnp.max(_abs(leaves[i]), axis=axes[i], keepdims=True,
+                             initial=0) for i in g]) for g in groups]
+    return [Norm(_one_like(m), m) for m in maxes]
+  sums = [_stack([jnp.sum(_abs_pow(leaves[i], p), axis=axes[i],
+                          keepdims=True) for i in g]) for g in groups]
   # A zero sum is taken at its word here (dead units are common, and their
   # clipping is the same either way); tiny nonzero sums are rescaled.
   bad = jnp.stack([jnp.any(_needs_rescale(s, p, zero=False))
                    for s in sums]).any()
 
   def plain(sums):
-    roots = [_root(s, p) for s in sums]
-    return [Norm(o, r) for o, r in zip(ones(roots), roots)]
+    return [Norm(_one_like(s), _root(s, p)) for s in sums]
 
   def rescaled(sums):
-    out: list[Norm | None] = [None] * len(leaves)
-    for group in _groups(leaves, axes):
+    out = []
+    for group, s0 in zip(groups, sums):
       x = _stack([leaves[i] for i in group])
       a = tuple(d + 1 for d in axes[group[0]])
       m = jnp.max(_abs(x), axis=a, keepdims=True, initial=0)
@@ -415,10 +435,8 @@ def _leaf_norms(leaves: list[jax.Array], p: Any,
       scaled = x * pow2(-e, m.dtype).astype(acc_dtype(x.dtype))
       s = jnp.sum(_abs_pow(scaled, p), axis=a, keepdims=True)
       finite = jnp.isfinite(m)
-      hi = jnp.where(finite, pow2(e, m.dtype), 1)
-      lo = jnp.where(finite, _root(s, p), m)
-      for j, i in enumerate(group):
-        out[i] = Norm(hi[j].astype(sums[i].dtype), lo[j].astype(sums[i].dtype))
+      out.append(Norm(jnp.where(finite, pow2(e, m.dtype), 1).astype(s0.dtype),
+                      jnp.where(finite, _root(s, p), m).astype(s0.dtype)))
     return out
 
   return jax.lax.cond(bad, rescaled, plain, sums)
