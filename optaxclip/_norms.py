@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-Ord = int | float | str
+Ord = int | float | str | jax.Array
 Axis = int | Sequence[int] | None
 AxisName = str | Sequence[str] | None
 
