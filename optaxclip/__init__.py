@@ -14,7 +14,8 @@ from optaxclip._clipping import (
     clip_by_norm,
     clip_by_value,
 )
-from optaxclip._norms import global_norm
+from optaxclip._common import Threshold
+from optaxclip._norms import Axis, AxisName, Ord, global_norm
 from optaxclip._quantile import ClipByQuantileState, clip_by_quantile
 from optaxclip._skip import SkipStepState, SkipStepStats, skip_step
 from optaxclip._stats import clip_stats, register_state
@@ -32,14 +33,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveGradClipState",
+    "Axis",
+    "AxisName",
     "CheckFiniteState",
     "ClipByGlobalNormState",
     "ClipByNormState",
     "ClipByQuantileState",
     "ClipByValueState",
     "NonFiniteGradientError",
+    "Ord",
     "SkipStepState",
     "SkipStepStats",
+    "Threshold",
     "ZClipState",
     "adaptive_grad_clip",
     "check_finite",

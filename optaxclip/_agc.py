@@ -118,12 +118,12 @@ def adaptive_grad_clip(
     leaves, rebuild = _norms.live_leaves(updates, where)
     treedef = jax.tree_util.tree_structure(updates, is_leaf=_common.is_masked)
     try:
-      params_flat = treedef.flatten_up_to(params)
+      params_flat = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
     except (ValueError, TypeError) as e:
       raise ValueError(
           f"{where}: params do not have the structure of the updates;"
           " pass the parameters the updates are for.") from e
-    p_leaves = [w for w, x in zip(params_flat, treedef.flatten_up_to(updates))
+    p_leaves = [w for w, x in zip(params_flat, treedef.flatten_up_to(updates))  # type: ignore[attr-defined]
                 if not _common.is_masked(x)]
     for (path, g), w in zip(leaves, p_leaves):
       if jnp.shape(g) != jnp.shape(w):

@@ -124,19 +124,23 @@ def tree_map_arrays(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
 
 
 class Scale(NamedTuple):
-  """A clip factor as two normal floats: ``g * scale`` is ``g * a * b``.
+  """A clip factor as two normal floats: ``g * scale`` is ``(g * a) * b``.
 
-  ``a`` is a power of two; splitting keeps the product exact where the
+  ``a`` is 1 or ``2**-126``; splitting keeps the product exact where the
   factor itself is below the smallest normal number (a norm more than ~1e38
-  times the threshold), which a CPU or GPU would flush to zero.
+  times the threshold), which a CPU or GPU would flush to zero. ``factor``
+  is the same number as one float, to record: it may underflow to 0 where
+  the pair does not. (``a * b`` is never formed: XLA would reuse that
+  product in place of the two multiplies.)
   """
 
   a: jax.Array
   b: jax.Array
+  factor: jax.Array
 
   def value(self) -> jax.Array:
     """The factor as one number (it may underflow to 0; the pair does not)."""
-    return self.a * self.b
+    return self.factor
 
 
 def clip_factors(norm: _norms.Norm | jax.Array, threshold: jax.Array) -> Scale:
@@ -179,16 +183,20 @@ def clip_factors(norm: _norms.Norm | jax.Array, threshold: jax.Array) -> Scale:
   # is applied as 2**-126 * (t * 2**126 / n), two normal factors, with the
   # 2**126 taken so that nothing overflows. A few scalar operations only:
   # XLA copies them into every kernel that applies the factor.
+  # No chained divisions: XLA rewrites (x / hi) / lo as x / (hi * lo), which
+  # overflows. 1 / hi is exact (hi is 1 or a power of two).
   one = jnp.ones((), dtype)
-  hi = jnp.where(over, hi, one)
+  inv_hi = 1 / jnp.where(over, hi, one)
   lo = jnp.where(over & (lo > 0), lo, one)
-  q = (t / hi) / lo
+  q = (t * inv_hi) / lo
   split = q < 2.0**-100
   up = jnp.asarray(2.0**126, dtype)
-  ts = jnp.where(t > 1, (t / hi) * up, (t * up) / hi)
+  ts = jnp.where(t > 1, (t * inv_hi) * up, (t * up) * inv_hi)
   b = jnp.where(over, jnp.where(split, ts / lo, q), one)
   a = jnp.where(over & split, jnp.asarray(2.0**-126, dtype), one)
-  return Scale(a, jnp.where(jnp.isnan(n), jnp.nan, b))
+  nan = jnp.isnan(n)
+  return Scale(a, jnp.where(nan, jnp.nan, b),
+               jnp.where(nan, jnp.nan, jnp.where(over, q, one)))
 
 
 def clip_scale(norm: _norms.Norm | jax.Array, threshold: jax.Array
@@ -239,12 +247,9 @@ def apply_grouped(leaves: list[jax.Array], groups: list[list[int]],
   values, scales = [], []
   for group, n in zip(groups, norms):
     s = clip_factors(n, threshold(group))
-    # Materialised once: otherwise XLA copies the rule, for the whole group,
-    # into the kernel of every leaf (slow to compile, ~10x at 300 leaves).
-    s = Scale(*jax.lax.optimization_barrier(tuple(s)))
     for j, i in enumerate(group):
       out[i] = scale_leaf(leaves[i], Scale(s.a[j] if s.a.ndim else s.a,
-                                           s.b[j]))
+                                           s.b[j], s.factor[j]))
     values.append(n.value())
     scales.append(s.value())
   return out, values, scales

@@ -42,9 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-Ord = int | float | str
+Ord = int | float | str | jax.Array
+"""A norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``."""
 Axis = int | Sequence[int] | None
+"""The axes a per-unit norm reduces over; ``None`` for the whole leaf."""
 AxisName = str | Sequence[str] | None
+"""A mesh axis name, or a tuple of them, inside ``shard_map`` or ``pmap``."""
 
 _RMS = "rms"
 _CHUNK_BYTES = 16 << 20  # The largest temporary the cold path stacks.

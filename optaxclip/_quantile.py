@@ -164,7 +164,8 @@ def clip_by_quantile(
     clipped = jnp.any(norm > threshold)
     if per_leaf:
       updates = rebuild([
-          _common.scale_leaf(x, _common.Scale(scale.a[i], scale.b[i]))
+          _common.scale_leaf(x, _common.Scale(scale.a[i], scale.b[i],
+                                                scale.factor[i]))
           for i, (_, x) in enumerate(leaves)])
       norm, threshold, values = (rebuild(list(v)) for v in (
           norm, threshold, scale.value().astype(dtype)))

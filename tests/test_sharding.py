@@ -209,7 +209,7 @@ _COLLECTIVE = re.compile(
     r"=\s*(?P<shape>.*?)\s(?P<op>all-reduce|all-gather|all-to-all|"
     r"ragged-all-to-all|reduce-scatter|collective-permute|collective-broadcast)"
     r"(?:-start)?\(.*?replica_groups=(?P<groups>mesh\[[^\]]*\]\s*\{[^}]*\}|"
-    r"\{[^ ]*?\})")
+    r"\{[^ ]*?\}|\[[\d,]*\]<=\[[\d,]*\](?:T\([\d,]*\))?)")
 
 
 def collectives(hlo: str, entry_only: bool = False) -> list[dict[str, Any]]:

@@ -1,0 +1,13 @@
+"""The typed user script that mypy checks also runs."""
+
+import importlib.util
+import pathlib
+
+SCRIPT = pathlib.Path(__file__).parent / "typing" / "user_script.py"
+
+
+def test_user_script_runs():
+  spec = importlib.util.spec_from_file_location("user_script", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.main()
