@@ -52,3 +52,30 @@ __all__ = [
     "skip_step",
     "zclip",
 ]
+
+# Per-example clipping and DP-SGD.
+from optaxclip._dp import (  # noqa: E402
+    DPState,
+    QuantileNorm,
+    dp_aggregate,
+    dp_noise,
+    quantile_norm,
+)
+from optaxclip._per_example import (  # noqa: E402
+    PerExampleInfo,
+    clipped_grad,
+    per_example_clip,
+)
+
+register_state(DPState, "dp")
+
+__all__ += [
+    "DPState",
+    "PerExampleInfo",
+    "QuantileNorm",
+    "clipped_grad",
+    "dp_aggregate",
+    "dp_noise",
+    "per_example_clip",
+    "quantile_norm",
+]
