@@ -351,7 +351,7 @@ def _clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
   dtype = np.dtype(jnp.result_type(
       jnp.float32, *[_norms.acc_dtype(x.dtype) for x in leaves]))
   t = jnp.asarray(max_norm, dtype)
-  leaf_norms, norms = example_norms(leaves)
+  leaf_norms, norms = example_norms(leaves, mask)
   if per_layer is False:
     thresholds = [t] * len(leaves)
     sensitivity = t
@@ -368,6 +368,7 @@ def _clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
       scales.append(_common.clip_scale(n, tl))
   if normalize:
     scales = [s / sensitivity for s in scales]
+    sensitivity = jnp.ones((), dtype)
   finite = jnp.isfinite(norms)
   keep = mask & finite if nan_safe else mask
   sums = []
@@ -385,15 +386,18 @@ def _clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
       num_clipped=count(counted & over), num_nonfinite=count(mask & ~finite))
 
 
-def example_norms(leaves: Sequence[jax.Array]) -> tuple[list[jax.Array],
-                                                          jax.Array]:
+def example_norms(leaves: Sequence[jax.Array], mask: jax.Array | None = None
+                  ) -> tuple[list[jax.Array], jax.Array]:
   """Per-example 2-norms of each leaf and of all leaves together.
 
   Every leaf has a leading batch axis; the norms are ``(batch,)`` arrays in
   the accumulation dtype. One plain sum of squares per leaf; when some
-  example's total overflows (or is so small that its squares may have gone
-  subnormal) one ``lax.cond`` switches to the rescaled form
-  ``m * sqrt(sum((x / m) ** 2))`` with ``m`` the example's largest entry.
+  example (of those ``mask`` selects) has a total that overflowed, or is so
+  small (an exact zero included) that its squares may have gone subnormal,
+  one ``lax.cond`` switches to the rescaled form ``m * sqrt(sum((x / m) **
+  2))`` with ``m`` the example's largest entry. Per-leaf norms are exact in
+  that form too; in the plain one, a leaf whose entries all lie below ~1e-19
+  (float32) in an example whose total does not may read as 0.
   """
   dtype = jnp.result_type(jnp.float32,
                           *[_norms.acc_dtype(x.dtype) for x in leaves])
@@ -401,8 +405,8 @@ def example_norms(leaves: Sequence[jax.Array]) -> tuple[list[jax.Array],
                   axis=tuple(range(1, x.ndim))).astype(dtype) for x in leaves]
   total = sum(sums)
   info = jnp.finfo(dtype)
-  bad = jnp.any(~jnp.isfinite(total)
-                | ((total > 0) & (total < info.tiny / info.eps)))
+  bad = ~jnp.isfinite(total) | (total < info.tiny / info.eps)
+  bad = jnp.any(bad if mask is None else bad & mask)
 
   def plain(sums):
     return [jnp.sqrt(s) for s in sums], jnp.sqrt(sum(sums))
