@@ -310,7 +310,9 @@ def _noise_step(total, info: PerExampleInfo, state: DPState, max_norm,
   denom = (jnp.asarray(batch_size, dtype) if batch_size is not None
            else info.batch_size.astype(dtype))
   key, grad_key, count_key = jax.random.split(state.key, 3)
-  std = (jnp.asarray(z, dtype) * info.sensitivity.astype(dtype))
+  # No noise means none, even for an infinite sensitivity (no clipping).
+  std = jnp.asarray(0, dtype) if z == 0 else (
+      jnp.asarray(z, dtype) * info.sensitivity.astype(dtype))
   leaves, treedef = jax.tree_util.tree_flatten(total)
   keys = jax.random.split(grad_key, len(leaves))
   out = []

@@ -172,6 +172,17 @@ class DPNoiseTest(chex.TestCase):
     _, state = tx.update(g, tx.init(params), clip_info=info)
     self.assertEqual(float(state.noise_std), 2.0)
 
+  def test_no_noise_and_no_clipping_is_the_plain_mean(self):
+    loss, params, x, y = model_case("mlp")
+    g, info = oc.clipped_grad(loss, max_norm=math.inf, batch_argnums=(1, 2),
+                              return_norms=True)(params, x, y)
+    tx = oc.dp_noise(0.0, seed=0)
+    out, state = tx.update(g, tx.init(params), clip_info=info)
+    chex.assert_trees_all_close(out, jax.grad(loss)(params, x, y), rtol=1e-5,
+                                atol=1e-7)
+    self.assertEqual(float(state.noise_std), 0.0)
+    self.assertEqual(float(state.frac_clipped), 0.0)
+
   def test_errors(self):
     tx = oc.dp_noise(1.0, seed=0)
     params = {"w": jnp.zeros(3)}
