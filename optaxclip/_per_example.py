@@ -8,12 +8,13 @@ in the same pass. Both return the *sum* of the clipped gradients and a
 :func:`optaxclip.dp_noise` adds calibrated noise.
 
 Norms are per example, over all of its leaves, accumulated in float32 (float64
-for float64 gradients), and overflow-safe: a float32 example whose plain sum
-of squares overflows is rescaled by its largest entry instead.
+for float64 gradients), and overflow-safe: each example is scaled by a power
+of two that brings its largest entry near 1 before its squares are summed.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -351,7 +352,7 @@ def _clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
   dtype = np.dtype(jnp.result_type(
       jnp.float32, *[_norms.acc_dtype(x.dtype) for x in leaves]))
   t = jnp.asarray(max_norm, dtype)
-  leaf_norms, norms = example_norms(leaves, mask)
+  leaf_norms, norms = example_norms(leaves)
   if per_layer is False:
     thresholds = [t] * len(leaves)
     sensitivity = t
@@ -386,63 +387,41 @@ def _clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
       num_clipped=count(counted & over), num_nonfinite=count(mask & ~finite))
 
 
-def example_norms(leaves: Sequence[jax.Array], mask: jax.Array | None = None
+def example_norms(leaves: Sequence[jax.Array]
                   ) -> tuple[list[jax.Array], jax.Array]:
   """Per-example 2-norms of each leaf and of all leaves together.
 
   Every leaf has a leading batch axis; the norms are ``(batch,)`` arrays in
-  the accumulation dtype. One plain sum of squares per leaf; when some
-  example (of those ``mask`` selects) has a total that overflowed, or is so
-  small (an exact zero included) that its squares may have gone subnormal,
-  one ``lax.cond`` switches to the rescaled form ``m * sqrt(sum((x / m) **
-  2))`` with ``m`` the example's largest entry. Per-leaf norms are exact in
-  that form too; in the plain one, a leaf whose entries all lie below ~1e-19
-  (float32) in an example whose total does not may read as 0.
+  the accumulation dtype. Each example is first scaled by the power of two
+  ``2**-e`` that brings its largest entry into ``[0.5, 1)`` (exact in floating
+  point), so that its sum of squares can neither overflow nor lose its large
+  terms to underflow, and the norm is scaled back: exact for every finite
+  input whose norm is representable. One max and one sum per leaf, both
+  fused reductions: no ``lax.cond``, whose operands XLA would copy (a second
+  full-size buffer of per-example gradients). A non-finite entry gives a NaN
+  or inf norm. In a leaf whose entries are all below ~1e-19 (float32) times
+  the example's largest entry, squares may underflow: its per-leaf norm,
+  used by ``per_layer``, may then read low.
   """
   dtype = jnp.result_type(jnp.float32,
                           *[_norms.acc_dtype(x.dtype) for x in leaves])
-  sums = [jnp.sum(jnp.square(x.astype(_norms.acc_dtype(x.dtype))),
-                  axis=tuple(range(1, x.ndim))).astype(dtype) for x in leaves]
-  total = sum(sums)
   info = jnp.finfo(dtype)
-  bad = ~jnp.isfinite(total) | (total < info.tiny / info.eps)
-  bad = jnp.any(bad if mask is None else bad & mask)
-
-  def plain(sums):
-    return [jnp.sqrt(s) for s in sums], jnp.sqrt(sum(sums))
-
-  def rescaled(sums):
-    del sums
-    per_leaf = [_rescaled_norm(x).astype(dtype) for x in leaves]
-    m = jnp.max(jnp.stack(per_leaf), axis=0)
-    safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1)
-    total = safe * jnp.sqrt(sum(jnp.square(_ratio(n, safe)) for n in per_leaf))
-    return per_leaf, jnp.where(jnp.isinf(m), m, total)
-
-  return jax.lax.cond(bad, rescaled, plain, sums)
-
-
-def _rescaled_norm(x: jax.Array) -> jax.Array:
-  """``m * sqrt(sum((x / m) ** 2))`` per example, ``m`` its largest entry."""
-  acc = _norms.acc_dtype(x.dtype)
-  axes = tuple(range(1, x.ndim))
-  a = x.astype(acc)
-  m = jnp.max(jnp.abs(a), axis=axes, initial=0)  # NaN entries give NaN.
-  safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1)
-  b = safe.reshape((-1,) + (1,) * (x.ndim - 1))
-  n = safe * jnp.sqrt(jnp.sum(jnp.square(_ratio(a, b)), axis=axes))
-  return jnp.where(jnp.isinf(m), m, n)
-
-
-def _ratio(a: jax.Array, m: jax.Array) -> jax.Array:
-  """``a / m`` exact even where ``1 / m`` is subnormal (``m`` near 1e38).
-
-  XLA may turn the division into a multiply by the reciprocal, which CPUs
-  flush to zero when subnormal; a power-of-two pre-scale (exact) avoids it.
-  """
-  c = jnp.where(m > 2.0**64, 2.0**-64, jnp.where(m < 2.0**-64, 2.0**64, 1.0))
-  c = c.astype(m.dtype)
-  return (a * c) / (m * c)
+  m = functools.reduce(jnp.maximum, [
+      jnp.max(jnp.abs(x.astype(_norms.acc_dtype(x.dtype))),
+              axis=tuple(range(1, x.ndim)), initial=0).astype(dtype)
+      for x in leaves])  # NaN entries give NaN.
+  usable = (m > 0) & jnp.isfinite(m)
+  e = jnp.clip(jnp.where(usable, jnp.frexp(m)[1], 0), info.minexp + 1,
+               info.maxexp - 2)
+  down = jnp.ldexp(jnp.ones_like(m), -e)  # A normal power of two.
+  sums = []
+  for x in leaves:
+    acc = _norms.acc_dtype(x.dtype)
+    c = down.astype(acc).reshape((-1,) + (1,) * (x.ndim - 1))
+    sums.append(jnp.sum(jnp.square(x.astype(acc) * c),
+                        axis=tuple(range(1, x.ndim))).astype(dtype))
+  up = lambda s: jnp.ldexp(jnp.sqrt(s), e)  # noqa: E731
+  return [up(s) for s in sums], up(sum(sums))
 
 
 # ----------------------------------------------------------------------------

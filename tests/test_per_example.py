@@ -43,6 +43,17 @@ def assert_sums_close(got, want, rtol=1e-6, atol=1e-6):
                                atol=atol)
 
 
+@jax.jit
+def _property_parts(grads, c, mask):
+  """Each example clipped alone (its norm), the sum, and the sum without one."""
+  def alone(g):
+    one, _ = oc.per_example_clip(jax.tree.map(lambda x: x[None], g), c)
+    return oc.global_norm(one)
+  total, _ = oc.per_example_clip(grads, c)
+  without, _ = oc.per_example_clip(grads, c, example_mask=mask)
+  return jax.vmap(alone)(grads), total, without
+
+
 class PerExampleClipTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -174,15 +185,10 @@ class PerExampleClipTest(chex.TestCase):
   def test_properties_bounded_norm_and_sensitivity(self, seed, c, log_scale,
                                                    drop):
     grads = per_example_tree(batch=5, seed=seed, scale=10.0 ** log_scale)
-    total, info = oc.per_example_clip(grads, c)
+    singles, total, without = _property_parts(grads, c, jnp.arange(5) != drop)
     # Each example's clipped gradient (a batch of one) has norm <= c.
-    for i in range(5):
-      one, _ = oc.per_example_clip(
-          jax.tree.map(lambda x, i=i: x[i:i + 1], grads), c)
-      self.assertLessEqual(float(oc.global_norm(one)), c * (1 + 1e-5))
+    self.assertLessEqual(float(np.max(singles)), c * (1 + 1e-5))
     # Removing one example moves the sum by at most c.
-    mask = jnp.arange(5) != drop
-    without, _ = oc.per_example_clip(grads, c, example_mask=mask)
     diff = [np.asarray(a, np.float64) - np.asarray(b, np.float64)
             for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(without))]
     self.assertLessEqual(ref.example_norm([d[None] for d in diff], 0),
@@ -415,14 +421,24 @@ class ClippedGradTest(chex.TestCase):
           params, x, y)
 
 
-def test_example_norms_rescaled_branch_matches_plain():
-  """Both branches of the norm's lax.cond give the same norms."""
+def test_example_norms_exact_over_the_float32_range():
+  """The power-of-two pre-scale is exact: scaling by 2**k scales the norm."""
   grads = per_example_tree(batch=5)
   leaves = jax.tree.leaves(grads)
-  plain_leaf, plain = _per_example.example_norms(leaves)
-  big = [x.at[0].set(x[0] * 1e37) for x in leaves]  # Forces the rescaled form.
-  leaf_norms, norms = _per_example.example_norms(big)
-  np.testing.assert_allclose(norms[1:], plain[1:], rtol=1e-6)
-  np.testing.assert_allclose(norms[0], plain[0] * 1e37, rtol=1e-6)
-  for a, b in zip(leaf_norms, plain_leaf):
-    np.testing.assert_allclose(a[1:], b[1:], rtol=1e-6)
+  leaf_norms, norms = _per_example.example_norms(leaves)
+  want = np.array([ref.example_norm(leaves64(grads), i) for i in range(5)])
+  np.testing.assert_allclose(norms, want, rtol=1e-6)
+  for k in (-100, -60, 60, 100):  # Inputs stay normal float32 numbers.
+    scaled = [x * 2.0**k for x in leaves]
+    got_leaf, got = _per_example.example_norms(scaled)
+    np.testing.assert_array_equal(got, norms * 2.0**k)
+    for a, b in zip(got_leaf, leaf_norms):
+      np.testing.assert_array_equal(a, b * 2.0**k)
+  # Entries up to 1e37, whose squares overflow float32 by far.
+  big = [x.at[0].set(x[0] / jnp.max(jnp.abs(x[0])) * 1e37) for x in leaves]
+  _, got = _per_example.example_norms(big)
+  want = [ref.example_norm(leaves64(big), i) for i in range(5)]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  nan = [x.at[1].set(jnp.nan).at[2, ..., 0].set(jnp.inf) for x in leaves]
+  _, got = _per_example.example_norms(nan)
+  assert np.isnan(got[1]) and np.isinf(got[2]) and np.all(np.isfinite(got[3:]))
