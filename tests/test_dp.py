@@ -281,3 +281,20 @@ def _erfinv(y):
     mid = (lo + hi) / 2
     lo, hi = (mid, hi) if math.erf(mid) < y else (lo, mid)
   return (lo + hi) / 2
+
+
+def test_benchmark_runs_and_implementations_agree():
+  """benchmarks/dp.py at a toy size: every implementation, same numbers."""
+  from benchmarks import dp as bench
+  rows = bench.measure("cnn", batch=8, microbatch=4, reps=1, warmup=0)
+  names = {r["implementation"] for r in rows}
+  assert "optaxclip.clipped_grad" in names
+  assert all(r["ms"] > 0 and r["temp_bytes"] is not None for r in rows)
+  rows += bench.measure("mlp", batch=8, microbatch=None, reps=1, warmup=0)
+  assert "vmap + optax.per_example_global_norm_clip" in {
+      r["implementation"] for r in rows}
+  text = bench.markdown(rows, {"platform": "cpu", "device": "test",
+                               "command": "test", "date": "today",
+                               "versions": "", "reps": 1})
+  assert text.count("\n| cnn | 8 | 4 |") == len(rows) - sum(
+      r["model"] == "mlp" for r in rows)
