@@ -309,6 +309,24 @@ class ClippedGradTest(chex.TestCase):
       assert_sums_close(total, want64, rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(info.norms, norms, rtol=1e-5)
 
+  def test_per_layer(self):
+    loss, params, x, y = model_case("attention")
+    per_example = vmap_reference(loss, params, x, y)
+    layers = {"q": 0.1, "k": 0.1, "v": 0.2, "o": 0.2, "head": 0.3}
+    for per_layer in (True, layers):
+      got, info = oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2),
+                                  per_layer=per_layer, return_norms=True,
+                                  microbatch_size=4)(params, x, y)
+      want, want_info = oc.per_example_clip(per_example, 0.5,
+                                            per_layer=per_layer)
+      chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+      self.assertEqual(int(info.num_clipped), int(want_info.num_clipped))
+      self.assertGreater(int(info.num_clipped), 0)
+      np.testing.assert_allclose(info.sensitivity, want_info.sensitivity,
+                                 rtol=1e-6)
+    np.testing.assert_allclose(info.sensitivity, math.sqrt(
+        sum(v * v for v in layers.values())), rtol=1e-6)
+
   def test_keep_batch_dim_false(self):
     loss, params, x, y = model_case("mlp")
     single = lambda p, xi, yi: loss(p, xi[None], yi[None])  # noqa: E731
