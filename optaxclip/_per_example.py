@@ -383,13 +383,29 @@ def _clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
     # GPU/TPU, which could push a clipped norm above max_norm.
     sums.append(jnp.tensordot(
         jnp.where(keep, s, 0).astype(acc), jnp.where(k, x, 0).astype(acc),
-        axes=1, precision=jax.lax.Precision.HIGHEST))
+        axes=1, precision=jax.lax.Precision.HIGHEST,
+        out_sharding=_summed_sharding(x)))
   counted = mask & finite
   count = lambda b: jnp.sum(b, dtype=jnp.int32)  # noqa: E731
   return sums, _Stats(
       norms=norms, threshold=t, sensitivity=jnp.asarray(sensitivity, dtype),
       included=counted, num_examples=count(counted),
       num_clipped=count(counted & over), num_nonfinite=count(mask & ~finite))
+
+
+def _summed_sharding(x: jax.Array) -> Any:
+  """The sharding of ``x`` summed over its leading axis, where JAX asks.
+
+  Under explicit mesh axes a contraction over a sharded axis needs its output
+  sharding spelled out: that of the remaining axes. Elsewhere, ``None``.
+  """
+  typeof = getattr(jax, "typeof", None)
+  sharding = getattr(typeof(x) if typeof else None, "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if not spec or spec[0] is None:
+    return None
+  return jax.sharding.NamedSharding(sharding.mesh,
+                                    jax.sharding.PartitionSpec(*spec[1:]))
 
 
 def example_norms(leaves: Sequence[jax.Array]
