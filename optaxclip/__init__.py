@@ -15,7 +15,9 @@ from optaxclip._clipping import (
     clip_by_value,
 )
 from optaxclip._common import Threshold
+from optaxclip._dp import DPState, QuantileNorm, dp_aggregate, dp_noise, quantile_norm
 from optaxclip._norms import Axis, AxisName, Ord, global_norm
+from optaxclip._per_example import PerExampleInfo, clipped_grad, per_example_clip
 from optaxclip._quantile import ClipByQuantileState, clip_by_quantile
 from optaxclip._skip import SkipStepState, SkipStepStats, skip_step
 from optaxclip._stats import clip_stats, register_state
@@ -28,6 +30,7 @@ register_state(AdaptiveGradClipState, "adaptive_grad_clip")
 register_state(ClipByQuantileState, "clip_by_quantile")
 register_state(ZClipState, "zclip")
 register_state(SkipStepStats, "skip_step")
+register_state(DPState, "dp")
 
 __version__ = "0.1.0"
 
@@ -40,8 +43,11 @@ __all__ = [
     "ClipByNormState",
     "ClipByQuantileState",
     "ClipByValueState",
+    "DPState",
     "NonFiniteGradientError",
     "Ord",
+    "PerExampleInfo",
+    "QuantileNorm",
     "SkipStepState",
     "SkipStepStats",
     "Threshold",
@@ -53,7 +59,12 @@ __all__ = [
     "clip_by_quantile",
     "clip_by_value",
     "clip_stats",
+    "clipped_grad",
+    "dp_aggregate",
+    "dp_noise",
     "global_norm",
+    "per_example_clip",
+    "quantile_norm",
     "skip_step",
     "zclip",
 ]

@@ -1,0 +1,462 @@
+"""per_example_clip and clipped_grad: NumPy and optax references, properties."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optaxclip as oc
+from optaxclip import _per_example
+from tests import _dp_references as ref
+
+
+def per_example_tree(batch=6, seed=0, scale=1.0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  # Examples of very different sizes, so that some are clipped and some not.
+  sizes = np.geomspace(0.05, 5.0, batch)[rng.permutation(batch)] * scale
+  tree = {
+      "dense": {"kernel": rng.standard_normal((batch, 4, 3)),
+                "bias": rng.standard_normal((batch, 3))},
+      "conv": rng.standard_normal((batch, 2, 2, 1, 2)),
+  }
+  leaves, treedef = jax.tree.flatten(tree)
+  norms = np.sqrt(sum(np.sum(x.reshape(batch, -1) ** 2, axis=1)
+                      for x in leaves))
+  leaves = [x * (sizes / norms).reshape((-1,) + (1,) * (x.ndim - 1))
+            for x in leaves]
+  return jax.tree.unflatten(treedef, [jnp.asarray(x, dtype) for x in leaves])
+
+
+def leaves64(tree):
+  return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def assert_sums_close(got, want, rtol=1e-6, atol=1e-6):
+  for g, w in zip(jax.tree.leaves(got), want):
+    np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol,
+                               atol=atol)
+
+
+@jax.jit
+def _property_parts(grads, c, mask):
+  """Each example clipped alone (its norm), the sum, and the sum without one."""
+  def alone(g):
+    one, _ = oc.per_example_clip(jax.tree.map(lambda x: x[None], g), c)
+    return oc.global_norm(one)
+  total, _ = oc.per_example_clip(grads, c)
+  without, _ = oc.per_example_clip(grads, c, example_mask=mask)
+  return jax.vmap(alone)(grads), total, without
+
+
+class PerExampleClipTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_numpy_reference(self):
+    grads = per_example_tree()
+    fn = self.variant(lambda g: oc.per_example_clip(g, 1.0))
+    total, info = fn(grads)
+    want, norms, num_clipped, _ = ref.per_example_clip(leaves64(grads), 1.0)
+    assert_sums_close(total, want)
+    np.testing.assert_allclose(info.norms, norms, rtol=1e-6)
+    self.assertEqual(int(info.num_clipped), num_clipped)
+    self.assertTrue(0 < num_clipped < 6)
+    self.assertEqual(int(info.num_examples), 6)
+    self.assertEqual(int(info.num_nonfinite), 0)
+    self.assertEqual(float(info.sensitivity), 1.0)
+    self.assertEqual(int(info.batch_size), 6)
+    chex.assert_trees_all_equal_structs(total, jax.tree.map(lambda x: x[0],
+                                                            grads))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_optax_per_example_global_norm_clip(self):
+    grads = per_example_tree()
+    for c in (0.0, 0.3, 1.25, math.inf):
+      total, info = self.variant(oc.per_example_clip)(grads, c)
+      want, num = optax.per_example_global_norm_clip(jax.tree.leaves(grads), c)
+      assert_sums_close(total, [np.asarray(w) for w in want])
+      self.assertEqual(int(info.num_clipped), int(num))
+
+  def test_per_layer_matches_optax_layer_norm_clip(self):
+    grads = per_example_tree(scale=2.0)
+    total, info = oc.per_example_clip(grads, 1.5, per_layer=True)
+    want, _ = optax.per_example_layer_norm_clip(jax.tree.leaves(grads), 1.5,
+                                                uniform=True)
+    assert_sums_close(total, [np.asarray(w) for w in want])
+    t = [1.5 / math.sqrt(3)] * 3
+    want64, _, num, _ = ref.per_example_clip(leaves64(grads), 1.5,
+                                             layer_thresholds=t)
+    assert_sums_close(total, want64)
+    self.assertEqual(int(info.num_clipped), num)
+    np.testing.assert_allclose(info.sensitivity, 1.5, rtol=1e-6)
+
+  def test_per_layer_threshold_tree(self):
+    grads = per_example_tree(scale=2.0)
+    thresholds = {"dense": 0.5, "conv": 2.0}  # A prefix of the gradients.
+    total, info = oc.per_example_clip(grads, 1.0, per_layer=thresholds)
+    t = [2.0, 0.5, 0.5]  # Leaf order: conv, dense/bias, dense/kernel.
+    want, _, num, _ = ref.per_example_clip(leaves64(grads), 1.0,
+                                           layer_thresholds=t)
+    assert_sums_close(total, want)
+    self.assertEqual(int(info.num_clipped), num)
+    np.testing.assert_allclose(info.sensitivity, math.sqrt(4.5), rtol=1e-6)
+
+  def test_normalize(self):
+    grads = per_example_tree(scale=2.0)
+    total, info = oc.per_example_clip(grads, 0.5, normalize=True)
+    want, _, _, _ = ref.per_example_clip(leaves64(grads), 0.5, normalize=True)
+    assert_sums_close(total, want)
+    plain, _ = oc.per_example_clip(grads, 0.5)
+    chex.assert_trees_all_close(total, jax.tree.map(lambda x: x / 0.5, plain),
+                                rtol=1e-6)
+    self.assertEqual(float(info.sensitivity), 1.0)
+    for bad in (0.0, math.inf):
+      with pytest.raises(ValueError, match="normalize"):
+        oc.per_example_clip(grads, bad, normalize=True)
+
+  def test_nan_and_inf_examples_change_only_counters(self):
+    grads = per_example_tree()
+    clean_total, clean = oc.per_example_clip(
+        jax.tree.map(lambda x: x[2:], grads), 1.0)
+    bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan).at[1, ..., 0].set(
+        jnp.inf), grads)
+    total, info = jax.jit(oc.per_example_clip, static_argnums=1)(bad, 1.0)
+    chex.assert_trees_all_equal(total, clean_total)
+    self.assertEqual(int(info.num_nonfinite), 2)
+    self.assertEqual(int(info.num_examples), 4)
+    self.assertEqual(int(info.num_clipped), int(clean.num_clipped))
+    self.assertTrue(np.isnan(info.norms[0]) and np.isinf(info.norms[1]))
+    np.testing.assert_array_equal(info.included, [0, 0, 1, 1, 1, 1])
+    # optax lets the NaN example through (its scale becomes 1).
+    optax_total, _ = optax.per_example_global_norm_clip(bad, 1.0)
+    self.assertFalse(np.all(np.isfinite(optax_total["conv"])))
+    # Without nan_safe, the NaN propagates, and is still counted.
+    unsafe, info = oc.per_example_clip(bad, 1.0, nan_safe=False)
+    self.assertTrue(np.all(np.isnan(unsafe["conv"])))
+    self.assertEqual(int(info.num_nonfinite), 2)
+
+  def test_padding_example_changes_only_counters(self):
+    grads = per_example_tree()
+    mask = jnp.array([True, True, False, True, True, False])
+    padded = jax.tree.map(lambda x: x.at[2].set(jnp.nan).at[5].set(1e3), grads)
+    total, info = oc.per_example_clip(padded, 1.0, example_mask=mask)
+    kept = jax.tree.map(lambda x: x[np.asarray(mask)], grads)
+    want, want_info = oc.per_example_clip(kept, 1.0)
+    chex.assert_trees_all_equal(total, want)
+    self.assertEqual(int(info.num_examples), 4)
+    self.assertEqual(int(info.num_nonfinite), 0)  # The NaN was padding.
+    self.assertEqual(int(info.num_clipped), int(want_info.num_clipped))
+    self.assertEqual(int(info.batch_size), 6)
+
+  def test_float32_overflow_and_underflow(self):
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((4, 50))
+    for scale in (1e30, 1e37, 1e-30, 1e-33):  # Squares overflow or underflow.
+      x = base * scale
+      grads = {"a": jnp.asarray(x, jnp.float32)}
+      x32 = np.asarray(grads["a"], np.float64)  # What float32 holds.
+      total, info = oc.per_example_clip(grads, 2.0 * scale)
+      want, norms, num, _ = ref.per_example_clip([x32], 2.0 * scale)
+      np.testing.assert_allclose(info.norms, norms, rtol=1e-5)
+      self.assertEqual(int(info.num_clipped), num)
+      np.testing.assert_allclose(np.asarray(total["a"], np.float64),
+                                 want[0], rtol=2e-5, atol=1e-44)
+      self.assertEqual(int(info.num_nonfinite), 0)
+
+  def test_bfloat16_norms_accumulate_in_float32(self):
+    grads = per_example_tree(batch=8, scale=1e3, dtype=jnp.bfloat16)
+    total, info = oc.per_example_clip(grads, 500.0)
+    self.assertEqual(info.norms.dtype, jnp.float32)
+    chex.assert_trees_all_equal_dtypes(total, jax.tree.map(lambda x: x[0],
+                                                           grads))
+    want, norms, num, _ = ref.per_example_clip(leaves64(grads), 500.0)
+    np.testing.assert_allclose(info.norms, norms, rtol=1e-6)
+    self.assertEqual(int(info.num_clipped), num)
+    assert_sums_close(total, want, rtol=1e-2, atol=1e-2)  # bfloat16 output.
+
+  @settings(max_examples=25, deadline=None)
+  @given(seed=st.integers(0, 2**16), c=st.floats(1e-3, 1e3),
+         log_scale=st.floats(-3, 3), drop=st.integers(0, 4))
+  def test_properties_bounded_norm_and_sensitivity(self, seed, c, log_scale,
+                                                   drop):
+    grads = per_example_tree(batch=5, seed=seed, scale=10.0 ** log_scale)
+    singles, total, without = _property_parts(grads, c, jnp.arange(5) != drop)
+    # Each example's clipped gradient (a batch of one) has norm <= c.
+    self.assertLessEqual(float(np.max(singles)), c * (1 + 1e-5))
+    # Removing one example moves the sum by at most c.
+    diff = [np.asarray(a, np.float64) - np.asarray(b, np.float64)
+            for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(without))]
+    self.assertLessEqual(ref.example_norm([d[None] for d in diff], 0),
+                         c * (1 + 1e-5))
+
+  def test_traced_threshold_under_jit(self):
+    grads = per_example_tree()
+    fn = jax.jit(lambda g, c: oc.per_example_clip(g, c))
+    for c in (0.5, 2.0):
+      total, _ = fn(grads, jnp.float32(c))
+      want, _, _, _ = ref.per_example_clip(leaves64(grads), c)
+      assert_sums_close(total, want)
+
+  def test_errors(self):
+    grads = per_example_tree()
+    with pytest.raises(ValueError, match="leading"):
+      oc.per_example_clip({"a": jnp.ones((3, 2)), "b": jnp.ones((4,))}, 1.0)
+    with pytest.raises(ValueError, match="max_norm"):
+      oc.per_example_clip(grads, -1.0)
+    with pytest.raises(ValueError, match="example_mask"):
+      oc.per_example_clip(grads, 1.0, example_mask=jnp.ones(5, bool))
+    with pytest.raises(TypeError, match="boolean"):
+      oc.per_example_clip(grads, 1.0, example_mask=jnp.ones(6))
+    with pytest.raises(TypeError, match="floating"):
+      oc.per_example_clip({"a": jnp.ones((3, 2), jnp.int32)}, 1.0)
+    with pytest.raises(TypeError, match="schedule"):
+      oc.per_example_clip(grads, optax.constant_schedule(1.0))
+    with pytest.raises(ValueError, match="per_layer"):
+      oc.per_example_clip(grads, 1.0, per_layer={"x": 1.0, "y": 2.0})
+
+
+# ----------------------------------------------------------------------------
+# clipped_grad on three small models.
+
+
+def mlp_init(rng):
+  return {"w1": rng.standard_normal((6, 16)) * 0.5, "b1": np.zeros(16),
+          "w2": rng.standard_normal((16, 3)) * 0.5, "b2": np.zeros(3)}
+
+
+def mlp_apply(p, x):
+  return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def cnn_init(rng):
+  return {"k": rng.standard_normal((3, 3, 1, 4)) * 0.5, "kb": np.zeros(4),
+          "w": rng.standard_normal((4, 3)) * 0.5, "b": np.zeros(3)}
+
+
+def cnn_apply(p, x):
+  y = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.nn.relu(y + p["kb"]).mean(axis=(1, 2))
+  return y @ p["w"] + p["b"]
+
+
+def attention_init(rng):
+  return {n: rng.standard_normal((4, 4)) * 0.5 for n in ("q", "k", "v", "o")} | {
+      "head": rng.standard_normal((4, 3)) * 0.5}
+
+
+def attention_apply(p, x):
+  q, k, v = x @ p["q"], x @ p["k"], x @ p["v"]
+  a = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / 2.0, axis=-1)
+  return ((a @ v) @ p["o"] + x).mean(axis=-2) @ p["head"]
+
+
+MODELS = {
+    "mlp": (mlp_init, mlp_apply, (6,)),
+    "cnn": (cnn_init, cnn_apply, (6, 6, 1)),
+    "attention": (attention_init, attention_apply, (5, 4)),
+}
+
+
+def model_case(name, batch=10, seed=0, dtype=jnp.float32):
+  init, apply, shape = MODELS[name]
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda x: jnp.asarray(x, dtype), init(rng))
+  x = jnp.asarray(rng.standard_normal((batch,) + shape) * 2.0, dtype)
+  y = jnp.asarray(rng.integers(0, 3, batch))
+
+  def loss(p, x, y):
+    logits = apply(p, x).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return loss, params, x, y
+
+
+def vmap_reference(loss, params, x, y):
+  """Per-example gradients the plain way: vmap of grad on batches of one."""
+  one = lambda p, xi, yi: loss(p, xi[None], yi[None])  # noqa: E731
+  return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
+
+
+class ClippedGradTest(chex.TestCase):
+
+  @pytest.mark.filterwarnings("ignore")
+  def test_equals_vmap_grad_then_per_example_clip(self):
+    for name in MODELS:
+      loss, params, x, y = model_case(name)
+      per_example = vmap_reference(loss, params, x, y)
+      # A threshold between the smallest and largest per-example norms.
+      c = float(np.median(ref.per_example_clip(leaves64(per_example),
+                                               1.0)[1]))
+      grad_fn = jax.jit(oc.clipped_grad(loss, max_norm=c,
+                                        batch_argnums=(1, 2),
+                                        return_norms=True))
+      total, info = grad_fn(params, x, y)
+      want, want_info = oc.per_example_clip(per_example, c)
+      chex.assert_trees_all_close(total, want, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(info.norms, want_info.norms, rtol=1e-5)
+      self.assertEqual(int(info.num_clipped), int(want_info.num_clipped),
+                       name)
+      self.assertTrue(0 < int(info.num_clipped) < 10, name)
+      # And the float64 reference on the same per-example gradients.
+      want64, norms, _, _ = ref.per_example_clip(
+          leaves64(per_example), c)
+      assert_sums_close(total, want64, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(info.norms, norms, rtol=1e-5)
+
+  def test_per_layer(self):
+    loss, params, x, y = model_case("attention")
+    per_example = vmap_reference(loss, params, x, y)
+    layers = {"q": 0.1, "k": 0.1, "v": 0.2, "o": 0.2, "head": 0.3}
+    for per_layer in (True, layers):
+      got, info = oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2),
+                                  per_layer=per_layer, return_norms=True,
+                                  microbatch_size=4)(params, x, y)
+      want, want_info = oc.per_example_clip(per_example, 0.5,
+                                            per_layer=per_layer)
+      chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+      self.assertEqual(int(info.num_clipped), int(want_info.num_clipped))
+      self.assertGreater(int(info.num_clipped), 0)
+      np.testing.assert_allclose(info.sensitivity, want_info.sensitivity,
+                                 rtol=1e-6)
+    np.testing.assert_allclose(info.sensitivity, math.sqrt(
+        sum(v * v for v in layers.values())), rtol=1e-6)
+
+  def test_keep_batch_dim_false(self):
+    loss, params, x, y = model_case("mlp")
+    single = lambda p, xi, yi: loss(p, xi[None], yi[None])  # noqa: E731
+    a = oc.clipped_grad(single, max_norm=0.5, batch_argnums=(1, 2),
+                        keep_batch_dim=False)(params, x, y)
+    b = oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2))(params, x, y)
+    chex.assert_trees_all_close(a, b, rtol=1e-6)
+
+  def test_microbatched_equals_unbatched(self):
+    for name in ("mlp", "cnn"):
+      loss, params, x, y = model_case(name, batch=10)
+      mask = jnp.arange(10) != 3
+
+      def aux_loss(p, x, y, loss=loss, apply=MODELS[name][1]):
+        return loss(p, x, y), {"logits": apply(p, x)}
+
+      full = oc.clipped_grad(aux_loss, has_aux=True, max_norm=0.5,
+                             batch_argnums=(1, 2), return_norms=True)
+      want, want_aux, want_info = jax.jit(full)(params, x, y,
+                                                example_mask=mask)
+      for size in (1, 3, 4, 5, 10, 16):
+        chunked = oc.clipped_grad(aux_loss, has_aux=True, max_norm=0.5,
+                                  batch_argnums=(1, 2), return_norms=True,
+                                  microbatch_size=size)
+        got, aux, info = jax.jit(chunked)(params, x, y, example_mask=mask)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+        chex.assert_trees_all_close(aux, want_aux, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(info, want_info, rtol=1e-5, atol=1e-6)
+        self.assertEqual(aux["logits"].shape, (10, 1, 3))
+
+  def test_nan_and_padding_examples_change_only_counters(self):
+    loss, params, x, y = model_case("cnn", batch=8)
+    grad_fn = jax.jit(oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2),
+                                      return_norms=True, microbatch_size=3))
+    want, want_info = grad_fn(params, x[2:], y[2:])
+    bad_x = x.at[0].set(jnp.nan).at[1].set(1e6)
+    mask = jnp.arange(8) != 1  # Example 1 is padding; example 0 is NaN.
+    got, info = grad_fn(params, bad_x, y, example_mask=mask)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-8)
+    self.assertEqual(int(info.num_nonfinite), 1)
+    self.assertEqual(int(info.num_examples), 6)
+    self.assertEqual(int(info.num_clipped), int(want_info.num_clipped))
+    np.testing.assert_allclose(info.norms[2:], want_info.norms, rtol=1e-6)
+
+  def test_max_norm_override_and_no_host_transfers(self):
+    loss, params, x, y = model_case("mlp")
+    grad_fn = jax.jit(oc.clipped_grad(loss, max_norm=100.0,
+                                      batch_argnums=(1, 2)))
+    c = jax.device_put(jnp.float32(0.3))
+    got = grad_fn(params, x, y, max_norm=c)
+    want, _ = oc.per_example_clip(vmap_reference(loss, params, x, y), 0.3)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+    with jax.transfer_guard("disallow"):
+      jax.block_until_ready(grad_fn(params, x, y, max_norm=c))
+
+  def test_argnums_tuple_and_kwargs(self):
+    loss, params, x, y = model_case("mlp")
+
+    def loss2(w, rest, x, y, *, temperature):
+      return loss(w | rest, x, y) * temperature
+
+    w = {k: params[k] for k in ("w1", "w2")}
+    rest = {k: params[k] for k in ("b1", "b2")}
+    gw, grest = oc.clipped_grad(loss2, argnums=(0, 1), max_norm=0.5,
+                                batch_argnums=(2, 3))(w, rest, x, y,
+                                                      temperature=2.0)
+    scaled = lambda p, x, y: 2.0 * loss(p, x, y)  # noqa: E731
+    want = oc.clipped_grad(scaled, max_norm=0.5, batch_argnums=(1, 2))(
+        params, x, y)
+    chex.assert_trees_all_close(gw | grest, want, rtol=1e-5, atol=1e-8)
+
+  def test_bfloat16_params(self):
+    loss, params, x, y = model_case("mlp", dtype=jnp.bfloat16)
+    total, info = oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2),
+                                  return_norms=True)(params, x, y)
+    chex.assert_trees_all_equal_dtypes(total, params)
+    self.assertEqual(info.norms.dtype, jnp.float32)
+    per_example = vmap_reference(loss, params, x, y)
+    want, norms, num, _ = ref.per_example_clip(leaves64(per_example), 0.5)
+    np.testing.assert_allclose(info.norms, norms, rtol=1e-6)
+    self.assertEqual(int(info.num_clipped), num)
+    assert_sums_close(total, want, rtol=2e-2, atol=2e-2)
+
+  def test_matches_jax_privacy(self):
+    clipping = pytest.importorskip("jax_privacy.clipping")
+    loss, params, x, y = model_case("cnn")
+    for normalize in (False, True):
+      ours = oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2),
+                             normalize=normalize, microbatch_size=4)
+      theirs = clipping.clipped_grad(loss, l2_clip_norm=0.5,
+                                     batch_argnums=(1, 2),
+                                     rescale_to_unit_norm=normalize,
+                                     microbatch_size=5)
+      chex.assert_trees_all_close(ours(params, x, y), theirs(params, x, y),
+                                  rtol=1e-5, atol=1e-7)
+
+  def test_errors(self):
+    loss, params, x, y = model_case("mlp")
+    with pytest.raises(ValueError, match="method='ghost'"):
+      oc.clipped_grad(loss, max_norm=1.0, method="ghost")
+    with pytest.raises(ValueError, match="overlap"):
+      oc.clipped_grad(loss, argnums=1, max_norm=1.0)
+    with pytest.raises(ValueError, match="microbatch_size"):
+      oc.clipped_grad(loss, max_norm=1.0, microbatch_size=0)
+    with pytest.raises(ValueError, match="leading dimension"):
+      oc.clipped_grad(loss, max_norm=1.0, batch_argnums=(1, 2))(
+          params, x, y[:5])
+    with pytest.raises(ValueError, match="positional"):
+      oc.clipped_grad(loss, max_norm=1.0, batch_argnums=(1, 2, 3))(
+          params, x, y)
+
+
+def test_example_norms_exact_over_the_float32_range():
+  """The power-of-two pre-scale is exact: scaling by 2**k scales the norm."""
+  grads = per_example_tree(batch=5)
+  leaves = jax.tree.leaves(grads)
+  leaf_norms, norms = _per_example.example_norms(leaves)
+  want = np.array([ref.example_norm(leaves64(grads), i) for i in range(5)])
+  np.testing.assert_allclose(norms, want, rtol=1e-6)
+  for k in (-100, -60, 60, 100):  # Inputs stay normal float32 numbers.
+    scaled = [x * 2.0**k for x in leaves]
+    got_leaf, got = _per_example.example_norms(scaled)
+    np.testing.assert_array_equal(got, norms * 2.0**k)
+    for a, b in zip(got_leaf, leaf_norms):
+      np.testing.assert_array_equal(a, b * 2.0**k)
+  # Entries up to 1e37, whose squares overflow float32 by far.
+  big = [x.at[0].set(x[0] / jnp.max(jnp.abs(x[0])) * 1e37) for x in leaves]
+  _, got = _per_example.example_norms(big)
+  want = [ref.example_norm(leaves64(big), i) for i in range(5)]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  nan = [x.at[1].set(jnp.nan).at[2, ..., 0].set(jnp.inf) for x in leaves]
+  _, got = _per_example.example_norms(nan)
+  assert np.isnan(got[1]) and np.isinf(got[2]) and np.all(np.isfinite(got[3:]))
