@@ -28,9 +28,15 @@ register_state(ClipByQuantileState, "clip_by_quantile")
 register_state(ZClipState, "zclip")
 register_state(SkipStepStats, "skip_step")
 
+from optaxclip._adagc import AdaGCState, adagc  # noqa: E402
+
+register_state(AdaGCState, "adagc")
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGCState",
+    "adagc",
     "AdaptiveGradClipState",
     "CheckFiniteState",
     "ClipByGlobalNormState",
