@@ -32,11 +32,24 @@ from optaxclip._adagc import AdaGCState, adagc  # noqa: E402
 
 register_state(AdaGCState, "adagc")
 
+from optaxclip._spikes import (  # noqa: E402
+    ClipSpikesState,
+    SpikeClippedState,
+    SpikeStats,
+    clip_spikes,
+)
+
+register_state(SpikeStats, "clip_spikes")
+
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaGCState",
     "adagc",
+    "ClipSpikesState",
+    "SpikeClippedState",
+    "SpikeStats",
+    "clip_spikes",
     "AdaptiveGradClipState",
     "CheckFiniteState",
     "ClipByGlobalNormState",
