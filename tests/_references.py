@@ -228,3 +228,20 @@ def spike_rule(g, v, theta):
       mask[idx] = True
       out[idx] = math.copysign(math.sqrt(theta * v[idx]), g[idx])
   return out, mask
+
+
+def autoclip_package(norms, quantile: float, history: int) -> list[Step]:
+  """The ``autoclip`` package's ``QuantileClip``, in float64.
+
+  The threshold is the quantile of the norms recorded before this step
+  (``inf`` while none is), then the pre-clip norm is appended (non-finite
+  ones are left out) and only the last ``history`` entries are kept.
+  """
+  record: list[float] = []
+  out = []
+  for g in map(float, norms):
+    t = float(np.quantile(np.array(record), quantile)) if record else math.inf
+    out.append(_clip(g, t))
+    if math.isfinite(g):
+      record = (record + [g])[-history:]
+  return out
