@@ -91,7 +91,8 @@ def adagc(
   ``||h|| <= lambda_rel * gamma`` keeps it at 0); ``lambda_abs = inf``
   turns warm-up clipping off; a tensor whose ``gamma`` is still ``inf``
   after warm-up (every warm-up step non-finite) is never clipped. A zero
-  norm gives scale 1; a NaN norm gives a NaN scale.
+  norm gives scale 1 (0 where the threshold is 0 too: the update is 0
+  either way); a NaN norm gives a NaN scale.
 
   Args:
     lambda_rel: the relative threshold (> 0): each tensor's norm is held to

@@ -110,6 +110,11 @@ def clip_spikes(
   Only the spike clipping of SPAM is here; its periodic momentum reset and
   the warm-up after each reset belong to the optimizer.
 
+  The rule is element-wise, so it needs no ``axis_name`` under ``shard_map``
+  or ``pmap``: each device clips its shard exactly as one device would clip
+  the whole. Only the statistics (``grad_norm``, ``num_spikes``,
+  ``frac_clipped``) are then those of the local shard.
+
   Args:
     theta: the spike threshold (>= 0) on ``g ** 2 / v``: a number, JAX
       scalar or Optax schedule of the step count. SPAM's default is 5000.
