@@ -394,8 +394,9 @@ def main() -> None:
         8, 32, 32, 2, 1)
   args.steps = args.steps or (100 if args.small else 500)
   args.seeds = args.seeds or (2 if args.small else 3)
-  global ADAGC_WARMUP
-  ADAGC_WARMUP = min(ADAGC_WARMUP, max(args.steps // 6, 1))
+  if args.small:
+    global ADAGC_WARMUP
+    ADAGC_WARMUP = 15
   ids, vocab = load_text()
   data = make_data(args, ids, vocab)
   total = time.perf_counter()
