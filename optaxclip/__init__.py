@@ -32,9 +32,28 @@ register_state(ZClipState, "zclip")
 register_state(SkipStepStats, "skip_step")
 register_state(DPState, "dp")
 
+from optaxclip._adagc import AdaGCState, adagc  # noqa: E402
+
+register_state(AdaGCState, "adagc")
+
+from optaxclip._spikes import (  # noqa: E402
+    ClipSpikesState,
+    SpikeClippedState,
+    SpikeStats,
+    clip_spikes,
+)
+
+register_state(SpikeStats, "clip_spikes")
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGCState",
+    "adagc",
+    "ClipSpikesState",
+    "SpikeClippedState",
+    "SpikeStats",
+    "clip_spikes",
     "AdaptiveGradClipState",
     "Axis",
     "AxisName",

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optaxclip import _common, _norms
@@ -21,7 +22,8 @@ class ClipByQuantileState(NamedTuple):
     grad_norm: the norm of the last incoming update, before clipping (with
       ``per_leaf=True``, a tree holding one norm per leaf).
     threshold: the threshold in force at the last update: the quantile of the
-      recorded norms, the last one included (a tree with ``per_leaf=True``).
+      recorded norms, the last one included with ``include_current=True``
+      and excluded with ``False`` (a tree with ``per_leaf=True``).
     scale: the factor the last update was multiplied by (a tree with
       ``per_leaf=True``).
     clipped: whether the last update (any leaf of it) was scaled down.
@@ -54,6 +56,7 @@ def clip_by_quantile(
     quantile: Threshold = 0.9,
     history: int = 1000,
     *,
+    include_current: bool = True,
     ord: Ord = 2,
     per_leaf: bool = False,
     axis_name: AxisName = None,
@@ -80,11 +83,26 @@ def clip_by_quantile(
   that step's update still carries its NaN or Inf unless it is dropped, e.g.
   by :func:`optaxclip.skip_step`.
 
+  AutoClip has two published forms, selected by ``include_current``:
+
+  - ``True`` (the default): the paper's code. The current norm is appended
+    to the history before the percentile is taken, so a step is clipped
+    only when its norm lies above the quantile of a window that contains it.
+  - ``False``: the ``autoclip`` package's ``QuantileClip``. The threshold is
+    the quantile of the *previous* norms only, so the first step (empty
+    history) is never clipped and a spike is measured against a window
+    that does not contain it; the norm is recorded after. The package's
+    default is one history per parameter tensor (``per_leaf=True`` here);
+    its ``global_threshold=True`` is ``per_leaf=False``.
+
   Args:
     quantile: the quantile in ``[0, 1]`` (the paper's percentile / 100): a
       number, a JAX scalar or an Optax schedule of the step count.
     history: how many recent norms to keep (the ring buffer's size), >= 1.
     ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
+    include_current: take the quantile over the recorded norms with the
+      current one (``True``, the paper's code) or over the previous ones
+      only (``False``, the ``autoclip`` package's ``QuantileClip``).
     per_leaf: keep one history per leaf and clip each leaf to the quantile
       of its own norms.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
@@ -96,7 +114,11 @@ def clip_by_quantile(
 
   References:
     Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
-    Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
+    Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
+    (``include_current=True``: the paper's code,
+    https://github.com/pseeth/autoclip). The ``autoclip`` package's
+    ``QuantileClip`` (``include_current=False``):
+    https://pypi.org/project/autoclip/.
 
   Example:
     >>> import jax.numpy as jnp
@@ -110,10 +132,22 @@ def clip_by_quantile(
     [2.] 2.0 2
     [2.] 2.0 3
     [3.] 3.0 3
+    >>> clip = oc.clip_by_quantile(0.5, history=3, include_current=False)
+    >>> state = clip.init(jnp.zeros(1))
+    >>> for g in [1.0, 3.0, 2.0, 10.0]:
+    ...   updates, state = clip.update(jnp.array([g]), state)
+    ...   print(updates, state.threshold)
+    [1.] inf
+    [1.] 1.0
+    [2.] 2.0
+    [2.] 2.0
   """
   where = "clip_by_quantile"
   _common.check_range(quantile, "quantile", where, lo=0.0, hi=1.0)
   _common.check_int(history, "history", where, lo=1)
+  if not isinstance(include_current, (bool, np.bool_)):
+    raise TypeError(f"{where}: include_current must be True or False, got"
+                    f" {include_current!r}.")
   p = _norms.canonical_ord(ord)
 
   def init_fn(params):
@@ -159,7 +193,10 @@ def clip_by_quantile(
     fill = jnp.where(finite, jnp.minimum(state.fill + 1, size), state.fill)
     index = jnp.where(finite, (state.index + 1) % size, state.index)
     q = _common.resolve(quantile, state.count, dtype, hi=1.0)
-    threshold = sorted_quantile(ordered, fill, q)
+    if include_current:
+      threshold = sorted_quantile(ordered, fill, q)
+    else:
+      threshold = sorted_quantile(state.sorted_norms, state.fill, q)
     scale = _common.clip_factors(parts, threshold)
     clipped = jnp.any(norm > threshold)
     if per_leaf:

@@ -135,3 +135,113 @@ def spiky_norms(n: int, spikes: dict[int, float], seed: int = 0,
   for i, factor in spikes.items():
     norms[i] *= factor
   return norms
+
+
+# ----------------------------------------------------------------------------
+# AdaGC (Wang et al. 2025) and SPAM's spike rule (Huang et al. 2025).
+
+
+class AdaGCStep(NamedTuple):
+  scale: np.ndarray  # One factor per tensor.
+  clipped_norms: np.ndarray  # Each tensor's norm after clipping.
+  gamma: np.ndarray  # Each tensor's reference norm after the step.
+  threshold: np.ndarray  # lambda_abs (warm-up) or lambda_rel * gamma_prev.
+
+
+def adagc(norms, lambda_rel=1.05, beta=0.98, warmup_steps=100,
+          lambda_abs=1.0, eps=0.0) -> list[AdaGCStep]:
+  """AdaGC's Algorithm 1 in float64, driven by per-tensor norms.
+
+  ``norms[t][i]`` is tensor ``i``'s norm at step ``t + 1``. Steps ``1 ..
+  warmup_steps`` clip the global norm to ``lambda_abs`` and keep the running
+  minimum of the clipped norms; later steps clip each tensor to ``lambda_rel
+  * gamma_i`` and fold the clipped norm into ``gamma_i``'s EMA. Non-finite
+  clipped norms leave ``gamma`` alone (a non-finite global norm, every
+  ``gamma``, during warm-up).
+  """
+  norms = np.asarray(norms, np.float64)
+  gamma = np.full(norms.shape[1], np.inf)
+  out = []
+  with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+    for t, n in enumerate(norms, start=1):
+      if t <= warmup_steps:
+        total = math.sqrt(float(np.sum(n * n))) if np.all(np.isfinite(n)) \
+            else (math.nan if np.any(np.isnan(n)) else math.inf)
+        s = 1.0 if total <= lambda_abs else lambda_abs / total
+        if math.isnan(total):
+          s = math.nan
+        scale = np.full_like(n, s)
+        threshold = np.full_like(n, lambda_abs)
+        kept = scale * n
+        if math.isfinite(total):
+          gamma = np.minimum(gamma, kept)
+      else:
+        threshold = lambda_rel * gamma
+        scale = np.empty_like(n)
+        for i in range(len(n)):
+          if math.isnan(n[i]):
+            scale[i] = math.nan
+          elif n[i] + eps <= threshold[i] or n[i] == 0:
+            scale[i] = 1.0
+          else:
+            scale[i] = threshold[i] / (n[i] + eps)
+        kept = scale * n
+        ok = np.isfinite(kept)
+        gamma = np.where(ok, beta * gamma + (1 - beta) * kept, gamma)
+      out.append(AdaGCStep(scale=scale, clipped_norms=kept,
+                           gamma=gamma.copy(), threshold=threshold))
+  return out
+
+
+def spam_clip(grads, theta=5000.0, beta2=0.999):
+  """SPAM's coordinate-wise spike clipping with its own EMA, in float64.
+
+  ``grads`` is a sequence of arrays. At each step an element with ``g**2 >
+  theta * v`` (``v`` the EMA of the clipped squares before the step) is
+  replaced by ``sign(g) * sqrt(theta * v)``; elements with ``v == 0`` pass.
+  Then ``v <- beta2 * v + (1 - beta2) * g_clipped**2`` where ``g_clipped`` is
+  finite (``v`` is kept elsewhere). Returns the clipped
+  arrays, the spike masks and ``v`` after each step.
+  """
+  v = None
+  out = []
+  for g in grads:
+    g = np.asarray(g, np.float64)
+    if v is None:
+      v = np.zeros_like(g)
+    clipped, mask = spike_rule(g, v, theta)
+    with np.errstate(invalid="ignore", over="ignore"):
+      new_v = beta2 * v + (1 - beta2) * clipped * clipped
+    v = np.where(np.isfinite(clipped), new_v, v)  # NaN/Inf kept out of v.
+    out.append((clipped, mask, v.copy()))
+  return out
+
+
+def spike_rule(g, v, theta):
+  """One application of SPAM's rule against a given second moment ``v``."""
+  g = np.asarray(g, np.float64)
+  v = np.asarray(v, np.float64)
+  out = g.copy()
+  mask = np.zeros(g.shape, bool)
+  for idx in np.ndindex(g.shape):
+    if v[idx] > 0 and g[idx] * g[idx] > theta * v[idx]:
+      mask[idx] = True
+      out[idx] = math.copysign(math.sqrt(theta * v[idx]), g[idx])
+  return out, mask
+
+
+def autoclip_package(norms, quantile: float, history: int) -> list[Step]:
+  """The ``autoclip`` package's ``QuantileClip``, in float64.
+
+  The threshold is the quantile of the norms recorded before this step
+  (``inf`` while none is), then the pre-clip norm is appended (non-finite
+  ones are left out) and only the last ``history`` entries are kept.
+  """
+  record: list[float] = []
+  out = []
+  for g in map(float, norms):
+    t = float(np.quantile(np.array(record), quantile)) if record else math.inf
+    out.append(_clip(g, t))
+    if math.isfinite(g):
+      record = (record + [g])[-history:]
+  return out

@@ -105,6 +105,95 @@ class ReferenceTest(parameterized.TestCase):
     self.assertEqual(state.norm_history.shape, (2, 20))
 
 
+@pytest.mark.parametrize("q, history", [(0.9, 1000), (0.5, 16), (0.0, 7),
+                                        (1.0, 7), (0.25, 1), (0.99, 64)])
+def test_package_form_matches_float64_reference(q, history):
+  norms = ref.spiky_norms(200, SPIKES, seed=1, drift=2.0)
+  norms[60] = np.nan  # Kept out of the history.
+  expected = ref.autoclip_package(norms, q, history)
+  out, states = run_scan(
+      oc.clip_by_quantile(q, history, include_current=False), norms)
+  np.testing.assert_allclose(
+      states.threshold, [s.threshold for s in expected], rtol=1e-5)
+  ok = np.isfinite(norms)
+  np.testing.assert_allclose(out[ok], np.array(
+      [s.clipped_norm for s in expected])[ok], rtol=1e-5)
+  assert float(states.threshold[0]) == np.inf and not bool(states.clipped[0])
+  assert int(states.num_clipped[-1]) == sum(s.clipped for s in expected)
+  # The paper's form differs on the steps whose norm tops the window.
+  if q < 1 and history > 1:
+    paper = ref.autoclip(norms, q, history)
+    assert any(a.threshold != b.threshold for a, b in zip(paper, expected))
+
+
+def test_package_form_clips_a_spike_the_paper_form_lets_through():
+  # With quantile 1 the paper's threshold is the window's max, the spike
+  # included: nothing is ever clipped. The package's max excludes it.
+  norms = [1.0, 1.0, 1.0, 50.0]
+  paper, _ = run_scan(oc.clip_by_quantile(1.0, 4), norms)
+  package, _ = run_scan(oc.clip_by_quantile(1.0, 4, include_current=False),
+                        norms)
+  np.testing.assert_allclose(paper, norms, rtol=1e-6)
+  np.testing.assert_allclose(package, [1.0, 1.0, 1.0, 1.0], rtol=1e-6)
+
+
+def test_package_form_per_leaf_matches_reference():
+  steps = 40
+  rng = np.random.default_rng(8)
+  na = ref.spiky_norms(steps, {10: 30.0}, seed=4)
+  nb = ref.spiky_norms(steps, {25: 30.0}, seed=5, base=0.1)
+  da, db = rng.standard_normal((4, 3)), rng.standard_normal(5)
+  grads = {"a": jnp.asarray(na[:, None, None] * da / np.linalg.norm(da),
+                            jnp.float32),
+           "b": jnp.asarray(nb[:, None] * db / np.linalg.norm(db),
+                            jnp.float32)}
+  tx = oc.clip_by_quantile(0.9, 10, per_leaf=True, include_current=False)
+  state = tx.init(jax.tree.map(lambda x: x[0], grads))
+  update = jax.jit(tx.update)
+  exp = {"a": ref.autoclip_package(na, 0.9, 10),
+         "b": ref.autoclip_package(nb, 0.9, 10)}
+  for i in range(steps):
+    updates, state = update(jax.tree.map(lambda x, i=i: x[i], grads), state)
+    for key in ("a", "b"):
+      np.testing.assert_allclose(state.threshold[key], exp[key][i].threshold,
+                                 rtol=1e-5)
+      np.testing.assert_allclose(np.linalg.norm(updates[key]),
+                                 exp[key][i].clipped_norm, rtol=1e-5)
+
+
+def test_package_form_inject_hyperparams():
+  norms = ref.spiky_norms(30, {20: 10.0}, seed=6)
+  expected = ref.autoclip_package(norms, 0.7, 8)
+  tx = optax.inject_hyperparams(oc.clip_by_quantile)(
+      quantile=0.7, history=8, include_current=False)
+  state = tx.init(tree_with_norm(1.0))
+  update = jax.jit(tx.update)
+  for n, e in zip(norms, expected):
+    _, state = update(tree_with_norm(n), state)
+    np.testing.assert_allclose(optax.tree.get(state, "threshold"),
+                               e.threshold, rtol=1e-5)
+
+
+class PackageFormVariantsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_first_step_unclipped_then_previous_norms(self):
+    tx = oc.clip_by_quantile(0.5, 3, include_current=False)
+    update = self.variant(tx.update)
+    state = tx.init(jnp.zeros(2))
+    outs = []
+    for n in (5.0, 1.0, 3.0, 10.0, 0.5):
+      updates, state = update(jnp.array([n, 0.0]), state)
+      outs.append(float(updates[0]))
+    np.testing.assert_allclose(outs, [5.0, 1.0, 3.0, 3.0, 0.5], rtol=1e-6)
+    self.assertEqual(int(state.num_clipped), 1)
+
+
+def test_include_current_must_be_bool():
+  with pytest.raises(TypeError, match="include_current"):
+    oc.clip_by_quantile(include_current="yes")
+
+
 def test_first_step_is_not_clipped():
   for norm in (1e-3, 1.0, 1e6):
     tx = oc.clip_by_quantile(0.1, 10)

@@ -82,6 +82,10 @@ TRANSFORMS: dict[str, tuple[Callable[[], Any], str]] = {
     "clip_by_quantile_per_leaf": (
         lambda: oc.clip_by_quantile(0.5, history=4, per_leaf=True), "scalar"),
     "zclip": (lambda: oc.zclip(warmup_steps=2, z_thresh=1.0), "scalar"),
+    "adagc": (lambda: oc.adagc(warmup_steps=1, lambda_abs=2.0), "scalar"),
+    "clip_spikes": (lambda: oc.clip_spikes(20.0, beta2=0.9), "scalar"),
+    "clip_spikes_inner": (
+        lambda: oc.clip_spikes(20.0, inner=optax.adam(1e-2)), "scalar"),
     "skip_step": (
         lambda: oc.skip_step(oc.clip_by_global_norm(1.0), max_norm=20.0),
         "scalar"),

@@ -1,0 +1,208 @@
+"""AdaGC: per-tensor clipping against an EMA of each tensor's clipped norms."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optaxclip import _common, _norms
+from optaxclip._common import Threshold
+from optaxclip._norms import AxisName
+
+
+class AdaGCState(NamedTuple):
+  """State of :func:`adagc`.
+
+  Every tree below has the structure of the updates, one scalar per tensor
+  (``optax.MaskedNode`` where the updates have one).
+
+  Attributes:
+    count: updates seen so far (int32); warm-up while ``count <
+      warmup_steps``.
+    grad_norm: each tensor's 2-norm before clipping (a tree).
+    global_norm: the global 2-norm of the last update before clipping.
+    threshold: the norm each tensor was held to at the last update (a
+      tree): ``lambda_rel * gamma`` after warm-up; during warm-up the
+      global threshold ``lambda_abs`` (it bounds the global norm, not each
+      tensor's).
+    scale: the factor each tensor was multiplied by (a tree).
+    clipped: whether any tensor of the last update was scaled down.
+    num_clipped: how many updates have had a tensor scaled down so far.
+    frac_clipped: the fraction of tensors scaled down at the last update.
+    gamma: each tensor's reference norm ``gamma_i`` after the last update
+      (a tree; ``inf`` until a finite norm was seen).
+  """
+
+  count: jax.Array
+  grad_norm: Any
+  global_norm: jax.Array
+  threshold: Any
+  scale: Any
+  clipped: jax.Array
+  num_clipped: jax.Array
+  frac_clipped: jax.Array
+  gamma: Any
+
+
+def adagc(
+    lambda_rel: Threshold = 1.05,
+    beta: Threshold = 0.98,
+    warmup_steps: int = 100,
+    lambda_abs: Threshold = 1.0,
+    *,
+    eps: float = 0.0,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformation:
+  r"""AdaGC: clips each tensor relative to an EMA of its own clipped norms.
+
+  Each tensor ``i`` (each leaf of the updates) keeps a reference norm
+  ``gamma_i``. With ``g_i`` the tensor's gradient at step ``t`` (counting
+  from 1) and ``T = warmup_steps``:
+
+  1. Warm-up, ``t <= T``: the whole update is clipped to global 2-norm
+     ``lambda_abs``, ``g_i <- min(1, lambda_abs / ||g||) * g_i``, and
+     ``gamma_i <- min(gamma_i, ||g_i||)`` with the clipped ``g_i``
+     (``gamma_i`` starts at ``inf``, so at step 1 it is the first clipped
+     norm).
+  2. After warm-up, ``t > T``: each tensor is clipped on its own,
+     ``h_i = min(1, lambda_rel * gamma_i / ||g_i||) * g_i``, and
+     ``gamma_i <- beta * gamma_i + (1 - beta) * ||h_i||``.
+
+  This is Algorithm 1 of the paper (its ``T_start`` is ``warmup_steps +
+  1``), computed on the device with per-tensor norms accumulated in float32
+  and a state of a few scalars per tensor; ``||h_i||`` is ``scale_i *
+  ||g_i||``, so no second pass over the gradients is made. Deviations,
+  each only where the paper's rule would produce a NaN or an Inf:
+
+  - a warm-up step whose global norm is non-finite leaves every ``gamma``
+    as it was (its clipped norms, ``0 * inf``, say nothing);
+  - after warm-up, a tensor whose clipped norm is non-finite (a NaN or an
+    Inf in that tensor) leaves its ``gamma`` as it was.
+
+  The update itself still carries the NaN or Inf of such a step unless it
+  is dropped, e.g. by :func:`optaxclip.skip_step`.
+
+  Edge cases: a tensor whose gradient is exactly zero at any warm-up step
+  gets ``gamma = 0`` and is then zeroed at every step (the paper's rule:
+  ``||h|| <= lambda_rel * gamma`` keeps it at 0); ``lambda_abs = inf``
+  turns warm-up clipping off; a tensor whose ``gamma`` is still ``inf``
+  after warm-up (every warm-up step non-finite) is never clipped. A zero
+  norm gives scale 1 (0 where the threshold is 0 too: the update is 0
+  either way); a NaN norm gives a NaN scale.
+
+  Args:
+    lambda_rel: the relative threshold (> 0): each tensor's norm is held to
+      ``lambda_rel * gamma_i``. A number, JAX scalar or Optax schedule of the
+      step count.
+    beta: the EMA decay of ``gamma`` in ``[0, 1]`` (number, scalar or
+      schedule).
+    warmup_steps: how many steps (>= 1) use global clipping to
+      ``lambda_abs`` and set ``gamma`` to the running minimum.
+    lambda_abs: the global-norm threshold during warm-up (>= 0; number,
+      scalar or schedule).
+    eps: added to each tensor's norm in the scale's denominator after
+      warm-up, ``min(1, lambda_rel * gamma_i / (||g_i|| + eps))``, >= 0; 0
+      (the default) is the paper's formula.
+    axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
+      name (or names) to reduce the norms over.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is an
+    :class:`AdaGCState`.
+
+  References:
+    Wang et al., `AdaGC: Improving Training Stability for Large Language
+    Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optaxclip as oc
+    >>> clip = oc.adagc(lambda_rel=1.05, beta=0.98, warmup_steps=2,
+    ...                 lambda_abs=10.0)
+    >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0, 0.5])}
+    >>> state = clip.init(g)
+    >>> for s in [1.0, 0.8, 1.0]:  # Warm-up, then a step near the trend.
+    ...   u, state = clip.update({k: s * v for k, v in g.items()}, state)
+    >>> print(state.gamma["a"], state.gamma["b"], state.threshold["a"])
+    4.004 0.4004 4.2
+    >>> u, state = clip.update({k: 10 * v for k, v in g.items()}, state)
+    >>> print(u["a"][1], state.scale["a"], state.clipped)  # A 10x spike.
+    3.3634 0.084084 True
+  """
+  where = "adagc"
+  _common.check_range(lambda_rel, "lambda_rel", where, lo=0.0, hi=np.inf,
+                      open_lo=True)
+  _common.check_range(beta, "beta", where, lo=0.0, hi=1.0)
+  _common.check_int(warmup_steps, "warmup_steps", where, lo=1)
+  _common.check_threshold(lambda_abs, "lambda_abs", where)
+  _common.check_range(eps, "eps", where, lo=0.0, hi=np.inf)
+
+  def init_fn(params):
+    dtype = _norms.tree_acc_dtype(params)
+    zeros = _common.tree_map_arrays(lambda _: jnp.zeros((), dtype), params)
+    return AdaGCState(
+        count=jnp.zeros((), jnp.int32), grad_norm=zeros,
+        global_norm=jnp.zeros((), dtype),
+        threshold=_common.tree_map_arrays(
+            lambda _: jnp.full((), jnp.inf, dtype), params),
+        scale=_common.tree_map_arrays(lambda _: jnp.ones((), dtype), params),
+        clipped=jnp.zeros((), bool), num_clipped=jnp.zeros((), jnp.int32),
+        frac_clipped=jnp.zeros((), dtype),
+        gamma=_common.tree_map_arrays(
+            lambda _: jnp.full((), jnp.inf, dtype), params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    dtype = state.global_norm.dtype
+    count = state.count
+    norms = _tensor_norms(updates, axis_name, dtype)
+    total = _norms.global_norm(norms).astype(dtype)  # Overflow-safe.
+    warm = count < warmup_steps
+    rel = _common.resolve(lambda_rel, count, dtype)
+    b = _common.resolve(beta, count, dtype)
+    t_abs = _common.resolve(lambda_abs, count, dtype)
+    s_global = _common.clip_scale(total, t_abs)
+    track_warm = warm & jnp.isfinite(total)
+
+    def per_tensor(n, gamma):
+      t = jnp.where(warm, t_abs, rel * gamma)
+      s = jnp.where(warm, s_global, _common.clip_scale(n + eps, rel * gamma))
+      kept = s * n  # The clipped norm ||h_i|| (||g_i|| during warm-up).
+      ema = b * gamma + (1 - b) * kept
+      new_gamma = jnp.where(
+          warm, jnp.where(track_warm, jnp.minimum(gamma, kept), gamma),
+          jnp.where(jnp.isfinite(kept), ema, gamma))
+      return t.astype(dtype), s.astype(dtype), new_gamma.astype(dtype)
+
+    out = _common.tree_map_arrays(per_tensor, norms, state.gamma)
+    pick = lambda i: _common.tree_map_arrays(  # noqa: E731
+        lambda _, o: o[i], norms, out)
+    threshold, scale, gamma = pick(0), pick(1), pick(2)
+    updates = _common.tree_map_arrays(_common.scale_leaf, updates, scale)
+    scales = _norms.float_leaves(scale, where)
+    over = [s < 1 for s in scales]
+    clipped = jnp.any(jnp.stack(over)) if over else jnp.zeros((), bool)
+    frac = (jnp.mean(jnp.stack(over).astype(dtype)) if over
+            else jnp.zeros((), dtype))
+    return updates, AdaGCState(
+        count=_common.increment(count), grad_norm=norms, global_norm=total,
+        threshold=threshold, scale=scale, clipped=clipped,
+        num_clipped=state.num_clipped + clipped.astype(jnp.int32),
+        frac_clipped=frac, gamma=gamma)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _tensor_norms(updates: Any, axis_name: AxisName, dtype: Any) -> Any:
+  """Each tensor's 2-norm as a scalar of ``dtype`` (a tree like ``updates``)."""
+  if axis_name is None:
+    norms = _norms.leaf_norms(updates, 2)
+    return _common.tree_map_arrays(
+        lambda n: jnp.reshape(n, ()).astype(dtype), norms)
+  return _common.tree_map_arrays(
+      lambda x: _norms.global_norm(x, 2, axis_name=axis_name).astype(dtype),
+      updates)

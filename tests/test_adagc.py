@@ -1,0 +1,319 @@
+"""adagc: float64 reference, warm-up boundary, non-finite steps, jit, sharding."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import optaxclip as oc
+from tests import _references as ref
+
+SHAPES = {"a": (2, 3), "b": (3,), "c": (4, 2)}
+_RNG = np.random.default_rng(0)
+DIRECTION = {k: _RNG.standard_normal(s) for k, s in SHAPES.items()}
+KEYS = sorted(SHAPES)  # Tree-flattening order of a dict.
+
+
+def grads_with_norms(norms, dtype=jnp.float32):
+  """Stacked gradients: step t, tensor KEYS[i] has 2-norm norms[t, i]."""
+  norms = np.asarray(norms, np.float64)
+  out = {}
+  for i, k in enumerate(KEYS):
+    d = DIRECTION[k] / np.linalg.norm(DIRECTION[k])
+    n = norms[:, i].reshape((-1,) + (1,) * d.ndim)
+    with np.errstate(invalid="ignore"):
+      out[k] = jnp.asarray(n * d, dtype)
+  return out
+
+
+def planted_norms(steps, spikes, seed=0):
+  """Three tensors with norms around 0.3, 0.05 and 0.8, and planted spikes.
+
+  ``spikes`` maps ``(step, tensor)`` to a factor.
+  """
+  rng = np.random.default_rng(seed)
+  base = np.array([0.3, 0.05, 0.8])
+  norms = base * np.exp(0.1 * rng.standard_normal((steps, 3)))
+  for (t, i), f in spikes.items():
+    norms[t, i] *= f
+  return norms
+
+
+def run_scan(tx, grads):
+  state = tx.init(jax.tree.map(lambda x: x[0], grads))
+
+  def step(state, g):
+    updates, state = tx.update(g, state)
+    return state, (updates, state)
+
+  _, (updates, states) = jax.jit(lambda s, g: jax.lax.scan(step, s, g))(
+      state, grads)
+  return updates, states
+
+
+def stacked(tree):
+  """A tree of per-step scalars as an array [step, tensor]."""
+  return np.stack([np.asarray(tree[k], np.float64) for k in KEYS], axis=-1)
+
+
+def assert_matches(states, updates, expected, rtol=1e-5):
+  for name in ("scale", "gamma", "threshold"):
+    np.testing.assert_allclose(
+        stacked(getattr(states, name)),
+        np.stack([getattr(e, name) for e in expected]), rtol=rtol,
+        err_msg=name)
+  out = np.stack([np.linalg.norm(np.asarray(updates[k], np.float64).reshape(
+      len(expected), -1), axis=1) for k in KEYS], axis=-1)
+  np.testing.assert_allclose(out, np.stack([e.clipped_norms
+                                            for e in expected]), rtol=rtol)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(warmup_steps=1),
+    dict(warmup_steps=5),
+    dict(warmup_steps=20, lambda_abs=0.5),
+    dict(warmup_steps=10, lambda_rel=1.2, beta=0.9, lambda_abs=np.inf),
+    dict(warmup_steps=3, lambda_rel=1.0, beta=0.0, eps=1e-2),
+    dict(warmup_steps=3, beta=1.0),
+])
+def test_matches_float64_reference_step_by_step(kwargs):
+  w = kwargs["warmup_steps"]
+  # Spikes on the last warm-up step, on the first step after it, and later,
+  # in one tensor at a time and in all at once.
+  spikes = {(w - 1, 0): 30.0, (w, 1): 50.0, (w + 5, 2): 10.0,
+            (w + 9, 0): 4.0, (w + 9, 1): 4.0, (w + 9, 2): 4.0,
+            (w + 12, 1): 0.01}
+  norms = planted_norms(w + 40, spikes, seed=w)
+  expected = ref.adagc(norms, **kwargs)
+  updates, states = run_scan(oc.adagc(**kwargs), grads_with_norms(norms))
+  np.testing.assert_allclose(stacked(states.grad_norm), norms, rtol=1e-5)
+  assert_matches(states, updates, expected)
+  clipped = [bool(np.any(e.scale < 1)) for e in expected]
+  np.testing.assert_array_equal(states.clipped, clipped)
+  assert int(states.num_clipped[-1]) == sum(clipped)
+  np.testing.assert_allclose(
+      states.frac_clipped, [np.mean(e.scale < 1) for e in expected])
+
+
+def test_warmup_boundary():
+  # Steps 1..3 clip the global norm to lambda_abs and take the minimum;
+  # step 4 is the first per-tensor step.
+  norms = np.array([[3.0, 0.0001, 4.0], [0.3, 0.04, 0.4], [0.6, 0.02, 0.7],
+                    [3.0, 0.05, 0.8]])
+  tx = oc.adagc(lambda_rel=1.05, beta=0.98, warmup_steps=3, lambda_abs=1.0)
+  updates, states = run_scan(tx, grads_with_norms(norms))
+  scale = stacked(states.scale)
+  np.testing.assert_allclose(scale[0], 1 / np.linalg.norm(norms[0]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(scale[1:3], 1.0)
+  gamma = stacked(states.gamma)
+  np.testing.assert_allclose(gamma[0], norms[0] / np.linalg.norm(norms[0]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(
+      gamma[2], [0.3, 0.0001 / np.linalg.norm(norms[0]), 0.4], rtol=1e-5)
+  # Step 4: "a" is held to 1.05 * 0.3; "b" (0.05 vs ~2e-5) too; "c" passes.
+  np.testing.assert_allclose(
+      scale[3], [0.315 / 3.0, 1.05 * gamma[2, 1] / 0.05, 1.05 * 0.4 / 0.8],
+      rtol=1e-5)
+  np.testing.assert_allclose(stacked(states.threshold)[2], 1.0)
+  np.testing.assert_allclose(stacked(states.threshold)[3], 1.05 * gamma[2],
+                             rtol=1e-6)
+  assert [int(c) for c in states.count] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_steps_are_kept_out_of_gamma(bad):
+  norms = planted_norms(30, {(15, 0): 20.0}, seed=3)
+  norms[2, 1] = bad  # During warm-up: no gamma moves.
+  norms[12, 2] = bad  # After warm-up: only that tensor's gamma stays.
+  norms[20, :] = bad  # Every tensor.
+  kwargs = dict(warmup_steps=6, lambda_abs=0.5)
+  expected = ref.adagc(norms, **kwargs)
+  updates, states = run_scan(oc.adagc(**kwargs), grads_with_norms(norms))
+  gamma = stacked(states.gamma)
+  assert np.all(np.isfinite(gamma))
+  np.testing.assert_allclose(gamma, np.stack([e.gamma for e in expected]),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(gamma[2], gamma[1])
+  np.testing.assert_array_equal(gamma[12, 2], gamma[11, 2])
+  assert gamma[12, 0] != gamma[11, 0]
+  np.testing.assert_array_equal(gamma[20], gamma[19])
+  # The bad tensors' updates stay non-finite; the others are clipped as usual.
+  assert not np.all(np.isfinite(np.asarray(updates["c"][12])))
+  assert np.all(np.isfinite(np.asarray(updates["a"][12])))
+  ok = np.isfinite(norms).all(axis=1)
+  np.testing.assert_allclose(stacked(states.scale)[ok],
+                             np.stack([e.scale for e in expected])[ok],
+                             rtol=1e-5)
+
+
+def test_zero_gradient_in_warmup_zeroes_that_tensor():
+  norms = np.array([[0.3, 0.0, 0.5]] + [[0.3, 0.1, 0.5]] * 3)
+  updates, states = run_scan(oc.adagc(warmup_steps=2),
+                             grads_with_norms(norms))
+  np.testing.assert_array_equal(np.asarray(states.gamma["b"]), 0.0)
+  np.testing.assert_array_equal(np.asarray(updates["b"][2:]), 0.0)
+  assert np.all(np.isfinite(stacked(states.scale)))
+
+
+class VariantsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_step_by_step(self):
+    norms = planted_norms(12, {(6, 2): 8.0, (3, 0): 5.0}, seed=5)
+    kwargs = dict(warmup_steps=4, lambda_abs=0.7, lambda_rel=1.1, beta=0.95)
+    expected = ref.adagc(norms, **kwargs)
+    tx = oc.adagc(**kwargs)
+    grads = grads_with_norms(norms)
+    update = self.variant(tx.update)
+    state = tx.init(jax.tree.map(lambda x: x[0], grads))
+    for t, e in enumerate(expected):
+      updates, state = update(jax.tree.map(lambda x, t=t: x[t], grads), state)
+      np.testing.assert_allclose(stacked(state.gamma), e.gamma, rtol=1e-5)
+      np.testing.assert_allclose(
+          [np.linalg.norm(updates[k]) for k in KEYS], e.clipped_norms,
+          rtol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_output_dtype_matches_input(self):
+    g = {"h": jnp.ones(4, jnp.bfloat16), "f": jnp.ones(2, jnp.float32)}
+    tx = oc.adagc(warmup_steps=1)
+    update = self.variant(tx.update)
+    state = tx.init(g)
+    for _ in range(3):
+      updates, state = update(g, state)
+    chex.assert_trees_all_equal_dtypes(updates, g)
+    self.assertEqual(state.gamma["h"].dtype, jnp.float32)
+
+
+def test_inject_hyperparams_matches_reference_and_can_change():
+  norms = planted_norms(20, {(10, 1): 30.0}, seed=7)
+  kwargs = dict(lambda_rel=1.1, beta=0.9, warmup_steps=4, lambda_abs=0.6,
+                eps=1e-3)
+  expected = ref.adagc(norms, **kwargs)
+  tx = optax.inject_hyperparams(oc.adagc)(**kwargs)
+  grads = grads_with_norms(norms)
+  state = tx.init(jax.tree.map(lambda x: x[0], grads))
+  update = jax.jit(tx.update)
+  for t, e in enumerate(expected):
+    updates, state = update(jax.tree.map(lambda x, t=t: x[t], grads), state)
+    np.testing.assert_allclose(stacked(state.inner_state.gamma), e.gamma,
+                               rtol=1e-5)
+  # A new lambda_rel and beta set in the state take effect at the next step.
+  gamma = stacked(state.inner_state.gamma)
+  state.hyperparams["lambda_rel"] = jnp.asarray(0.5)
+  state.hyperparams["beta"] = jnp.asarray(0.0)
+  state.hyperparams["eps"] = jnp.asarray(0.0)
+  updates, state = update(jax.tree.map(lambda x: x[0], grads), state)
+  np.testing.assert_allclose(
+      [np.linalg.norm(updates[k]) for k in KEYS],
+      np.minimum(norms[0], 0.5 * gamma), rtol=1e-5)
+  np.testing.assert_allclose(stacked(state.inner_state.gamma),
+                             np.minimum(norms[0], 0.5 * gamma), rtol=1e-5)
+
+
+def test_schedules():
+  # lambda_abs halves after step 1; lambda_rel is 2 from step 3 on.
+  tx = oc.adagc(lambda_rel=optax.piecewise_constant_schedule(1.0, {3: 2.0}),
+                warmup_steps=2,
+                lambda_abs=optax.piecewise_constant_schedule(2.0, {1: 0.25}))
+  norms = np.array([[1.0, 1.0, 1.0]] * 2 + [[3.0, 3.0, 3.0]] * 2)
+  updates, states = run_scan(tx, grads_with_norms(norms))
+  np.testing.assert_allclose(stacked(states.threshold)[:2],
+                             [[2.0] * 3, [0.5] * 3])
+  gamma = 0.5 / np.sqrt(3)
+  np.testing.assert_allclose(stacked(states.threshold)[2], gamma, rtol=1e-5)
+  np.testing.assert_allclose(stacked(states.threshold)[3], 2 * (
+      0.98 * gamma + 0.02 * gamma), rtol=1e-5)
+
+
+def test_no_host_transfer_and_no_retrace():
+  tx = oc.adagc(warmup_steps=3)
+  traces = []
+
+  @jax.jit
+  def update(g, s):
+    traces.append(1)
+    return tx.update(g, s)
+
+  g = jax.device_put(jax.tree.map(lambda x: x[0], grads_with_norms(
+      np.ones((1, 3)))))
+  state = jax.device_put(tx.init(g))
+  updates, state = update(g, state)
+  with jax.transfer_guard("disallow"):
+    for _ in range(6):
+      updates, state = update(g, state)
+    jax.block_until_ready((updates, state))
+  assert int(state.count) == 7 and len(traces) == 1
+
+
+def test_masked_and_none_leaves_pass_through():
+  params = {"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32), "n": None}
+  tx = optax.masked(oc.adagc(warmup_steps=1, lambda_abs=1.0),
+                    {"w": True, "step": False, "n": False})
+  state = tx.init(params)
+  grads = {"w": jnp.array([3.0, 4.0, 0.0]), "step": jnp.zeros((), jnp.int32),
+           "n": None}
+  updates, state = tx.update(grads, state, params)
+  np.testing.assert_allclose(updates["w"], [0.6, 0.8, 0.0], rtol=1e-6)
+  assert updates["step"].dtype == jnp.int32
+
+
+def test_clip_stats_finds_the_state():
+  opt = optax.chain(oc.adagc(warmup_steps=1), optax.sgd(0.1))
+  params = {"w": jnp.ones(2)}
+  state = opt.init(params)
+  _, state = opt.update({"w": jnp.array([3.0, 4.0])}, state, params)
+  stats = oc.clip_stats(state)
+  gamma = [v for k, v in stats.items() if k.endswith("gamma")]
+  assert len(gamma) == 1
+  np.testing.assert_allclose(gamma[0]["w"], 1.0, rtol=1e-6)
+
+
+def test_shard_map_with_axis_name_matches_one_device():
+  mesh = jax.make_mesh((8,), ("data",))
+  rng = np.random.default_rng(11)
+  steps = 8
+  grads = {"w": rng.standard_normal((steps, 16, 8)).astype(np.float32),
+           "b": rng.standard_normal((steps, 8)).astype(np.float32),
+           "s": rng.standard_normal((steps,)).astype(np.float32)}
+  grads["w"][5] *= 40.0
+  specs = {"w": P(None, "data"), "b": P(None, "data"), "s": P()}
+  make = lambda a: oc.adagc(warmup_steps=3, lambda_abs=2.0,  # noqa: E731
+                            axis_name=a)
+  want_u, want_s = run_scan(make(None), grads)
+
+  def body(g):
+    return run_scan(make("data"), g)
+
+  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs,),
+                             out_specs=(specs, P())))
+  sharded = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, specs[k]))
+             for k, v in grads.items()}
+  got_u, got_s = fn(sharded)
+  chex.assert_trees_all_close(got_u, want_u, rtol=1e-5)
+  chex.assert_trees_all_close(got_s.gamma, want_s.gamma, rtol=1e-5)
+  assert int(np.sum(np.asarray(got_s.clipped))) >= 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lambda_rel=0.0), "lambda_rel"), (dict(beta=1.5), "beta"),
+    (dict(beta=-0.1), "beta"), (dict(warmup_steps=0), "warmup_steps"),
+    (dict(lambda_abs=-1.0), "lambda_abs"), (dict(eps=-1.0), "eps"),
+    (dict(lambda_rel=float("nan")), "lambda_rel"),
+])
+def test_bad_arguments_raise_value_error(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    oc.adagc(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(warmup_steps=2.5), "warmup_steps"), (dict(beta="x"), "beta"),
+    (dict(lambda_abs="big"), "lambda_abs"),
+])
+def test_bad_argument_types_raise_type_error(kwargs, match):
+  with pytest.raises(TypeError, match=match):
+    oc.adagc(**kwargs)
