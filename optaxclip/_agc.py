@@ -133,32 +133,29 @@ def adaptive_grad_clip(
             f" {jnp.shape(w)}.")
     g_leaves = [g for _, g in leaves]
     axes = [_unit_axes(path, g, axis) for path, g in leaves]
-    norms = _norms.leaf_norm_parts(g_leaves + list(p_leaves), 2.0, axes + axes)
-    g_norms, p_norms = norms[:len(g_leaves)], norms[len(g_leaves):]
-    out, values, thresholds, scales, over = [], [], [], [], []
-    for g, gn, pn in zip(g_leaves, g_norms, p_norms):
+    groups, g_norms = _norms.grouped_leaf_norms(g_leaves, 2.0, axes)
+    _, p_norms = _norms.grouped_leaf_norms(list(p_leaves), 2.0, axes, groups)
+    thresholds = []
+    for gn, pn in zip(g_norms, p_norms):
       dtype = gn.lo.dtype
       c = _common.resolve(clipping, state.count, dtype)
       e = _common.resolve(eps, state.count, dtype)
-      t = c * jnp.maximum(pn.value().astype(dtype), e)
-      s = _common.clip_factors(gn, t)
-      out.append(_common.scale_leaf(g, s))
-      values.append(gn.value())
-      thresholds.append(t)
-      scales.append(s.value())
-      over.append(values[-1] > t)
-    num_over = sum((jnp.sum(o, dtype=jnp.int32) for o in over),
-                   jnp.zeros((), jnp.int32))
-    num_units = max(sum(o.size for o in over), 1)
+      thresholds.append(c * jnp.maximum(pn.value().astype(dtype), e))
+    out, values, scales = _common.apply_grouped(g_leaves, groups, g_norms,
+                                                thresholds)
+    over = [jnp.sum(v > t, dtype=jnp.int32) for v, t in zip(values, thresholds)]
+    num_over = sum(over, jnp.zeros((), jnp.int32))
+    num_units = max(sum(v.size for v in values), 1)
     clipped = num_over > 0
 
-    def squeeze(arrays):
-      return rebuild([jnp.reshape(v, _norms.kept_shape(g.shape, a))
-                      for v, g, a in zip(arrays, g_leaves, axes)])
+    def squeeze(stacked):
+      return rebuild(_common.ungroup(groups, stacked, g_leaves, axes))
 
     return rebuild(out), AdaptiveGradClipState(
         count=_common.increment(state.count), grad_norm=squeeze(values),
-        threshold=squeeze(thresholds), scale=squeeze(scales),
+        threshold=squeeze([jnp.broadcast_to(t, v.shape) for t, v in
+                           zip(thresholds, values)]),
+        scale=squeeze(scales),
         clipped=clipped, frac_clipped=num_over.astype(jnp.float32) / num_units,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32))
 

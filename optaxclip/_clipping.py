@@ -244,12 +244,10 @@ def clip_by_norm(
     thresholds = _common.leaf_thresholds(max_norm, updates, state.count,
                                          "max_norm", where)
     t_leaves = _norms.float_leaves(thresholds, where)
-    out, values, scales = _common.apply_grouped(
-        xs, groups, norms, lambda g: _common.stack_scalars(
-            [t_leaves[i] for i in g], norms[groups.index(g)].lo.ndim))
-    over = [jnp.sum(v > _common.stack_scalars([t_leaves[i] for i in g],
-                                             v.ndim), dtype=jnp.int32)
-            for g, v in zip(groups, values)]
+    t_groups = [_common.stack_scalars([t_leaves[i] for i in g], n.lo.ndim)
+                for g, n in zip(groups, norms)]
+    out, values, scales = _common.apply_grouped(xs, groups, norms, t_groups)
+    over = [jnp.sum(v > t, dtype=jnp.int32) for v, t in zip(values, t_groups)]
     num_over = sum(over, jnp.zeros((), jnp.int32))
     num_units = max(sum(v.size for v in values), 1)
     clipped = num_over > 0

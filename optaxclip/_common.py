@@ -228,16 +228,15 @@ def stack_scalars(values: list[jax.Array], ndim: int) -> jax.Array:
 
 
 def apply_grouped(leaves: list[jax.Array], groups: list[list[int]],
-                  norms: list[_norms.Norm],
-                  threshold: Callable[[list[int]], jax.Array]
+                  norms: list[_norms.Norm], thresholds: list[jax.Array]
                   ) -> tuple[list[jax.Array], list[jax.Array],
                              list[jax.Array]]:
   """Clips each leaf by its own (per-unit) factor, computed per group.
 
   ``norms`` and ``groups`` come from
-  :func:`optaxclip._norms.grouped_leaf_norms`; ``threshold(group)`` gives
-  the group's thresholds, broadcastable against its stacked norms. The rule
-  is evaluated once per group, not once per leaf.
+  :func:`optaxclip._norms.grouped_leaf_norms`; ``thresholds[k]`` is group
+  ``k``'s thresholds, broadcastable against its stacked norms. The rule is
+  evaluated once per group, not once per leaf.
 
   Returns:
     The clipped leaves (in order), and per group the norms and the factors
@@ -245,11 +244,11 @@ def apply_grouped(leaves: list[jax.Array], groups: list[list[int]],
   """
   out: list[Any] = [None] * len(leaves)
   values, scales = [], []
-  for group, n in zip(groups, norms):
-    s = clip_factors(n, threshold(group))
+  for group, n, t in zip(groups, norms, thresholds):
+    s = clip_factors(n, t)
     for j, i in enumerate(group):
-      out[i] = scale_leaf(leaves[i], Scale(s.a[j] if s.a.ndim else s.a,
-                                           s.b[j], s.factor[j]))
+      out[i] = scale_leaf(leaves[i], Scale(
+          *(_norms.pick(jnp.broadcast_to(v, n.lo.shape), j) for v in s)))
     values.append(n.value())
     scales.append(s.value())
   return out, values, scales
@@ -262,7 +261,8 @@ def ungroup(groups: list[list[int]], stacked: list[jax.Array],
   out: list[Any] = [None] * len(leaves)
   for group, v in zip(groups, stacked):
     for j, i in enumerate(group):
-      out[i] = jnp.reshape(v[j], _norms.kept_shape(leaves[i].shape, axes[i]))
+      out[i] = jnp.reshape(_norms.pick(v, j),
+                           _norms.kept_shape(leaves[i].shape, axes[i]))
   return out
 
 

@@ -153,12 +153,28 @@ def leaf_norm_parts(leaves: list[jax.Array], ord: Ord,
   out: list[Any] = [None] * len(leaves)
   for group, n in zip(groups, norms):
     for j, i in enumerate(group):
-      out[i] = Norm(n.hi[j], n.lo[j])
+      out[i] = Norm(pick(n.hi, j), pick(n.lo, j))
   return out
 
 
+def pick(stacked: jax.Array, j: int) -> jax.Array:
+  """``stacked[j]``, taken as a masked sum over the leading axis.
+
+  XLA:CPU compiles a masked sum several times faster than a slice of a
+  computed vector (300 slices of a 300-vector: 2.3 s; as sums: 0.4 s), and
+  picking is done once per leaf. Exact: the other entries add zeros.
+  """
+  k = stacked.shape[0]
+  if k == 1:
+    return jnp.reshape(stacked, stacked.shape[1:])
+  mask = np.zeros((k,) + (1,) * (stacked.ndim - 1), bool)
+  mask[j] = True
+  return jnp.sum(jnp.where(mask, stacked, 0), axis=0).astype(stacked.dtype)
+
+
 def grouped_leaf_norms(leaves: list[jax.Array], ord: Ord,
-                       axes: list[tuple[int, ...]]
+                       axes: list[tuple[int, ...]],
+                       groups: list[list[int]] | None = None
                        ) -> tuple[list[list[int]], list[Norm]]:
   """Per-leaf (per-unit) norms, stacked by group of leaves of one type.
 
@@ -167,14 +183,17 @@ def grouped_leaf_norms(leaves: list[jax.Array], ord: Ord,
   ``norms[k]`` holds their norms stacked along a new leading axis (reduced
   axes kept as size 1). Working on groups keeps the number of operations
   per step, and so the compile time, proportional to the number of leaf
-  types rather than of leaves.
+  types rather than of leaves. ``groups`` (e.g. those of the gradients, for
+  the parameters) is used where every group's leaves share shape and axes.
   """
   p = canonical_ord(ord)
   if not leaves:
     return [], []
-  groups = _groups(leaves, axes)
+  if groups is None or any(
+      len({(leaves[i].shape, axes[i]) for i in g}) > 1 for g in groups):
+    groups = _groups(leaves, axes)
   if p == _RMS:
-    _, norms = grouped_leaf_norms(leaves, 2.0, axes)
+    _, norms = grouped_leaf_norms(leaves, 2.0, axes, groups)
     return groups, [
         Norm(n.hi, n.lo / math.sqrt(max(unit_size(leaves[g[0]], axes[g[0]]),
                                         1)))
