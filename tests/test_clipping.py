@@ -497,3 +497,25 @@ def test_stats_through_optax_wrappers(make):
     assert bool(stats["clipped"])
     assert int(stats["num_clipped"]) == 1
     assert optax.tree.get(state, "num_clipped") is not None
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_per_leaf_clip_of_many_same_shape_leaves(axis):
+  # Leaves of one shape are clipped as a group: each must get its own factor.
+  rng = np.random.default_rng(5)
+  grads = {f"l{i}": jnp.asarray(rng.normal(size=(4, 3)) * (i + 1) / 4,
+                                jnp.float32) for i in range(7)}
+  grads["odd"] = jnp.asarray(rng.normal(size=5) * 3, jnp.float32)
+  thresholds = {k: float(1 + i % 3) for i, k in enumerate(grads)}
+  tx = oc.clip_by_norm(thresholds, axis=axis)
+  updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+  for k, g in grads.items():
+    x = np.asarray(g, np.float64)
+    red = None if axis is None or x.ndim == 1 else axis
+    n = np.sqrt(np.sum(x ** 2, axis=red, keepdims=red is not None))
+    want = x * np.minimum(1, thresholds[k] / n)
+    np.testing.assert_allclose(np.asarray(updates[k]), want, rtol=1e-5,
+                               err_msg=k)
+    np.testing.assert_allclose(np.asarray(state.grad_norm[k]),
+                               np.squeeze(n) if red is not None else n,
+                               rtol=1e-5, err_msg=k)
