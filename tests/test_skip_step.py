@@ -325,7 +325,9 @@ def test_shard_map_axis_name_takes_the_global_decision():
   n = jax.device_count()
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
   grads = jnp.ones((n, 4)).at[0, 0].set(5.0)  # Only one shard is large.
-  opt = oc.skip_step(optax.sgd(1.0), max_norm=5.5, axis_name="d")
+  # 5.2 lies below the global norm on any device count, and above every
+  # shard's own norm but the first one's.
+  opt = oc.skip_step(optax.sgd(1.0), max_norm=5.2, axis_name="d")
 
   def local(g):
     state = opt.init(g)
@@ -336,7 +338,7 @@ def test_shard_map_axis_name_takes_the_global_decision():
       local, mesh=mesh, in_specs=P("d"), out_specs=(P("d"), P("d"), P("d"))))(
           grads)
   expected = float(oc.global_norm(grads))
-  assert expected > 5.5
+  assert expected > 5.2
   np.testing.assert_allclose(np.asarray(norm), expected, rtol=1e-6)
   assert np.all(np.asarray(skipped))
   np.testing.assert_array_equal(updates, 0.0)
