@@ -8,15 +8,14 @@ which this test leaves alone. The API page is generated from
 public name gets an entry.
 """
 
-import contextlib
 import importlib.util
-import io
 import pathlib
 import re
 
 import pytest
 
 import optaxclip
+from tests._blocks import run_blocks
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 PAGES = sorted(p for p in DOCS.glob("*.md"))
@@ -28,17 +27,7 @@ def python_blocks(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
 def test_page_python_blocks_run_and_print_what_they_show(page):
-  namespace: dict = {}
-  for block in python_blocks(page):
-    lines = block.rstrip().splitlines()
-    expected = []
-    while lines and lines[-1].startswith("# "):
-      expected.insert(0, lines.pop()[2:])
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-      exec(compile(block, str(page), "exec"), namespace)  # noqa: S102
-    if expected:
-      assert out.getvalue().splitlines() == expected
+  run_blocks(python_blocks(page), str(page))
 
 
 def test_api_page_lists_every_public_name():
