@@ -22,28 +22,34 @@ class AdaptiveGradClipState(NamedTuple):
 
   Attributes:
     count: updates seen so far (int32).
-    grad_norm: per leaf, the 2-norm of each unit of the last incoming update,
-      before clipping; the reduced axes are dropped (a scalar for a leaf
-      that is one unit).
-    threshold: per leaf, each unit's threshold at the last update,
-      ``clipping * max(param_norm, eps)`` (same shapes as ``grad_norm``).
-    scale: per leaf, the factor each unit was multiplied by.
+    grad_norm: the largest ratio, over the units of the last incoming update,
+      of a unit's update norm to its clipping norm ``max(|w|, eps)``: the
+      number compared with ``threshold`` (``inf`` for a nonzero update of a
+      unit whose clipping norm is 0).
+    threshold: ``clipping`` in force at the last update.
+    scale: the smallest factor applied at the last update (1 when nothing
+      was clipped).
     clipped: whether any unit was scaled down at the last update.
     frac_clipped: the fraction of units scaled down at the last update.
     num_clipped: how many updates have had a unit scaled down so far.
+    leaf_norms: (``leaf_norms=True``) per leaf, the 2-norm of each unit of
+      the last incoming update, before clipping, the reduced axes dropped (a
+      scalar for a leaf that is one unit); ``None`` otherwise.
   """
 
   count: jax.Array
-  grad_norm: Any
-  threshold: Any
-  scale: Any
+  grad_norm: jax.Array
+  threshold: jax.Array
+  scale: jax.Array
   clipped: jax.Array
   frac_clipped: jax.Array
   num_clipped: jax.Array
+  leaf_norms: Any = None
 
 
 def adaptive_grad_clip(
-    clipping: Threshold, eps: Threshold = 1e-3, *, axis: Axis = None
+    clipping: Threshold, eps: Threshold = 1e-3, *, axis: Axis = None,
+    leaf_norms: bool = False,
 ) -> optax.GradientTransformation:
   """Clips each unit's update norm to ``clipping`` times its parameters' norm.
 
@@ -72,6 +78,9 @@ def adaptive_grad_clip(
     eps: the smallest parameter norm used, so that zero-initialised units
       (biases) can move: a non-negative number, JAX scalar or schedule.
     axis: ``None`` for the per-shape rules above, or the axes to reduce over.
+    leaf_norms: also keep every unit's update norm in the state, as a tree
+      (:class:`AdaptiveGradClipState`); off by default, as a tree output
+      per leaf costs compile time.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -96,21 +105,25 @@ def adaptive_grad_clip(
   where = "adaptive_grad_clip"
   _common.check_threshold(clipping, "clipping", where)
   _common.check_threshold(eps, "eps", where)
+  _common.check_bool(leaf_norms, "leaf_norms", where)
 
   def init_fn(params):
     leaves, rebuild = _norms.live_leaves(params, where)
-    shapes = [_norms.kept_shape(x.shape, _unit_axes(path, x, axis))
-              for path, x in leaves]
-    dtypes = [_norms.acc_dtype(x.dtype) for _, x in leaves]
-
-    def full(value):
-      return rebuild([jnp.full(s, value, d) for s, d in zip(shapes, dtypes)])
-
+    for path, x in leaves:
+      _unit_axes(path, x, axis)  # A clear error for a leaf with no units.
+    norms = None
+    if leaf_norms:
+      norms = rebuild([
+          jnp.zeros(_norms.kept_shape(x.shape, _unit_axes(path, x, axis)),
+                    _norms.acc_dtype(x.dtype)) for path, x in leaves])
+    dtype = _norms.tree_acc_dtype(params)
+    count = jnp.zeros((), jnp.int32)
     return AdaptiveGradClipState(
-        count=jnp.zeros((), jnp.int32), grad_norm=full(0), threshold=full(0),
-        scale=full(1), clipped=jnp.zeros((), bool),
+        count=count, grad_norm=jnp.zeros((), dtype),
+        threshold=_common.resolve(clipping, count, dtype),
+        scale=jnp.ones((), dtype), clipped=jnp.zeros((), bool),
         frac_clipped=jnp.zeros((), jnp.float32),
-        num_clipped=jnp.zeros((), jnp.int32))
+        num_clipped=jnp.zeros((), jnp.int32), leaf_norms=norms)
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -135,29 +148,29 @@ def adaptive_grad_clip(
     axes = [_unit_axes(path, g, axis) for path, g in leaves]
     groups, g_norms = _norms.grouped_leaf_norms(g_leaves, 2.0, axes)
     _, p_norms = _norms.grouped_leaf_norms(list(p_leaves), 2.0, axes, groups)
-    thresholds = []
-    for gn, pn in zip(g_norms, p_norms):
-      dtype = gn.lo.dtype
-      c = _common.resolve(clipping, state.count, dtype)
-      e = _common.resolve(eps, state.count, dtype)
-      thresholds.append(c * jnp.maximum(pn.value().astype(dtype), e))
+    dtype = _norms.tree_acc_dtype(updates)
+    c = _common.resolve(clipping, state.count, dtype)
+    e = _common.resolve(eps, state.count, dtype)
+    floors = [jnp.maximum(pn.value().astype(gn.lo.dtype), e.astype(
+        gn.lo.dtype)) for gn, pn in zip(g_norms, p_norms)]
+    thresholds = [c.astype(f.dtype) * f for f in floors]
     out, values, scales = _common.apply_grouped(g_leaves, groups, g_norms,
                                                 thresholds)
     over = [jnp.sum(v > t, dtype=jnp.int32) for v, t in zip(values, thresholds)]
     num_over = sum(over, jnp.zeros((), jnp.int32))
     num_units = max(sum(v.size for v in values), 1)
     clipped = num_over > 0
-
-    def squeeze(stacked):
-      return rebuild(_common.ungroup(groups, stacked, g_leaves, axes))
-
+    ratios = [jnp.where(f > 0, v / jnp.where(f > 0, f, 1),
+                        jnp.where(v > 0, jnp.inf, v))
+              for v, f in zip(values, floors)]
     return rebuild(out), AdaptiveGradClipState(
-        count=_common.increment(state.count), grad_norm=squeeze(values),
-        threshold=squeeze([jnp.broadcast_to(t, v.shape) for t, v in
-                           zip(thresholds, values)]),
-        scale=squeeze(scales),
+        count=_common.increment(state.count),
+        grad_norm=_common.largest(ratios, dtype), threshold=c,
+        scale=_common.smallest(scales, dtype),
         clipped=clipped, frac_clipped=num_over.astype(jnp.float32) / num_units,
-        num_clipped=state.num_clipped + clipped.astype(jnp.int32))
+        num_clipped=state.num_clipped + clipped.astype(jnp.int32),
+        leaf_norms=rebuild(_common.ungroup(groups, values, g_leaves, axes))
+        if leaf_norms else None)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

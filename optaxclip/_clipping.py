@@ -40,23 +40,29 @@ class ClipByNormState(NamedTuple):
 
   Attributes:
     count: updates seen so far (int32).
-    grad_norm: per leaf, the norm (per unit when ``axis`` is given) of the
-      last incoming update, before clipping; reduced axes are dropped.
-    threshold: per leaf, the threshold in force at the last update.
-    scale: per leaf, the factor applied (same shape as ``grad_norm``).
+    grad_norm: the largest leaf (or unit) norm of the last incoming update,
+      before clipping: the norm the threshold was compared with.
+    threshold: the threshold in force at the last update (a tree of scalars
+      when ``max_norm`` is a tree).
+    scale: the smallest factor applied at the last update (1 when nothing
+      was clipped).
     clipped: whether any leaf or unit was scaled down at the last update.
     frac_clipped: the fraction of leaves (or units) scaled down at the last
       update.
     num_clipped: how many updates have had something scaled down so far.
+    leaf_norms: (``leaf_norms=True``) per leaf, the norm (per unit when
+      ``axis`` is given, reduced axes dropped) of the last incoming update;
+      ``None`` otherwise.
   """
 
   count: jax.Array
-  grad_norm: Any
+  grad_norm: jax.Array
   threshold: Any
-  scale: Any
+  scale: jax.Array
   clipped: jax.Array
   frac_clipped: jax.Array
   num_clipped: jax.Array
+  leaf_norms: Any = None
 
 
 class ClipByValueState(NamedTuple):
@@ -173,7 +179,8 @@ def clip_by_global_norm(
 
 
 def clip_by_norm(
-    max_norm: Any, *, ord: Ord = 2, axis: Axis = None
+    max_norm: Any, *, ord: Ord = 2, axis: Axis = None,
+    leaf_norms: bool = False,
 ) -> optax.GradientTransformation:
   """Scales each leaf (or each unit of a leaf) to a norm of at most ``max_norm``.
 
@@ -196,6 +203,10 @@ def clip_by_norm(
     ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
     axis: ``None`` (one norm per leaf), or the axis or axes to reduce over;
       every leaf must have them.
+    leaf_norms: also keep every leaf's (unit's) norm in the state, as a tree
+      (:class:`ClipByNormState`). Off by default: the norms are computed
+      anyway, but a tree of them is one output per leaf, which costs compile
+      time (see the benchmarks).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -217,23 +228,32 @@ def clip_by_norm(
   """
   where = "clip_by_norm"
   _common.check_threshold(max_norm, "max_norm", where, allow_tree=True)
+  _common.check_bool(leaf_norms, "leaf_norms", where)
   p = _norms.canonical_ord(ord)
+
+  def record(updates, count, dtype):
+    if _common._is_tree_threshold(max_norm):
+      return _common.leaf_thresholds(max_norm, updates, count, "max_norm",
+                                     where)
+    return _common.resolve(max_norm, count, dtype)
 
   def init_fn(params):
     leaves, rebuild = _norms.live_leaves(params, where)
     for path, x in leaves:
       _norms.leaf_axes(path, x, axis)  # A clear error for a bad axis.
-    zeros = rebuild([
-        jnp.zeros(_norms.kept_shape(x.shape, _norms.leaf_axes(path, x, axis)),
-                  _norms.acc_dtype(x.dtype)) for path, x in leaves])
+    dtype = _norms.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
+    norms = None
+    if leaf_norms:
+      norms = rebuild([
+          jnp.zeros(_norms.kept_shape(x.shape,
+                                      _norms.leaf_axes(path, x, axis)),
+                    _norms.acc_dtype(x.dtype)) for path, x in leaves])
     return ClipByNormState(
-        count=count, grad_norm=zeros,
-        threshold=_common.leaf_thresholds(max_norm, params, count, "max_norm",
-                                          where),
-        scale=_common.tree_map_arrays(jnp.ones_like, zeros),
+        count=count, grad_norm=jnp.zeros((), dtype),
+        threshold=record(params, count, dtype), scale=jnp.ones((), dtype),
         clipped=jnp.zeros((), bool), frac_clipped=jnp.zeros((), jnp.float32),
-        num_clipped=jnp.zeros((), jnp.int32))
+        num_clipped=jnp.zeros((), jnp.int32), leaf_norms=norms)
 
   def update_fn(updates, state, params=None):
     del params
@@ -251,13 +271,16 @@ def clip_by_norm(
     num_over = sum(over, jnp.zeros((), jnp.int32))
     num_units = max(sum(v.size for v in values), 1)
     clipped = num_over > 0
+    dtype = state.grad_norm.dtype
     return rebuild(out), ClipByNormState(
         count=_common.increment(state.count),
-        grad_norm=rebuild(_common.ungroup(groups, values, xs, axes)),
-        threshold=thresholds,
-        scale=rebuild(_common.ungroup(groups, scales, xs, axes)),
+        grad_norm=_common.largest(values, dtype),
+        threshold=record(updates, state.count, dtype),
+        scale=_common.smallest(scales, dtype),
         clipped=clipped, frac_clipped=num_over.astype(jnp.float32) / num_units,
-        num_clipped=state.num_clipped + clipped.astype(jnp.int32))
+        num_clipped=state.num_clipped + clipped.astype(jnp.int32),
+        leaf_norms=rebuild(_common.ungroup(groups, values, xs, axes))
+        if leaf_norms else None)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -236,7 +236,11 @@ def apply_grouped(leaves: list[jax.Array], groups: list[list[int]],
   ``norms`` and ``groups`` come from
   :func:`optaxclip._norms.grouped_leaf_norms`; ``thresholds[k]`` is group
   ``k``'s thresholds, broadcastable against its stacked norms. The rule is
-  evaluated once per group, not once per leaf.
+  evaluated once per group, not once per leaf, and each leaf takes its
+  factor with one :func:`optaxclip._norms.pick`: the pair ``(a, b)`` travels
+  as one signed number, ``-b`` where ``a`` is ``2**-126`` (``b`` is never
+  negative), which halves the picks (measured: each pick per leaf costs
+  about as much compile time as the leaf's own norm).
 
   Returns:
     The clipped leaves (in order), and per group the norms and the factors
@@ -246,9 +250,13 @@ def apply_grouped(leaves: list[jax.Array], groups: list[list[int]],
   values, scales = [], []
   for group, n, t in zip(groups, norms, thresholds):
     s = clip_factors(n, t)
+    signed = jnp.where(jnp.broadcast_to(s.a, n.lo.shape) < 1, -s.b, s.b)
     for j, i in enumerate(group):
+      c = _norms.pick(signed, j)
+      tiny = jnp.asarray(2.0**-126, c.dtype)
       out[i] = scale_leaf(leaves[i], Scale(
-          *(_norms.pick(jnp.broadcast_to(v, n.lo.shape), j) for v in s)))
+          jnp.where(c < 0, tiny, jnp.ones((), c.dtype)), jnp.abs(c),
+          jnp.abs(c)))
     values.append(n.value())
     scales.append(s.value())
   return out, values, scales
@@ -264,6 +272,25 @@ def ungroup(groups: list[list[int]], stacked: list[jax.Array],
       out[i] = jnp.reshape(_norms.pick(v, j),
                            _norms.kept_shape(leaves[i].shape, axes[i]))
   return out
+
+
+def largest(values: list[jax.Array], dtype: Any) -> jax.Array:
+  """The largest entry of several arrays (NaN if any is NaN), as a scalar."""
+  if not values:
+    return jnp.zeros((), dtype)
+  return jnp.max(jnp.stack([jnp.max(v) for v in values])).astype(dtype)
+
+
+def smallest(values: list[jax.Array], dtype: Any) -> jax.Array:
+  """The smallest entry of several arrays (NaN if any is NaN), as a scalar."""
+  if not values:
+    return jnp.ones((), dtype)
+  return jnp.min(jnp.stack([jnp.min(v) for v in values])).astype(dtype)
+
+
+def check_bool(value: Any, name: str, where: str) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{where}: {name} must be True or False, got {value!r}.")
 
 
 def increment(count: jax.Array) -> jax.Array:

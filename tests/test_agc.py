@@ -55,7 +55,7 @@ def optax_agc(clipping, eps, axis, grads, params):
 @functools.partial(jax.jit, static_argnames="axis")
 def ours(clipping, grads, params, axis=None):
   """One compiled program per tree shape and dtype; ``clipping`` is traced."""
-  tx = oc.adaptive_grad_clip(clipping, axis=axis)
+  tx = oc.adaptive_grad_clip(clipping, axis=axis, leaf_norms=True)
   return tx.update(grads, tx.init(params), params)
 
 
@@ -79,7 +79,7 @@ class MatchesOptaxTest(parameterized.TestCase):
         np.asarray(a, np.float32) != np.asarray(b, np.float32),
         axis=_axes(n)))) for n, a, b in _items(expected, grads))
     if dtype == jnp.float32:  # The count of clipped units matches optax's.
-      units = sum(np.size(v) for v in jax.tree.leaves(state.grad_norm))
+      units = sum(np.size(v) for v in jax.tree.leaves(state.leaf_norms))
       np.testing.assert_allclose(state.frac_clipped, changed / units,
                                  rtol=1e-6)
       self.assertGreater(changed, 0)
@@ -94,7 +94,7 @@ class MatchesOptaxTest(parameterized.TestCase):
     chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-9)
     for key, shape in zip(sorted(grads), shapes):
       axes = {a % len(shape) for a in np.atleast_1d(axis)}
-      self.assertEqual(state.grad_norm[key].shape,
+      self.assertEqual(state.leaf_norms[key].shape,
                        tuple(d for i, d in enumerate(shape) if i not in axes))
 
   def test_float64(self):
@@ -103,14 +103,16 @@ class MatchesOptaxTest(parameterized.TestCase):
       expected = optax_agc(0.1, 1e-3, None, grads, params)
       got, state = ours(0.1, grads, params)
       chex.assert_trees_all_close(got, expected, rtol=1e-12)
-      self.assertEqual(state.grad_norm["dense"].dtype, jnp.float64)
+      self.assertEqual(state.leaf_norms["dense"].dtype, jnp.float64)
+      self.assertEqual(state.grad_norm.dtype, jnp.float64)
 
   def test_bfloat16_param_norm_in_float32_is_exact(self):
     # The threshold uses float32 norms of bfloat16 params, not bf16 ones.
     params, grads = make({"dense": (64, 3)}, jnp.bfloat16, zero_param=False)
     _, state = ours(0.5, grads, params)
     pn = np.linalg.norm(np.asarray(params["dense"], np.float64), axis=0)
-    np.testing.assert_allclose(state.threshold["dense"], 0.5 * pn, rtol=1e-6)
+    gn = np.linalg.norm(np.asarray(grads["dense"], np.float64), axis=0)
+    np.testing.assert_allclose(state.grad_norm, np.max(gn / pn), rtol=1e-6)
 
 
 def _axes(name):
@@ -124,33 +126,43 @@ def _items(a, b):
   return [(k, a[k], b[k]) for k in sorted(a)]
 
 
-def test_state_holds_unit_norms_thresholds_and_scales():
+def test_state_holds_unit_norms_ratio_and_scale():
   params = {"w": jnp.array([[3.0, 0.0], [4.0, 1.0]]), "b": jnp.zeros(2)}
   grads = {"w": jnp.array([[1.0, 0.0], [0.0, 0.05]]),
            "b": jnp.array([0.0, 1e-3])}
-  tx = oc.adaptive_grad_clip(0.1, eps=1e-3)
+  tx = oc.adaptive_grad_clip(0.1, eps=1e-3, leaf_norms=True)
   updates, state = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(state.grad_norm["w"], [1.0, 0.05])
-  np.testing.assert_allclose(state.threshold["w"], [0.5, 0.1])
-  np.testing.assert_allclose(state.scale["w"], [0.5, 1.0])
-  np.testing.assert_allclose(state.threshold["b"], 1e-4)  # eps floor
+  np.testing.assert_allclose(state.leaf_norms["w"], [1.0, 0.05])
+  assert state.leaf_norms["b"].shape == ()
+  # Unit ratios |g| / max(|w|, eps): w 1/5 and 0.05/1; b 1e-3 / 1e-3 (the
+  # eps floor). Factors: w 0.1 * 5 / 1 = 0.5 and 1; b 0.1.
+  np.testing.assert_allclose(state.grad_norm, 1.0, rtol=1e-6)
+  np.testing.assert_allclose(state.threshold, 0.1)
+  np.testing.assert_allclose(state.scale, 0.1, rtol=1e-6)
+  np.testing.assert_allclose(updates["w"], [[0.5, 0.0], [0.0, 0.05]])
   np.testing.assert_allclose(updates["b"], [0.0, 1e-4], rtol=1e-6)
   np.testing.assert_allclose(state.frac_clipped, 2 / 3)
   assert bool(state.clipped) and int(state.num_clipped) == 1
-  assert state.grad_norm["b"].shape == ()
+  assert bool(state.clipped) == (float(state.grad_norm) > 0.1)
 
 
 def test_units_below_threshold_are_bit_identical():
   params, grads = make(DEFAULT_SHAPES, seed=4)
   updates, state = ours(0.1, grads, params)
   for key in grads:
-    keep = np.asarray(state.scale[key]) == 1
-    norm = np.asarray(state.grad_norm[key])
-    assert np.array_equal(keep, norm <= np.asarray(state.threshold[key]))
+    red = _axes(key)
+    w = np.asarray(params[key], np.float64)
+    t = 0.1 * np.maximum(np.sqrt(np.sum(w ** 2, axis=red)), 1e-3)
+    norm = np.asarray(state.leaf_norms[key], np.float64)
+    keep = norm <= t * (1 - 1e-6)
     g = np.asarray(grads[key])
     u = np.asarray(updates[key])
-    mask = np.broadcast_to(np.expand_dims(keep, _axes(key)), g.shape)
+    mask = np.broadcast_to(np.expand_dims(keep, red), g.shape)
     np.testing.assert_array_equal(u[mask], g[mask])
+    over = np.broadcast_to(np.expand_dims(norm > t * (1 + 1e-6), red),
+                           g.shape)
+    assert np.all(np.abs(u[over]) <= np.abs(g[over]))
+    assert not np.array_equal(u[over], g[over]) or not over.any()
 
 
 @settings(max_examples=30, deadline=None)

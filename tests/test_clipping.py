@@ -232,15 +232,19 @@ class ClipByNormTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_matches_numpy_reference(self):
     grads = grads_tree(scale=0.5)
-    tx = oc.clip_by_norm(1.5)
+    tx = oc.clip_by_norm(1.5, leaf_norms=True)
     state = tx.init(grads)
     updates, state = self.variant(tx.update)(grads, state)
+    norms = [np.linalg.norm(g) for g in jax.tree.leaves(f64(grads))]
+    np.testing.assert_allclose(state.grad_norm, max(norms), rtol=1e-6)
+    np.testing.assert_allclose(state.scale, min(1.0, 1.5 / max(norms)),
+                               rtol=1e-6)
     for path, g in jax.tree_util.tree_leaves_with_path(f64(grads)):
       n = np.linalg.norm(g)
       want = g * min(1.0, 1.5 / n)
       got = dict(jax.tree_util.tree_leaves_with_path(updates))[path]
       np.testing.assert_allclose(got, want, rtol=1e-6)
-      got_norm = dict(jax.tree_util.tree_leaves_with_path(state.grad_norm))[path]
+      got_norm = dict(jax.tree_util.tree_leaves_with_path(state.leaf_norms))[path]
       np.testing.assert_allclose(got_norm, n, rtol=1e-6)
 
   @parameterized.parameters(0, -1, ((0, 1),), ((1, 0),))
@@ -248,14 +252,18 @@ class ClipByNormTest(chex.TestCase):
     """Each slice along the kept axes is clipped by its own norm."""
     rng = np.random.default_rng(4)
     g = rng.standard_normal((6, 4, 3)).astype(np.float32) * 2
-    updates, state = apply(oc.clip_by_norm(1.0, axis=axis), {"k": jnp.asarray(g)})
+    updates, state = apply(oc.clip_by_norm(1.0, axis=axis, leaf_norms=True),
+                           {"k": jnp.asarray(g)})
     axes = (axis,) if isinstance(axis, int) else axis
     n = np.sqrt(np.sum(g.astype(np.float64) ** 2, axis=axes, keepdims=True))
     want = g * np.minimum(1.0, 1.0 / n)
     np.testing.assert_allclose(updates["k"], want, rtol=1e-6)
-    np.testing.assert_allclose(state.grad_norm["k"], np.squeeze(n, axes),
+    np.testing.assert_allclose(state.leaf_norms["k"], np.squeeze(n, axes),
                                rtol=1e-6)
-    self.assertEqual(state.grad_norm["k"].shape, np.squeeze(n, axes).shape)
+    self.assertEqual(state.leaf_norms["k"].shape, np.squeeze(n, axes).shape)
+    np.testing.assert_allclose(state.grad_norm, np.max(n), rtol=1e-6)
+    np.testing.assert_allclose(state.scale, min(1.0, 1.0 / np.max(n)),
+                               rtol=1e-6)
     np.testing.assert_allclose(state.frac_clipped, np.mean(n > 1.0), rtol=1e-6)
 
   def test_rms_matches_optax_block_rms(self):
@@ -422,7 +430,7 @@ def jitted(name, ord, axis=None):
     if name == "global":
       tx = oc.clip_by_global_norm(t, ord=ord)
     elif name == "leaf":
-      tx = oc.clip_by_norm(t, ord=ord, axis=axis)
+      tx = oc.clip_by_norm(t, ord=ord, axis=axis, leaf_norms=True)
     else:
       tx = oc.clip_by_value(t, stats=True)
     updates, state = apply(tx, grads)
@@ -459,7 +467,8 @@ def test_per_leaf_clip_properties(leaves, t, ord, axis):
   grads = [jnp.asarray(x) for x in leaves]
   clip = jitted("leaf", ord, axis)
   updates, state, after = clip(grads, t)
-  for g, u, n, a in zip(grads, updates, state.grad_norm, after):
+  assert bool(state.clipped) == (float(state.grad_norm) > t)
+  for g, u, n, a in zip(grads, updates, state.leaf_norms, after):
     assert np.all(np.asarray(a) <= t * (1 + 1e-5))
     below = np.broadcast_to(np.reshape(np.asarray(n) <= t, a.shape), g.shape)
     np.testing.assert_array_equal(np.asarray(u)[below], np.asarray(g)[below])
@@ -512,7 +521,7 @@ def test_per_leaf_clip_of_many_same_shape_leaves(axis):
                                 jnp.float32) for i in range(7)}
   grads["odd"] = jnp.asarray(rng.normal(size=5) * 3, jnp.float32)
   thresholds = {k: float(1 + i % 3) for i, k in enumerate(grads)}
-  tx = oc.clip_by_norm(thresholds, axis=axis)
+  tx = oc.clip_by_norm(thresholds, axis=axis, leaf_norms=True)
   updates, state = jax.jit(tx.update)(grads, tx.init(grads))
   for k, g in grads.items():
     x = np.asarray(g, np.float64)
@@ -521,6 +530,6 @@ def test_per_leaf_clip_of_many_same_shape_leaves(axis):
     want = x * np.minimum(1, thresholds[k] / n)
     np.testing.assert_allclose(np.asarray(updates[k]), want, rtol=1e-5,
                                err_msg=k)
-    np.testing.assert_allclose(np.asarray(state.grad_norm[k]),
+    np.testing.assert_allclose(np.asarray(state.leaf_norms[k]),
                                np.squeeze(n) if red is not None else n,
                                rtol=1e-5, err_msg=k)
