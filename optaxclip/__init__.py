@@ -29,7 +29,7 @@ register_state(ClipByValueState, "clip_by_value")
 register_state(AdaptiveGradClipState, "adaptive_grad_clip")
 register_state(ClipByQuantileState, "clip_by_quantile")
 register_state(ZClipState, "zclip")
-register_state(SkipStepStats, "skip_step")
+register_state(SkipStepState, "skip_step")
 register_state(DPState, "dp")
 
 from optaxclip._adagc import AdaGCState, adagc  # noqa: E402
