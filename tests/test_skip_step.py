@@ -431,3 +431,46 @@ def test_bad_arguments(kwargs, error, match):
 def test_inner_must_be_a_transformation():
   with pytest.raises(TypeError, match="inner"):
     oc.skip_step(optax.sgd)
+
+
+def test_multisteps_inside_drops_the_bad_micro_batch_alone():
+  # skip_step(MultiSteps(opt, 3)): a NaN micro-batch leaves the accumulator,
+  # the micro-step and opt's state as they were, so the run equals, bit for
+  # bit, the run in which that micro-batch never came; every later
+  # accumulated step is taken.
+  batches = _batches(12)
+  k = 4
+  with_bad = batches[:k] + [_poison(batches[k], np.nan)] + batches[k:]
+  opt = oc.skip_step(optax.MultiSteps(_inners()["global_norm+adamw"](), 3))
+  step = jax.jit(lambda p, s, g: _apply(opt, p, s, g))
+  p_bad, s_bad = _run(opt, _params(), with_bad, step)
+  p_ref, s_ref = _run(opt, _params(), batches, step)
+  assert_bitwise_equal(p_bad, p_ref)
+  assert_bitwise_equal(s_bad.inner_state, s_ref.inner_state)
+  assert int(s_bad.num_skipped) == 1
+  assert int(s_bad.inner_state.gradient_step) == 4  # 12 good micro-batches.
+
+
+def test_multisteps_outside_is_rejected_with_the_fix():
+  opt = optax.MultiSteps(oc.skip_step(optax.adam(0.1)), 2)
+  grads = {"w": jnp.ones(2)}
+  with pytest.raises(TypeError, match=r"oc\.skip_step\(optax\.MultiSteps"):
+    opt.update(grads, opt.init(grads))
+
+
+def test_multisteps_outside_with_its_own_nonfinite_rule():
+  # The other legitimate nesting: MultiSteps drops non-finite micro-batches
+  # itself, and skip_step judges each accumulated gradient by its norm.
+  opt = optax.MultiSteps(
+      oc.skip_step(optax.sgd(1.0), nonfinite=False, max_norm=3.0), 2,
+      should_skip_update_fn=optax.skip_not_finite)
+  params = {"w": jnp.zeros(2)}
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  outs = []
+  for g in ([1.0, 0.0], [jnp.nan, 0.0], [1.0, 0.0], [9.0, 0.0], [9.0, 0.0]):
+    u, state = update({"w": jnp.array(g)}, state, params)
+    outs.append(float(u["w"][0]))
+  # Window 1 (1, 1; the NaN dropped) is taken; window 2 (9, 9) is skipped.
+  assert outs == [0.0, 0.0, -1.0, 0.0, 0.0]
+  assert int(state.inner_opt_state.num_skipped) == 1
