@@ -474,3 +474,22 @@ def test_multisteps_outside_with_its_own_nonfinite_rule():
   # Window 1 (1, 1; the NaN dropped) is taken; window 2 (9, 9) is skipped.
   assert outs == [0.0, 0.0, -1.0, 0.0, 0.0]
   assert int(state.inner_opt_state.num_skipped) == 1
+
+
+def test_shard_map_inner_collective():
+  # The inner update is traced inside shard_map, where its psum's axis is
+  # bound; the guarded result equals the bare one when the step is taken.
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+  grads = jnp.arange(4.0 * jax.device_count()).reshape(-1, 4)
+  inner = optax.chain(oc.clip_by_global_norm(1.0, axis_name="d"),
+                      optax.sgd(1.0))
+
+  def local(opt, g):
+    return opt.update(g, opt.init(g))[0]
+
+  def run(opt):
+    return jax.jit(jax.shard_map(lambda g: local(opt, g), mesh=mesh,
+                                 in_specs=P("d"), out_specs=P("d")))(grads)
+
+  assert_bitwise_equal(run(oc.skip_step(inner, axis_name="d")), run(inner))
