@@ -192,9 +192,12 @@ def skip_step(
     # The barrier keeps XLA from sharing the squares of this norm with an
     # inner optimizer's squares of the same gradients (Adam's second
     # moment): shared, they are written out as a temporary as large as the
-    # gradients, where a fused reduction reads them once.
-    norm = _norms.global_norm(jax.lax.optimization_barrier(updates), p,
-                              axis_name=axis_name).astype(dtype)
+    # gradients, where a fused reduction reads them once. Inside shard_map
+    # (axis_name given) it is left out: its outputs lose the record of which
+    # leaves vary across devices, which the norm needs.
+    seen = updates if axis_name is not None else (
+        jax.lax.optimization_barrier(updates))
+    norm = _norms.global_norm(seen, p, axis_name=axis_name).astype(dtype)
     threshold = jnp.full((), jnp.inf, dtype)
     if max_norm is not None:
       threshold = _common.resolve(max_norm, state.count, dtype)
