@@ -5,7 +5,12 @@ step guard, each an ``optax.GradientTransformation`` that records what it did.
 """
 
 from optaxclip._agc import AdaptiveGradClipState, adaptive_grad_clip
-from optaxclip._checks import CheckFiniteState, NonFiniteGradientError, check_finite
+from optaxclip._checks import (
+    CheckFiniteState,
+    NonFiniteGradientError,
+    check_finite,
+    raise_if_nonfinite,
+)
 from optaxclip._clipping import (
     ClipByGlobalNormState,
     ClipByNormState,
@@ -29,7 +34,8 @@ register_state(ClipByValueState, "clip_by_value")
 register_state(AdaptiveGradClipState, "adaptive_grad_clip")
 register_state(ClipByQuantileState, "clip_by_quantile")
 register_state(ZClipState, "zclip")
-register_state(SkipStepStats, "skip_step")
+register_state(SkipStepState, "skip_step")
+register_state(CheckFiniteState, "check_finite")
 register_state(DPState, "dp")
 
 from optaxclip._adagc import AdaGCState, adagc  # noqa: E402
@@ -84,6 +90,7 @@ __all__ = [
     "global_norm",
     "per_example_clip",
     "quantile_norm",
+    "raise_if_nonfinite",
     "skip_step",
     "zclip",
 ]

@@ -3,33 +3,55 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
 class CheckFiniteState(NamedTuple):
-  """State of :func:`check_finite`: the number of updates seen."""
+  """State of :func:`check_finite`.
+
+  Attributes:
+    count: updates seen so far (int32).
+    num_nonfinite: NaN and Inf entries in the last update (int32).
+    first_bad_leaf: the index, in tree order (``None`` leaves left out), of
+      the first leaf of the last update holding one; -1 when it was finite.
+  """
 
   count: jax.Array
+  num_nonfinite: jax.Array
+  first_bad_leaf: jax.Array
 
 
 class NonFiniteGradientError(FloatingPointError):
-  """Raised by :func:`check_finite` when a gradient holds a NaN or an Inf."""
+  """A gradient holds a NaN or an Inf; see :func:`check_finite`."""
 
 
-def check_finite() -> optax.GradientTransformation:
+def check_finite(*, callback: bool = True) -> optax.GradientTransformation:
   """Raises :class:`NonFiniteGradientError` when an update is not finite.
 
-  A debugging aid: put it first in the chain. The check runs on the device;
-  only when a leaf holds a NaN or an Inf does it call back to the host,
-  which raises an error naming the first offending leaf (in tree order), the
-  number of NaN and Inf entries in it and the step. Under ``jax.jit`` the
-  error surfaces (as a ``jax.errors.JaxRuntimeError`` carrying the message)
-  when the step's results are next used or waited for. The update passes
-  through unchanged.
+  A debugging aid: put it first in the chain. The update passes through
+  unchanged; the state records how many entries were NaN or Inf and which
+  leaf held the first one.
+
+  - Called eagerly (not under ``jax.jit``), ``update`` raises
+    :class:`NonFiniteGradientError`, naming the first offending leaf (in
+    tree order), its NaN and Inf counts and the step.
+  - Under ``jax.jit`` an exception cannot leave the compiled step with its
+    class: with ``callback=True`` the device calls back to the host only
+    when a leaf is not finite, and the error, with the same message,
+    surfaces as a ``jax.errors.JaxRuntimeError`` when the step's results are
+    next used or waited for. With ``callback=False`` nothing is raised
+    inside the step; call :func:`raise_if_nonfinite` on the returned state
+    (or the whole optimizer state) to raise :class:`NonFiniteGradientError`
+    on the host.
+
+  Args:
+    callback: under ``jax.jit``, raise from a host callback (as a
+      ``JaxRuntimeError``) as soon as a non-finite update is found.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -40,42 +62,97 @@ def check_finite() -> optax.GradientTransformation:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optaxclip as oc
-    >>> opt = optax.chain(oc.check_finite(), oc.clip_by_global_norm(1.0))
-    >>> grads = {"w": jnp.array([1.0, jnp.nan])}
+    >>> opt = optax.chain(oc.check_finite(callback=False),
+    ...                   oc.clip_by_global_norm(1.0))
+    >>> grads = {"b": jnp.ones(2), "w": jnp.array([1.0, jnp.nan])}
     >>> state = opt.init(grads)
+    >>> _, state = jax.jit(opt.update)(grads, state)
     >>> try:
-    ...   jax.block_until_ready(opt.update(grads, state))
-    ... except Exception as e:
-    ...   print("non-finite gradient at ['w']" in str(e))
-    True
+    ...   oc.raise_if_nonfinite(state, grads)
+    ... except oc.NonFiniteGradientError as e:
+    ...   print(e)
+    1 NaN or Inf entries in the update at step 1, the first in ['w'].
   """
+  if not isinstance(callback, (bool, np.bool_)):
+    raise TypeError(f"check_finite: callback must be True or False, got"
+                    f" {callback!r}.")
 
   def init_fn(params):
     del params
-    return CheckFiniteState(count=jnp.zeros((), jnp.int32))
+    return CheckFiniteState(count=jnp.zeros((), jnp.int32),
+                            num_nonfinite=jnp.zeros((), jnp.int32),
+                            first_bad_leaf=jnp.full((), -1, jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
     paths_leaves = jax.tree_util.tree_leaves_with_path(updates)
-    names = [jax.tree_util.keystr(path) or "the root" for path, _ in
-             paths_leaves]
+    names = [_name(path) for path, _ in paths_leaves]
     leaves = [x for _, x in paths_leaves]
-    finite = [jnp.all(jnp.isfinite(x)) for x in leaves]
-    if finite:
-      all_finite = jnp.stack(finite).all()
+    count = optax.safe_increment(state.count)
+    if not leaves:
+      return updates, state._replace(count=count)
+    bad = jnp.stack([jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+                     for x in leaves])
+    total = jnp.sum(bad)
+    first = jnp.where(total > 0, jnp.argmax(bad > 0), -1).astype(jnp.int32)
+    if not any(isinstance(x, jax.core.Tracer) for x in leaves):
+      if int(total):  # Eager: raise the class itself.
+        i = int(first)
+        _raise(i, jnp.sum(jnp.isnan(leaves[i])), jnp.sum(jnp.isinf(leaves[i])),
+               count, names=names)
+    elif callback:
 
-      def report(count):
-        first = jnp.argmin(jnp.stack(finite))
-        nans = jnp.stack([jnp.sum(jnp.isnan(x)) for x in leaves])[first]
-        infs = jnp.stack([jnp.sum(jnp.isinf(x)) for x in leaves])[first]
-        jax.debug.callback(functools.partial(_raise, names=names), first,
-                           nans, infs, count)
+      def report(i, count):
+        nans = jnp.stack([jnp.sum(jnp.isnan(x)) for x in leaves])[i]
+        infs = jnp.stack([jnp.sum(jnp.isinf(x)) for x in leaves])[i]
+        jax.debug.callback(functools.partial(_raise, names=names), i, nans,
+                           infs, count)
 
-      jax.lax.cond(all_finite, lambda c: None, report, state.count)
-    return updates, CheckFiniteState(
-        count=optax.safe_increment(state.count))
+      jax.lax.cond(total > 0, report, lambda i, c: None, first, count)
+    return updates, CheckFiniteState(count=count, num_nonfinite=total,
+                                     first_bad_leaf=first)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def raise_if_nonfinite(opt_state: Any, tree: Any = None) -> None:
+  """Raises :class:`NonFiniteGradientError` if :func:`check_finite` saw one.
+
+  Reads every :class:`CheckFiniteState` in ``opt_state`` (an optimizer state,
+  or any pytree holding one) on the host, which waits for the step that
+  produced it. Use it after a jitted step built with
+  ``check_finite(callback=False)``, where an exception cannot leave the step
+  with its class.
+
+  Args:
+    opt_state: the state returned by the step.
+    tree: optional, a pytree with the structure of the checked updates (the
+      parameters or the gradients): the error names the leaf by its path in
+      it. Without it, by its index in tree order.
+
+  Raises:
+    NonFiniteGradientError: when the last update held a NaN or an Inf.
+  """
+  found = jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, CheckFiniteState))
+  names = None
+  if tree is not None:
+    names = [_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  for state in found:
+    if not isinstance(state, CheckFiniteState):
+      continue
+    total, first, count = (int(np.asarray(x)) for x in (
+        state.num_nonfinite, state.first_bad_leaf, state.count))
+    if total:
+      where = (names[first] if names is not None and first < len(names)
+               else f"leaf {first} (in tree order)")
+      raise NonFiniteGradientError(
+          f"{total} NaN or Inf entries in the update at step {count}, the"
+          f" first in {where}.")
+
+
+def _name(path) -> str:
+  return jax.tree_util.keystr(path) or "the root"
 
 
 def _raise(first, nans, infs, count, *, names) -> None:

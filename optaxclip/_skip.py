@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend import core as jcore
 
 from optaxclip import _common, _norms
 from optaxclip._common import Threshold
 from optaxclip._norms import AxisName, Ord
 
 
-class SkipStepStats(NamedTuple):
-  """What :func:`skip_step` saw and did; the first field of its state.
+class SkipStepState(NamedTuple):
+  """State of :func:`skip_step`.
 
   Attributes:
     count: steps seen so far, skipped ones included (int32).
@@ -24,35 +26,32 @@ class SkipStepStats(NamedTuple):
     threshold: the norm above which the last step would have been skipped:
       the smaller of ``max_norm`` and ``spike_factor * norm_ema`` (``inf``
       when neither rule was in force).
+    scale: the factor applied to the wrapped update in the last step: 1 when
+      it was taken, 0 when it was skipped.
     skipped: whether the last step was skipped.
     num_skipped: how many steps have been skipped so far.
     norm_ema: the bias-corrected exponential moving average of the norms of
       the steps taken (0 before the first one); the spike rule's baseline.
+    inner_state: the state of the wrapped transformation, as it was after the
+      last step that was taken.
   """
 
   count: jax.Array
   grad_norm: jax.Array
   threshold: jax.Array
+  scale: jax.Array
   skipped: jax.Array
   num_skipped: jax.Array
   norm_ema: jax.Array
-
-
-class SkipStepState(NamedTuple):
-  """State of :func:`skip_step`.
-
-  Attributes:
-    stats: a :class:`SkipStepStats`.
-    inner_state: the state of the wrapped transformation, as it was after the
-      last step that was taken.
-  """
-
-  stats: SkipStepStats
   inner_state: Any
 
 
+SkipStepStats = SkipStepState
+"""Deprecated alias of :class:`SkipStepState`, whose fields it held."""
+
+
 def skip_step(
-    inner: optax.GradientTransformation,
+    inner: optax.GradientTransformation | optax.MultiSteps,
     *,
     nonfinite: bool = True,
     max_norm: Threshold | None = None,
@@ -85,16 +84,23 @@ def skip_step(
   The zeros are negative zeros, so that ``params + update`` reproduces every
   parameter bit for bit, signed zeros included.
 
-  The wrapped update is computed every step and its result selected away on a
-  skipped step, with no branch. Under ``jax.jit``, XLA merges the norm
-  computed here with the identical one of an inner
-  :func:`optaxclip.clip_by_global_norm` (same ``ord``, same ``axis_name``),
-  so the guard adds no pass over the gradients to find the norm.
+  The wrapped update runs every step, with no branch: each array of its new
+  state is selected (new when taken, old when skipped) where it is computed,
+  and the rest of the update reads the selected value, so that under
+  ``jax.jit`` with donated buffers XLA updates the state in place, as it does
+  for the wrapped optimizer alone.
+
+  With gradient accumulation, nest ``skip_step(optax.MultiSteps(opt, k))``:
+  a bad micro-batch is dropped alone (the accumulator, the micro-step counter
+  and ``opt``'s state are left as they were) and the rules apply to each
+  micro-batch's norm. ``optax.MultiSteps(skip_step(opt), k)`` with
+  ``nonfinite=True`` raises a ``TypeError`` when traced: there a NaN would
+  stay in MultiSteps' accumulator.
 
   Args:
-    inner: the transformation to guard; extra keyword arguments of a
-      ``GradientTransformationExtraArgs`` (e.g. ``value`` for
-      ``optax.contrib.reduce_on_plateau``) are passed through.
+    inner: the transformation to guard, or an ``optax.MultiSteps``; extra
+      keyword arguments of a ``GradientTransformationExtraArgs`` (e.g.
+      ``value`` for ``optax.contrib.reduce_on_plateau``) are passed through.
     nonfinite: skip steps whose gradients hold a NaN or an Inf.
     max_norm: skip steps whose norm exceeds this: a non-negative number, a
       JAX scalar, or an Optax schedule of the step count. ``None`` for no
@@ -130,16 +136,19 @@ def skip_step(
     >>> state = opt.init(params)
     >>> grads = {"w": jnp.array([jnp.nan, 1.0])}
     >>> updates, state = opt.update(grads, state, params)
-    >>> print(optax.apply_updates(params, updates)["w"], state.stats.skipped)
+    >>> print(optax.apply_updates(params, updates)["w"], state.skipped)
     [1. 2.] True
-    >>> print(oc.clip_stats(state)["skip_step/num_skipped"])
-    1
+    >>> print(state.num_skipped, state.scale)
+    1 0.0
   """
   where = "skip_step"
+  if isinstance(inner, optax.MultiSteps):
+    inner = optax.GradientTransformationExtraArgs(inner.init, inner.update)
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
         f"{where}: inner must be an optax.GradientTransformation (e.g."
-        f" optax.chain(clipper, optimizer)), got {type(inner).__name__}.")
+        f" optax.chain(clipper, optimizer)) or an optax.MultiSteps, got"
+        f" {type(inner).__name__}.")
   if not isinstance(nonfinite, (bool, np.bool_)):
     raise TypeError(f"{where}: nonfinite must be True or False, got"
                     f" {nonfinite!r}.")
@@ -161,51 +170,139 @@ def skip_step(
   def init_fn(params):
     dtype = _norms.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
-    stats = SkipStepStats(
+    return SkipStepState(
         count=count, grad_norm=jnp.zeros((), dtype),
         threshold=(jnp.full((), jnp.inf, dtype) if max_norm is None
                    else _common.resolve(max_norm, count, dtype)),
-        skipped=jnp.zeros((), bool), num_skipped=jnp.zeros((), jnp.int32),
-        norm_ema=jnp.zeros((), dtype))
-    return SkipStepState(stats=stats, inner_state=inner.init(params))
+        scale=jnp.ones((), dtype), skipped=jnp.zeros((), bool),
+        num_skipped=jnp.zeros((), jnp.int32), norm_ema=jnp.zeros((), dtype),
+        inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    stats = state.stats
-    dtype = stats.grad_norm.dtype
-    norm = _norms.global_norm(updates, p, axis_name=axis_name).astype(dtype)
+    if nonfinite and _called_by_multisteps():
+      raise TypeError(
+          f"{where}: wrapped in optax.MultiSteps, a non-finite micro-batch"
+          " stays in MultiSteps' accumulator, out of skip_step's reach, and"
+          " spoils the following steps. Nest it the other way round,"
+          " oc.skip_step(optax.MultiSteps(opt, k)), to drop a bad micro-batch"
+          " alone; or, to judge the accumulated gradients, pass"
+          " nonfinite=False with max_norm or spike_factor and give MultiSteps"
+          " should_skip_update_fn=optax.skip_not_finite.")
+    dtype = state.grad_norm.dtype
+    # The barrier keeps XLA from sharing the squares of this norm with an
+    # inner optimizer's squares of the same gradients (Adam's second
+    # moment): shared, they are written out as a temporary as large as the
+    # gradients, where a fused reduction reads them once. Inside shard_map
+    # (axis_name given) it is left out: its outputs lose the record of which
+    # leaves vary across devices, which the norm needs.
+    seen = updates if axis_name is not None else (
+        jax.lax.optimization_barrier(updates))
+    norm = _norms.global_norm(seen, p, axis_name=axis_name).astype(dtype)
     threshold = jnp.full((), jnp.inf, dtype)
     if max_norm is not None:
-      threshold = _common.resolve(max_norm, stats.count, dtype)
-    taken = stats.count - stats.num_skipped
+      threshold = _common.resolve(max_norm, state.count, dtype)
+    taken = state.count - state.num_skipped
     if spike_factor is not None:
-      spike = jnp.asarray(spike_factor, dtype) * stats.norm_ema
+      spike = jnp.asarray(spike_factor, dtype) * state.norm_ema
       threshold = jnp.where(taken >= spike_warmup,
                             jnp.minimum(threshold, spike), threshold)
     skip = norm > threshold
     if nonfinite:
       skip |= ~jnp.isfinite(norm)
 
-    new_updates, new_inner = inner.update(updates, state.inner_state, params,
-                                          **extra_args)
+    new_updates, new_inner = _update_keeping_state(
+        skip, inner.update, updates, state.inner_state, params, extra_args)
     new_updates = _common.tree_map_arrays(
         lambda u: jnp.where(skip, jnp.negative(jnp.zeros_like(u)), u),
         new_updates)
-    new_inner = jax.tree_util.tree_map(
-        lambda old, new: jnp.where(skip, old, new), state.inner_state,
-        new_inner)
 
     # The moving average of the norms of the steps taken, bias-corrected:
     # after n such steps it weighs them as Adam's corrected moment does.
     decay = jnp.asarray(spike_decay, dtype)
     n = (taken + 1).astype(dtype)
     weight = (1 - decay) / -jnp.expm1(n * jnp.log(decay))
-    ema = stats.norm_ema + weight * (norm - stats.norm_ema)
+    ema = state.norm_ema + weight * (norm - state.norm_ema)
     use = ~skip & jnp.isfinite(norm)
-    new_stats = SkipStepStats(
-        count=_common.increment(stats.count), grad_norm=norm,
-        threshold=threshold, skipped=skip,
-        num_skipped=stats.num_skipped + skip.astype(jnp.int32),
-        norm_ema=jnp.where(use, ema, stats.norm_ema))
-    return new_updates, SkipStepState(stats=new_stats, inner_state=new_inner)
+    return new_updates, SkipStepState(
+        count=_common.increment(state.count), grad_norm=norm,
+        threshold=threshold, scale=jnp.where(skip, 0, 1).astype(dtype),
+        skipped=skip, num_skipped=state.num_skipped + skip.astype(jnp.int32),
+        norm_ema=jnp.where(use, ema, state.norm_ema), inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _update_keeping_state(skip, update, updates, state, params, extra_args):
+  """``update(updates, state, params, **extra_args)``, old state if ``skip``.
+
+  Each array of the new state is replaced by ``where(skip, old, new)`` right
+  where it is computed, and every later operation reads the selected value.
+  When the step is taken the results are those of ``update``, bit for bit;
+  when it is skipped the returned state is ``state`` and the returned updates
+  are meaningless (the caller replaces them). Selecting the results only at
+  the end would leave the update reading the unselected new state: XLA then
+  recomputes it from the old one, which must outlive the in-place write of
+  the selected state, and copies every donated state buffer.
+  """
+  closed, out_shape = jax.make_jaxpr(
+      lambda s: update(updates, s, params, **extra_args),
+      return_shape=True)(state)
+  jaxpr = closed.jaxpr
+  old = jax.tree_util.tree_leaves(state)
+  num_updates = len(jax.tree_util.tree_leaves(out_shape[0]))
+  state_out = jaxpr.outvars[num_updates:]
+  # The state position whose old value each computed variable falls back to.
+  fallback: dict[Any, Any] = {}
+  for i, v in enumerate(state_out):
+    if not isinstance(v, jcore.Literal) and v not in jaxpr.invars:
+      fallback.setdefault(v, old[i])
+
+  env: dict[Any, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, jcore.Literal) else env[v]
+
+  def write(v, x):
+    env[v] = jnp.where(skip, fallback[v], x) if v in fallback else x
+
+  for v, x in zip(jaxpr.constvars, closed.consts):
+    write(v, x)
+  for v, x in zip(jaxpr.invars, old):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    # jax < 0.9 returns (subfuns, params); later versions the params alone.
+    subfuns, bind_params = (bind_params if isinstance(bind_params, tuple)
+                            else ((), bind_params))
+    with eqn.ctx.manager:
+      out = eqn.primitive.bind(*subfuns, *map(read, eqn.invars),
+                               **bind_params)
+    for v, x in zip(eqn.outvars, out if eqn.primitive.multiple_results
+                    else [out]):
+      write(v, x)
+  outs = [read(v) for v in jaxpr.outvars]
+  for i, v in enumerate(state_out):
+    # Literals, inputs passed to another position, and variables whose
+    # fallback is another position's old value are selected here.
+    if isinstance(v, jcore.Literal):
+      owned = False
+    elif v in fallback:
+      owned = fallback[v] is old[i]
+    else:
+      owned = v is jaxpr.invars[i]
+    if not owned:
+      outs[num_updates + i] = jnp.where(skip, old[i], outs[num_updates + i])
+  return jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(out_shape), outs)
+
+
+def _called_by_multisteps() -> bool:
+  """Whether an ``optax.MultiSteps`` update is on the Python call stack."""
+  frame = sys._getframe(2)
+  for _ in range(32):
+    if frame is None:
+      return False
+    if isinstance(frame.f_locals.get("self"), optax.MultiSteps):
+      return True
+    frame = frame.f_back
+  return False
