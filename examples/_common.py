@@ -17,25 +17,28 @@ try:  # Run from a checkout without installing: import the package beside us.
   import optaxclip  # noqa: F401
 except ImportError:
   sys.path.insert(0, str(ROOT))
+import optaxclip as oc  # noqa: E402
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["OUTPUT_DIR", "fmt", "plt", "pre_clip_norm", "print_table", "save"]
+__all__ = ["OUTPUT_DIR", "fmt", "own_stats", "plt", "print_table", "save"]
 
 
-def pre_clip_norm(stats: dict[str, Any]) -> jax.Array:
-  """The global 2-norm before clipping, from ``oc.clip_stats``' ``grad_norm``.
+def own_stats(opt_state: Any) -> dict[str, Any]:
+  """The fields of the one optaxclip transform in ``opt_state``, unprefixed.
 
-  Global and value clippers store it as a scalar; per-leaf clippers store one
-  norm per leaf, whose root sum of squares is the global norm.
+  ``{}`` for an optimizer without one (the unclipped baseline of a
+  comparison). ``oc.clip_stats`` keys each field ``"<transform>/<field>"``;
+  the comparisons here run one clipper at a time and read its fields by name.
   """
-  leaves = jax.tree_util.tree_leaves(stats["grad_norm"])
-  return jnp.sqrt(sum(jnp.sum(jnp.square(n)) for n in leaves))
+  try:
+    stats = oc.clip_stats(opt_state)
+  except ValueError:
+    return {}
+  return {k.split("/", 1)[1]: v for k, v in stats.items()}
 
 
 def fmt(x: float) -> str:

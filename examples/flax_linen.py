@@ -56,8 +56,9 @@ def train_step(state, x, y, weight):
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   state = state.apply_gradients(grads=grads)
   stats = oc.clip_stats(state.opt_state)
-  return state, {"loss": loss, "grad_norm": stats["grad_norm"],
-                 "clipped": stats["clipped"]}
+  return state, {"loss": loss,
+                 "grad_norm": stats["clip_by_global_norm/grad_norm"],
+                 "clipped": stats["clip_by_global_norm/clipped"]}
 
 
 @jax.jit
@@ -92,16 +93,19 @@ def train(max_norm: float, epochs: int, log: bool) -> dict:
     train_mse.append(evaluate(state, x, y))
     if log and (epoch == 1 or epoch % 20 == 0):
       stats = oc.clip_stats(state.opt_state)
+      norm = float(stats["clip_by_global_norm/grad_norm"])
+      done = int(stats["clip_by_global_norm/num_clipped"])
+      count = int(stats["clip_by_global_norm/count"])
       print(f"  epoch {epoch:3d}: train MSE {float(train_mse[-1]):9.4g},"
-            f" last grad norm {float(stats['grad_norm']):8.4g},"
-            f" clipped {int(stats['num_clipped'])}/{int(stats['count'])} steps")
+            f" last grad norm {norm:8.4g}, clipped {done}/{count} steps")
   stats = oc.clip_stats(state.opt_state)
   logs = jax.device_get(logs)
   return {"train": np.asarray(jax.device_get(train_mse)),
           "test": float(evaluate(state, x_test, y_test)),
           "losses": np.concatenate([m["loss"] for m in logs]),
           "norms": np.concatenate([m["grad_norm"] for m in logs]),
-          "frac_clipped": int(stats["num_clipped"]) / int(stats["count"])}
+          "frac_clipped": int(stats["clip_by_global_norm/num_clipped"])
+                          / int(stats["clip_by_global_norm/count"])}
 
 
 def plot(results: dict[str, dict], epochs: int) -> None:

@@ -126,8 +126,7 @@ def train_chunk(model, optimizer, key, batch: int, length: int):
     x, y = adding_problem(key, batch, length)
     loss, grads = nnx.value_and_grad(mse)(model, x, y)
     optimizer.update(model, grads)
-    stats = oc.clip_stats(optimizer.opt_state)
-    norm = stats["grad_norm"] if stats else oc.global_norm(grads)
+    norm = oc.global_norm(grads)  # Before clipping.
     return (model, optimizer), (loss, norm)
 
   _, (losses, norms) = step((model, optimizer), jax.random.split(key, CHUNK))
@@ -145,7 +144,7 @@ def train_lstm(clipper, steps: int, length: int, hidden: int = 32,
     loss, norm = train_chunk(model, optimizer, key, batch, length)
     losses.append(loss)
     norms.append(norm)
-  stats = oc.clip_stats(optimizer.opt_state)
+  stats = _common.own_stats(optimizer.opt_state)
   frac = float(stats["num_clipped"]) / float(stats["count"]) if stats else None
   return {"losses": np.concatenate(jax.device_get(losses)),
           "norms": np.concatenate(jax.device_get(norms)), "frac_clipped": frac}

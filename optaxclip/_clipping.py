@@ -25,6 +25,9 @@ class ClipByGlobalNormState(NamedTuple):
     scale: the factor the last update was multiplied by, ``min(1, t / n)``.
     clipped: whether the last update was scaled down.
     num_clipped: how many updates have been scaled down so far.
+    leaf_norms: (``leaf_norms=True``) each leaf's norm of the last incoming
+      update, a tree like the updates, from the same partial sums as
+      ``grad_norm`` (see :func:`optaxclip.global_norm`); ``None`` otherwise.
   """
 
   count: jax.Array
@@ -33,6 +36,7 @@ class ClipByGlobalNormState(NamedTuple):
   scale: jax.Array
   clipped: jax.Array
   num_clipped: jax.Array
+  leaf_norms: Any = None
 
 
 class ClipByNormState(NamedTuple):
@@ -99,7 +103,8 @@ class ClipByValueState(NamedTuple):
 
 
 def clip_by_global_norm(
-    max_norm: Threshold, *, ord: Ord = 2, axis_name: AxisName = None
+    max_norm: Threshold, *, ord: Ord = 2, axis_name: AxisName = None,
+    leaf_norms: bool = False,
 ) -> optax.GradientTransformation:
   """Scales the whole update so that its global norm is at most ``max_norm``.
 
@@ -127,6 +132,9 @@ def clip_by_global_norm(
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or tuple of names) to reduce the norm over, so that every device
       uses the norm of the whole update.
+    leaf_norms: also keep each leaf's norm in the state (a tree): the
+      partial sums of the global norm, at no extra pass over the update;
+      :func:`optaxclip.clip_stats` with ``scalars=True`` lists them by path.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -148,6 +156,7 @@ def clip_by_global_norm(
   """
   where = "clip_by_global_norm"
   _common.check_threshold(max_norm, "max_norm", where)
+  _common.check_bool(leaf_norms, "leaf_norms", where)
   p = _norms.canonical_ord(ord)
 
   def init_fn(params):
@@ -157,12 +166,14 @@ def clip_by_global_norm(
         count=jnp.zeros((), jnp.int32), grad_norm=zero,
         threshold=_common.resolve(max_norm, jnp.zeros((), jnp.int32), dtype),
         scale=jnp.ones((), dtype), clipped=jnp.zeros((), bool),
-        num_clipped=jnp.zeros((), jnp.int32))
+        num_clipped=jnp.zeros((), jnp.int32),
+        leaf_norms=_common.zero_leaf_norms(params) if leaf_norms else None)
 
   def update_fn(updates, state, params=None):
     del params
     dtype = state.grad_norm.dtype
-    norm = _norms.global_norm_parts(updates, p, axis_name=axis_name)
+    norm, each = _norms.global_and_leaf_norms(
+        updates, p, axis_name=axis_name, leaves=leaf_norms)
     threshold = _common.resolve(max_norm, state.count, dtype)
     scale = _common.clip_factors(norm, threshold)
     updates = _common.tree_map_arrays(
@@ -173,7 +184,8 @@ def clip_by_global_norm(
         count=_common.increment(state.count), grad_norm=grad_norm,
         threshold=threshold, scale=scale.value().astype(dtype),
         clipped=clipped,
-        num_clipped=state.num_clipped + clipped.astype(jnp.int32))
+        num_clipped=state.num_clipped + clipped.astype(jnp.int32),
+        leaf_norms=each)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

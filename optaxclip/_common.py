@@ -288,6 +288,12 @@ def smallest(values: list[jax.Array], dtype: Any) -> jax.Array:
   return jnp.min(jnp.stack([jnp.min(v) for v in values])).astype(dtype)
 
 
+def zero_leaf_norms(params: Any) -> Any:
+  """Zeros shaped like a tree of per-leaf norms (one scalar per leaf)."""
+  leaves, rebuild = _norms.live_leaves(params, "optaxclip")
+  return rebuild([jnp.zeros((), _norms.acc_dtype(x.dtype)) for _, x in leaves])
+
+
 def check_bool(value: Any, name: str, where: str) -> None:
   if not isinstance(value, (bool, np.bool_)):
     raise TypeError(f"{where}: {name} must be True or False, got {value!r}.")

@@ -105,24 +105,45 @@ def global_norm(
 def global_norm_parts(tree: Any, ord: Ord = 2, *,
                       axis_name: AxisName = None) -> Norm:
   """:func:`global_norm` as a :class:`Norm` pair (exact beyond overflow)."""
+  return global_and_leaf_norms(tree, ord, axis_name=axis_name)[0]
+
+
+def global_and_leaf_norms(tree: Any, ord: Ord = 2, *,
+                          axis_name: AxisName = None, leaves: bool = False
+                          ) -> tuple[Norm, Any]:
+  """The global norm and, with ``leaves``, each leaf's norm as a tree.
+
+  The leaf norms come from the partial sums the global norm adds up, at no
+  extra pass over the tree (inside ``shard_map``, one more ``psum``, of one
+  vector). They are as float32 (float64) accumulates them: a leaf whose
+  ``sum |x| ** p`` overflows reads ``inf``, and one whose terms underflow
+  reads low, where the global norm is exact. Without ``leaves`` the second
+  result is ``None``.
+  """
   p = canonical_ord(ord)
-  leaves = float_leaves(tree, "global_norm")
-  dtype = _common_acc_dtype(leaves)
-  if not leaves:
+  live, rebuild = live_leaves(tree, "global_norm")
+  xs = [x for _, x in live]
+  dtype = _common_acc_dtype(xs)
+  if not xs:
     zero = jnp.zeros((), dtype)
-    return Norm(jnp.ones((), dtype), zero)
+    return Norm(jnp.ones((), dtype), zero), rebuild([]) if leaves else None
   if p == _RMS:
-    n = _global_norm(leaves, 2.0, axis_name, dtype)
-    size = _global_size(leaves, axis_name)
+    n, each = _global_norm(xs, 2.0, axis_name, dtype, leaves)
+    size = _global_size(xs, axis_name)
     root = jnp.sqrt(jnp.maximum(jnp.asarray(size, dtype), 1))
-    return Norm(n.hi, n.lo / root)
-  if isinstance(p, jax.Array):  # Traced, e.g. injected by inject_hyperparams.
-    return jax.lax.switch(_ord_index(p), [
-        lambda: _global_norm(leaves, 2.0, axis_name, dtype),
-        lambda: _global_norm(leaves, 1.0, axis_name, dtype),
-        lambda: _global_norm(leaves, math.inf, axis_name, dtype),
-        lambda: _global_norm(leaves, p.astype(dtype), axis_name, dtype)])
-  return _global_norm(leaves, p, axis_name, dtype)
+    if leaves:
+      each = [v / math.sqrt(max(_global_size([x], axis_name), 1))
+              for v, x in zip(each, xs)]
+    n = Norm(n.hi, n.lo / root)
+  elif isinstance(p, jax.Array):  # Traced, e.g. injected by inject_hyperparams.
+    n, each = jax.lax.switch(_ord_index(p), [
+        lambda: _global_norm(xs, 2.0, axis_name, dtype, leaves),
+        lambda: _global_norm(xs, 1.0, axis_name, dtype, leaves),
+        lambda: _global_norm(xs, math.inf, axis_name, dtype, leaves),
+        lambda: _global_norm(xs, p.astype(dtype), axis_name, dtype, leaves)])
+  else:
+    n, each = _global_norm(xs, p, axis_name, dtype, leaves)
+  return n, rebuild(each) if leaves else None
 
 
 def leaf_norms(tree: Any, ord: Ord = 2, *, axis: Axis = None) -> Any:
@@ -404,12 +425,24 @@ def ceil_pow2_exponent(m: jax.Array) -> jax.Array:
 
 
 def _global_norm(leaves: list[jax.Array], p: Any, axis_name: AxisName,
-                 dtype: Any) -> Norm:
+                 dtype: Any, each: bool = False
+                 ) -> tuple[Norm, list[jax.Array] | None]:
+  """The global norm, and with ``each`` the per-leaf norms it is made of."""
   one = jnp.ones((), dtype)
   if isinstance(p, float) and p == math.inf:
-    return Norm(one, _tree_max(leaves, axis_name, dtype))
-  s = _psum([jnp.sum(_abs_pow(x, p), dtype=dtype) for x in leaves], leaves,
-            axis_name)
+    maxes = [jnp.max(_abs(x), initial=0).astype(dtype) for x in leaves]
+    total = jnp.max(jnp.stack(maxes))
+    if axis_name is not None and (
+        axes := _split_axes(total, _axis_names(axis_name))):
+      total = jax.lax.pmax(total, axes)
+      maxes = list(jax.lax.pmax(jnp.stack(maxes), axes)) if each else maxes
+    return Norm(one, total), maxes if each else None
+  partials = [jnp.sum(_abs_pow(x, p), dtype=dtype) for x in leaves]
+  s = _psum(partials, leaves, axis_name)
+  per_leaf = None
+  if each:
+    sums = _psum_each(partials, leaves, axis_name)
+    per_leaf = [_root(v, p) for v in sums]
 
   def plain(s):
     return Norm(_one_like(s), _root(s, p))
@@ -426,7 +459,8 @@ def _global_norm(leaves: list[jax.Array], p: Any, axis_name: AxisName,
     return Norm(jnp.where(finite, pow2(e, dtype), one),
                 jnp.where(finite, _root(t, p), m))
 
-  return jax.lax.cond(_needs_rescale(s, p, zero=True), rescaled, plain, s)
+  return jax.lax.cond(_needs_rescale(s, p, zero=True), rescaled, plain,
+                      s), per_leaf
 
 
 def _leaf_norms(leaves: list[jax.Array], p: Any,
@@ -537,6 +571,23 @@ def _psum(partials: list[jax.Array], leaves: list[jax.Array],
     groups[copies] = groups[copies] + s if copies in groups else s
   total = sum(s if c == 1 else s / c for c, s in groups.items())
   return jax.lax.psum(total, axes) if axes else total
+
+
+def _psum_each(partials: list[jax.Array], leaves: list[jax.Array],
+               axis_name: AxisName) -> list[jax.Array]:
+  """Each leaf's partial sum over the whole, unsharded leaf: one ``psum``."""
+  if axis_name is None:
+    return partials
+  names = _axis_names(axis_name)
+  splits = [_split_axes(x, names) for x in leaves]
+  axes = tuple(n for n in names if any(n in s for s in splits))
+  if not axes:
+    return partials
+  scaled = []
+  for s, split in zip(partials, splits):
+    copies = math.prod(_axis_size(n) for n in axes if n not in split)
+    scaled.append(s if copies == 1 else s / copies)
+  return list(jax.lax.psum(jnp.stack(scaled), axes))
 
 
 def _global_size(leaves: list[jax.Array], axis_name: AxisName) -> int:

@@ -38,6 +38,9 @@ class ClipByQuantileState(NamedTuple):
     fill: how many slots of ``norm_history`` hold norms (int32, at most
       ``history``).
     index: the slot the next norm is written to (int32).
+    leaf_norms: (``leaf_norms=True``) each leaf's norm of the last incoming
+      update, a tree like the updates, from the same partial sums as
+      ``grad_norm``; ``None`` otherwise.
   """
 
   count: jax.Array
@@ -50,6 +53,7 @@ class ClipByQuantileState(NamedTuple):
   sorted_norms: jax.Array
   fill: jax.Array
   index: jax.Array
+  leaf_norms: Any = None
 
 
 def clip_by_quantile(
@@ -60,6 +64,7 @@ def clip_by_quantile(
     ord: Ord = 2,
     per_leaf: bool = False,
     axis_name: AxisName = None,
+    leaf_norms: bool = False,
 ) -> optax.GradientTransformation:
   """AutoClip: clips the norm to a quantile of the recent pre-clip norms.
 
@@ -107,6 +112,10 @@ def clip_by_quantile(
       of its own norms.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or names) to reduce norms over.
+    leaf_norms: also keep each leaf's norm in the state (a tree; not with
+      ``per_leaf``, whose ``grad_norm`` is per leaf already): the
+      partial sums of the global norm, at no extra pass over the update;
+      :func:`optaxclip.clip_stats` with ``scalars=True`` lists them by path.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -145,6 +154,10 @@ def clip_by_quantile(
   where = "clip_by_quantile"
   _common.check_range(quantile, "quantile", where, lo=0.0, hi=1.0)
   _common.check_int(history, "history", where, lo=1)
+  _common.check_bool(leaf_norms, "leaf_norms", where)
+  if leaf_norms and per_leaf:
+    raise ValueError(f"{where}: with per_leaf=True, grad_norm holds each"
+                     " leaf's norm already; drop leaf_norms=True.")
   if not isinstance(include_current, (bool, np.bool_)):
     raise TypeError(f"{where}: include_current must be True or False, got"
                     f" {include_current!r}.")
@@ -170,17 +183,20 @@ def clip_by_quantile(
         scale=full(1), clipped=jnp.zeros((), bool),
         num_clipped=jnp.zeros((), jnp.int32),
         norm_history=buf, sorted_norms=jnp.full_like(buf, jnp.inf),
-        fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32))
+        fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32),
+        leaf_norms=_common.zero_leaf_norms(params) if leaf_norms else None)
 
   def update_fn(updates, state, params=None):
     del params
     dtype = state.norm_history.dtype
     size = state.norm_history.shape[-1]  # Static even when injected.
     leaves, rebuild = _norms.live_leaves(updates, where)
+    each = None
     if per_leaf:
       parts = _per_leaf_norms([x for _, x in leaves], p, axis_name, dtype)
     else:
-      parts = _norms.global_norm_parts(updates, p, axis_name=axis_name)
+      parts, each = _norms.global_and_leaf_norms(
+          updates, p, axis_name=axis_name, leaves=leaf_norms)
     norm = parts.value().astype(dtype)
     finite = jnp.all(jnp.isfinite(norm))
     oldest = jnp.where(state.fill == size,
@@ -214,7 +230,8 @@ def clip_by_quantile(
         count=_common.increment(state.count), grad_norm=norm,
         threshold=threshold, scale=values, clipped=clipped,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32),
-        norm_history=buf, sorted_norms=ordered, fill=fill, index=index)
+        norm_history=buf, sorted_norms=ordered, fill=fill, index=index,
+        leaf_norms=each)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

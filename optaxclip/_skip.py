@@ -32,6 +32,9 @@ class SkipStepState(NamedTuple):
     num_skipped: how many steps have been skipped so far.
     norm_ema: the bias-corrected exponential moving average of the norms of
       the steps taken (0 before the first one); the spike rule's baseline.
+    leaf_norms: (``leaf_norms=True``) each leaf's norm of the last incoming
+      update, a tree like the updates, from the same partial sums as
+      ``grad_norm``; ``None`` otherwise.
     inner_state: the state of the wrapped transformation, as it was after the
       last step that was taken.
   """
@@ -43,6 +46,7 @@ class SkipStepState(NamedTuple):
   skipped: jax.Array
   num_skipped: jax.Array
   norm_ema: jax.Array
+  leaf_norms: Any
   inner_state: Any
 
 
@@ -60,6 +64,7 @@ def skip_step(
     spike_warmup: int = 20,
     ord: Ord = 2,
     axis_name: AxisName = None,
+    leaf_norms: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips bad steps: zero update, and the wrapped state left as it was.
 
@@ -116,6 +121,9 @@ def skip_step(
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or tuple of names) to reduce the norm over, so that every device
       takes the same decision.
+    leaf_norms: also keep each leaf's norm in the state (a tree): the
+      partial sums of the global norm, at no extra pass over the update;
+      :func:`optaxclip.clip_stats` with ``scalars=True`` lists them by path.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -164,6 +172,7 @@ def skip_step(
     raise ValueError(
         f"{where}: with nonfinite=False, give max_norm or spike_factor;"
         " otherwise no step is ever skipped.")
+  _common.check_bool(leaf_norms, "leaf_norms", where)
   p = _norms.canonical_ord(ord)
   inner = optax.with_extra_args_support(inner)
 
@@ -176,6 +185,7 @@ def skip_step(
                    else _common.resolve(max_norm, count, dtype)),
         scale=jnp.ones((), dtype), skipped=jnp.zeros((), bool),
         num_skipped=jnp.zeros((), jnp.int32), norm_ema=jnp.zeros((), dtype),
+        leaf_norms=_common.zero_leaf_norms(params) if leaf_norms else None,
         inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -197,7 +207,9 @@ def skip_step(
     # leaves vary across devices, which the norm needs.
     seen = updates if axis_name is not None else (
         jax.lax.optimization_barrier(updates))
-    norm = _norms.global_norm(seen, p, axis_name=axis_name).astype(dtype)
+    parts, each = _norms.global_and_leaf_norms(
+        seen, p, axis_name=axis_name, leaves=leaf_norms)
+    norm = parts.value().astype(dtype)
     threshold = jnp.full((), jnp.inf, dtype)
     if max_norm is not None:
       threshold = _common.resolve(max_norm, state.count, dtype)
@@ -227,7 +239,8 @@ def skip_step(
         count=_common.increment(state.count), grad_norm=norm,
         threshold=threshold, scale=jnp.where(skip, 0, 1).astype(dtype),
         skipped=skip, num_skipped=state.num_skipped + skip.astype(jnp.int32),
-        norm_ema=jnp.where(use, ema, state.norm_ema), inner_state=new_inner)
+        norm_ema=jnp.where(use, ema, state.norm_ema), leaf_norms=each,
+        inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

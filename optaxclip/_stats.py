@@ -6,36 +6,63 @@ import sys
 from typing import Any
 
 import jax
+import numpy as np
 
 _REGISTRY: dict[type, str] = {}
+_INNER = "inner_state"  # A wrapper's field holding the wrapped state.
 
 
 def register_state(state_type: type, name: str) -> type:
-  """Marks a NamedTuple state type as one whose fields :func:`clip_stats` reads."""
+  """Marks a NamedTuple state type as one whose fields :func:`clip_stats` reads.
+
+  Its fields are reported as ``name/field``; a field named ``inner_state``
+  (a wrapped transformation's state) is searched in turn instead.
+
+  Args:
+    state_type: a ``NamedTuple`` class.
+    name: the prefix of its keys, e.g. ``"my_clipper"``.
+
+  Returns:
+    ``state_type``, so that this can decorate the class.
+  """
   _REGISTRY[state_type] = name
   return state_type
 
 
-def clip_stats(opt_state: Any) -> dict[str, Any]:
+def clip_stats(opt_state: Any, *, scalars: bool = False) -> dict[str, Any]:
   """The statistics of every optaxclip transform found in ``opt_state``.
 
   Searches any nested optimizer state (``optax.chain``, ``masked``,
-  ``multi_transform``, ``inject_hyperparams``, ``MultiSteps``, a Flax NNX
-  ``nnx.Optimizer``'s ``opt_state`` whose arrays sit in NNX variables, ...)
-  for optaxclip states and returns their fields in one flat dict, ready to log.
+  ``multi_transform``, ``inject_hyperparams``, ``MultiSteps``,
+  :func:`optaxclip.skip_step`, a Flax NNX ``nnx.Optimizer``'s
+  ``opt_state`` whose arrays sit in NNX variables, ...) for optaxclip states
+  and returns their fields in one flat dict.
 
-  With one optaxclip transform in the state, the keys are its field names
-  (``"grad_norm"``, ``"scale"``, ``"clipped"``, ``"count"``,
-  ``"num_clipped"``, ...). With several, each key is prefixed by the
-  transform's name, plus ``"#i"`` (``i`` counting from 0 in tree order) when
-  the same transform appears more than once: ``"clip_by_global_norm/grad_norm"``,
-  ``"zclip#1/threshold"``.
+  Keys are always ``"<transform>/<field>"``, e.g.
+  ``"clip_by_global_norm/grad_norm"``, whatever wraps the transform and
+  whatever else is in the chain, so a logging call keeps working when the
+  optimizer is wrapped in :func:`optaxclip.skip_step` or another clipper is
+  added. A transform that appears more than once is numbered in tree order
+  from its second appearance: ``"zclip/..."``, ``"zclip#1/..."``. Fields
+  that a transform does not keep (``None``) are left out.
+
+  With ``scalars=True`` only scalar statistics are returned, ready for a
+  logger (TensorBoard, Weights & Biases, CLU): buffers such as ZClip's
+  warm-up norms are dropped, and per-leaf norms (``leaf_norms=True`` on
+  the clippers that offer it) come one key per leaf, named by the leaf's
+  path: ``"clip_by_global_norm/leaf_norms/dense/kernel"``.
+  ``jax.device_get`` turns the values into NumPy scalars.
 
   Args:
     opt_state: an optimizer state, or any pytree containing one.
+    scalars: return only scalars, per-leaf norms spread out by path.
 
   Returns:
-    A dict from names to arrays (or pytrees of arrays for per-leaf clippers).
+    A dict from names to arrays (or, without ``scalars``, pytrees of arrays
+    for per-leaf fields).
+
+  Raises:
+    ValueError: when ``opt_state`` holds no optaxclip transform's state.
 
   Example:
     >>> import jax.numpy as jnp
@@ -46,27 +73,67 @@ def clip_stats(opt_state: Any) -> dict[str, Any]:
     >>> state = opt.init(params)
     >>> _, state = opt.update({"w": jnp.array([3.0, 4.0])}, state, params)
     >>> stats = oc.clip_stats(state)
-    >>> print(stats["grad_norm"], stats["scale"], stats["num_clipped"])
-    5.0 0.2 1
+    >>> print(stats["clip_by_global_norm/grad_norm"],
+    ...       stats["clip_by_global_norm/scale"])
+    5.0 0.2
   """
-  found = jax.tree_util.tree_leaves(
-      _unwrap_variables(opt_state),
-      is_leaf=lambda x: type(x) in _REGISTRY)
-  states = [s for s in found if type(s) in _REGISTRY]
-  if len(states) == 1:
-    return dict(states[0]._asdict())
-  names = [_REGISTRY[type(s)] for s in states]
+  states: list[Any] = []
+  _collect(_unwrap_variables(opt_state), states)
+  if not states:
+    raise ValueError(
+        "clip_stats: found no optaxclip transform in this state"
+        f" ({type(opt_state).__name__}). Pass the optimizer state that"
+        " update() returned (for Flax NNX, optimizer.opt_state; for a linen"
+        " TrainState, state.opt_state) of an optimizer that contains an"
+        " optaxclip transform.")
   out: dict[str, Any] = {}
   seen: dict[str, int] = {}
-  for name, state in zip(names, states):
-    if names.count(name) > 1:
-      key = f"{name}#{seen.get(name, 0)}"
-      seen[name] = seen.get(name, 0) + 1
-    else:
-      key = name
+  for state in states:
+    name = _REGISTRY[type(state)]
+    n = seen.get(name, 0)
+    seen[name] = n + 1
+    key = name if n == 0 else f"{name}#{n}"
     for field, value in state._asdict().items():
-      out[f"{key}/{field}"] = value
+      if field == _INNER or value is None:
+        continue
+      if not scalars:
+        out[f"{key}/{field}"] = value
+      elif field == "leaf_norms":
+        for path, leaf in jax.tree_util.tree_leaves_with_path(value):
+          if np.ndim(leaf) == 0:
+            out[f"{key}/{field}/{_path_name(path)}"] = leaf
+      elif _is_scalar(value):
+        out[f"{key}/{field}"] = value
   return out
+
+
+def _collect(tree: Any, out: list[Any]) -> None:
+  """Appends the registered states in ``tree``, in tree order, outer first."""
+  for x in jax.tree_util.tree_leaves(
+      tree, is_leaf=lambda x: type(x) in _REGISTRY):
+    if type(x) in _REGISTRY:
+      out.append(x)
+      inner = getattr(x, _INNER, None)
+      if inner is not None:
+        _collect(inner, out)
+
+
+def _is_scalar(value: Any) -> bool:
+  return (not isinstance(value, (dict, list, tuple))
+          and hasattr(value, "shape") and np.ndim(value) == 0)
+
+
+def _path_name(path: Any) -> str:
+  """``dense/kernel`` for the path of ``tree["dense"]["kernel"]``."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts) or "root"
 
 
 def _unwrap_variables(tree: Any) -> Any:

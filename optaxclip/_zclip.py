@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,9 @@ class ZClipState(NamedTuple):
       ``(warmup_steps,)``.
     fill: how many warm-up norms are collected; the EMA is in use once it
       equals ``warmup_steps``.
+    leaf_norms: (``leaf_norms=True``) each leaf's norm of the last incoming
+      update, a tree like the updates, from the same partial sums as
+      ``grad_norm``; ``None`` otherwise.
   """
 
   count: jax.Array
@@ -55,6 +58,7 @@ class ZClipState(NamedTuple):
   var: jax.Array
   warmup_norms: jax.Array
   fill: jax.Array
+  leaf_norms: Any = None
 
 
 def zclip(
@@ -68,6 +72,7 @@ def zclip(
     eps: float = 1e-6,
     ord: Ord = 2,
     axis_name: AxisName = None,
+    leaf_norms: bool = False,
 ) -> optax.GradientTransformation:
   """ZClip: clips norm spikes detected by a z-score against EMA statistics.
 
@@ -115,6 +120,9 @@ def zclip(
     ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or names) to reduce the norm over.
+    leaf_norms: also keep each leaf's norm in the state (a tree): the
+      partial sums of the global norm, at no extra pass over the update;
+      :func:`optaxclip.clip_stats` with ``scalars=True`` lists them by path.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ZClipState`.
@@ -134,6 +142,7 @@ def zclip(
     [1.0338] True 1.0338
   """
   where = "zclip"
+  _common.check_bool(leaf_norms, "leaf_norms", where)
   _common.check_range(alpha, "alpha", where, lo=0.0, hi=1.0, open_lo=True,
               open_hi=True)
   _common.check_range(z_thresh, "z_thresh", where, lo=0.0, hi=np.inf)
@@ -155,13 +164,15 @@ def zclip(
         clipped=jnp.zeros((), bool), num_clipped=jnp.zeros((), jnp.int32),
         spike=jnp.zeros((), bool), z=zero, mean=zero, var=zero,
         warmup_norms=jnp.zeros((size,), dtype),
-        fill=jnp.zeros((), jnp.int32))
+        fill=jnp.zeros((), jnp.int32),
+        leaf_norms=_common.zero_leaf_norms(params) if leaf_norms else None)
 
   def update_fn(updates, state, params=None):
     del params
     dtype = state.grad_norm.dtype
     size = state.warmup_norms.shape[0]  # Static even when injected.
-    parts = _norms.global_norm_parts(updates, p, axis_name=axis_name)
+    parts, each = _norms.global_and_leaf_norms(
+        updates, p, axis_name=axis_name, leaves=leaf_norms)
     g = parts.value().astype(dtype)
     a = _common.resolve(alpha, state.count, dtype, hi=1.0)
     zt = _common.resolve(z_thresh, state.count, dtype)
@@ -214,6 +225,6 @@ def zclip(
         num_clipped=state.num_clipped + over.astype(jnp.int32),
         spike=spike, z=jnp.where(warm, 0, z).astype(dtype),
         mean=mean.astype(dtype), var=var.astype(dtype), warmup_norms=buf,
-        fill=fill)
+        fill=fill, leaf_norms=each)
 
   return optax.GradientTransformation(init_fn, update_fn)

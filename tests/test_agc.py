@@ -272,9 +272,10 @@ def test_stats_in_a_chain():
   stats = oc.clip_stats(state)
   for key in ("grad_norm", "threshold", "scale", "clipped", "frac_clipped",
               "num_clipped", "count"):
-    assert key in stats
-  assert 0 < float(stats["frac_clipped"]) < 1
-  assert optax.tree.get(state, "frac_clipped") is stats["frac_clipped"]
+    assert f"adaptive_grad_clip/{key}" in stats
+  frac = stats["adaptive_grad_clip/frac_clipped"]
+  assert 0 < float(frac) < 1
+  assert optax.tree.get(state, "frac_clipped") is frac
 
 
 def test_jit_no_retrace_no_transfer():

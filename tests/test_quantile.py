@@ -375,10 +375,10 @@ def test_stats_and_tree_get():
   stats = oc.clip_stats(state)
   for key in ("grad_norm", "threshold", "scale", "clipped", "num_clipped",
               "norm_history", "sorted_norms", "fill", "count"):
-    assert key in stats
-  np.testing.assert_allclose(stats["threshold"], 2.5, rtol=1e-6)
-  np.testing.assert_allclose(stats["scale"], 2.5 / 4.0, rtol=1e-6)
-  assert int(stats["fill"]) == 2
+    assert f"clip_by_quantile/{key}" in stats
+  np.testing.assert_allclose(stats["clip_by_quantile/threshold"], 2.5, rtol=1e-6)
+  np.testing.assert_allclose(stats["clip_by_quantile/scale"], 2.5 / 4.0, rtol=1e-6)
+  assert int(stats["clip_by_quantile/fill"]) == 2
   np.testing.assert_allclose(optax.tree.get(state, "threshold"), 2.5,
                              rtol=1e-6)
 

@@ -19,15 +19,19 @@ def step(opt, steps=1):
   return state
 
 
-def test_single_clipper_uses_plain_field_names():
+def test_keys_are_always_prefixed():
   state = step(optax.chain(oc.clip_by_global_norm(1.0), optax.adamw(1e-3)), 3)
   stats = oc.clip_stats(state)
-  assert set(stats) == set(oc.ClipByGlobalNormState._fields)
-  np.testing.assert_allclose(stats["grad_norm"], 2 * np.sqrt(18), rtol=1e-6)
-  assert int(stats["count"]) == 3 and int(stats["num_clipped"]) == 3
+  assert set(stats) == {f"clip_by_global_norm/{f}"
+                        for f in oc.ClipByGlobalNormState._fields
+                        if f != "leaf_norms"}
+  np.testing.assert_allclose(stats["clip_by_global_norm/grad_norm"],
+                             2 * np.sqrt(18), rtol=1e-6)
+  assert int(stats["clip_by_global_norm/count"]) == 3
+  assert int(stats["clip_by_global_norm/num_clipped"]) == 3
 
 
-def test_several_clippers_are_prefixed_and_numbered():
+def test_several_clippers_are_numbered_from_the_second():
   opt = optax.chain(oc.clip_by_value(1.5, stats=True), oc.clip_by_global_norm(1.0),
                     oc.clip_by_global_norm(0.5), optax.sgd(0.1))
   stats = oc.clip_stats(step(opt))
@@ -36,28 +40,16 @@ def test_several_clippers_are_prefixed_and_numbered():
                              rtol=1e-6)
   # The first global clip sees the value-clipped update; the second sees
   # the first one's output, of norm 1.
-  np.testing.assert_allclose(stats["clip_by_global_norm#0/grad_norm"],
+  np.testing.assert_allclose(stats["clip_by_global_norm/grad_norm"],
                              1.5 * np.sqrt(18), rtol=1e-6)
   np.testing.assert_allclose(stats["clip_by_global_norm#1/grad_norm"], 1.0,
                              rtol=1e-6)
 
 
-def test_inject_hyperparams_state():
-  opt = optax.inject_hyperparams(oc.clip_by_global_norm)(max_norm=1.0)
-  stats = oc.clip_stats(step(opt))
-  np.testing.assert_allclose(stats["scale"], 1 / (2 * np.sqrt(18)), rtol=1e-6)
-
-
-def test_no_clipper_gives_empty_dict():
-  assert oc.clip_stats(step(optax.adam(1e-3))) == {}
-
-
-def test_flax_nnx_optimizer_state():
+def _nnx_stats(tx):
   nnx = pytest.importorskip("flax.nnx")
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-  optimizer = nnx.Optimizer(
-      model, optax.chain(oc.clip_by_global_norm(0.1), optax.adam(1e-3)),
-      wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
   def train_step(model, optimizer, x):
@@ -65,10 +57,69 @@ def test_flax_nnx_optimizer_state():
     optimizer.update(model, grads)
 
   train_step(model, optimizer, jnp.ones((5, 3)))
-  stats = oc.clip_stats(optimizer.opt_state)
-  assert isinstance(stats["grad_norm"], jax.Array)
-  assert float(stats["grad_norm"]) > 0.1
-  assert int(stats["num_clipped"]) == 1
+  return oc.clip_stats(optimizer.opt_state)
+
+
+WRAPPERS = {
+    "chain": lambda c: optax.chain(c(), optax.adam(1e-3)),
+    "skip_step": lambda c: oc.skip_step(optax.chain(c(), optax.adam(1e-3))),
+    "masked": lambda c: optax.masked(c(), lambda p: jax.tree.map(
+        lambda _: True, p)),
+    "multi_steps": lambda c: optax.MultiSteps(
+        optax.chain(c(), optax.adam(1e-3)), 1).gradient_transformation(),
+    "inject_hyperparams": lambda c: optax.inject_hyperparams(
+        oc.clip_by_global_norm)(max_norm=1.0),
+    "other_clipper": lambda c: optax.chain(oc.clip_by_value(10.0), c(),
+                                           optax.adam(1e-3)),
+    "other_clipper_after": lambda c: optax.chain(c(), oc.zclip(),
+                                                 optax.adam(1e-3)),
+}
+
+
+@pytest.mark.parametrize("wrapper", [*WRAPPERS, "nnx"])
+def test_keys_do_not_move_when_wrapped(wrapper):
+  def clipper():
+    return oc.clip_by_global_norm(1.0)
+
+  if wrapper == "nnx":
+    stats = _nnx_stats(optax.chain(clipper(), optax.adam(1e-3)))
+  else:
+    stats = oc.clip_stats(step(WRAPPERS[wrapper](clipper)))
+  own = {k for k in stats if k.startswith("clip_by_global_norm/")}
+  assert own == {f"clip_by_global_norm/{f}"
+                 for f in oc.ClipByGlobalNormState._fields if f != "leaf_norms"}
+  assert float(stats["clip_by_global_norm/grad_norm"]) > 1.0
+  assert int(stats["clip_by_global_norm/num_clipped"]) == 1
+
+
+def test_skip_step_and_its_inner_clipper_both_report():
+  opt = oc.skip_step(optax.chain(oc.clip_by_global_norm(1.0),
+                                 optax.sgd(0.1)))
+  stats = oc.clip_stats(step(opt))
+  assert "skip_step/inner_state" not in stats
+  assert int(stats["skip_step/num_skipped"]) == 0
+  assert float(stats["skip_step/scale"]) == 1.0
+  assert int(stats["clip_by_global_norm/num_clipped"]) == 1
+
+
+def test_scalars_view_is_flat_and_keyed_by_leaf_path():
+  opt = optax.chain(oc.clip_by_global_norm(1.0, leaf_norms=True),
+                    oc.zclip(), optax.sgd(0.1))
+  stats = oc.clip_stats(step(opt), scalars=True)
+  assert all(np.ndim(v) == 0 for v in stats.values())
+  assert "zclip/warmup_norms" not in stats  # A buffer, not a scalar.
+  assert "zclip/grad_norm" in stats
+  for name, leaf in PARAMS.items():
+    np.testing.assert_allclose(
+        stats[f"clip_by_global_norm/leaf_norms/{name}"],
+        np.linalg.norm(2 * np.asarray(leaf)), rtol=1e-6)
+  full = oc.clip_stats(step(opt))
+  assert full["zclip/warmup_norms"].ndim == 1
+
+
+def test_no_clipper_is_an_error():
+  with pytest.raises(ValueError, match="no optaxclip transform"):
+    oc.clip_stats(step(optax.adam(1e-3)))
 
 
 def test_check_finite_names_the_leaf():

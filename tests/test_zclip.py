@@ -258,9 +258,9 @@ def test_stats_and_tree_get():
   stats = oc.clip_stats(state)
   for key in ("grad_norm", "threshold", "scale", "clipped", "num_clipped",
               "mean", "var", "spike", "z", "fill", "warmup_norms", "count"):
-    assert key in stats
+    assert f"zclip/{key}" in stats
   mean = 0.97 * 2.0 + 0.03 * 2.0
-  np.testing.assert_allclose(stats["mean"], mean, rtol=1e-6)
+  np.testing.assert_allclose(stats["zclip/mean"], mean, rtol=1e-6)
   np.testing.assert_allclose(optax.tree.get(state, "var"),
                              0.97 * 1.0 + 0.03 * (2.0 - mean) ** 2, rtol=1e-5)
   np.testing.assert_allclose(optax.tree.get(state, "threshold"),
