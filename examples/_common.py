@@ -17,9 +17,9 @@ try:  # Run from a checkout without installing: import the package beside us.
   import optaxclip  # noqa: F401
 except ImportError:
   sys.path.insert(0, str(ROOT))
-import optaxclip as oc  # noqa: E402
-
 import matplotlib  # noqa: E402
+
+import optaxclip as oc  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
