@@ -109,3 +109,15 @@ def test_per_group(tmp_path):
   # The dense threshold follows linear_schedule(2.0, 0.3) over the 400 steps.
   assert groups["dense"]["first threshold"] == pytest.approx(2.0)
   assert groups["dense"]["last threshold"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_layer_norms(tmp_path):
+  [table] = run_example("layer_norms", "--steps", "35", out=tmp_path)
+  unclipped, clipped = table["unclipped"], table["clip_by_global_norm(1.0)"]
+  # Unclipped, the per-layer norms blow up and turn non-finite mid-run;
+  # clipped, they stay within a few orders of the start.
+  assert 5 < unclipped["first non-finite step"] <= 35
+  assert unclipped["its largest finite norm"] > 1e8
+  assert clipped["first non-finite step"] == "-"
+  assert clipped["its largest finite norm"] < 1e4
+  assert clipped["final loss"] < 1e3
