@@ -90,6 +90,7 @@ __all__ = [
     "global_norm",
     "per_example_clip",
     "quantile_norm",
+    "register_state",
     "raise_if_nonfinite",
     "skip_step",
     "zclip",

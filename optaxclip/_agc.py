@@ -11,7 +11,7 @@ import optax
 
 from optaxclip import _common, _norms
 from optaxclip._common import Threshold
-from optaxclip._norms import Axis
+from optaxclip._norms import Axis, AxisName
 
 _NO_PARAMS = ("adaptive_grad_clip needs params: call update(grads, state,"
               " params).")
@@ -48,8 +48,8 @@ class AdaptiveGradClipState(NamedTuple):
 
 
 def adaptive_grad_clip(
-    clipping: Threshold, eps: Threshold = 1e-3, *, axis: Axis = None,
-    leaf_norms: bool = False,
+    clipping: Threshold, eps: Threshold = 1e-3, axis: Axis = None, *,
+    axis_name: AxisName = None, leaf_norms: bool = False,
 ) -> optax.GradientTransformation:
   """Clips each unit's update norm to ``clipping`` times its parameters' norm.
 
@@ -78,6 +78,14 @@ def adaptive_grad_clip(
     eps: the smallest parameter norm used, so that zero-initialised units
       (biases) can move: a non-negative number, JAX scalar or schedule.
     axis: ``None`` for the per-shape rules above, or the axes to reduce over.
+    axis_name: inside ``shard_map``/``pmap``, the mesh axis name (or names)
+      over which leaves are split, so that each shard is clipped by the norm
+      of its whole unit, for the
+      update and the parameters alike. Each leaf's sums are added over the named
+      axes it varies over (``shard_map`` records which); replicated leaves
+      are not. This is right for a leaf split along the axes its norm
+      reduces; a leaf split only along the
+      axes that index its units needs no ``axis_name`` for its norms.
     leaf_norms: also keep every unit's update norm in the state, as a tree
       (:class:`AdaptiveGradClipState`); off by default, as a tree output
       per leaf costs compile time.
@@ -146,8 +154,10 @@ def adaptive_grad_clip(
             f" {jnp.shape(w)}.")
     g_leaves = [g for _, g in leaves]
     axes = [_unit_axes(path, g, axis) for path, g in leaves]
-    groups, g_norms = _norms.grouped_leaf_norms(g_leaves, 2.0, axes)
-    _, p_norms = _norms.grouped_leaf_norms(list(p_leaves), 2.0, axes, groups)
+    groups, g_norms = _norms.grouped_leaf_norms(g_leaves, 2.0, axes,
+                                                axis_name=axis_name)
+    _, p_norms = _norms.grouped_leaf_norms(list(p_leaves), 2.0, axes, groups,
+                                           axis_name=axis_name)
     dtype = _norms.tree_acc_dtype(updates)
     c = _common.resolve(clipping, state.count, dtype)
     e = _common.resolve(eps, state.count, dtype)

@@ -192,7 +192,7 @@ def clip_by_global_norm(
 
 def clip_by_norm(
     max_norm: Any, *, ord: Ord = 2, axis: Axis = None,
-    leaf_norms: bool = False,
+    axis_name: AxisName = None, leaf_norms: bool = False,
 ) -> optax.GradientTransformation:
   """Scales each leaf (or each unit of a leaf) to a norm of at most ``max_norm``.
 
@@ -215,6 +215,13 @@ def clip_by_norm(
     ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
     axis: ``None`` (one norm per leaf), or the axis or axes to reduce over;
       every leaf must have them.
+    axis_name: inside ``shard_map``/``pmap``, the mesh axis name (or names)
+      over which leaves are split, so that each shard is clipped by the norm
+      of its whole leaf (or unit). Each leaf's sums are added over the named
+      axes it varies over (``shard_map`` records which); replicated leaves
+      are not. This is right for a leaf split along the axes its norm
+      reduces (any split with ``axis=None``); a leaf split only along the
+      axes that index its units needs no ``axis_name`` for its norms.
     leaf_norms: also keep every leaf's (unit's) norm in the state, as a tree
       (:class:`ClipByNormState`). Off by default: the norms are computed
       anyway, but a tree of them is one output per leaf, which costs compile
@@ -272,7 +279,8 @@ def clip_by_norm(
     leaves, rebuild = _norms.live_leaves(updates, where)
     axes = [_norms.leaf_axes(path, x, axis) for path, x in leaves]
     xs = [x for _, x in leaves]
-    groups, norms = _norms.grouped_leaf_norms(xs, p, axes)
+    groups, norms = _norms.grouped_leaf_norms(xs, p, axes,
+                                              axis_name=axis_name)
     thresholds = _common.leaf_thresholds(max_norm, updates, state.count,
                                          "max_norm", where)
     t_leaves = _norms.float_leaves(thresholds, where)

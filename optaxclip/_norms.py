@@ -64,7 +64,7 @@ class Norm(NamedTuple):
 
 
 def global_norm(
-    tree: Any, ord: Ord = 2, *, axis_name: AxisName = None
+    tree: Any, *, ord: Ord = 2, axis_name: AxisName = None
 ) -> jax.Array:
   """Norm of a whole pytree, accumulated in float32 and overflow-safe.
 
@@ -195,7 +195,8 @@ def pick(stacked: jax.Array, j: int) -> jax.Array:
 
 def grouped_leaf_norms(leaves: list[jax.Array], ord: Ord,
                        axes: list[tuple[int, ...]],
-                       groups: list[list[int]] | None = None
+                       groups: list[list[int]] | None = None,
+                       axis_name: AxisName = None,
                        ) -> tuple[list[list[int]], list[Norm]]:
   """Per-leaf (per-unit) norms, stacked by group of leaves of one type.
 
@@ -206,6 +207,9 @@ def grouped_leaf_norms(leaves: list[jax.Array], ord: Ord,
   per step, and so the compile time, proportional to the number of leaf
   types rather than of leaves. ``groups`` (e.g. those of the gradients, for
   the parameters) is used where every group's leaves share shape and axes.
+  With ``axis_name`` (inside ``shard_map``), each leaf's sums are added over
+  the named axes it varies over: the norm of the whole leaf (or unit), for
+  leaves split along their reduced axes.
   """
   p = canonical_ord(ord)
   if not leaves:
@@ -214,18 +218,20 @@ def grouped_leaf_norms(leaves: list[jax.Array], ord: Ord,
       len({(leaves[i].shape, axes[i]) for i in g}) > 1 for g in groups):
     groups = _groups(leaves, axes)
   if p == _RMS:
-    _, norms = grouped_leaf_norms(leaves, 2.0, axes, groups)
+    _, norms = grouped_leaf_norms(leaves, 2.0, axes, groups, axis_name)
     return groups, [
-        Norm(n.hi, n.lo / math.sqrt(max(unit_size(leaves[g[0]], axes[g[0]]),
-                                        1)))
+        Norm(n.hi, n.lo / math.sqrt(max(
+            unit_size(leaves[g[0]], axes[g[0]]) * _copies_split(
+                leaves[g[0]], axis_name), 1)))
         for g, n in zip(groups, norms)]
   if isinstance(p, jax.Array):  # Traced, e.g. injected by inject_hyperparams.
     return groups, jax.lax.switch(_ord_index(p), [
-        lambda: _leaf_norms(leaves, 2.0, axes, groups),
-        lambda: _leaf_norms(leaves, 1.0, axes, groups),
-        lambda: _leaf_norms(leaves, math.inf, axes, groups),
-        lambda: _leaf_norms(leaves, p.astype(jnp.float32), axes, groups)])
-  return groups, _leaf_norms(leaves, p, axes, groups)
+        lambda: _leaf_norms(leaves, 2.0, axes, groups, axis_name),
+        lambda: _leaf_norms(leaves, 1.0, axes, groups, axis_name),
+        lambda: _leaf_norms(leaves, math.inf, axes, groups, axis_name),
+        lambda: _leaf_norms(leaves, p.astype(jnp.float32), axes, groups,
+                            axis_name)])
+  return groups, _leaf_norms(leaves, p, axes, groups, axis_name)
 
 
 # ----------------------------------------------------------------------------
@@ -237,7 +243,7 @@ def canonical_ord(ord: Any) -> float | str | jax.Array:
   if isinstance(ord, str):
     if ord.lower() == _RMS:
       return _RMS
-    if ord.lower() in ("inf", "infinity"):
+    if ord.lower() == "inf":
       return math.inf
     raise ValueError(
         f"ord={ord!r} is not a known norm; use 1, 2, inf, any p > 0, or 'rms'."
@@ -465,14 +471,23 @@ def _global_norm(leaves: list[jax.Array], p: Any, axis_name: AxisName,
 
 def _leaf_norms(leaves: list[jax.Array], p: Any,
                 axes: list[tuple[int, ...]],
-                groups: list[list[int]]) -> list[Norm]:
+                groups: list[list[int]],
+                axis_name: AxisName = None) -> list[Norm]:
   """Per-group stacked norms with one ``lax.cond`` for the whole tree."""
+  # The named axes each group's leaves vary over (one type, so the same).
+  split = [_group_axes(leaves[g[0]], axis_name) for g in groups]
+
+  def total(v, k, op=jax.lax.psum):
+    return op(v, split[k]) if split[k] else v
+
   if isinstance(p, float) and p == math.inf:
-    maxes = [_stack([jnp.max(_abs(leaves[i]), axis=axes[i], keepdims=True,
-                             initial=0) for i in g]) for g in groups]
+    maxes = [total(_stack([jnp.max(_abs(leaves[i]), axis=axes[i],
+                                   keepdims=True, initial=0) for i in g]), k,
+                   jax.lax.pmax) for k, g in enumerate(groups)]
     return [Norm(_one_like(m), m) for m in maxes]
-  sums = [_stack([jnp.sum(_abs_pow(leaves[i], p), axis=axes[i],
-                          keepdims=True) for i in g]) for g in groups]
+  sums = [total(_stack([jnp.sum(_abs_pow(leaves[i], p), axis=axes[i],
+                                keepdims=True) for i in g]), k)
+          for k, g in enumerate(groups)]
   # A zero sum is taken at its word here (dead units are common, and their
   # clipping is the same either way); tiny nonzero sums are rescaled.
   bad = jnp.stack([jnp.any(_needs_rescale(s, p, zero=False))
@@ -483,19 +498,32 @@ def _leaf_norms(leaves: list[jax.Array], p: Any,
 
   def rescaled(sums):
     out = []
-    for group, s0 in zip(groups, sums):
+    for k, (group, s0) in enumerate(zip(groups, sums)):
       x = _stack([leaves[i] for i in group])
       a = tuple(d + 1 for d in axes[group[0]])
-      m = jnp.max(_abs(x), axis=a, keepdims=True, initial=0)
+      m = total(jnp.max(_abs(x), axis=a, keepdims=True, initial=0), k,
+                jax.lax.pmax)
       e = ceil_pow2_exponent(jnp.where(jnp.isfinite(m), m, 0))
       scaled = x * pow2(-e, m.dtype).astype(acc_dtype(x.dtype))
-      s = jnp.sum(_abs_pow(scaled, p), axis=a, keepdims=True)
+      s = total(jnp.sum(_abs_pow(scaled, p), axis=a, keepdims=True), k)
       finite = jnp.isfinite(m)
       out.append(Norm(jnp.where(finite, pow2(e, m.dtype), 1).astype(s0.dtype),
                       jnp.where(finite, _root(s, p), m).astype(s0.dtype)))
     return out
 
   return jax.lax.cond(bad, rescaled, plain, sums)
+
+
+def _group_axes(x: jax.Array, axis_name: AxisName) -> tuple[Any, ...]:
+  """The named axes ``x`` is split over (none without ``axis_name``)."""
+  if axis_name is None:
+    return ()
+  return _split_axes(x, _axis_names(axis_name))
+
+
+def _copies_split(x: jax.Array, axis_name: AxisName) -> int:
+  """How many devices share ``x``'s elements along the axes it is split over."""
+  return math.prod(_axis_size(n) for n in _group_axes(x, axis_name))
 
 
 def _one_like(x: jax.Array) -> jax.Array:

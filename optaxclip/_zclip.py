@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +65,9 @@ def zclip(
     alpha: Threshold = 0.97,
     z_thresh: Threshold = 2.5,
     warmup_steps: int = 25,
-    max_norm: Threshold | None = None,
     *,
-    mode: str = "adaptive",
+    max_norm: Threshold | None = None,
+    mode: Literal["adaptive", "mean", "percentile"] = "adaptive",
     skip_update_on_spike: bool = False,
     eps: float = 1e-6,
     ord: Ord = 2,

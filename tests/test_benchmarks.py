@@ -87,7 +87,7 @@ g = {"big": rng.normal(size=(300, 300)).astype(np.float32),
 x = np.concatenate([np.ravel(v).astype(np.float64) for v in g.values()])
 gj = jax.tree.map(jnp.asarray, g)
 for o in (2, 1, np.inf, 3):
-  np.testing.assert_allclose(float(oc.global_norm(gj, o)), np.linalg.norm(x, o),
+  np.testing.assert_allclose(float(oc.global_norm(gj, ord=o)), np.linalg.norm(x, o),
                              rtol=1e-5)
 huge = dict(gj, big=gj["big"] * 1e35)
 xh = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in huge.values()])

@@ -104,8 +104,8 @@ class ClipByGlobalNormTest(chex.TestCase):
   def test_ord(self, ord):
     grads = grads_tree(scale=2.0)
     updates, state = apply(oc.clip_by_global_norm(0.7, ord=ord), grads)
-    np.testing.assert_allclose(oc.global_norm(updates, ord), 0.7, rtol=1e-5)
-    np.testing.assert_allclose(state.grad_norm, oc.global_norm(grads, ord),
+    np.testing.assert_allclose(oc.global_norm(updates, ord=ord), 0.7, rtol=1e-5)
+    np.testing.assert_allclose(state.grad_norm, oc.global_norm(grads, ord=ord),
                                rtol=1e-6)
 
   def test_schedule_threshold(self):
@@ -434,7 +434,7 @@ def jitted(name, ord, axis=None):
     else:
       tx = oc.clip_by_value(t, stats=True)
     updates, state = apply(tx, grads)
-    after = (oc.global_norm(updates, ord) if name == "global" else
+    after = (oc.global_norm(updates, ord=ord) if name == "global" else
              _norms.leaf_norms(updates, ord, axis=axis) if name == "leaf" else
              None)
     return updates, state, after

@@ -46,7 +46,7 @@ class GlobalNormTest(parameterized.TestCase):
   @parameterized.product(ord=ORDS)
   def test_matches_float64_numpy(self, ord):
     tree = tree_of(np.random.default_rng(0))
-    got = oc.global_norm(jax.tree.map(jnp.asarray, tree), ord)
+    got = oc.global_norm(jax.tree.map(jnp.asarray, tree), ord=ord)
     want = np_norm(jax.tree.leaves(tree), ord)
     self.assertEqual(got.dtype, jnp.float32)
     np.testing.assert_allclose(got, want, rtol=2e-6)
@@ -72,7 +72,7 @@ class GlobalNormTest(parameterized.TestCase):
   @parameterized.parameters(1, 2, 3, 8, "rms")
   def test_huge_float32_values_do_not_overflow(self, ord):
     x = jnp.asarray([1e38, -3e37, 2e37, 5.0], jnp.float32)
-    got = oc.global_norm({"a": x}, ord)
+    got = oc.global_norm({"a": x}, ord=ord)
     want = np_norm([np.asarray(x)], ord)
     self.assertTrue(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -80,7 +80,7 @@ class GlobalNormTest(parameterized.TestCase):
   @parameterized.parameters(1, 2, 3, 0.5)
   def test_tiny_float32_values_do_not_underflow(self, ord):
     x = jnp.asarray([1e-25, -3e-26, 2e-30], jnp.float32)
-    got = oc.global_norm(x, ord)
+    got = oc.global_norm(x, ord=ord)
     np.testing.assert_allclose(got, np_norm([np.asarray(x)], ord), rtol=1e-5)
 
   def test_zero_tree(self):
@@ -95,8 +95,8 @@ class GlobalNormTest(parameterized.TestCase):
   def test_complex_uses_modulus(self):
     x = jnp.asarray([3 + 4j, 1j], jnp.complex64)
     np.testing.assert_allclose(oc.global_norm(x), np.sqrt(26), rtol=1e-6)
-    np.testing.assert_allclose(oc.global_norm(x, 1), 6.0, rtol=1e-6)
-    np.testing.assert_allclose(oc.global_norm(x, 3), (125 + 1) ** (1 / 3),
+    np.testing.assert_allclose(oc.global_norm(x, ord=1), 6.0, rtol=1e-6)
+    np.testing.assert_allclose(oc.global_norm(x, ord=3), (125 + 1) ** (1 / 3),
                                rtol=1e-6)
 
   def test_none_and_masked_leaves_are_ignored(self):
@@ -123,13 +123,13 @@ class GlobalNormTest(parameterized.TestCase):
     x = jnp.asarray([3.0, -4.0, 1e38])
     f = jax.jit(oc.global_norm)
     for ord in (1.0, 2.0, math.inf, 3.0):
-      np.testing.assert_allclose(f(x, jnp.asarray(ord)),
+      np.testing.assert_allclose(f(x, ord=jnp.asarray(ord)),
                                  np_norm([np.asarray(x)], ord), rtol=1e-5)
 
   @parameterized.parameters(0, -1, math.nan, "fro", True, None)
   def test_bad_ord(self, ord):
     with self.assertRaisesRegex((ValueError, TypeError), "ord"):
-      oc.global_norm(jnp.ones(2), ord)
+      oc.global_norm(jnp.ones(2), ord=ord)
 
   def test_integer_leaf_is_named(self):
     with self.assertRaisesRegex(TypeError, r"\['ids'\].*int32"):
@@ -175,7 +175,7 @@ class LeafNormsTest(parameterized.TestCase):
                                     allow_subnormal=False)),
        st.sampled_from([1, 2, 3, math.inf]))
 def test_global_norm_property_any_finite_input(x, ord):
-  got = float(oc.global_norm(jnp.asarray(x), ord))
+  got = float(oc.global_norm(jnp.asarray(x), ord=ord))
   want = np_norm([x], ord)
   top = float(np.finfo(np.float32).max)
   if want > top * (1 + 1e-6):

@@ -99,6 +99,7 @@ def test_every_public_transform_is_covered():
                  "dp_aggregate", "dp_noise")
   public = {name for name in oc.__all__ if name[0].islower()
             and name not in ("clip_stats", "global_norm", "raise_if_nonfinite",
+                              "register_state",
                               *per_example)}
   covered = {name for name in public
              if any(key == name or key.startswith(name + "_")
@@ -332,7 +333,7 @@ def test_global_norm_on_sharded_overflowing_gradients():
   grads = jax.tree.map(lambda x: x[0], gradients(scale=1e37))
   ords = [2, 1, math.inf, "rms", 3]
   expected = [oc.global_norm(one_device(grads), ord) for ord in ords]
-  got = jax.jit(lambda g: [oc.global_norm(g, ord) for ord in ords])(
+  got = jax.jit(lambda g: [oc.global_norm(g, ord=ord) for ord in ords])(
       put(grads, mesh, "2d"))
   np.testing.assert_allclose(got, expected, rtol=2e-5)
   assert np.all(np.isfinite(np.delete(got, 1)))  # ord=1 exceeds float32.
@@ -342,6 +343,8 @@ def test_global_norm_on_sharded_overflowing_gradients():
 # shard_map and pmap: each device holds a shard; axis_name makes it global.
 
 AXIS_NAME_TRANSFORMS = {
+    # Whole-leaf norms: right for a leaf split any way.
+    "clip_by_norm": lambda a: oc.clip_by_norm(0.5, axis_name=a),
     "clip_by_global_norm": lambda a: oc.clip_by_global_norm(1.0, axis_name=a),
     "clip_by_global_norm_ord1": lambda a: oc.clip_by_global_norm(
         10.0, ord=1, axis_name=a),
