@@ -41,14 +41,17 @@ class Case:
 
 def jax_case(name: str, impl: str, fn: Callable[..., tuple],
              setup: Callable[[], tuple], donate: Sequence[int],
-             refill: Callable[[Any], Any] | None = None) -> Case:
+             refill: Callable[[Any], Any] | None = None,
+             compiler_options: dict[str, Any] | None = None) -> Case:
   """A case for ``fn(*carry) -> new values of the donated arguments``.
 
-  ``fn`` is compiled here, ahead of timing, with donated buffers.
+  ``fn`` is compiled here, ahead of timing, with donated buffers (and XLA's
+  ``compiler_options``, if given).
   """
   donate = tuple(donate)
   first = [setup()]
-  compiled = jax.jit(fn, donate_argnums=donate).lower(*first[0]).compile()
+  compiled = jax.jit(fn, donate_argnums=donate).lower(*first[0]).compile(
+      compiler_options=compiler_options)
 
   def once():
     return first.pop() if first else setup()
