@@ -359,6 +359,10 @@ def main(argv=None) -> list[str]:
         f"| `{r['name']}` | {r['ms']:.1f} | {r['ratio']:.3f} | {tgt} | {met}"
         f" | {r['paired_ratio']:.3f} | {r['cpu_ratio']:.3f} | {r['kernels']}"
         f" | {r['copies']} |")
+  if quick:
+    lines += ["", "Quick mode: a tiny model compiled without XLA's backend"
+              " optimizations, for checking the harness; its times say"
+              " nothing about the clippers."]
   if not meta["autoclip"]:
     lines += ["", "`oc.autoclip` is not in `optaxclip.__all__`: no row."]
   md = "\n".join(lines)
