@@ -62,6 +62,7 @@ class Model:
     return 4 * self.d_model
 
 
+# The default step takes about 210 to 300 ms on a shared 2-core AMD EPYC.
 MODELS = {
     "default": Model(vocab=256, d_model=256, layers=4, heads=4, seq=128,
                      batch=4),
@@ -70,8 +71,12 @@ MODELS = {
 
 
 def init_params(model: Model, seed: int = 0) -> Params:
-  """Host arrays: normal(0, 0.02) kernels and embeddings (output projections
-  scaled down by the depth), zero biases, unit norm scales."""
+  """Initial parameters as host arrays (fresh device buffers for each case).
+
+  Kernels and embeddings are normal with standard deviation 0.02 (the
+  output projections of each block scaled down by the depth), biases zero,
+  norm scales one.
+  """
   d, f = model.d_model, model.ff
   rng = np.random.default_rng(seed)
 
@@ -208,6 +213,7 @@ def entry_ops(compiled: Any) -> collections.Counter[str]:
 
 
 def kernels(ops: collections.Counter[str]) -> int:
+  """Kernels run per step, from ``entry_ops``."""
   return sum(n for op, n in ops.items() if op not in _NOT_KERNELS)
 
 
