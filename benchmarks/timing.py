@@ -41,14 +41,17 @@ class Case:
 
 def jax_case(name: str, impl: str, fn: Callable[..., tuple],
              setup: Callable[[], tuple], donate: Sequence[int],
-             refill: Callable[[Any], Any] | None = None) -> Case:
+             refill: Callable[[Any], Any] | None = None,
+             compiler_options: dict[str, Any] | None = None) -> Case:
   """A case for ``fn(*carry) -> new values of the donated arguments``.
 
-  ``fn`` is compiled here, ahead of timing, with donated buffers.
+  ``fn`` is compiled here, ahead of timing, with donated buffers (and XLA's
+  ``compiler_options``, if given).
   """
   donate = tuple(donate)
   first = [setup()]
-  compiled = jax.jit(fn, donate_argnums=donate).lower(*first[0]).compile()
+  compiled = jax.jit(fn, donate_argnums=donate).lower(*first[0]).compile(
+      compiler_options=compiler_options)
 
   def once():
     return first.pop() if first else setup()
@@ -65,10 +68,15 @@ def jax_case(name: str, impl: str, fn: Callable[..., tuple],
 
 
 def interleave(cases: Sequence[Case], reps: int, warmup: int,
-               tick: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+               tick: Callable[[], None] = lambda: None,
+               cpu: dict[str, list[float]] | None = None
+               ) -> dict[str, list[float]]:
   """Times each case ``reps`` times, round-robin, after ``warmup`` rounds.
 
-  Returns a dict from case name to the list of step times in seconds.
+  Returns a dict from case name to the list of step times in seconds. If
+  ``cpu`` is given, it also receives, per case, the CPU time this process
+  (all its threads) spent in each step: unlike the wall time, that does not
+  grow while other processes hold the cores.
   """
   carries = [c.setup() for c in cases]
   times: dict[str, list[float]] = {c.name: [] for c in cases}
@@ -77,12 +85,16 @@ def interleave(cases: Sequence[Case], reps: int, warmup: int,
       carry = carries[i]
       if c.refill is not None:
         carry = c.refill(carry)
+      c0 = time.process_time()
       t0 = time.perf_counter()
       carry = c.step(carry)
       dt = time.perf_counter() - t0
+      dc = time.process_time() - c0
       carries[i] = carry
       if r >= warmup:
         times[c.name].append(dt)
+        if cpu is not None:
+          cpu.setdefault(c.name, []).append(dc)
     if r >= warmup:
       tick()
   del carries

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import optaxclip as oc
 from benchmarks import __main__ as bench
 from benchmarks import report, suite
 
@@ -118,3 +119,38 @@ def test_one_device_paths_match_numpy():
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().endswith("ok")
+
+
+def test_train_step_quick(tmp_path):
+  """The whole-step benchmark: tiny model, the bare step and two clippers."""
+  from benchmarks import train_step
+  only = ["oc.clip_by_global_norm(1.0)", "oc.skip_step(adamw)"]
+  argv = ["--quick", "--out", str(tmp_path), "--name", "smoke"]
+  for name in only:
+    argv += ["--only", name]
+  paths = train_step.main(argv)
+  assert sorted(os.path.basename(p) for p in paths) == ["smoke.json",
+                                                        "smoke.md"]
+  with open(tmp_path / "smoke.json") as f:
+    data = json.load(f)
+  assert data["meta"]["rounds"] == 2 and data["meta"]["model"]["layers"] == 1
+  rows = {r["name"]: r for r in data["rows"]}
+  assert list(rows) == [train_step.BARE] + only
+  assert rows[train_step.BARE]["ratio"] == 1.0
+  for r in rows.values():
+    assert r["ms"] > 0 and r["kernels"] > 0
+  assert rows["oc.clip_by_global_norm(1.0)"]["target"] == train_step.TARGET
+  assert rows["oc.skip_step(adamw)"]["target"] == train_step.GUARD_TARGET
+  md = (tmp_path / "smoke.md").read_text()
+  for name in rows:
+    assert f"| `{name}` |" in md
+
+
+def test_train_step_cases():
+  """Every clipper of the comparison, each with or without a target."""
+  from benchmarks import train_step
+  table = train_step.cases()
+  assert next(iter(table)) == train_step.BARE
+  assert len(table) == 13 + ("autoclip" in oc.__all__)
+  for name, (impl, _) in table.items():
+    assert (train_step.target(name, impl) is not None) == name.startswith("oc.")
