@@ -24,7 +24,7 @@ import optaxclip as oc  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["OUTPUT_DIR", "fmt", "own_stats", "plt", "print_table", "save"]
+__all__ = ["OUTPUT_DIR", "all_stats", "fmt", "own_stats", "plt", "print_table", "save"]
 
 
 def own_stats(opt_state: Any) -> dict[str, Any]:
@@ -34,11 +34,15 @@ def own_stats(opt_state: Any) -> dict[str, Any]:
   comparison). ``oc.clip_stats`` keys each field ``"<transform>/<field>"``;
   the comparisons here run one clipper at a time and read its fields by name.
   """
+  return {k.split("/", 1)[1]: v for k, v in all_stats(opt_state).items()}
+
+
+def all_stats(opt_state: Any) -> dict[str, Any]:
+  """``oc.clip_stats(opt_state)``, or ``{}`` for an optimizer with no clipper."""
   try:
-    stats = oc.clip_stats(opt_state)
+    return oc.clip_stats(opt_state)
   except ValueError:
     return {}
-  return {k.split("/", 1)[1]: v for k, v in stats.items()}
 
 
 def fmt(x: float) -> str:

@@ -96,7 +96,7 @@ def train_chunk(model, optimizer, tokens, y, key):
     model, optimizer = carry
     loss, grads = nnx.value_and_grad(mse)(model, tokens[idx], y[idx])
     optimizer.update(model, grads)
-    return (model, optimizer), (loss, oc.clip_stats(optimizer.opt_state))
+    return (model, optimizer), (loss, _common.all_stats(optimizer.opt_state))
 
   idx = jax.random.randint(key, (CHUNK, BATCH), 0, tokens.shape[0])
   _, (losses, stats) = step((model, optimizer), idx)

@@ -204,5 +204,5 @@ def _tensor_norms(updates: Any, axis_name: AxisName, dtype: Any) -> Any:
     return _common.tree_map_arrays(
         lambda n: jnp.reshape(n, ()).astype(dtype), norms)
   return _common.tree_map_arrays(
-      lambda x: _norms.global_norm(x, 2, axis_name=axis_name).astype(dtype),
+      lambda x: _norms.global_norm(x, axis_name=axis_name).astype(dtype),
       updates)
