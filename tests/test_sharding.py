@@ -280,12 +280,22 @@ def test_jit_on_sharded_gradients_matches_one_device(layout, group):
   assert not moved, f"gradients moved between devices: {moved}"
   if group == "scalar":
     bound = 1
-  else:  # The largest per-unit norm array (itself sharded, so an upper bound).
-    bound = max(np.size(n) for _, state in results.values()
-                for n in jax.tree_util.tree_leaves(
-                    optax.tree_utils.tree_get(state, "grad_norm")))
+  else:  # The most units of any leaf under any of the unit rules run here.
+    bound = max(_units(s, axes) for s in SHAPES.values() if s
+                for axes in ((0,), (len(s) - 1,), _agc_axes(s)))
   sizes = [s for c in found for s in c["sizes"]]
   assert sizes and max(sizes) <= bound, (sizes, bound)
+
+
+def _units(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+  return int(np.prod([d for i, d in enumerate(shape) if i not in axes]))
+
+
+def _agc_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """adaptive_grad_clip's default unit axes (optax's per-shape rule)."""
+  if sum(d != 1 for d in shape) <= 1:
+    return tuple(range(len(shape)))
+  return (0,) if len(shape) in (2, 3) else tuple(range(len(shape) - 1))
 
 
 def test_explicit_axis_types_match_one_device():
@@ -332,7 +342,7 @@ def test_global_norm_on_sharded_overflowing_gradients():
   mesh = make_mesh("2d")
   grads = jax.tree.map(lambda x: x[0], gradients(scale=1e37))
   ords = [2, 1, math.inf, "rms", 3]
-  expected = [oc.global_norm(one_device(grads), ord) for ord in ords]
+  expected = [oc.global_norm(one_device(grads), ord=ord) for ord in ords]
   got = jax.jit(lambda g: [oc.global_norm(g, ord=ord) for ord in ords])(
       put(grads, mesh, "2d"))
   np.testing.assert_allclose(got, expected, rtol=2e-5)
@@ -443,7 +453,7 @@ def test_shard_map_global_norm_of_values_near_float32_max():
   expected = [np.sqrt(np.sum(flat ** 2)), np.sum(np.abs(flat) ** 3) ** (1 / 3),
               np.max(np.abs(flat)), np.sqrt(np.mean(flat ** 2))]
   fn = jax.jit(jax.shard_map(
-      lambda g: jnp.stack([oc.global_norm(g, o, axis_name=("data", "model"))
+      lambda g: jnp.stack([oc.global_norm(g, ord=o, axis_name=("data", "model"))
                            for o in ords]),
       mesh=mesh, in_specs=(tree_specs("2d", grads),), out_specs=P()))
   got = fn(put(grads, mesh, "2d"))
