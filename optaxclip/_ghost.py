@@ -322,18 +322,20 @@ def _terms(calls, uses, saved, dys, batch) -> list[_Term]:
 def _matrix_norm(terms: list[_Term], acc) -> jax.Array:
   """Per-example 2-norm of ``sum_k a_k^T c_k``, Gram or direct by cost.
 
-  Each example's dense factors are first scaled by powers of two that bring
-  their largest entries near 1, so that no square overflows or underflows.
+  Each example's factors are first scaled by powers of two that bring their
+  largest entries near 1 (``2**-ea`` for the ``a``, ``2**-ec`` for the
+  ``c``; a one-hot term's ``c`` takes both), so that no square overflows or
+  underflows.
   """
   ea = _pe.scale_exponent(_max_abs([t.a for t in terms if not t.ids], acc))
   ec = _pe.scale_exponent(_max_abs([t.c for t in terms], acc))
   down = lambda x, e: x.astype(acc) * jnp.ldexp(  # noqa: E731
       jnp.ones((), acc), -e).reshape((-1,) + (1,) * (x.ndim - 1))
-  terms = [t._replace(a=t.a if t.ids else down(t.a, ea), c=down(t.c, ec))
-           for t in terms]
+  terms = [t._replace(a=t.a, c=down(t.c, ea + ec)) if t.ids else
+           t._replace(a=down(t.a, ea), c=down(t.c, ec)) for t in terms]
   length = sum(t.a.shape[1] for t in terms)
   size, features = terms[0].size, terms[0].c.shape[-1]
-  if length * length * (size + features) <= length * size * features:
+  if _use_gram(length, size, features):
     sq = sum(
         (1 if k == m else 2) * jnp.sum(
             _gram_a(terms[k], terms[m], acc) * jnp.einsum(
@@ -344,6 +346,11 @@ def _matrix_norm(terms: list[_Term], acc) -> jax.Array:
     g = sum(_per_example_matrix(t, acc) for t in terms)
     sq = jnp.sum(jnp.square(g), axis=(1, 2))
   return jnp.ldexp(jnp.sqrt(sq), ea + ec)
+
+
+def _use_gram(length: int, size: int, features: int) -> bool:
+  """Gram form (``T^2 (V + F)`` operations) or direct (``T V F``)."""
+  return length * length * (size + features) <= length * size * features
 
 
 def _max_abs(arrays, acc):
@@ -526,11 +533,17 @@ def _conv_patches(module, x):
   return patches.reshape(-1, patches.shape[-1])
 
 
+def _embed_ids(size, ids):
+  """The rows ``jnp.take`` reads: negative ids count from the end."""
+  if size == 1:  # nnx.Embed broadcasts its one row.
+    return jnp.zeros_like(ids)
+  return jnp.where(ids < 0, ids + size, ids)
+
+
 _RECORD = {
     "linear": lambda m, x: x.reshape(-1, x.shape[-1]),
     "attend": lambda m, x: x.reshape(-1, x.shape[-1]),
-    "embed": lambda m, x: (x.reshape(-1) if m.num_embeddings > 1
-                           else jnp.zeros(x.size, x.dtype)),
+    "embed": lambda m, x: _embed_ids(m.num_embeddings, x.reshape(-1)),
     "conv": _conv_patches,
 }
 
