@@ -329,8 +329,8 @@ def _matrix_norm(terms: list[_Term], acc) -> jax.Array:
   """
   ea = _pe.scale_exponent(_max_abs([t.a for t in terms if not t.ids], acc))
   ec = _pe.scale_exponent(_max_abs([t.c for t in terms], acc))
-  down = lambda x, e: x.astype(acc) * jnp.ldexp(  # noqa: E731
-      jnp.ones((), acc), -e).reshape((-1,) + (1,) * (x.ndim - 1))
+  down = lambda x, e: x.astype(acc) * _pe.pow2(  # noqa: E731
+      -e, acc).reshape((-1,) + (1,) * (x.ndim - 1))
   terms = [t._replace(a=t.a, c=down(t.c, ea + ec)) if t.ids else
            t._replace(a=down(t.a, ea), c=down(t.c, ec)) for t in terms]
   length = sum(t.a.shape[1] for t in terms)
@@ -345,7 +345,8 @@ def _matrix_norm(terms: list[_Term], acc) -> jax.Array:
   else:
     g = sum(_per_example_matrix(t, acc) for t in terms)
     sq = jnp.sum(jnp.square(g), axis=(1, 2))
-  return jnp.ldexp(jnp.sqrt(sq), ea + ec)
+  # Two factors: ea + ec may leave the normal range.
+  return jnp.sqrt(sq) * _pe.pow2(ea, acc) * _pe.pow2(ec, acc)
 
 
 def _use_gram(length: int, size: int, features: int) -> bool:
@@ -408,8 +409,9 @@ def _combine(leaf_norms):
   """The norm of all leaves from theirs, without overflow."""
   m = functools.reduce(jnp.maximum, leaf_norms)
   e = _pe.scale_exponent(m)
-  down = jnp.ldexp(jnp.ones_like(m), -e)
-  return jnp.ldexp(jnp.sqrt(sum(jnp.square(n * down) for n in leaf_norms)), e)
+  down = _pe.pow2(-e, m.dtype)
+  return jnp.sqrt(sum(jnp.square(n * down) for n in leaf_norms)) * _pe.pow2(
+      e, m.dtype)
 
 
 def _unlayout(matrix, layout, shape):

@@ -463,14 +463,14 @@ def example_norms(leaves: Sequence[jax.Array]
               axis=tuple(range(1, x.ndim)), initial=0).astype(dtype)
       for x in leaves])  # NaN entries give NaN.
   e = scale_exponent(m)
-  down = jnp.ldexp(jnp.ones_like(m), -e)  # A normal power of two.
+  down = pow2(-e, m.dtype)  # A normal power of two.
   sums = []
   for x in leaves:
     acc = _norms.acc_dtype(x.dtype)
     c = down.astype(acc).reshape((-1,) + (1,) * (x.ndim - 1))
     sums.append(jnp.sum(jnp.square(x.astype(acc) * c),
                         axis=tuple(range(1, x.ndim))).astype(dtype))
-  up = lambda s: jnp.ldexp(jnp.sqrt(s), e)  # noqa: E731
+  up = lambda s: jnp.sqrt(s) * pow2(e, m.dtype)  # noqa: E731
   return [up(s) for s in sums], up(sum(sums))
 
 
@@ -478,12 +478,27 @@ def scale_exponent(m: jax.Array) -> jax.Array:
   """``e`` such that ``m * 2**-e`` lies in ``[0.5, 1)``, for ``m > 0`` finite.
 
   ``0`` for zero or non-finite ``m``; clipped so that ``2**-e`` and ``2**e``
-  are normal numbers of ``m``'s dtype.
+  are normal numbers of ``m``'s dtype. Read from the exponent bits: XLA
+  compiles ``jnp.frexp`` into a large graph, slow to compile when repeated
+  per layer.
   """
   info = jnp.finfo(m.dtype)
+  bits = jax.lax.bitcast_convert_type(m, _int_like(m.dtype))
+  e = ((bits >> info.nmant) & ((1 << info.nexp) - 1)) - (info.maxexp - 2)
   usable = (m > 0) & jnp.isfinite(m)
-  return jnp.clip(jnp.where(usable, jnp.frexp(m)[1], 0), info.minexp + 1,
-                  info.maxexp - 2)
+  return jnp.clip(jnp.where(usable, e, 0), info.minexp + 1,
+                  info.maxexp - 2).astype(jnp.int32)
+
+
+def pow2(e: jax.Array, dtype: Any) -> jax.Array:
+  """``2**e`` in ``dtype``, exactly, for ``e`` in its normal range."""
+  info = jnp.finfo(dtype)
+  bits = (e.astype(_int_like(dtype)) + (info.maxexp - 1)) << info.nmant
+  return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def _int_like(dtype: Any) -> Any:
+  return np.dtype(f"int{np.dtype(dtype).itemsize * 8}")
 
 
 # ----------------------------------------------------------------------------
