@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -101,8 +100,8 @@ class _Call(NamedTuple):
   kind: str                    # "linear", "conv", "embed" or "attend".
   roles: tuple[tuple[str, int], ...]  # (role, leaf index), e.g. ("kernel", 3).
   out: jax.ShapeDtypeStruct    # One example's output.
-  layout: Any                  # How the weight's matrix maps to the leaf.
-  size: int                    # Rows of the weight's matrix (d, K or V).
+  spec: Any                    # A convolution's strides, padding, dilations.
+  size: int                    # Rows of the weight's matrix (d or V).
 
 
 class _Model:
@@ -223,7 +222,7 @@ def _plan(calls, used, num_leaves) -> _Plan:
       uses.setdefault(j, []).append((c, role))
   ghost = {}
   for j, u in uses.items():
-    kinds = {(_term_kind(calls[c].kind, role), calls[c].layout) for c, role
+    kinds = {(_term_kind(calls[c].kind, role), calls[c].spec) for c, role
              in u}
     if not used[j] and len(kinds) == 1:
       ghost[j] = u
@@ -233,7 +232,12 @@ def _plan(calls, used, num_leaves) -> _Plan:
 
 
 def _term_kind(kind, role):
-  return "vector" if role == "bias" else "matrix"
+  """How a leaf's per-example norm is found: from ``"matrix"`` terms
+  (``x^T dy``), or per-example gradients of a ``"vector"`` (bias: ``sum_t
+  dy_t``) or ``"conv"`` kernel (the convolution's transpose)."""
+  if role == "bias":
+    return "vector"
+  return "conv" if kind == "conv" else "matrix"
 
 
 # ----------------------------------------------------------------------------
@@ -251,10 +255,15 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
   explicit = dict(zip(plan.per_example, copy_grads))
   matrices = {}
   for j, uses in plan.ghost.items():
-    if _term_kind(calls[uses[0][0]].kind, uses[0][1]) == "vector":
+    kind = _term_kind(calls[uses[0][0]].kind, uses[0][1])
+    if kind == "vector":
       explicit[j] = functools.reduce(jnp.add, [
           jnp.sum(dys[c].reshape(batch, -1, dys[c].shape[-1]), axis=1)
           for c, _ in uses]).reshape((batch,) + leaves[j].shape)
+    elif kind == "conv":
+      explicit[j] = functools.reduce(jnp.add, [
+          _conv_grads(calls[c].spec, saved[c], dys[c], leaves[j].shape, acc)
+          for c, _ in uses])
     else:
       matrices[j] = _terms(calls, uses, saved, dys, batch)
   order = sorted(explicit)
@@ -276,9 +285,8 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
     if j in explicit:
       sums.append(_pe._weighted_sum(explicit[j], weights[j], keep))
     elif j in matrices:
-      layout = calls[plan.ghost[j][0][0]].layout
-      sums.append(_unlayout(_matrix_sum(matrices[j], weights[j], keep, acc),
-                            layout, x.shape))
+      sums.append(_matrix_sum(matrices[j], weights[j], keep, acc).reshape(
+          x.shape))
     else:  # Not used by the loss.
       sums.append(jnp.zeros(x.shape, _norms.acc_dtype(x.dtype)))
   return sums, stats
@@ -414,14 +422,34 @@ def _combine(leaf_norms):
       e, m.dtype)
 
 
-def _unlayout(matrix, layout, shape):
-  """The leaf from its ``(V, F)`` matrix."""
-  if layout is None:
-    return matrix.reshape(shape)
-  # Conv: rows ordered (in, *window), the kernel (*window, in, out).
-  *window, cin, cout = shape
-  g = matrix.reshape((cin, *window, cout))
-  return jnp.moveaxis(g, 0, -2)
+def _conv_grads(spec, x, dy, kernel_shape, acc) -> jax.Array:
+  """Per-example kernel gradients of a convolution: ``(batch, *kernel)``.
+
+  The transpose of the convolution in its kernel (XLA's backward-filter
+  convolution), one example at a time: the direct form, which needs
+  ``batch x kernel size`` floats and never the unfolded input patches.
+  """
+  strides, padding, lhs_dilation, rhs_dilation = spec
+  rank = len(strides)
+  x = x.reshape((x.shape[0], -1) + x.shape[x.ndim - rank - 1:]).astype(acc)
+  dy = dy.reshape((dy.shape[0], -1) + dy.shape[dy.ndim - rank - 1:])
+  dn = _conv_dims(rank + 2)
+
+  def one(x, dy):
+    conv = lambda k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dn, precision=_HIGHEST)
+    return jax.linear_transpose(conv, jnp.zeros(kernel_shape, acc))(
+        dy.astype(acc))[0]
+
+  return jax.vmap(one)(x, dy)
+
+
+def _conv_dims(n):
+  """Flax's layout: inputs ``(N, *spatial, C)``, kernels ``(*window, I, O)``."""
+  lhs = (0, n - 1) + tuple(range(1, n - 1))
+  return jax.lax.ConvDimensionNumbers(lhs, (n - 1, n - 2) + tuple(
+      range(n - 2)), lhs)
 
 
 # ----------------------------------------------------------------------------
@@ -464,11 +492,10 @@ class _Tape:
       finally:
         for r, v in roles.items():
           v.value = old[r]
-      size = roles[found[0][0]].value.shape[0] if kind != "conv" else (
-          math.prod(roles["kernel"].value.shape[:-1]))
       self.calls.append(_Call(
           kind, found, jax.ShapeDtypeStruct(y.shape, y.dtype),
-          "conv" if kind == "conv" else None, size))
+          _conv_spec(module) if kind == "conv" else None,
+          roles[found[0][0]].value.shape[0]))
       return y
     want = self.calls[c] if c < len(self.calls) else None
     if want is None or want.kind != kind or want.roles != found:
@@ -517,22 +544,16 @@ def _conv_padding(module):
   return padding
 
 
-def _conv_patches(module, x):
-  """The input patches of a convolution: ``(positions, in * window)``."""
+def _conv_spec(module):
+  """``(strides, padding, lhs_dilation, rhs_dilation)`` as nnx.Conv uses them."""
   rank = len(module.kernel_size)
-  x = x.reshape((-1,) + x.shape[x.ndim - rank - 1:])
   fill = lambda v: (1,) * rank if v is None else (  # noqa: E731
       (v,) * rank if isinstance(v, int) else tuple(v))
-  n = x.ndim
-  spec = (0, n - 1) + tuple(range(1, n - 1))
-  dn = jax.lax.ConvDimensionNumbers(spec, (n - 1, n - 2) + tuple(
-      range(n - 2)), spec)
-  patches = jax.lax.conv_general_dilated_patches(
-      x, module.kernel_size, fill(module.strides), _conv_padding(module),
-      lhs_dilation=fill(module.input_dilation),
-      rhs_dilation=fill(module.kernel_dilation), dimension_numbers=dn,
-      precision=_HIGHEST)
-  return patches.reshape(-1, patches.shape[-1])
+  padding = _conv_padding(module)
+  if not isinstance(padding, str):
+    padding = tuple(tuple(p) for p in padding)
+  return (fill(module.strides), padding, fill(module.input_dilation),
+          fill(module.kernel_dilation))
 
 
 def _embed_ids(size, ids):
@@ -546,7 +567,8 @@ _RECORD = {
     "linear": lambda m, x: x.reshape(-1, x.shape[-1]),
     "attend": lambda m, x: x.reshape(-1, x.shape[-1]),
     "embed": lambda m, x: _embed_ids(m.num_embeddings, x.reshape(-1)),
-    "conv": _conv_patches,
+    "conv": lambda m, x: x.reshape(
+        (-1,) + x.shape[x.ndim - len(m.kernel_size) - 1:]),
 }
 
 
