@@ -15,7 +15,7 @@ parameters at the default size) and a CNN (three ``nnx.Conv``, one
 ``nnx.Linear``). Memory is XLA's compiled memory analysis (the executable's
 temporary buffers plus its arguments and outputs), measured in this process
 for every case, and the peak resident set size (``ru_maxrss``) of a fresh
-subprocess that compiles and runs one case, for the timed cases. Times are
+subprocess that compiles and runs one case, for the timed cases (``VmHWM``). Times are
 medians over repetitions of the whole step in that subprocess. Writes
 ``benchmarks/results/ghost-<platform>-<device>.{json,md}`` and
 ``docs/figures/ghost_scaling.png``.
@@ -161,8 +161,24 @@ def timed(model: str, batch: int, seq: int, method: str, reps: int
     start = time.perf_counter()
     jax.block_until_ready(fn(params, x, y))
     times.append(time.perf_counter() - start)
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux.
-  return {"ms": 1e3 * statistics.median(times), "rss_mib": rss / MiB}
+  return {"ms": 1e3 * statistics.median(times), "rss_mib": peak_rss() / MiB}
+
+
+def peak_rss() -> float:
+  """This process's peak resident set size in bytes.
+
+  ``VmHWM`` from ``/proc/self/status`` where it exists (Linux): unlike
+  ``ru_maxrss``, it starts afresh at ``exec``, so a subprocess does not
+  inherit its parent's peak.
+  """
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return float(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def in_subprocess(args: dict[str, Any]) -> dict[str, Any]:
