@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pydoc_data.topics import topics
 
 import _common
 import jax
@@ -32,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from pydoc_data.topics import topics
 
 import optaxclip as oc
 
