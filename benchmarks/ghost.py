@@ -347,9 +347,13 @@ def plot(rows, path) -> None:
   axes[1].set(xscale="log", yscale="log", xlabel="sequence length",
               ylabel="compiled memory (MiB)",
               title=f"transformer, batch {batch_main}")
+  axes[0].set_xticks(sorted({r["batch"] for r in mem if r["seq"] == seq_main}))
+  axes[1].set_xticks(sorted({r["seq"] for r in mem
+                             if r["batch"] == batch_main}))
   for ax in axes:
     ax.legend(fontsize=8)
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   fig.tight_layout()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fig.savefig(path, dpi=110)
