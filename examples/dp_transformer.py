@@ -11,13 +11,13 @@ method="ghost")`` then ``oc.dp_noise`` and Adam, and once without privacy
 Ghost clipping never forms per-example gradients, so its memory stays near
 the non-private step's where ``method="vmap"`` needs ``batch x parameters``
 floats. The script shows it at a batch of 4,096 sequences, where the
-per-example gradients alone would take 48 GiB: XLA's compiled memory
+per-example gradients alone would take 49 GiB: XLA's compiled memory
 analysis of the three steps (nothing of that size is allocated), beside the
 memory of the training runs' steps.
 
 Run from the repository root::
 
-  python examples/dp_transformer.py          # about 2 minutes on 2 CPU cores
+  python examples/dp_transformer.py          # about 3 minutes on 2 CPU cores
   python examples/dp_transformer.py --small  # smoke test
 """
 
@@ -153,7 +153,7 @@ def main() -> None:
   parser.add_argument("--small", action="store_true",
                       help="a smoke test: few steps, a smaller big batch")
   args = parser.parse_args()
-  steps = 8 if args.small else 150
+  steps = 8 if args.small else 100
   big = 256 if args.small else BIG_BATCH
   data, chars = load_text()
   graphdef, params = nnx.split(CharLM(len(chars), nnx.Rngs(0)), nnx.Param)
