@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,7 +161,7 @@ def clipped_grad(
     nan_safe: bool = True,
     return_norms: bool = False,
     keep_batch_dim: bool = True,
-    method: str = "vmap",
+    method: Literal["vmap", "ghost"] = "vmap",
 ) -> Callable[..., Any]:
   """Like ``jax.grad``, but returns the sum of clipped per-example gradients.
 
@@ -203,8 +203,14 @@ def clipped_grad(
     return_norms: also return the :class:`PerExampleInfo` (per-example norms,
       counts, sensitivity), last.
     keep_batch_dim: pass each example to ``fun`` with a leading axis of size 1.
-    method: how per-example gradients are computed; only ``"vmap"`` exists
-      (``jax.vmap`` of ``jax.grad``).
+    method: how per-example gradients are computed: ``"vmap"``
+      (``jax.vmap`` of ``jax.grad``), or ``"ghost"`` for Flax NNX models:
+      per-example norms from each layer's inputs and output gradients,
+      without per-example gradients (ghost clipping, see the guide
+      :doc:`/ghost`). With ``"ghost"``, the ``argnums`` arguments may be
+      ``nnx.Module`` objects, whose gradient comes back as the
+      ``nnx.State`` of their ``nnx.Param`` variables, as ``nnx.grad``
+      returns it.
 
   Returns:
     A function of ``fun``'s arguments returning the clipped sum (a pytree like
@@ -225,9 +231,10 @@ def clipped_grad(
     0.5 [3.  4.  0.5] 2
   """
   where = "clipped_grad"
-  if method != "vmap":
-    raise ValueError(f"{where}: method={method!r} is not available; the only"
-                     " method is 'vmap' (jax.vmap of jax.grad).")
+  if method not in ("vmap", "ghost"):
+    raise ValueError(f"{where}: method={method!r} is not available; use"
+                     " 'vmap' (jax.vmap of jax.grad) or 'ghost' (ghost norms"
+                     " of Flax NNX layers).")
   _check_options(max_norm, per_layer, normalize, where)
   if microbatch_size is not None:
     _common.check_int(microbatch_size, "microbatch_size", where, lo=1)
@@ -257,23 +264,35 @@ def clipped_grad(
     batch_args = [args[i] for i in batch_nums]
     batch = _batch_size(batch_args, where)
     mask = _check_mask(example_mask, batch, where)
-    in_axes = tuple(0 if i in batch_nums else None for i in range(len(args)))
-    per_example = jax.vmap(lambda *a: grad_one(*a, **kwargs), in_axes=in_axes)
-    shapes = jax.eval_shape(per_example, *args)
-    grads_shape = shapes[0] if has_aux else shapes
-    leaves_shape, treedef = jax.tree_util.tree_flatten(grads_shape)
+    if method == "ghost":
+      from optaxclip import _ghost  # Imports flax.
+
+      args, leaves_shape, treedef, clip_chunk = _ghost.prepare(
+          fun, args, kwargs, grad_nums=grad_nums, batch_nums=batch_nums,
+          has_aux=has_aux, keep_batch_dim=keep_batch_dim,
+          argnums_is_int=isinstance(argnums, (int, np.integer)))
+    else:
+      in_axes = tuple(0 if i in batch_nums else None
+                      for i in range(len(args)))
+      per_example = jax.vmap(lambda *a: grad_one(*a, **kwargs),
+                             in_axes=in_axes)
+      shapes = jax.eval_shape(per_example, *args)
+      grads_shape = shapes[0] if has_aux else shapes
+      leaves_shape, treedef = jax.tree_util.tree_flatten(grads_shape)
     _check_float(leaves_shape, where)
     dtype = np.dtype(jnp.result_type(
         jnp.float32, *[_norms.acc_dtype(x.dtype) for x in leaves_shape]))
     t = jnp.asarray(threshold, dtype) if _is_number(threshold) else threshold
+    options = dict(per_layer=per_layer, normalize=normalize,
+                   nan_safe=nan_safe, where=where)
 
     def chunk(chunk_args, chunk_mask):
+      if method == "ghost":
+        return clip_chunk(chunk_args, chunk_mask, t, **options)
       out = per_example(*chunk_args)
       grads, aux = (out if has_aux else (out, None))
       leaves = jax.tree_util.tree_leaves(grads)
-      sums, stats = _clip_sum(leaves, treedef, t, per_layer=per_layer,
-                              normalize=normalize, nan_safe=nan_safe,
-                              mask=chunk_mask, where=where)
+      sums, stats = _clip_sum(leaves, treedef, t, mask=chunk_mask, **options)
       return sums, stats, aux
 
     if microbatch_size is None or microbatch_size >= batch:
@@ -349,17 +368,29 @@ class _Stats(NamedTuple):
 def _clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
               mask, where):
   """Sums of the clipped examples, one per leaf in the accumulation dtype."""
-  dtype = np.dtype(jnp.result_type(
-      jnp.float32, *[_norms.acc_dtype(x.dtype) for x in leaves]))
-  t = jnp.asarray(max_norm, dtype)
   leaf_norms, norms = example_norms(leaves)
+  weights, keep, stats = _clip_weights(
+      leaf_norms, norms, treedef, max_norm, per_layer=per_layer,
+      normalize=normalize, nan_safe=nan_safe, mask=mask, where=where)
+  return [_weighted_sum(x, w, keep) for x, w in zip(leaves, weights)], stats
+
+
+def _clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
+                  normalize, nan_safe, mask, where):
+  """Each example's weight per leaf (0 where dropped), the kept examples, stats.
+
+  ``leaf_norms`` are the per-example norms of each leaf of the gradient tree
+  ``treedef``, ``norms`` those of whole examples, all in the accumulation
+  dtype.
+  """
+  dtype = norms.dtype
+  t = jnp.asarray(max_norm, dtype)
   if per_layer is False:
-    thresholds = [t] * len(leaves)
     sensitivity = t
     over = norms > t
-    scales = [_common.clip_scale(norms, t)] * len(leaves)
+    scales = [_common.clip_scale(norms, t)] * len(leaf_norms)
   else:
-    thresholds = _layer_thresholds(per_layer, t, leaves, treedef, dtype,
+    thresholds = _layer_thresholds(per_layer, t, leaf_norms, treedef, dtype,
                                    where)
     sensitivity = jnp.sqrt(sum(jnp.square(x) for x in thresholds))
     over = jnp.zeros(norms.shape, bool)
@@ -372,25 +403,26 @@ def _clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
     sensitivity = jnp.ones((), dtype)
   finite = jnp.isfinite(norms)
   keep = mask & finite if nan_safe else mask
-  sums = []
-  for x, s in zip(leaves, scales):
-    acc = _norms.acc_dtype(x.dtype)
-    k = keep.reshape((-1,) + (1,) * (x.ndim - 1))
-    # Selects, not a multiply by 0: a dropped NaN example adds exactly 0.
-    # The weighted sum over examples is a contraction, which XLA runs as a
-    # matrix product: three times faster on CPU than a reduction over the
-    # leading axis. HIGHEST precision: no reduced-precision passes on
-    # GPU/TPU, which could push a clipped norm above max_norm.
-    sums.append(jnp.tensordot(
-        jnp.where(keep, s, 0).astype(acc), jnp.where(k, x, 0).astype(acc),
-        axes=1, precision=jax.lax.Precision.HIGHEST,
-        out_sharding=_summed_sharding(x)))
   counted = mask & finite
   count = lambda b: jnp.sum(b, dtype=jnp.int32)  # noqa: E731
-  return sums, _Stats(
+  return [jnp.where(keep, s, 0) for s in scales], keep, _Stats(
       norms=norms, threshold=t, sensitivity=jnp.asarray(sensitivity, dtype),
       included=counted, num_examples=count(counted),
       num_clipped=count(counted & over), num_nonfinite=count(mask & ~finite))
+
+
+def _weighted_sum(x, weights, keep):
+  """``sum_i weights[i] * x[i]`` over the leading axis; dropped examples add 0."""
+  acc = _norms.acc_dtype(x.dtype)
+  k = keep.reshape((-1,) + (1,) * (x.ndim - 1))
+  # Selects, not a multiply by 0: a dropped NaN example adds exactly 0.
+  # The weighted sum over examples is a contraction, which XLA runs as a
+  # matrix product: three times faster on CPU than a reduction over the
+  # leading axis. HIGHEST precision: no reduced-precision passes on
+  # GPU/TPU, which could push a clipped norm above max_norm.
+  return jnp.tensordot(
+      weights.astype(acc), jnp.where(k, x, 0).astype(acc), axes=1,
+      precision=jax.lax.Precision.HIGHEST, out_sharding=_summed_sharding(x))
 
 
 def _summed_sharding(x: jax.Array) -> Any:
@@ -426,23 +458,47 @@ def example_norms(leaves: Sequence[jax.Array]
   """
   dtype = jnp.result_type(jnp.float32,
                           *[_norms.acc_dtype(x.dtype) for x in leaves])
-  info = jnp.finfo(dtype)
   m = functools.reduce(jnp.maximum, [
       jnp.max(jnp.abs(x.astype(_norms.acc_dtype(x.dtype))),
               axis=tuple(range(1, x.ndim)), initial=0).astype(dtype)
       for x in leaves])  # NaN entries give NaN.
-  usable = (m > 0) & jnp.isfinite(m)
-  e = jnp.clip(jnp.where(usable, jnp.frexp(m)[1], 0), info.minexp + 1,
-               info.maxexp - 2)
-  down = jnp.ldexp(jnp.ones_like(m), -e)  # A normal power of two.
+  e = scale_exponent(m)
+  down = pow2(-e, m.dtype)  # A normal power of two.
   sums = []
   for x in leaves:
     acc = _norms.acc_dtype(x.dtype)
     c = down.astype(acc).reshape((-1,) + (1,) * (x.ndim - 1))
     sums.append(jnp.sum(jnp.square(x.astype(acc) * c),
                         axis=tuple(range(1, x.ndim))).astype(dtype))
-  up = lambda s: jnp.ldexp(jnp.sqrt(s), e)  # noqa: E731
+  up = lambda s: jnp.sqrt(s) * pow2(e, m.dtype)  # noqa: E731
   return [up(s) for s in sums], up(sum(sums))
+
+
+def scale_exponent(m: jax.Array) -> jax.Array:
+  """``e`` such that ``m * 2**-e`` lies in ``[0.5, 1)``, for ``m > 0`` finite.
+
+  ``0`` for zero or non-finite ``m``; clipped so that ``2**-e`` and ``2**e``
+  are normal numbers of ``m``'s dtype. Read from the exponent bits: XLA
+  compiles ``jnp.frexp`` into a large graph, slow to compile when repeated
+  per layer.
+  """
+  info = jnp.finfo(m.dtype)
+  bits = jax.lax.bitcast_convert_type(m, _int_like(m.dtype))
+  e = ((bits >> info.nmant) & ((1 << info.nexp) - 1)) - (info.maxexp - 2)
+  usable = (m > 0) & jnp.isfinite(m)
+  return jnp.clip(jnp.where(usable, e, 0), info.minexp + 1,
+                  info.maxexp - 2).astype(jnp.int32)
+
+
+def pow2(e: jax.Array, dtype: Any) -> jax.Array:
+  """``2**e`` in ``dtype``, exactly, for ``e`` in its normal range."""
+  info = jnp.finfo(dtype)
+  bits = (e.astype(_int_like(dtype)) + (info.maxexp - 1)) << info.nmant
+  return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def _int_like(dtype: Any) -> Any:
+  return np.dtype(f"int{np.dtype(dtype).itemsize * 8}")
 
 
 # ----------------------------------------------------------------------------

@@ -425,8 +425,8 @@ class ClippedGradTest(chex.TestCase):
 
   def test_errors(self):
     loss, params, x, y = model_case("mlp")
-    with pytest.raises(ValueError, match="method='ghost'"):
-      oc.clipped_grad(loss, max_norm=1.0, method="ghost")
+    with pytest.raises(ValueError, match="method='bogus'"):
+      oc.clipped_grad(loss, max_norm=1.0, method="bogus")  # type: ignore
     with pytest.raises(ValueError, match="overlap"):
       oc.clipped_grad(loss, argnums=1, max_norm=1.0)
     with pytest.raises(ValueError, match="microbatch_size"):

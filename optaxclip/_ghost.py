@@ -1,0 +1,613 @@
+"""Ghost clipping: per-example norms of Flax NNX layers, no per-example grads.
+
+``clipped_grad(fun, method="ghost", ...)`` runs ``fun`` once over the batch
+(``jax.vmap`` over examples, as ``method="vmap"`` does, but of the forward
+pass only) while the calls of ``nnx.Linear``, ``nnx.Embed`` (and its
+``attend``) and ``nnx.Conv`` are intercepted: each records its input and adds
+a zero *probe* to its output. One backward pass, to the probes, gives every
+example's output gradient ``dy`` at every call. A layer's per-example weight
+gradient is ``x_i^T dy_i`` (summed over positions and over the calls that
+share the weight), so its norm follows from ``x`` and ``dy`` alone: in Gram
+form ``sum_{t,s} (x_t . x_s)(dy_t . dy_s)``, or directly from the
+``(batch, d, p)`` product, whichever costs fewer operations. Biases get
+their per-example gradients, ``sum_t dy_t``, outright, and convolution
+kernels theirs from the convolution's transpose (``batch x kernel``
+floats, never the unfolded patches). The clipped sum is ``sum_i w_i x_i^T
+dy_i`` (book-keeping, Bu et al. 2023): no second backward pass, and a
+dropped example's NaN is selected away, never multiplied by 0.
+
+Every other parameter, and every parameter that the code also uses outside
+an intercepted call (found from the traced program, not guessed), gets exact
+per-example gradients: the forward pass sees one copy of it per example.
+
+References: Li et al., Large Language Models Can Be Strong Differentially
+Private Learners, 2021; Bu et al., Differentially Private Optimization on
+Large Model at Small Cost, 2023.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optaxclip import _norms
+from optaxclip import _per_example as _pe
+
+try:
+  from flax import nnx
+  from flax.nnx.nn.linear import canonicalize_padding
+except ImportError:  # pragma: no cover - flax is an optional dependency.
+  nnx = None
+
+_WHERE = "clipped_grad(method='ghost')"
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def prepare(fun: Callable[..., Any], args: tuple[Any, ...],
+            kwargs: dict[str, Any], *, grad_nums: Sequence[int],
+            batch_nums: Sequence[int], has_aux: bool, keep_batch_dim: bool,
+            argnums_is_int: bool) -> tuple[Any, ...]:
+  """Sets up one call of a ghost ``clipped_grad``.
+
+  Returns ``fun``'s arguments with every ``nnx.Module`` in ``argnums``
+  replaced by the ``nnx.State`` of its parameters, the gradient's leaves
+  (shapes) and tree structure, and the function that clips one chunk of
+  examples: ``(chunk_args, mask, threshold, **options) -> (sums, stats,
+  aux)``.
+  """
+  if nnx is None:
+    raise ImportError(f"{_WHERE} needs Flax (pip install flax).")
+  new_args: list[Any] = list(args)
+  rebuild = {}
+  for i in grad_nums:
+    if isinstance(args[i], nnx.Module):
+      graphdef, params, rest = nnx.split(args[i], nnx.Param, ...)  # type: ignore[misc]
+      rebuild[i] = _merger(graphdef, rest)
+      new_args[i] = params
+    else:
+      for x in jax.tree_util.tree_leaves(args[i]):
+        if not isinstance(x, (jax.Array, np.ndarray)):
+          raise TypeError(
+              f"{_WHERE}: argument {i} must be an nnx.Module or a pytree of"
+              " arrays (such as the nnx.State of nnx.split); it holds a"
+              f" {type(x).__name__}.")
+  trees = [new_args[i] for i in grad_nums]
+  leaves, treedef = jax.tree_util.tree_flatten(
+      trees[0] if argnums_is_int else tuple(trees))
+  if not leaves:
+    raise ValueError(f"{_WHERE}: the differentiated arguments hold no"
+                     " parameters.")
+  model = _Model(fun, tuple(grad_nums), tuple(batch_nums), has_aux,
+                 keep_batch_dim, kwargs, rebuild, treedef, argnums_is_int)
+  return tuple(new_args), leaves, treedef, model.clip_chunk
+
+
+def _merger(graphdef, rest):
+  return lambda params: nnx.merge(graphdef, params, rest)
+
+
+# ----------------------------------------------------------------------------
+# The model: discovery of the layer calls, then the forward and backward pass.
+
+
+class _Call(NamedTuple):
+  """One intercepted layer call, as discovered: static facts only."""
+  kind: str                    # "linear", "conv", "embed" or "attend".
+  roles: tuple[tuple[str, int], ...]  # (role, leaf index), e.g. ("kernel", 3).
+  out: jax.ShapeDtypeStruct    # One example's output.
+  spec: Any                    # A convolution's strides, padding, dilations.
+  size: int                    # Rows of the weight's matrix (d or V).
+
+
+class _Model:
+  """``fun`` with the differentiated arguments as one list of leaves."""
+
+  def __init__(self, fun, grad_nums, batch_nums, has_aux, keep_batch_dim,
+               kwargs, rebuild, treedef, argnums_is_int):
+    self.single = argnums_is_int
+    self.fun, self.grad_nums, self.batch_nums = fun, grad_nums, batch_nums
+    self.has_aux, self.keep_batch_dim = has_aux, keep_batch_dim
+    self.kwargs, self.rebuild, self.treedef = kwargs, rebuild, treedef
+
+  def loss(self, tape, leaves, args, example):
+    """One example's loss (and aux), run under ``tape``."""
+    tree = jax.tree_util.tree_unflatten(self.treedef, leaves)
+    trees = [tree] if self.single else list(tree)
+    call = list(args)
+    for i, t in zip(self.grad_nums, trees):
+      call[i] = self.rebuild[i](t) if i in self.rebuild else t
+    for i, x in zip(self.batch_nums, example):
+      call[i] = (jax.tree_util.tree_map(lambda v: jnp.expand_dims(v, 0), x)
+                 if self.keep_batch_dim else x)
+    with _recording(tape):
+      out = self.fun(*call, **self.kwargs)
+    if self.has_aux:
+      if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(f"{_WHERE}: with has_aux=True, fun must return"
+                        " (loss, aux).")
+      out, aux = out
+    else:
+      aux = None
+    if jnp.shape(out) != () or not jnp.issubdtype(jnp.result_type(out),
+                                                  jnp.floating):
+      raise TypeError(
+          f"{_WHERE}: fun must return one example's loss, a float scalar (it"
+          f" sees one example at a time); got shape {jnp.shape(out)}.")
+    return out, aux
+
+  def discover(self, args, leaves):
+    """The intercepted calls, and which leaves are used outside them."""
+    shape = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))  # noqa: E731
+    example = [jax.tree_util.tree_map(lambda x: shape(x[0]), args[i])
+               for i in self.batch_nums]
+    tape = _Tape("discover")
+
+    def traced(leaves, dups, example):
+      tape.start(leaves, dups=dups)
+      return self.loss(tape, leaves, args, example)[0]
+
+    leaf_shapes = [shape(x) for x in leaves]
+    jaxpr = jax.make_jaxpr(traced)(leaf_shapes, leaf_shapes, example).jaxpr
+    used = _used_inputs(jaxpr)[:len(leaves)]
+    return tape.calls, used
+
+  def clip_chunk(self, args, mask, threshold, *, per_layer, normalize,
+                 nan_safe, where):
+    """The clipped sum over one chunk of examples, as ``_clip_sum`` returns."""
+    leaves = jax.tree_util.tree_leaves(
+        [args[i] for i in self.grad_nums])
+    calls, used = self.discover(args, leaves)
+    plan = _plan(calls, used, len(leaves))
+    if not plan.active:
+      raise ValueError(
+          f"{where}: no nnx.Linear, nnx.Embed or nnx.Conv call uses the"
+          " differentiated parameters, so there is nothing to compute ghost"
+          " norms of; method='ghost' needs a Flax NNX model (pass the"
+          " nnx.Module, or the nnx.State that fun merges into one), or use"
+          " method='vmap'.")
+    batch = mask.shape[0]
+    per_copy = plan.per_example
+    copies = [jnp.broadcast_to(leaves[j], (batch,) + leaves[j].shape)
+              for j in per_copy]
+    probes = [jnp.zeros((batch,) + calls[c].out.shape, calls[c].out.dtype)
+              for c in plan.active]
+    example = [args[i] for i in self.batch_nums]
+
+    def one(copies, probes, example):
+      mixed = list(leaves)
+      for j, x in zip(per_copy, copies):
+        mixed[j] = x
+      tape = _Tape("run", calls=calls,
+                   probes=dict(zip(plan.active, probes)))
+      tape.start(mixed)
+      loss, aux = self.loss(tape, mixed, args, example)
+      return loss, (tape.saved, aux)
+
+    forward = jax.vmap(one)
+    loss, backward, (saved, aux) = jax.vjp(
+        lambda c, p: forward(c, p, example), copies, probes, has_aux=True)
+    copy_grads, dys = backward(jnp.ones_like(loss))
+    dys = dict(zip(plan.active, dys))
+    return _clip_from_records(
+        leaves, calls, plan, saved, dys, copy_grads, self.treedef, threshold,
+        mask, per_layer=per_layer, normalize=normalize, nan_safe=nan_safe,
+        where=where) + (aux,)
+
+
+def _used_inputs(jaxpr) -> list[bool]:
+  """Which inputs of ``jaxpr`` its outputs (or effects) depend on."""
+  live = {v for v in jaxpr.outvars if not hasattr(v, "val")}
+  for eqn in reversed(jaxpr.eqns):
+    if eqn.effects or any(v in live for v in eqn.outvars):
+      live.update(v for v in eqn.invars if not hasattr(v, "val"))
+  return [v in live for v in jaxpr.invars]
+
+
+class _Plan(NamedTuple):
+  ghost: dict[int, list[tuple[int, str]]]  # leaf -> [(call, role)]
+  per_example: list[int]                   # leaves with per-example copies
+  active: list[int]                        # calls that record and get probes
+
+
+def _plan(calls, used, num_leaves) -> _Plan:
+  """Which leaves get ghost norms, which per-example copies."""
+  uses: dict[int, list[tuple[int, str]]] = {}
+  for c, call in enumerate(calls):
+    for role, j in call.roles:
+      uses.setdefault(j, []).append((c, role))
+  ghost = {}
+  for j, u in uses.items():
+    kinds = {(_term_kind(calls[c].kind, role), calls[c].spec) for c, role
+             in u}
+    if not used[j] and len(kinds) == 1:
+      ghost[j] = u
+  per_example = [j for j in range(num_leaves) if used[j] and j not in ghost]
+  active = sorted({c for u in ghost.values() for c, _ in u})
+  return _Plan(ghost, per_example, active)
+
+
+def _term_kind(kind, role):
+  """How a leaf's per-example norm is found: from ``"matrix"`` terms
+  (``x^T dy``), or per-example gradients of a ``"vector"`` (bias: ``sum_t
+  dy_t``) or ``"conv"`` kernel (the convolution's transpose)."""
+  if role == "bias":
+    return "vector"
+  return "conv" if kind == "conv" else "matrix"
+
+
+# ----------------------------------------------------------------------------
+# Norms and sums from the records.
+
+
+def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
+                       threshold, mask, *, per_layer, normalize, nan_safe,
+                       where):
+  acc = np.dtype(jnp.result_type(
+      jnp.float32, *[_norms.acc_dtype(x.dtype) for x in leaves]))
+  saved = dict(zip(plan.active, saved))
+  batch = mask.shape[0]
+  # Leaves whose per-example gradients exist: copies and biases.
+  explicit = dict(zip(plan.per_example, copy_grads))
+  matrices = {}
+  for j, uses in plan.ghost.items():
+    kind = _term_kind(calls[uses[0][0]].kind, uses[0][1])
+    if kind == "vector":
+      explicit[j] = functools.reduce(jnp.add, [
+          jnp.sum(dys[c].reshape(batch, -1, dys[c].shape[-1]), axis=1)
+          for c, _ in uses]).reshape((batch,) + leaves[j].shape)
+    elif kind == "conv":
+      explicit[j] = functools.reduce(jnp.add, [
+          _conv_grads(calls[c].spec, saved[c], dys[c], leaves[j].shape, acc)
+          for c, _ in uses])
+    else:
+      matrices[j] = _terms(calls, uses, saved, dys, batch)
+  order = sorted(explicit)
+  if order:
+    expl_norms, _ = _pe.example_norms([explicit[j] for j in order])
+  else:
+    expl_norms = []
+  leaf_norms = [jnp.zeros((batch,), acc)] * len(leaves)
+  for j, n in zip(order, expl_norms):
+    leaf_norms[j] = n.astype(acc)
+  for j, terms in matrices.items():
+    leaf_norms[j] = _matrix_norm(terms, acc)
+  norms = _combine(leaf_norms)
+  weights, keep, stats = _pe._clip_weights(
+      leaf_norms, norms, treedef, threshold, per_layer=per_layer,
+      normalize=normalize, nan_safe=nan_safe, mask=mask, where=where)
+  sums = []
+  for j, x in enumerate(leaves):
+    if j in explicit:
+      sums.append(_pe._weighted_sum(explicit[j], weights[j], keep))
+    elif j in matrices:
+      sums.append(_matrix_sum(matrices[j], weights[j], keep, acc).reshape(
+          x.shape))
+    else:  # Not used by the loss.
+      sums.append(jnp.zeros(x.shape, _norms.acc_dtype(x.dtype)))
+  return sums, stats
+
+
+class _Term(NamedTuple):
+  """One call's share ``a^T c`` of a per-example weight gradient.
+
+  ``a``: ``(batch, T, V)`` dense, or ``(batch, T)`` integer rows of a
+  one-hot matrix with ``V`` columns (``ids``); ``c``: ``(batch, T, F)``.
+  """
+  a: jax.Array
+  c: jax.Array
+  ids: bool
+  size: int
+
+
+def _terms(calls, uses, saved, dys, batch) -> list[_Term]:
+  """The dense terms of a leaf, concatenated, and its one-hot terms."""
+  dense, onehot = [], []
+  for c, _ in uses:
+    call = calls[c]
+    x = saved[c].reshape((batch, -1) + saved[c].shape[2:])
+    dy = dys[c].reshape(batch, -1, dys[c].shape[-1])
+    if call.kind == "embed":
+      onehot.append((x, dy))
+    elif call.kind == "attend":  # y = q @ E^T: E's gradient is dy^T q.
+      dense.append((dy, x))
+    else:
+      dense.append((x, dy))
+  size = calls[uses[0][0]].size
+  out = []
+  for group, ids in ((dense, False), (onehot, True)):
+    if group:
+      out.append(_Term(jnp.concatenate([a for a, _ in group], axis=1),
+                       jnp.concatenate([c for _, c in group], axis=1),
+                       ids, size))
+  return out
+
+
+def _matrix_norm(terms: list[_Term], acc) -> jax.Array:
+  """Per-example 2-norm of ``sum_k a_k^T c_k``, Gram or direct by cost.
+
+  Each example's factors are first scaled by powers of two that bring their
+  largest entries near 1 (``2**-ea`` for the ``a``, ``2**-ec`` for the
+  ``c``; a one-hot term's ``c`` takes both), so that no square overflows or
+  underflows.
+  """
+  ea = _pe.scale_exponent(_max_abs([t.a for t in terms if not t.ids], acc))
+  ec = _pe.scale_exponent(_max_abs([t.c for t in terms], acc))
+  down = lambda x, e: x.astype(acc) * _pe.pow2(  # noqa: E731
+      -e, acc).reshape((-1,) + (1,) * (x.ndim - 1))
+  terms = [t._replace(a=t.a, c=down(t.c, ea + ec)) if t.ids else
+           t._replace(a=down(t.a, ea), c=down(t.c, ec)) for t in terms]
+  length = sum(t.a.shape[1] for t in terms)
+  size, features = terms[0].size, terms[0].c.shape[-1]
+  if _use_gram(length, size, features):
+    sq = sum(
+        (1 if k == m else 2) * jnp.sum(
+            _gram_a(terms[k], terms[m], acc) * jnp.einsum(
+                "btf,bsf->bts", terms[k].c, terms[m].c, precision=_HIGHEST),
+            axis=(1, 2))
+        for k in range(len(terms)) for m in range(k, len(terms)))
+  else:
+    g = sum(_per_example_matrix(t, acc) for t in terms)
+    sq = jnp.sum(jnp.square(g), axis=(1, 2))
+  # Two factors: ea + ec may leave the normal range.
+  return jnp.sqrt(sq) * _pe.pow2(ea, acc) * _pe.pow2(ec, acc)
+
+
+def _use_gram(length: int, size: int, features: int) -> bool:
+  """Gram form (``T^2 (V + F)`` operations) or direct (``T V F``)."""
+  return length * length * (size + features) <= length * size * features
+
+
+def _max_abs(arrays, acc):
+  if not arrays:  # 0 gives the exponent 0.
+    return jnp.zeros((), acc)
+  return functools.reduce(jnp.maximum, [
+      jnp.max(jnp.abs(x.astype(acc)), axis=tuple(range(1, x.ndim)), initial=0)
+      for x in arrays])
+
+
+def _gram_a(s: _Term, t: _Term, acc) -> jax.Array:
+  """``(batch, T_s, T_t)`` inner products of the rows of ``s.a`` and ``t.a``."""
+  if not s.ids and not t.ids:
+    return jnp.einsum("btv,bsv->bts", s.a, t.a, precision=_HIGHEST)
+  if s.ids and t.ids:
+    return (_valid(s) & _valid(t).transpose(0, 2, 1) & (
+        s.a[:, :, None] == t.a[:, None, :])).astype(acc)
+  if t.ids:
+    return _gram_a(t, s, acc).transpose(0, 2, 1)
+  # Row id of s against dense rows of t: t.a[b, u, id].
+  ids = jnp.clip(s.a, 0, s.size - 1)
+  rows = jax.vmap(lambda a, i: a[:, i].T)(t.a, ids)
+  return jnp.where(_valid(s), rows, 0)
+
+
+def _valid(t: _Term) -> jax.Array:
+  return ((t.a >= 0) & (t.a < t.size))[:, :, None]
+
+
+def _per_example_matrix(t: _Term, acc) -> jax.Array:
+  """``(batch, V, F)``: each example's ``a^T c``."""
+  if t.ids:
+    return jax.vmap(lambda c, i: jax.ops.segment_sum(
+        c, i, num_segments=t.size))(t.c, t.a)
+  return jnp.einsum("btv,btf->bvf", t.a, t.c, precision=_HIGHEST)
+
+
+def _matrix_sum(terms, weights, keep, acc) -> jax.Array:
+  """``sum_i w_i a_i^T c_i`` over the kept examples: ``(V, F)``."""
+  parts = []
+  for t in terms:
+    k = keep.reshape((-1, 1, 1))
+    c = jnp.where(k, t.c, 0).astype(acc) * weights.astype(acc)[:, None, None]
+    if t.ids:
+      parts.append(jax.ops.segment_sum(
+          c.reshape(-1, c.shape[-1]), t.a.reshape(-1), num_segments=t.size))
+    else:
+      parts.append(jnp.einsum("btv,btf->vf",
+                              jnp.where(k, t.a, 0).astype(acc), c,
+                              precision=_HIGHEST))
+  return functools.reduce(jnp.add, parts)
+
+
+def _combine(leaf_norms):
+  """The norm of all leaves from theirs, without overflow."""
+  m = functools.reduce(jnp.maximum, leaf_norms)
+  e = _pe.scale_exponent(m)
+  down = _pe.pow2(-e, m.dtype)
+  return jnp.sqrt(sum(jnp.square(n * down) for n in leaf_norms)) * _pe.pow2(
+      e, m.dtype)
+
+
+def _conv_grads(spec, x, dy, kernel_shape, acc) -> jax.Array:
+  """Per-example kernel gradients of a convolution: ``(batch, *kernel)``.
+
+  The transpose of the convolution in its kernel (XLA's backward-filter
+  convolution), one example at a time: the direct form, which needs
+  ``batch x kernel size`` floats and never the unfolded input patches.
+  """
+  strides, padding, lhs_dilation, rhs_dilation = spec
+  rank = len(strides)
+  x = x.reshape((x.shape[0], -1) + x.shape[x.ndim - rank - 1:]).astype(acc)
+  dy = dy.reshape((dy.shape[0], -1) + dy.shape[dy.ndim - rank - 1:])
+  dn = _conv_dims(rank + 2)
+
+  def one(x, dy):
+    conv = lambda k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dn, precision=_HIGHEST)
+    return jax.linear_transpose(conv, jnp.zeros(kernel_shape, acc))(
+        dy.astype(acc))[0]
+
+  return jax.vmap(one)(x, dy)
+
+
+def _conv_dims(n):
+  """Flax's layout: inputs ``(N, *spatial, C)``, kernels ``(*window, I, O)``."""
+  lhs = (0, n - 1) + tuple(range(1, n - 1))
+  return jax.lax.ConvDimensionNumbers(lhs, (n - 1, n - 2) + tuple(
+      range(n - 2)), lhs)
+
+
+# ----------------------------------------------------------------------------
+# Interception of the layer calls.
+
+
+_local = threading.local()
+_lock = threading.Lock()
+_patched = [0]
+
+
+class _Tape:
+  """What one trace of ``fun`` records of its layer calls."""
+
+  def __init__(self, mode, calls=None, probes=None):
+    self.mode = mode
+    self.calls: list[_Call] = [] if calls is None else calls
+    self.probes = probes or {}
+    self.saved: list[jax.Array] = []
+
+  def start(self, leaves, dups=None):
+    self.index = {id(x): j for j, x in enumerate(leaves)}
+    self.dups = dups
+    self.count = 0
+
+  def call(self, kind, original, module, x, args, kwargs):
+    roles = _ROLES[kind](module, x)
+    index = [self.index.get(id(v.value)) for v in (roles or {}).values()]
+    if roles is None or None in index:
+      return original(module, x, *args, **kwargs)
+    found = tuple((r, j) for r, j in zip(roles, index) if j is not None)
+    c = self.count
+    self.count += 1
+    if self.mode == "discover":
+      old = {r: v.value for r, v in roles.items()}
+      try:
+        for (r, j) in found:
+          roles[r].value = self.dups[j]
+        y = original(module, x, *args, **kwargs)
+      finally:
+        for r, v in roles.items():
+          v.value = old[r]
+      self.calls.append(_Call(
+          kind, found, jax.ShapeDtypeStruct(y.shape, y.dtype),
+          _conv_spec(module) if kind == "conv" else None,
+          roles[found[0][0]].value.shape[0]))
+      return y
+    want = self.calls[c] if c < len(self.calls) else None
+    if want is None or want.kind != kind or want.roles != found:
+      raise RuntimeError(f"{_WHERE}: fun made different layer calls on two"
+                         " traces; its calls must depend only on shapes.")
+    y = original(module, x, *args, **kwargs)
+    if c in self.probes:
+      self.saved.append(_RECORD[kind](module, x))
+      y = y + self.probes[c]
+    return y
+
+
+def _linear_roles(module, x):
+  if module.dot_general is not jax.lax.dot_general:
+    return None
+  roles = {"kernel": module.kernel}
+  if module.bias is not None:
+    roles["bias"] = module.bias
+  return roles
+
+
+def _conv_roles(module, x):
+  if (module.feature_group_count != 1 or module.mask is not None
+      or module.conv_general_dilated is not jax.lax.conv_general_dilated
+      or _conv_padding(module) is None):
+    return None
+  roles = {"kernel": module.kernel}
+  if module.bias is not None:
+    roles["bias"] = module.bias
+  return roles
+
+
+def _embed_roles(module, x):
+  return {"embedding": module.embedding}
+
+
+_ROLES = {"linear": _linear_roles, "conv": _conv_roles,
+          "embed": _embed_roles, "attend": _embed_roles}
+
+
+def _conv_padding(module):
+  rank = len(module.kernel_size)
+  padding = canonicalize_padding(module.padding, rank)
+  if isinstance(padding, str) and padding not in ("SAME", "VALID"):
+    return None
+  return padding
+
+
+def _conv_spec(module):
+  """``(strides, padding, lhs_dilation, rhs_dilation)`` as nnx.Conv uses them."""
+  rank = len(module.kernel_size)
+  fill = lambda v: (1,) * rank if v is None else (  # noqa: E731
+      (v,) * rank if isinstance(v, int) else tuple(v))
+  padding = _conv_padding(module)
+  if not isinstance(padding, str):
+    padding = tuple(tuple(p) for p in padding)
+  return (fill(module.strides), padding, fill(module.input_dilation),
+          fill(module.kernel_dilation))
+
+
+def _embed_ids(size, ids):
+  """The rows ``jnp.take`` reads: negative ids count from the end."""
+  if size == 1:  # nnx.Embed broadcasts its one row.
+    return jnp.zeros_like(ids)
+  return jnp.where(ids < 0, ids + size, ids)
+
+
+_RECORD = {
+    "linear": lambda m, x: x.reshape(-1, x.shape[-1]),
+    "attend": lambda m, x: x.reshape(-1, x.shape[-1]),
+    "embed": lambda m, x: _embed_ids(m.num_embeddings, x.reshape(-1)),
+    "conv": lambda m, x: x.reshape(
+        (-1,) + x.shape[x.ndim - len(m.kernel_size) - 1:]),
+}
+
+
+def _methods():
+  return {("linear", nnx.Linear, "__call__"), ("conv", nnx.Conv, "__call__"),
+          ("embed", nnx.Embed, "__call__"), ("attend", nnx.Embed, "attend")}
+
+
+def _intercepting(kind, original):
+  @functools.wraps(original)
+  def method(self, x, *args, **kwargs):
+    tape = getattr(_local, "tape", None)
+    if tape is None:
+      return original(self, x, *args, **kwargs)
+    return tape.call(kind, original, self, x, args, kwargs)
+  method._ghost_original = original  # type: ignore[attr-defined]
+  return method
+
+
+@contextlib.contextmanager
+def _recording(tape):
+  """Routes the supported layers' calls in this thread through ``tape``."""
+  if getattr(_local, "tape", None) is not None:
+    raise RuntimeError(f"{_WHERE} cannot run inside another ghost"
+                       " clipped_grad's fun.")
+  with _lock:
+    if not _patched[0]:
+      for kind, cls, name in _methods():
+        setattr(cls, name, _intercepting(kind, getattr(cls, name)))
+    _patched[0] += 1
+  _local.tape = tape
+  try:
+    yield
+  finally:
+    _local.tape = None
+    with _lock:
+      _patched[0] -= 1
+      if not _patched[0]:
+        for _, cls, name in _methods():
+          setattr(cls, name, getattr(cls, name)._ghost_original)

@@ -1,0 +1,379 @@
+"""clipped_grad(method='ghost') equals method='vmap' on Flax NNX models."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optaxclip as oc
+from optaxclip import _ghost
+from tests import _dp_references as ref
+
+nnx = pytest.importorskip("flax.nnx")
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(6, 16, rngs=rngs)
+    self.out = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.hidden(x)))
+
+
+class CNN(nnx.Module):
+
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(2, 4, (3, 3), strides=2, rngs=rngs)
+    self.conv2 = nnx.Conv(4, 5, (2, 3), padding="VALID", kernel_dilation=(1, 2),
+                          rngs=rngs)
+    self.out = nnx.Linear(5, 3, rngs=rngs)
+
+  def __call__(self, x):
+    y = jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(x))))
+    return self.out(y.mean(axis=(-3, -2)))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, dim, rngs):
+    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
+    self.proj = nnx.Linear(dim, dim, rngs=rngs)
+    self.norm2 = nnx.RMSNorm(dim, rngs=rngs)
+    self.up = nnx.Linear(dim, 2 * dim, rngs=rngs)
+    self.down = nnx.Linear(2 * dim, dim, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    q, k, v = jnp.split(self.qkv(self.norm1(x)), 3, axis=-1)
+    causal = jnp.tril(jnp.ones((x.shape[-2], x.shape[-2]), bool))
+    a = jnp.where(causal, q @ jnp.swapaxes(k, -1, -2), -1e9)
+    x = x + self.proj(jax.nn.softmax(a / math.sqrt(q.shape[-1]), -1) @ v)
+    return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+
+
+class Transformer(nnx.Module):
+  """Embedding, a position table (a raw nnx.Param), one block, a head."""
+
+  def __init__(self, rngs, vocab=11, dim=8, seq=6, tied=False):
+    self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+    self.pos = nnx.Param(jax.random.normal(rngs.params(), (seq, dim)) * 0.1)
+    self.block = Block(dim, rngs)
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.tied = tied
+    if not tied:
+      self.head = nnx.Linear(dim, vocab, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.block(self.embed(tokens) + self.pos[...])
+    x = self.norm(x)
+    return self.embed.attend(x) if self.tied else self.head(x)
+
+
+class RNN(nnx.Module):
+  """One nnx.Linear cell applied at every time step."""
+
+  def __init__(self, rngs, dim=3, hidden=5):
+    self.cell = nnx.Linear(dim + hidden, hidden, rngs=rngs)
+    self.out = nnx.Linear(hidden, 1, rngs=rngs)
+    self.hidden = hidden
+
+  def __call__(self, x):
+    h = jnp.zeros(x.shape[:-2] + (self.hidden,))
+    for t in range(x.shape[-2]):
+      h = jnp.tanh(self.cell(jnp.concatenate([x[..., t, :], h], -1)))
+    return self.out(h)[..., 0]
+
+
+class RawTied(nnx.Module):
+  """The embedding table also used outside Embed: a matmul by its value."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(7, 4, rngs=rngs)
+    self.mix = nnx.Linear(4, 4, rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.mix(self.embed(tokens)) @ self.embed.embedding[...].T
+
+
+def classify(model, x, y):
+  logits = model(x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def next_token(model, tokens, targets):
+  logits = model(tokens)
+  return optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                         targets).mean()
+
+
+def regression(model, x, y):
+  return jnp.mean((model(x) - y) ** 2)
+
+
+def case(name, batch=8, seed=0):
+  """A model, its loss and a batch (x, y)."""
+  rng = np.random.default_rng(seed)
+  rngs = nnx.Rngs(seed)
+  normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+  labels = lambda n, *s: jnp.asarray(rng.integers(0, n, s))  # noqa: E731
+  if name == "mlp":
+    return MLP(rngs), classify, normal(batch, 6), labels(3, batch)
+  if name == "mlp_seq":  # Linear on (batch, seq, features).
+    return MLP(rngs), classify, normal(batch, 5, 6), labels(3, batch, 5)
+  if name == "cnn":
+    return CNN(rngs), classify, normal(batch, 9, 9, 2), labels(3, batch)
+  if name in ("transformer", "tied"):
+    return (Transformer(rngs, tied=name == "tied"), next_token,
+            labels(11, batch, 6), labels(11, batch, 6))
+  if name == "rnn":
+    return RNN(rngs), regression, normal(batch, 4, 3), normal(batch)
+  if name == "raw_tied":
+    return RawTied(rngs), next_token, labels(7, batch, 5), labels(4, batch, 5)
+  raise ValueError(name)
+
+
+def both(model, loss, **options):
+  """Jitted method='vmap' (the reference) and method='ghost' functions of
+  ``(x, y, max_norm, example_mask)``, on the same model."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  split_loss = lambda p, x, y: loss(nnx.merge(graphdef, p, rest), x, y)  # noqa: E731
+  opts = dict(batch_argnums=(1, 2), return_norms=True, max_norm=1.0,
+              **options)
+  vmap_fn = oc.clipped_grad(split_loss, **opts)
+  ghost_fn = oc.clipped_grad(loss, method="ghost", **opts)
+  module_def, state = nnx.split(model)
+
+  @fast_jit
+  def vmap(x, y, max_norm, example_mask=None):
+    return vmap_fn(params, x, y, max_norm=max_norm, example_mask=example_mask)
+
+  @fast_jit
+  def ghost(x, y, max_norm, example_mask=None):
+    return ghost_fn(nnx.merge(module_def, state), x, y, max_norm=max_norm,
+                    example_mask=example_mask)
+
+  return vmap, ghost
+
+
+def fast_jit(fn):
+  """``jax.jit`` with XLA's backend optimisations off: tiny models compile
+  in half the time."""
+  jitted = jax.jit(fn)
+  compiled = {}
+
+  def run(*args):
+    key = str(jax.tree.map(lambda x: (np.shape(x), jnp.result_type(x)), args))
+    if key not in compiled:
+      compiled[key] = jitted.lower(*args).compile(
+          {"xla_backend_optimization_level": 0})
+    return compiled[key](*args)
+
+  return run
+
+
+def assert_same(got, want, rtol=1e-5):
+  (g, gi), (w, wi) = got, want
+  np.testing.assert_allclose(gi.norms, wi.norms, rtol=rtol)
+  for field in ("num_examples", "num_clipped", "num_nonfinite", "batch_size"):
+    assert int(getattr(gi, field)) == int(getattr(wi, field)), field
+  np.testing.assert_allclose(gi.sensitivity, wi.sensitivity, rtol=1e-6)
+  np.testing.assert_array_equal(gi.included, wi.included)
+  chex.assert_trees_all_equal_structs(g, w)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+    scale = float(np.max(np.abs(b))) or 1.0
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize(
+    "name", ["mlp", "mlp_seq", "cnn", "transformer", "tied", "rnn",
+             "raw_tied"])
+def test_equals_vmap(name):
+  model, loss, x, y = case(name)
+  vmap, ghost = both(model, loss)
+  c = float(np.median(vmap(x, y, math.inf)[1].norms))
+  got, want = ghost(x, y, c), vmap(x, y, c)
+  assert_same(got, want)
+  assert 0 < int(got[1].num_clipped) < 8
+
+
+def test_layers_covered_and_fallback():
+  """Which leaves got ghost norms and which per-example copies."""
+  model, loss, x, y = case("tied")
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(params)]
+  args, leaves, treedef, clip = _ghost.prepare(
+      loss, (model, x, y), {}, grad_nums=(0,), batch_nums=(1, 2),
+      has_aux=False, keep_batch_dim=True, argnums_is_int=True)
+  model_fn = clip.__self__
+  calls, used = model_fn.discover(args, leaves)
+  plan = _ghost._plan(calls, used, len(leaves))
+  ghost = {paths[j] for j in plan.ghost}
+  copies = {paths[j] for j in plan.per_example}
+  assert "['embed']['embedding'].value" in ghost  # Embed and attend: tied.
+  assert "['block']['qkv']['kernel'].value" in ghost
+  assert "['block']['down']['kernel'].value" in ghost
+  assert copies == {"['pos'].value", "['block']['norm1']['scale'].value",
+                    "['block']['norm1']['bias'].value",
+                    "['block']['norm2']['scale'].value",
+                    "['norm']['scale'].value", "['norm']['bias'].value"}
+  assert [c.kind for c in calls].count("attend") == 1
+  # The table used by a raw matmul too gets a per-example copy.
+  model, loss, x, y = case("raw_tied")
+  args, leaves, _, clip = _ghost.prepare(
+      loss, (model, x, y), {}, grad_nums=(0,), batch_nums=(1, 2),
+      has_aux=False, keep_batch_dim=True, argnums_is_int=True)
+  calls, used = clip.__self__.discover(args, leaves)
+  plan = _ghost._plan(calls, used, len(leaves))
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(params)]
+  assert {paths[j] for j in plan.per_example} == {
+      "['embed']['embedding'].value"}
+
+
+def test_numpy_float64_reference():
+  """One Linear on (batch, seq, d), squared loss: per-example grads by hand."""
+  rng = np.random.default_rng(3)
+  batch, seq, d, p = 6, 4, 5, 3
+  layer = nnx.Linear(d, p, rngs=nnx.Rngs(0))
+  x = rng.standard_normal((batch, seq, d)).astype(np.float32)
+  t = rng.standard_normal((batch, seq, p)).astype(np.float32)
+  loss = lambda m, x, t: 0.5 * jnp.sum((m(x) - t) ** 2)  # noqa: E731
+  w = np.asarray(layer.kernel[...], np.float64)
+  b = np.asarray(layer.bias[...], np.float64)
+  x64 = x.astype(np.float64)
+  dy = x64 @ w + b - t  # d loss_i / d y_i.
+  grads = [np.einsum("btd,btp->bdp", x64, dy), dy.sum(axis=1)]
+  want, norms, num, _ = ref.per_example_clip(grads, 14.0)
+  got, info = oc.clipped_grad(loss, max_norm=14.0, batch_argnums=(1, 2),
+                              return_norms=True, method="ghost")(layer, x, t)
+  np.testing.assert_allclose(info.norms, norms, rtol=1e-5)
+  assert int(info.num_clipped) == num and 0 < num < batch
+  np.testing.assert_allclose(got["kernel"][...], want[0], rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(got["bias"][...], want[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["gram", "direct"])
+def test_gram_and_direct_forms(form, monkeypatch):
+  """Both forms of a shared, mixed (one-hot and dense) weight, vs NumPy."""
+  rng = np.random.default_rng(4)
+  batch, size, feats = 3, 6, 4
+  ids = rng.integers(-1, size + 1, (batch, 5))  # Some out of range.
+  dense_a = rng.standard_normal((batch, 3, size))
+  c1 = rng.standard_normal((batch, 5, feats))
+  c2 = rng.standard_normal((batch, 3, feats))
+  terms = [_ghost._Term(jnp.asarray(dense_a, jnp.float32),
+                        jnp.asarray(c2, jnp.float32), False, size),
+           _ghost._Term(jnp.asarray(ids), jnp.asarray(c1, jnp.float32), True,
+                        size)]
+  want = np.einsum("btv,btf->bvf", dense_a, c2)
+  for i in range(batch):
+    for t, k in enumerate(ids[i]):
+      if 0 <= k < size:
+        want[i, k] += c1[i, t]
+  monkeypatch.setattr(_ghost, "_use_gram", lambda *a: form == "gram")
+  got = _ghost._matrix_norm(terms, np.float32)
+  np.testing.assert_allclose(got, np.sqrt(np.sum(want**2, axis=(1, 2))),
+                             rtol=1e-5)
+
+
+def test_mask_nan_and_microbatch():
+  model, loss, x, y = case("transformer", batch=9)
+  x = x.at[4, 0].set(99)  # Out of range: jnp.take fills in NaN.
+  x = x.at[2, 1].set(-3)  # Counts from the end.
+  mask = jnp.arange(9) != 7
+  for size in (4,):  # Chunks of 4: padding of the last chunk too.
+    vmap, ghost = both(model, loss, microbatch_size=size)
+    got, want = ghost(x, y, 0.5, mask), vmap(x, y, 0.5, mask)
+    assert int(got[1].num_nonfinite) == 1
+    assert int(got[1].num_examples) == 7
+    assert np.all(np.isfinite(jax.tree.leaves(got[0])[0]))
+    finite = np.isfinite(np.asarray(want[1].norms))
+    np.testing.assert_allclose(got[1].norms[finite], want[1].norms[finite],
+                               rtol=1e-5)
+    chex.assert_trees_all_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[1].included, want[1].included)
+
+
+def test_nan_safe_false_propagates():
+  model, loss, x, y = case("mlp")
+  x = x.at[2].set(jnp.nan)
+  got, info = both(model, loss, nan_safe=False)[1](x, y, 1.0)
+  assert np.isnan(info.norms[2]) and int(info.num_nonfinite) == 1
+  assert np.all(np.isnan(got["out"]["kernel"][...]))
+
+
+@pytest.mark.parametrize("options", [
+    dict(normalize=True),
+    dict(per_layer=True),
+    dict(per_layer="tree"),
+    dict(microbatch_size=3),
+])
+def test_options_equal_vmap(options):
+  model, loss, x, y = case("rnn")
+  if options.get("per_layer") == "tree":
+    params = nnx.state(model, nnx.Param)
+    options = dict(per_layer=jax.tree.map(
+        lambda p: 0.1 if p.ndim == 1 else 0.3, params))
+  vmap, ghost = both(model, loss, **options)
+  got, want = ghost(x, y, 0.7), vmap(x, y, 0.7)
+  assert_same(got, want)
+  assert int(got[1].num_clipped) > 0
+
+
+def test_state_argument_aux_and_keep_batch_dim_false():
+  """fun may take the nnx.State and merge it; aux; examples without axis."""
+  model, _, x, y = case("mlp")
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(p, x, y):  # One example, no batch axis.
+    logits = nnx.merge(graphdef, p)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y), logits
+
+  opts = dict(max_norm=0.5, batch_argnums=(1, 2), has_aux=True,
+              keep_batch_dim=False)
+  got, aux = oc.clipped_grad(loss, method="ghost", **opts)(params, x, y)
+  want, want_aux = oc.clipped_grad(loss, **opts)(params, x, y)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(aux, want_aux, rtol=1e-6)
+  assert aux.shape == (8, 3)
+
+
+def test_core_imports_without_flax():
+  """optaxclip itself does not import flax; only method='ghost' does."""
+  import subprocess
+  import sys
+  code = ("import sys; sys.modules['flax'] = None; import optaxclip as oc;"
+          " import jax.numpy as jnp;"
+          " print(oc.clipped_grad(lambda w, x: jnp.sum(w * x), max_norm=1.0)"
+          "(1.0, jnp.ones(2)))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_errors():
+  model, loss, x, y = case("mlp")
+  with pytest.raises(ValueError, match="'vmap' .* or 'ghost'"):
+    oc.clipped_grad(loss, max_norm=1.0, method="bogus")
+  ghost = lambda f, **kw: oc.clipped_grad(  # noqa: E731
+      f, max_norm=1.0, batch_argnums=(1, 2), method="ghost", **kw)
+  # Parameters no NNX layer uses: a plain dict and a pure-JAX loss.
+  plain = {"w": jnp.ones((6, 3))}
+  with pytest.raises(ValueError, match="Flax NNX model"):
+    ghost(lambda p, x, y: jnp.mean((x @ p["w"]) ** 2))(plain, x, y)
+  with pytest.raises(TypeError, match="nnx.Module or a pytree of arrays"):
+    ghost(loss)(object(), x, y)
+  # fun must return one example's scalar loss.
+  with pytest.raises(TypeError, match="float scalar"):
+    ghost(lambda m, x, y: m(x))(model, x, y)
+  with pytest.raises(TypeError, match=r"\(loss, aux\)"):
+    ghost(loss, has_aux=True)(model, x, y)
