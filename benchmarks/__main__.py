@@ -25,7 +25,7 @@ def parse(argv):
   p.add_argument("--trees", help="comma-separated, from: "
                  + ", ".join(trees.TREES))
   p.add_argument("--dtypes", help="comma-separated: float32, bfloat16")
-  p.add_argument("--only", help="comma-separated transform keys (value, norm,"
+  p.add_argument("--only", help="comma-separated transform keys (value, value_stats, norm,"
                  " block_rms, global_norm, agc, quantile, zclip, skip_step)")
   p.add_argument("--reps", type=int, help="timed repetitions per case")
   p.add_argument("--chained-reps", type=int)

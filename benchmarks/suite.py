@@ -104,6 +104,10 @@ def specs(with_torch: bool) -> list[Spec]:
            + ([Baseline("torch", "torch clip_grad_value_(foreach)",
                         lambda c: ("value", c.value_threshold))]
               if with_torch else [])),
+      Spec("value_stats", "clip_by_value(stats=True)", 2, 0,
+           lambda c: oc.clip_by_value(c.value_threshold, stats=True),
+           [Baseline("optax", "optax.clip", lambda c: optax.clip(
+               c.value_threshold))]),
       Spec("norm", "clip_by_norm", 3, 1,
            lambda c: oc.clip_by_norm(c.leaf_threshold), []),
       Spec("block_rms", 'clip_by_norm(ord="rms")', 3, 1,
