@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import re
@@ -36,6 +37,19 @@ QUICK = dict(trees=("mlp", "resnet50"), dtypes=("float32", "bfloat16"),
              reps=10, chained_reps=5, compile_reps=1, warmup=2)
 FULL = dict(trees=("mlp", "resnet50", "gpt2"), dtypes=("float32", "bfloat16"),
             reps=30, chained_reps=15, compile_reps=3, warmup=3)
+
+
+def write_results(out: str, stem: str, data: dict[str, Any], md: str
+                  ) -> list[str]:
+  """Writes ``<out>/<stem>.json`` and ``.md``; returns their paths."""
+  os.makedirs(out, exist_ok=True)
+  base = os.path.join(out, stem)
+  with open(base + ".json", "w") as f:
+    json.dump(data, f, indent=1)
+    f.write("\n")
+  with open(base + ".md", "w") as f:
+    f.write(md + "\n")
+  return [base + ".json", base + ".md"]
 
 
 def machine_name() -> tuple[str, str]:

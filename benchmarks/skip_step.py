@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import sys
@@ -110,14 +109,7 @@ def main(argv=None) -> list[str]:
   md = "\n".join(lines)
   print(md)
   stem = args.name or "skip-step-" + "-".join(run.machine_name())
-  os.makedirs(args.out, exist_ok=True)
-  base = os.path.join(args.out, stem)
-  with open(base + ".json", "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    f.write("\n")
-  with open(base + ".md", "w") as f:
-    f.write(md + "\n")
-  return [base + ".json", base + ".md"]
+  return run.write_results(args.out, stem, {"meta": meta, "rows": rows}, md)
 
 
 if __name__ == "__main__":

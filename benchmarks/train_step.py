@@ -18,7 +18,6 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import json
 import math
 import os
 import re
@@ -170,8 +169,6 @@ def cases() -> dict[str, tuple[str, optax.GradientTransformation]]:
       "oc.clip_by_quantile()": ("optaxclip", chain(oc.clip_by_quantile())),
       "oc.zclip()": ("optaxclip", chain(oc.zclip())),
   }
-  if "autoclip" in oc.__all__:
-    table["oc.autoclip()"] = ("optaxclip", chain(oc.autoclip()))
   table.update({
       "oc.skip_step(adamw)": ("optaxclip", oc.skip_step(adamw())),
       "optax.clip(1.0)": ("optax", chain(optax.clip(1.0))),
@@ -331,7 +328,6 @@ def main(argv=None) -> list[str]:
       "leaves": n_leaves, "rounds": rounds, "steps_per_round": steps,
       "warmup": warmup, "compile_s": compile_s,
       "compiler_options": options,
-      "autoclip": "autoclip" in oc.__all__,
   }
   m = model
   lines = [
@@ -369,20 +365,11 @@ def main(argv=None) -> list[str]:
     lines += ["", "Quick mode: a tiny model compiled without XLA's backend"
               " optimizations, for checking the harness; its times say"
               " nothing about the clippers."]
-  if not meta["autoclip"]:
-    lines += ["", "`oc.autoclip` is not in `optaxclip.__all__`: no row."]
   md = "\n".join(lines)
   print(md)
   stem = args.name or "train-step-" + "-".join(
       (backend, device) + (("quick",) if quick else ()))
-  os.makedirs(args.out, exist_ok=True)
-  base = os.path.join(args.out, stem)
-  with open(base + ".json", "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    f.write("\n")
-  with open(base + ".md", "w") as f:
-    f.write(md + "\n")
-  return [base + ".json", base + ".md"]
+  return run.write_results(args.out, stem, {"meta": meta, "rows": rows}, md)
 
 
 if __name__ == "__main__":
