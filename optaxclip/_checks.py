@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optaxclip import _common
+
 
 class CheckFiniteState(NamedTuple):
   """State of :func:`check_finite`.
@@ -73,9 +75,7 @@ def check_finite(*, callback: bool = True) -> optax.GradientTransformation:
     ...   print(e)
     1 NaN or Inf entries in the update at step 1, the first in ['w'].
   """
-  if not isinstance(callback, (bool, np.bool_)):
-    raise TypeError(f"check_finite: callback must be True or False, got"
-                    f" {callback!r}.")
+  _common.check_bool(callback, "callback", "check_finite")
 
   def init_fn(params):
     del params

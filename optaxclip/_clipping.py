@@ -250,10 +250,10 @@ def clip_by_norm(
   _common.check_bool(leaf_norms, "leaf_norms", where)
   p = _norms.canonical_ord(ord)
 
-  def record(updates, count, dtype):
+  def record(per_leaf, count, dtype):
+    """The threshold to keep: the per-leaf tree only for a tree max_norm."""
     if _common._is_tree_threshold(max_norm):
-      return _common.leaf_thresholds(max_norm, updates, count, "max_norm",
-                                     where)
+      return per_leaf
     return _common.resolve(max_norm, count, dtype)
 
   def init_fn(params):
@@ -270,7 +270,9 @@ def clip_by_norm(
                     _norms.acc_dtype(x.dtype)) for path, x in leaves])
     return ClipByNormState(
         count=count, grad_norm=jnp.zeros((), dtype),
-        threshold=record(params, count, dtype), scale=jnp.ones((), dtype),
+        threshold=record(_common.leaf_thresholds(
+            max_norm, params, count, "max_norm", where), count, dtype),
+        scale=jnp.ones((), dtype),
         clipped=jnp.zeros((), bool), frac_clipped=jnp.zeros((), jnp.float32),
         num_clipped=jnp.zeros((), jnp.int32), leaf_norms=norms)
 
@@ -295,7 +297,7 @@ def clip_by_norm(
     return rebuild(out), ClipByNormState(
         count=_common.increment(state.count),
         grad_norm=_common.largest(values, dtype),
-        threshold=record(updates, state.count, dtype),
+        threshold=record(thresholds, state.count, dtype),
         scale=_common.smallest(scales, dtype),
         clipped=clipped, frac_clipped=num_over.astype(jnp.float32) / num_units,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32),
@@ -360,8 +362,7 @@ def clip_by_value(
     _common.check_threshold(min_value, "min_value", where, allow_tree=True,
                             allow_negative=True)
     _check_order(min_value, max_value, where)
-  if not isinstance(stats, bool):
-    raise TypeError(f"{where}: stats must be True or False, got {stats!r}.")
+  _common.check_bool(stats, "stats", where)
   tree_valued = _common._is_tree_threshold(max_value)
 
   def bound(value, updates, count, name):

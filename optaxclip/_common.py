@@ -295,6 +295,7 @@ def zero_leaf_norms(params: Any) -> Any:
 
 
 def check_bool(value: Any, name: str, where: str) -> None:
+  """A TypeError naming ``name`` unless ``value`` is True or False."""
   if not isinstance(value, (bool, np.bool_)):
     raise TypeError(f"{where}: {name} must be True or False, got {value!r}.")
 

@@ -510,13 +510,17 @@ class _Tape:
     return y
 
 
-def _linear_roles(module, x):
-  if module.dot_general is not jax.lax.dot_general:
-    return None
+def _kernel_roles(module):
   roles = {"kernel": module.kernel}
   if module.bias is not None:
     roles["bias"] = module.bias
   return roles
+
+
+def _linear_roles(module, x):
+  if module.dot_general is not jax.lax.dot_general:
+    return None
+  return _kernel_roles(module)
 
 
 def _conv_roles(module, x):
@@ -524,10 +528,7 @@ def _conv_roles(module, x):
       or module.conv_general_dilated is not jax.lax.conv_general_dilated
       or _conv_padding(module) is None):
     return None
-  roles = {"kernel": module.kernel}
-  if module.bias is not None:
-    roles["bias"] = module.bias
-  return roles
+  return _kernel_roles(module)
 
 
 def _embed_roles(module, x):

@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optaxclip import _common, _norms
@@ -158,9 +157,7 @@ def clip_by_quantile(
   if leaf_norms and per_leaf:
     raise ValueError(f"{where}: with per_leaf=True, grad_norm holds each"
                      " leaf's norm already; drop leaf_norms=True.")
-  if not isinstance(include_current, (bool, np.bool_)):
-    raise TypeError(f"{where}: include_current must be True or False, got"
-                    f" {include_current!r}.")
+  _common.check_bool(include_current, "include_current", where)
   p = _norms.canonical_ord(ord)
 
   def init_fn(params):

@@ -8,7 +8,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.extend import core as jcore
 
@@ -157,9 +156,7 @@ def skip_step(
         f"{where}: inner must be an optax.GradientTransformation (e.g."
         f" optax.chain(clipper, optimizer)) or an optax.MultiSteps, got"
         f" {type(inner).__name__}.")
-  if not isinstance(nonfinite, (bool, np.bool_)):
-    raise TypeError(f"{where}: nonfinite must be True or False, got"
-                    f" {nonfinite!r}.")
+  _common.check_bool(nonfinite, "nonfinite", where)
   if max_norm is not None:
     _common.check_threshold(max_norm, "max_norm", where)
   if spike_factor is not None:

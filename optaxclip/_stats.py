@@ -125,15 +125,7 @@ def _is_scalar(value: Any) -> bool:
 
 def _path_name(path: Any) -> str:
   """``dense/kernel`` for the path of ``tree["dense"]["kernel"]``."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts) or "root"
+  return jax.tree_util.keystr(path, simple=True, separator="/") or "root"
 
 
 def _unwrap_variables(tree: Any) -> Any:
