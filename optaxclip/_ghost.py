@@ -145,7 +145,8 @@ class _Model:
   def discover(self, args, leaves):
     """The intercepted calls, and which leaves are used outside them."""
     shape = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))  # noqa: E731
-    example = [jax.tree_util.tree_map(lambda x: shape(x[0]), args[i])
+    example = [jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(
+        jnp.shape(x)[1:], jnp.result_type(x)), args[i])
                for i in self.batch_nums]
     tape = _Tape("discover")
 
@@ -174,11 +175,14 @@ class _Model:
           " method='vmap'.")
     batch = mask.shape[0]
     per_copy = plan.per_example
-    copies = [jnp.broadcast_to(leaves[j], (batch,) + leaves[j].shape)
-              for j in per_copy]
-    probes = [jnp.zeros((batch,) + calls[c].out.shape, calls[c].out.dtype)
-              for c in plan.active]
     example = [args[i] for i in self.batch_nums]
+    like = _batch_sharding(example)
+    copies = [jnp.broadcast_to(leaves[j], (batch,) + leaves[j].shape,
+                               out_sharding=like(leaves[j].ndim + 1))
+              for j in per_copy]
+    probes = [jnp.zeros((batch,) + calls[c].out.shape, calls[c].out.dtype,
+                        out_sharding=like(len(calls[c].out.shape) + 1))
+              for c in plan.active]
 
     def one(copies, probes, example):
       mixed = list(leaves)
@@ -199,6 +203,28 @@ class _Model:
         leaves, calls, plan, saved, dys, copy_grads, self.treedef, threshold,
         mask, per_layer=per_layer, normalize=normalize, nan_safe=nan_safe,
         where=where) + (aux,)
+
+
+def _batch_split(example):
+  """``(mesh, axes)`` over which a mesh's Explicit axes split the batch axis
+  of ``example``'s arrays, or ``None`` (not split, or Auto axes)."""
+  for x in jax.tree_util.tree_leaves(example):
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if getattr(sharding, "spec", None) and sharding.spec[0] is not None:
+      return sharding.mesh, sharding.spec[0]
+  return None
+
+
+def _batch_sharding(example):
+  """``ndim -> sharding`` for new arrays with a batch axis: split as the
+  batch is where a mesh's Explicit axes split it (vmap requires it of its
+  inputs), else ``None`` (unspecified)."""
+  split = _batch_split(example)
+  if split is None:
+    return lambda ndim: None
+  mesh, axes = split
+  return lambda ndim: jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(axes, *(None,) * (ndim - 1)))
 
 
 def _used_inputs(jaxpr) -> list[bool]:
@@ -255,7 +281,7 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
   batch = mask.shape[0]
   # Leaves whose per-example gradients exist: copies and biases.
   explicit = dict(zip(plan.per_example, copy_grads))
-  matrices = {}
+  matrices, convs = {}, {}
   for j, uses in plan.ghost.items():
     kind = _term_kind(calls[uses[0][0]].kind, uses[0][1])
     if kind == "vector":
@@ -263,9 +289,7 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
           jnp.sum(dys[c].reshape(batch, -1, dys[c].shape[-1]), axis=1)
           for c, _ in uses]).reshape((batch,) + leaves[j].shape)
     elif kind == "conv":
-      explicit[j] = functools.reduce(jnp.add, [
-          _conv_grads(calls[c].spec, saved[c], dys[c], leaves[j].shape, acc)
-          for c, _ in uses])
+      convs[j] = [(calls[c].spec, saved[c], dys[c]) for c, _ in uses]
     else:
       matrices[j] = _terms(calls, uses, saved, dys, batch)
   order = sorted(explicit)
@@ -278,6 +302,8 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
     leaf_norms[j] = n.astype(acc)
   for j, terms in matrices.items():
     leaf_norms[j] = _matrix_norm(terms, acc)
+  for j, parts in convs.items():
+    leaf_norms[j] = _conv_norm(parts, leaves[j].shape, acc)
   norms = _combine(leaf_norms)
   weights, keep, stats = _pe._clip_weights(
       leaf_norms, norms, treedef, threshold, per_layer=per_layer,
@@ -289,6 +315,8 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
     elif j in matrices:
       sums.append(_matrix_sum(matrices[j], weights[j], keep, acc).reshape(
           x.shape))
+    elif j in convs:
+      sums.append(_conv_sum(convs[j], weights[j], keep, x.shape, acc))
     else:  # Not used by the loss.
       sums.append(jnp.zeros(x.shape, _norms.acc_dtype(x.dtype)))
   return sums, stats
@@ -335,7 +363,9 @@ def _matrix_norm(terms: list[_Term], acc) -> jax.Array:
   Each example's factors are first scaled by powers of two that bring their
   largest entries near 1 (``2**-ea`` for the ``a``, ``2**-ec`` for the
   ``c``; a one-hot term's ``c`` takes both), so that no square overflows or
-  underflows.
+  underflows. The work arrays (Gram matrices, or the per-example matrices of
+  the direct form) are formed a chunk of examples at a time
+  (:func:`_by_chunks`).
   """
   ea = _pe.scale_exponent(_max_abs([t.a for t in terms if not t.ids], acc))
   ec = _pe.scale_exponent(_max_abs([t.c for t in terms], acc))
@@ -345,18 +375,75 @@ def _matrix_norm(terms: list[_Term], acc) -> jax.Array:
            t._replace(a=down(t.a, ea), c=down(t.c, ec)) for t in terms]
   length = sum(t.a.shape[1] for t in terms)
   size, features = terms[0].size, terms[0].c.shape[-1]
-  if _use_gram(length, size, features):
-    sq = sum(
-        (1 if k == m else 2) * jnp.sum(
-            _gram_a(terms[k], terms[m], acc) * jnp.einsum(
-                "btf,bsf->bts", terms[k].c, terms[m].c, precision=_HIGHEST),
-            axis=(1, 2))
-        for k in range(len(terms)) for m in range(k, len(terms)))
-  else:
-    g = sum(_per_example_matrix(t, acc) for t in terms)
-    sq = jnp.sum(jnp.square(g), axis=(1, 2))
+  gram = _use_gram(length, size, features)
+
+  def sq(arrays):
+    ts = [t._replace(a=a, c=c) for t, (a, c) in zip(terms, arrays)]
+    if gram:
+      return sum(
+          (1 if k == m else 2) * jnp.sum(
+              _gram_a(ts[k], ts[m], acc) * jnp.einsum(
+                  "btf,bsf->bts", ts[k].c, ts[m].c, precision=_HIGHEST),
+              axis=(1, 2))
+          for k in range(len(ts)) for m in range(k, len(ts)))
+    g = sum(_per_example_matrix(t, acc) for t in ts)
+    return jnp.sum(jnp.square(g), axis=(1, 2))
+
+  work = 2 * length * length if gram else size * features
+  squares = _by_chunks(sq, [(t.a, t.c) for t in terms], work)
   # Two factors: ea + ec may leave the normal range.
-  return jnp.sqrt(sq) * _pe.pow2(ea, acc) * _pe.pow2(ec, acc)
+  return jnp.sqrt(squares) * _pe.pow2(ea, acc) * _pe.pow2(ec, acc)
+
+
+def _by_chunks(fn, arrays, work: int) -> jax.Array:
+  """``fn(arrays)`` (per-example results), a chunk of examples at a time.
+
+  ``fn`` maps arrays with a leading batch axis to one value per example and
+  needs ``work`` elements per example for its intermediates (a per-example
+  weight gradient, Gram matrices). Examples are taken in chunks (a
+  ``lax.map``) whose work arrays hold at most a quarter as many elements as
+  ``arrays`` themselves over the whole batch, which are live anyway: so the
+  norms of a layer add at most a quarter of its recorded activations and
+  output gradients to the step's peak memory, where the whole batch at
+  once could add many times that (the kernel of a convolution, or of a
+  wide linear layer in the direct form, is often larger than one example's
+  activations). A batch within that bound is one chunk, with no loop;
+  a larger one is cut into chunks of equal size (a divisor of the batch,
+  at most the bound where the batch allows).
+  """
+  leaves = jax.tree_util.tree_leaves(arrays)
+  batch = leaves[0].shape[0]
+  split = _batch_split(leaves)
+  if split is not None:  # Per example: each device its own examples.
+    spec = jax.sharding.PartitionSpec(split[1])
+    fn = jax.shard_map(fn, mesh=split[0], in_specs=spec, out_specs=spec,
+                       check_vma=False)
+  chunk = _chunk_size(batch, sum(int(np.prod(x.shape[1:])) for x in leaves),
+                      work)
+  if chunk >= batch:
+    return fn(arrays)
+  # ``steps`` chunks of ``size`` examples, example ``i * steps + k`` in
+  # chunk ``k``: where Explicit mesh axes split the batch into ``parts``
+  # blocks, each chunk takes the same number of examples from every block,
+  # so the chunks stay split like the batch (lax.map scans a replicated
+  # axis) and no example moves between devices. ``steps`` divides the
+  # examples per block.
+  parts = 1 if split is None else int(np.prod(
+      [split[0].shape[a] for a in np.atleast_1d(split[1])]))
+  local = batch // parts
+  steps = next((k for k in range(1, local + 1)
+                if local % k == 0 and batch // k <= chunk), local)
+  size = batch // steps
+  like = _batch_sharding(leaves)
+
+  def to_steps(v):
+    v = jnp.reshape(v, (size, steps) + v.shape[1:],
+                    out_sharding=like(v.ndim + 1))
+    return jnp.moveaxis(v, 1, 0)
+
+  out = jax.lax.map(fn, jax.tree_util.tree_map(to_steps, arrays))
+  return jnp.reshape(jnp.moveaxis(out, 0, 1), (batch,),
+                     out_sharding=like(1))
 
 
 def _use_gram(length: int, size: int, features: int) -> bool:
@@ -401,18 +488,22 @@ def _per_example_matrix(t: _Term, acc) -> jax.Array:
 
 def _matrix_sum(terms, weights, keep, acc) -> jax.Array:
   """``sum_i w_i a_i^T c_i`` over the kept examples: ``(V, F)``."""
-  parts = []
-  for t in terms:
+
+  def total(arrays):
+    weights, keep, pairs = arrays
     k = keep.reshape((-1, 1, 1))
-    c = jnp.where(k, t.c, 0).astype(acc) * weights.astype(acc)[:, None, None]
-    if t.ids:
-      parts.append(jax.ops.segment_sum(
-          c.reshape(-1, c.shape[-1]), t.a.reshape(-1), num_segments=t.size))
-    else:
-      parts.append(jnp.einsum("btv,btf->vf",
-                              jnp.where(k, t.a, 0).astype(acc), c,
-                              precision=_HIGHEST))
-  return functools.reduce(jnp.add, parts)
+    parts = []
+    for t, (a, c) in zip(terms, pairs):
+      c = jnp.where(k, c, 0).astype(acc) * weights.astype(acc)[:, None, None]
+      if t.ids:
+        parts.append(jax.ops.segment_sum(
+            c.reshape(-1, c.shape[-1]), a.reshape(-1), num_segments=t.size))
+      else:
+        parts.append(jnp.einsum("btv,btf->vf", jnp.where(k, a, 0).astype(acc),
+                                c, precision=_HIGHEST))
+    return functools.reduce(jnp.add, parts)
+
+  return _summed(total, (weights, keep, [(t.a, t.c) for t in terms]))
 
 
 def _combine(leaf_norms):
@@ -424,27 +515,100 @@ def _combine(leaf_norms):
       e, m.dtype)
 
 
-def _conv_grads(spec, x, dy, kernel_shape, acc) -> jax.Array:
-  """Per-example kernel gradients of a convolution: ``(batch, *kernel)``.
+def _chunk_size(batch: int, held: int, work: int) -> int:
+  """Examples per chunk: work arrays of at most ``batch * held / 4`` elements."""
+  return max(1, min(batch, (batch * held) // (4 * max(work, 1))))
 
-  The transpose of the convolution in its kernel (XLA's backward-filter
-  convolution), one example at a time: the direct form, which needs
-  ``batch x kernel size`` floats and never the unfolded input patches.
+
+def _conv_norm(parts, kernel_shape, acc) -> jax.Array:
+  """Per-example norms of a convolution kernel's gradient, summed over calls.
+
+  ``parts`` holds each call's ``(spec, x, dy)``. An example's kernel
+  gradient is the transpose of the convolution in its kernel (XLA's
+  backward-filter convolution) applied to its ``dy``: the direct form,
+  formed a chunk of examples at a time (:func:`_by_chunks`), never the
+  unfolded input patches. The inputs and output gradients are first scaled
+  by powers of two, per example, as in :func:`_matrix_norm`.
   """
+  xs = [_conv_batch(x, spec) for spec, x, _ in parts]
+  dys = [_conv_batch(dy, spec) for spec, _, dy in parts]
+  ea = _pe.scale_exponent(_max_abs(xs, acc))
+  ec = _pe.scale_exponent(_max_abs(dys, acc))
+  down = lambda x, e: x.astype(acc) * _pe.pow2(  # noqa: E731
+      -e, acc).reshape((-1,) + (1,) * (x.ndim - 1))
+  specs = [spec for spec, _, _ in parts]
+
+  def sq(arrays):
+    g = sum(jax.vmap(lambda x, dy, spec=spec: _conv_transpose(
+        spec, x, dy, kernel_shape, acc))(x, dy)
+            for spec, (x, dy) in zip(specs, arrays))
+    return jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))
+
+  squares = _by_chunks(
+      sq, [(down(x, ea), down(dy, ec)) for x, dy in zip(xs, dys)],
+      int(np.prod(kernel_shape)))
+  return jnp.sqrt(squares) * _pe.pow2(ea, acc) * _pe.pow2(ec, acc)
+
+
+def _conv_sum(parts, weights, keep, kernel_shape, acc) -> jax.Array:
+  """``sum_i w_i g_i`` over the kept examples of a convolution kernel.
+
+  One backward-filter convolution over the whole batch, its output
+  gradients weighted: the examples are the convolution's batch, over which
+  it sums. Dropped examples are selected away in ``x`` and ``dy`` alike, so
+  a NaN there adds exactly 0.
+  """
+  def total(arrays):
+    out = jnp.zeros(kernel_shape, acc)
+    for (spec, _, _), (x, dy, keep, weights) in zip(parts, arrays):
+      k = keep.reshape((-1,) + (1,) * (x.ndim - 1))
+      x = jnp.where(k, x, 0).astype(acc)
+      dy = jnp.where(k, dy, 0).astype(acc) * weights.astype(acc).reshape(
+          (-1,) + (1,) * (dy.ndim - 1))
+      flat = lambda v: v.reshape((-1,) + v.shape[2:])  # noqa: E731
+      out = out + _conv_transpose(spec, flat(x), flat(dy), kernel_shape, acc)
+    return out
+
+  return _summed(total, [(_conv_batch(x, spec), _conv_batch(dy, spec), keep,
+                          weights) for spec, x, dy in parts])
+
+
+def _summed(fn, arrays):
+  """``fn(arrays)``, a sum over the batch axis of ``arrays``: where Explicit
+  mesh axes split the batch, each device sums its own examples and the
+  partial sums are added up (a ``psum``).
+
+  Both ``shard_map`` here run with ``check_vma=False``: with it, the
+  transpose of a convolution in a kernel that is the same on every device
+  (the zeros :func:`_conv_transpose` starts from) would already be summed
+  over the devices, per example too.
+  """
+  split = _batch_split(arrays)
+  if split is None:
+    return fn(arrays)
+  mesh, axes = split
+  spec = jax.sharding.PartitionSpec(axes)
+  return jax.shard_map(lambda a: jax.lax.psum(fn(a), axes), mesh=mesh,
+                       in_specs=spec, out_specs=jax.sharding.PartitionSpec(),
+                       check_vma=False)(arrays)
+
+
+def _conv_batch(v, spec):
+  """``(batch, n, *spatial, C)``: each example's calls as a conv batch."""
+  rank = len(spec[0])
+  return v.reshape((v.shape[0], -1) + v.shape[v.ndim - rank - 1:])
+
+
+def _conv_transpose(spec, x, dy, kernel_shape, acc) -> jax.Array:
+  """The kernel gradient ``sum over the batch of x and dy``: the transpose of
+  the convolution of ``x`` (``(N, *spatial, C)``) in its kernel."""
   strides, padding, lhs_dilation, rhs_dilation = spec
-  rank = len(strides)
-  x = x.reshape((x.shape[0], -1) + x.shape[x.ndim - rank - 1:]).astype(acc)
-  dy = dy.reshape((dy.shape[0], -1) + dy.shape[dy.ndim - rank - 1:])
-  dn = _conv_dims(rank + 2)
-
-  def one(x, dy):
-    conv = lambda k: jax.lax.conv_general_dilated(  # noqa: E731
-        x, k, strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dn, precision=_HIGHEST)
-    return jax.linear_transpose(conv, jnp.zeros(kernel_shape, acc))(
-        dy.astype(acc))[0]
-
-  return jax.vmap(one)(x, dy)
+  dn = _conv_dims(len(strides) + 2)
+  conv = lambda k: jax.lax.conv_general_dilated(  # noqa: E731
+      x.astype(acc), k, strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dn, precision=_HIGHEST)
+  return jax.linear_transpose(conv, jnp.zeros(kernel_shape, acc))(
+      dy.astype(acc))[0]
 
 
 def _conv_dims(n):

@@ -285,6 +285,137 @@ def test_gram_and_direct_forms(form, monkeypatch):
                              rtol=1e-5)
 
 
+@pytest.mark.parametrize("name,form", [
+    ("cnn", None), ("mlp_seq", "direct"), ("transformer", "gram"),
+    ("tied", "direct")])
+def test_chunked_norms_equal_vmap(name, form, monkeypatch):
+  """Norms formed 3 examples at a time (8 = 3 + 3 + 2) equal vmap's."""
+  chunks = []
+
+  def three(batch, held, work):
+    chunks.append(batch)
+    return 3
+
+  monkeypatch.setattr(_ghost, "_chunk_size", three)
+  if form is not None:
+    monkeypatch.setattr(_ghost, "_use_gram", lambda *a: form == "gram")
+  model, loss, x, y = case(name)
+  vmap, ghost = both(model, loss)
+  c = float(np.median(vmap(x, y, math.inf)[1].norms))
+  got = ghost(x, y, c)
+  assert chunks and set(chunks) == {8}  # Every ghost norm took the loop.
+  assert_same(got, vmap(x, y, c))
+
+
+def test_chunk_size_bounds_the_work_arrays():
+  assert _ghost._chunk_size(256, 1000, 10) == 256  # Fits: one chunk.
+  assert _ghost._chunk_size(256, 1000, 4000) == 16  # 16 * 4000 = 256e3 / 4.
+  assert _ghost._chunk_size(256, 10, 10**9) == 1
+
+
+class ConvNet(nnx.Module):
+  """A convolution and a linear layer, no biases, whose loss is linear in
+  the output: per-example gradients scale with the input."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(2, 3, (3, 3), use_bias=False, rngs=rngs)
+    self.out = nnx.Linear(3, 2, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.conv(x).mean(axis=(-3, -2)))
+
+
+@pytest.mark.parametrize("scale", [1e22, 1e-22])
+def test_extreme_magnitudes(scale):
+  """Per-example norms beyond 1e20 (squares overflow float32) and below
+  1e-19 (squares underflow): ghost norms and sums still equal vmap's, which
+  tests/test_per_example.py checks against float64."""
+  rng = np.random.default_rng(5)
+  model = ConvNet(nnx.Rngs(0))
+  x = jnp.asarray(rng.standard_normal((6, 7, 7, 2)) * scale, jnp.float32)
+  y = jnp.asarray(rng.standard_normal((6, 2)), jnp.float32)
+  loss = lambda m, x, y: jnp.sum(m(x) * y)  # noqa: E731
+  vmap, ghost = both(model, loss)
+  want = vmap(x, y, math.inf)
+  norms = np.asarray(want[1].norms)
+  assert np.all(np.isfinite(norms)) and np.all(norms > 0)
+  # The gradients scale with x; their squares leave float32's range.
+  if scale > 1:
+    assert np.min(norms) > 1e20
+  else:
+    assert np.max(norms) < 1e-19
+  got = ghost(x, y, math.inf)
+  np.testing.assert_allclose(got[1].norms, norms, rtol=1e-5)
+  c = float(np.median(norms))
+  assert_same(ghost(x, y, c), vmap(x, y, c))
+
+
+def test_tiny_inputs_norms_not_flushed():
+  """Without the pre-scale, float32 squares of 1e-21 entries flush to 0."""
+  rng = np.random.default_rng(6)
+  layer = nnx.Linear(4, 3, use_bias=False, rngs=nnx.Rngs(0))
+  x = rng.standard_normal((5, 4)) * 1e-21
+  y = rng.standard_normal((5, 3))
+  loss = lambda m, x, y: jnp.sum(m(x) * y)  # noqa: E731
+  _, info = oc.clipped_grad(loss, max_norm=1.0, batch_argnums=(1, 2),
+                            return_norms=True, method="ghost")(
+      layer, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  want = np.linalg.norm(np.einsum("bd,bp->bdp", x, y), axis=(1, 2))
+  np.testing.assert_allclose(info.norms, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("name,axis_type", [
+    ("cnn", "Explicit"), ("mlp_seq", "Explicit"), ("cnn", "Auto"),
+    ("transformer", "Auto")])
+def test_sharded_batch(name, axis_type, devices):
+  """Inputs sharded over a mesh of 1 or 8 devices give the single-device
+  result. (Under Explicit axes nnx.Embed's gather needs an output sharding
+  that Flax does not give it: the transformer itself, without clipping,
+  does not trace there, so it is tested under Auto axes.)"""
+  if jax.device_count() < devices:
+    pytest.skip(f"needs {devices} devices")
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+  model, loss, x, y = case(name)
+  mesh = jax.make_mesh((devices,), ("data",),
+                       axis_types=(getattr(AxisType, axis_type),),
+                       devices=jax.devices()[:devices])
+  fn = oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2),
+                       return_norms=True, method="ghost")
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda s, x, y: fn(nnx.merge(graphdef, s), x, y))
+  want = step(state, x, y)
+  put = lambda v, spec: jax.device_put(v, NamedSharding(mesh, spec))  # noqa: E731
+  got = step(put(state, P()), put(x, P("data")), put(y, P("data")))
+  np.testing.assert_allclose(got[1].norms, want[1].norms, rtol=1e-5)
+  chex.assert_trees_all_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_of_a_sharded_batch(monkeypatch):
+  """On 2 devices (Explicit axes), chunks of 2 take 1 example per device."""
+  if jax.device_count() < 2:
+    pytest.skip("needs 2 devices")
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+  monkeypatch.setattr(_ghost, "_chunk_size", lambda *a: 3)
+  model, loss, x, y = case("cnn")
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Explicit,),
+                       devices=jax.devices()[:2])
+  fn = oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2),
+                       return_norms=True, method="ghost")
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda s, x, y: fn(nnx.merge(graphdef, s), x, y))
+  want = both(model, loss)[0](x, y, 0.5)  # method='vmap', one device.
+  put = lambda v, spec: jax.device_put(v, NamedSharding(mesh, spec))  # noqa: E731
+  jaxpr = jax.make_jaxpr(step)(put(state, P()), put(x, P("data")),
+                               put(y, P("data")))
+  assert "scan" in str(jaxpr)  # The chunks are a loop.
+  got = step(put(state, P()), put(x, P("data")), put(y, P("data")))
+  np.testing.assert_allclose(got[1].norms, want[1].norms, rtol=1e-5)
+  chex.assert_trees_all_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
 def test_mask_nan_and_microbatch():
   model, loss, x, y = case("transformer", batch=9)
   x = x.at[4, 0].set(99)  # Out of range: jnp.take fills in NaN.
