@@ -408,42 +408,32 @@ def _by_chunks(fn, arrays, work: int) -> jax.Array:
   once could add many times that (the kernel of a convolution, or of a
   wide linear layer in the direct form, is often larger than one example's
   activations). A batch within that bound is one chunk, with no loop;
-  a larger one is cut into chunks of equal size (a divisor of the batch,
-  at most the bound where the batch allows).
+  a larger one is cut into contiguous chunks of equal size (a divisor of
+  the batch, at most the bound where the batch allows). Where Explicit
+  mesh axes split the batch, each device chunks its own examples (under
+  ``shard_map``), and the bound holds per device.
   """
-  leaves = jax.tree_util.tree_leaves(arrays)
-  batch = leaves[0].shape[0]
-  split = _batch_split(leaves)
-  if split is not None:  # Per example: each device its own examples.
+  def local(arrays):
+    leaves = jax.tree_util.tree_leaves(arrays)
+    batch = leaves[0].shape[0]
+    chunk = _chunk_size(
+        batch, sum(int(np.prod(x.shape[1:])) for x in leaves), work)
+    if chunk >= batch:
+      return fn(arrays)
+    # ``steps`` contiguous chunks of ``size`` examples: a reshape, no copy.
+    steps = next(k for k in range(1, batch + 1)
+                 if batch % k == 0 and batch // k <= chunk)
+    size = batch // steps
+    out = jax.lax.map(fn, jax.tree_util.tree_map(
+        lambda v: v.reshape((steps, size) + v.shape[1:]), arrays))
+    return out.reshape(batch)
+
+  split = _batch_split(arrays)
+  if split is not None:  # Each device its own examples, chunked there.
     spec = jax.sharding.PartitionSpec(split[1])
-    fn = jax.shard_map(fn, mesh=split[0], in_specs=spec, out_specs=spec,
-                       check_vma=False)
-  chunk = _chunk_size(batch, sum(int(np.prod(x.shape[1:])) for x in leaves),
-                      work)
-  if chunk >= batch:
-    return fn(arrays)
-  # ``steps`` chunks of ``size`` examples, example ``i * steps + k`` in
-  # chunk ``k``: where Explicit mesh axes split the batch into ``parts``
-  # blocks, each chunk takes the same number of examples from every block,
-  # so the chunks stay split like the batch (lax.map scans a replicated
-  # axis) and no example moves between devices. ``steps`` divides the
-  # examples per block.
-  parts = 1 if split is None else int(np.prod(
-      [split[0].shape[a] for a in np.atleast_1d(split[1])]))
-  local = batch // parts
-  steps = next((k for k in range(1, local + 1)
-                if local % k == 0 and batch // k <= chunk), local)
-  size = batch // steps
-  like = _batch_sharding(leaves)
-
-  def to_steps(v):
-    v = jnp.reshape(v, (size, steps) + v.shape[1:],
-                    out_sharding=like(v.ndim + 1))
-    return jnp.moveaxis(v, 1, 0)
-
-  out = jax.lax.map(fn, jax.tree_util.tree_map(to_steps, arrays))
-  return jnp.reshape(jnp.moveaxis(out, 0, 1), (batch,),
-                     out_sharding=like(1))
+    local = jax.shard_map(local, mesh=split[0], in_specs=spec,
+                          out_specs=spec, check_vma=False)
+  return local(arrays)
 
 
 def _use_gram(length: int, size: int, features: int) -> bool:
@@ -527,27 +517,43 @@ def _conv_norm(parts, kernel_shape, acc) -> jax.Array:
   gradient is the transpose of the convolution in its kernel (XLA's
   backward-filter convolution) applied to its ``dy``: the direct form,
   formed a chunk of examples at a time (:func:`_by_chunks`), never the
-  unfolded input patches. The inputs and output gradients are first scaled
-  by powers of two, per example, as in :func:`_matrix_norm`.
+  unfolded input patches. Of each call's ``x`` and ``dy``, the smaller is
+  scaled per example by the power of two that brings its largest entry
+  near 1 (the same one for every call), in the chunk, so the larger is
+  never copied; the gradient's norm is then taken as
+  :func:`optaxclip._per_example.example_norms` takes it (pre-scaled
+  again). Exact unless an entry of the gradient itself overflows, i.e. the
+  larger operand's entries exceed the dtype's largest number divided by
+  the number of positions.
   """
   xs = [_conv_batch(x, spec) for spec, x, _ in parts]
   dys = [_conv_batch(dy, spec) for spec, _, dy in parts]
-  ea = _pe.scale_exponent(_max_abs(xs, acc))
-  ec = _pe.scale_exponent(_max_abs(dys, acc))
-  down = lambda x, e: x.astype(acc) * _pe.pow2(  # noqa: E731
-      -e, acc).reshape((-1,) + (1,) * (x.ndim - 1))
+  small_x = [int(np.prod(x.shape[1:])) <= int(np.prod(dy.shape[1:]))
+             for x, dy in zip(xs, dys)]
+  e = _pe.scale_exponent(_max_abs(
+      [x if sx else dy for x, dy, sx in zip(xs, dys, small_x)], acc))
   specs = [spec for spec, _, _ in parts]
 
-  def sq(arrays):
-    g = sum(jax.vmap(lambda x, dy, spec=spec: _conv_transpose(
-        spec, x, dy, kernel_shape, acc))(x, dy)
-            for spec, (x, dy) in zip(specs, arrays))
-    return jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))
+  def norms(arrays):
+    e, pairs = arrays
+    down = _pe.pow2(-e, acc)
 
-  squares = _by_chunks(
-      sq, [(down(x, ea), down(dy, ec)) for x, dy in zip(xs, dys)],
-      int(np.prod(kernel_shape)))
-  return jnp.sqrt(squares) * _pe.pow2(ea, acc) * _pe.pow2(ec, acc)
+    def one(x, dy, s, spec, sx):
+      x, dy = x.astype(acc), dy.astype(acc)
+      return _conv_transpose(spec, x * s if sx else x, dy if sx else dy * s,
+                             kernel_shape, acc)
+
+    g = sum(jax.vmap(functools.partial(one, spec=spec, sx=sx))(x, dy, down)
+            for spec, sx, (x, dy) in zip(specs, small_x, pairs))
+    return _pe.example_norms([g])[1]
+
+  # Work per example: its gradient, and its x and dy, which the batched
+  # transpose copies into the layout of a grouped convolution.
+  work = int(np.prod(kernel_shape)) + sum(
+      int(np.prod(x.shape[1:])) + int(np.prod(dy.shape[1:]))
+      for x, dy in zip(xs, dys))
+  n = _by_chunks(norms, (e, list(zip(xs, dys))), work)
+  return n.astype(acc) * _pe.pow2(e, acc)
 
 
 def _conv_sum(parts, weights, keep, kernel_shape, acc) -> jax.Array:
