@@ -428,12 +428,19 @@ def _by_chunks(fn, arrays, work: int) -> jax.Array:
         lambda v: v.reshape((steps, size) + v.shape[1:]), arrays))
     return out.reshape(batch)
 
+  return _per_device(local, arrays)
+
+
+def _per_device(fn, arrays):
+  """``fn(arrays)``, per-example results of per-example arrays; where
+  Explicit mesh axes split the batch, each device runs ``fn`` on its own
+  examples (``shard_map``)."""
   split = _batch_split(arrays)
-  if split is not None:  # Each device its own examples, chunked there.
-    spec = jax.sharding.PartitionSpec(split[1])
-    local = jax.shard_map(local, mesh=split[0], in_specs=spec,
-                          out_specs=spec, check_vma=False)
-  return local(arrays)
+  if split is None:
+    return fn(arrays)
+  spec = jax.sharding.PartitionSpec(split[1])
+  return jax.shard_map(fn, mesh=split[0], in_specs=spec, out_specs=spec,
+                       check_vma=False)(arrays)
 
 
 def _use_gram(length: int, size: int, features: int) -> bool:
@@ -516,44 +523,57 @@ def _conv_norm(parts, kernel_shape, acc) -> jax.Array:
   ``parts`` holds each call's ``(spec, x, dy)``. An example's kernel
   gradient is the transpose of the convolution in its kernel (XLA's
   backward-filter convolution) applied to its ``dy``: the direct form,
-  formed a chunk of examples at a time (:func:`_by_chunks`), never the
-  unfolded input patches. Of each call's ``x`` and ``dy``, the smaller is
-  scaled per example by the power of two that brings its largest entry
-  near 1 (the same one for every call), in the chunk, so the larger is
-  never copied; the gradient's norm is then taken as
-  :func:`optaxclip._per_example.example_norms` takes it (pre-scaled
-  again). Exact unless an entry of the gradient itself overflows, i.e. the
-  larger operand's entries exceed the dtype's largest number divided by
-  the number of positions.
+  formed a chunk of examples at a time (:func:`_by_chunks`) and reduced to
+  its norm there, never the unfolded input patches. Of each call's ``x``
+  and ``dy``, the smaller is scaled per example, in the chunk, by the power
+  of two ``2**-e`` that brings its largest entry near 1 (the same ``e`` for
+  every call), so the larger is never copied; the gradient's norm is then
+  taken as :func:`optaxclip._per_example.example_norms` takes it. Exact
+  unless an entry of the gradient itself overflows.
+
+  The gradients are never kept for the clipped sum (:func:`_conv_sum`
+  forms it from ``x`` and ``dy``). Kept for the small kernels, they would
+  cost less memory than the records, but XLA's SPMD partitioner
+  miscompiles the batched backward-filter convolution that forms them,
+  output whole, when the batch is split over devices under Auto mesh axes
+  (the other devices' examples come out 0; measured on 8 CPU devices, jax
+  0.10.2), which also breaks ``jax.vmap(jax.grad(...))`` of a convolution
+  there.
   """
-  xs = [_conv_batch(x, spec) for spec, x, _ in parts]
-  dys = [_conv_batch(dy, spec) for spec, _, dy in parts]
-  small_x = [int(np.prod(x.shape[1:])) <= int(np.prod(dy.shape[1:]))
-             for x, dy in zip(xs, dys)]
-  e = _pe.scale_exponent(_max_abs(
-      [x if sx else dy for x, dy, sx in zip(xs, dys, small_x)], acc))
-  specs = [spec for spec, _, _ in parts]
-
-  def norms(arrays):
-    e, pairs = arrays
-    down = _pe.pow2(-e, acc)
-
-    def one(x, dy, s, spec, sx):
-      x, dy = x.astype(acc), dy.astype(acc)
-      return _conv_transpose(spec, x * s if sx else x, dy if sx else dy * s,
-                             kernel_shape, acc)
-
-    g = sum(jax.vmap(functools.partial(one, spec=spec, sx=sx))(x, dy, down)
-            for spec, sx, (x, dy) in zip(specs, small_x, pairs))
-    return _pe.example_norms([g])[1]
-
+  arrays, specs, small_x = _conv_operands(parts, acc)
+  grads = functools.partial(_scaled_conv_grads, specs=specs, small_x=small_x,
+                            kernel_shape=kernel_shape, acc=acc)
   # Work per example: its gradient, and its x and dy, which the batched
   # transpose copies into the layout of a grouped convolution.
   work = int(np.prod(kernel_shape)) + sum(
-      int(np.prod(x.shape[1:])) + int(np.prod(dy.shape[1:]))
-      for x, dy in zip(xs, dys))
-  n = _by_chunks(norms, (e, list(zip(xs, dys))), work)
-  return n.astype(acc) * _pe.pow2(e, acc)
+      int(np.prod(v.shape[1:])) for pair in arrays[1] for v in pair)
+  n = _by_chunks(lambda a: _pe.example_norms([grads(a)])[1], arrays, work)
+  return n.astype(acc) * _pe.pow2(arrays[0], acc)
+
+
+def _conv_operands(parts, acc):
+  """``((e, [(x, dy)]), specs, small_x)`` for :func:`_scaled_conv_grads`."""
+  xs = [_conv_batch(x, spec) for spec, x, _ in parts]
+  dys = [_conv_batch(dy, spec) for spec, _, dy in parts]
+  small_x = tuple(int(np.prod(x.shape[1:])) <= int(np.prod(dy.shape[1:]))
+                  for x, dy in zip(xs, dys))
+  e = _pe.scale_exponent(_max_abs(
+      [x if sx else dy for x, dy, sx in zip(xs, dys, small_x)], acc))
+  return (e, list(zip(xs, dys))), [spec for spec, _, _ in parts], small_x
+
+
+def _scaled_conv_grads(arrays, *, specs, small_x, kernel_shape, acc):
+  """Per-example kernel gradients of a chunk, times ``2**-e``."""
+  e, pairs = arrays
+  down = _pe.pow2(-e, acc)
+
+  def one(x, dy, s, spec, sx):
+    x, dy = x.astype(acc), dy.astype(acc)
+    return _conv_transpose(spec, x * s if sx else x, dy if sx else dy * s,
+                           kernel_shape, acc)
+
+  return sum(jax.vmap(functools.partial(one, spec=spec, sx=sx))(x, dy, down)
+             for spec, sx, (x, dy) in zip(specs, small_x, pairs))
 
 
 def _conv_sum(parts, weights, keep, kernel_shape, acc) -> jax.Array:
