@@ -281,7 +281,7 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
   batch = mask.shape[0]
   # Leaves whose per-example gradients exist: copies and biases.
   explicit = dict(zip(plan.per_example, copy_grads))
-  matrices, convs = {}, {}
+  matrices = {}
   for j, uses in plan.ghost.items():
     kind = _term_kind(calls[uses[0][0]].kind, uses[0][1])
     if kind == "vector":
@@ -289,7 +289,9 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
           jnp.sum(dys[c].reshape(batch, -1, dys[c].shape[-1]), axis=1)
           for c, _ in uses]).reshape((batch,) + leaves[j].shape)
     elif kind == "conv":
-      convs[j] = [(calls[c].spec, saved[c], dys[c]) for c, _ in uses]
+      explicit[j] = _conv_grads(
+          [(calls[c].spec, saved[c], dys[c]) for c, _ in uses],
+          leaves[j].shape, acc)
     else:
       matrices[j] = _terms(calls, uses, saved, dys, batch)
   order = sorted(explicit)
@@ -302,8 +304,6 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
     leaf_norms[j] = n.astype(acc)
   for j, terms in matrices.items():
     leaf_norms[j] = _matrix_norm(terms, acc)
-  for j, parts in convs.items():
-    leaf_norms[j] = _conv_norm(parts, leaves[j].shape, acc)
   norms = _combine(leaf_norms)
   weights, keep, stats = _pe._clip_weights(
       leaf_norms, norms, treedef, threshold, per_layer=per_layer,
@@ -315,8 +315,6 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
     elif j in matrices:
       sums.append(_matrix_sum(matrices[j], weights[j], keep, acc).reshape(
           x.shape))
-    elif j in convs:
-      sums.append(_conv_sum(convs[j], weights[j], keep, x.shape, acc))
     else:  # Not used by the loss.
       sums.append(jnp.zeros(x.shape, _norms.acc_dtype(x.dtype)))
   return sums, stats
@@ -363,9 +361,7 @@ def _matrix_norm(terms: list[_Term], acc) -> jax.Array:
   Each example's factors are first scaled by powers of two that bring their
   largest entries near 1 (``2**-ea`` for the ``a``, ``2**-ec`` for the
   ``c``; a one-hot term's ``c`` takes both), so that no square overflows or
-  underflows. The work arrays (Gram matrices, or the per-example matrices of
-  the direct form) are formed a chunk of examples at a time
-  (:func:`_by_chunks`).
+  underflows.
   """
   ea = _pe.scale_exponent(_max_abs([t.a for t in terms if not t.ids], acc))
   ec = _pe.scale_exponent(_max_abs([t.c for t in terms], acc))
@@ -375,72 +371,18 @@ def _matrix_norm(terms: list[_Term], acc) -> jax.Array:
            t._replace(a=down(t.a, ea), c=down(t.c, ec)) for t in terms]
   length = sum(t.a.shape[1] for t in terms)
   size, features = terms[0].size, terms[0].c.shape[-1]
-  gram = _use_gram(length, size, features)
-
-  def sq(arrays):
-    ts = [t._replace(a=a, c=c) for t, (a, c) in zip(terms, arrays)]
-    if gram:
-      return sum(
-          (1 if k == m else 2) * jnp.sum(
-              _gram_a(ts[k], ts[m], acc) * jnp.einsum(
-                  "btf,bsf->bts", ts[k].c, ts[m].c, precision=_HIGHEST),
-              axis=(1, 2))
-          for k in range(len(ts)) for m in range(k, len(ts)))
-    g = sum(_per_example_matrix(t, acc) for t in ts)
-    return jnp.sum(jnp.square(g), axis=(1, 2))
-
-  work = 2 * length * length if gram else size * features
-  squares = _by_chunks(sq, [(t.a, t.c) for t in terms], work)
+  if _use_gram(length, size, features):
+    sq = sum(
+        (1 if k == m else 2) * jnp.sum(
+            _gram_a(terms[k], terms[m], acc) * jnp.einsum(
+                "btf,bsf->bts", terms[k].c, terms[m].c, precision=_HIGHEST),
+            axis=(1, 2))
+        for k in range(len(terms)) for m in range(k, len(terms)))
+  else:
+    g = sum(_per_example_matrix(t, acc) for t in terms)
+    sq = jnp.sum(jnp.square(g), axis=(1, 2))
   # Two factors: ea + ec may leave the normal range.
-  return jnp.sqrt(squares) * _pe.pow2(ea, acc) * _pe.pow2(ec, acc)
-
-
-def _by_chunks(fn, arrays, work: int) -> jax.Array:
-  """``fn(arrays)`` (per-example results), a chunk of examples at a time.
-
-  ``fn`` maps arrays with a leading batch axis to one value per example and
-  needs ``work`` elements per example for its intermediates (a per-example
-  weight gradient, Gram matrices). Examples are taken in chunks (a
-  ``lax.map``) whose work arrays hold at most a quarter as many elements as
-  ``arrays`` themselves over the whole batch, which are live anyway: so the
-  norms of a layer add at most a quarter of its recorded activations and
-  output gradients to the step's peak memory, where the whole batch at
-  once could add many times that (the kernel of a convolution, or of a
-  wide linear layer in the direct form, is often larger than one example's
-  activations). A batch within that bound is one chunk, with no loop;
-  a larger one is cut into contiguous chunks of equal size (a divisor of
-  the batch, at most the bound where the batch allows). Where Explicit
-  mesh axes split the batch, each device chunks its own examples (under
-  ``shard_map``), and the bound holds per device.
-  """
-  def local(arrays):
-    leaves = jax.tree_util.tree_leaves(arrays)
-    batch = leaves[0].shape[0]
-    chunk = _chunk_size(
-        batch, sum(int(np.prod(x.shape[1:])) for x in leaves), work)
-    if chunk >= batch:
-      return fn(arrays)
-    # ``steps`` contiguous chunks of ``size`` examples: a reshape, no copy.
-    steps = next(k for k in range(1, batch + 1)
-                 if batch % k == 0 and batch // k <= chunk)
-    size = batch // steps
-    out = jax.lax.map(fn, jax.tree_util.tree_map(
-        lambda v: v.reshape((steps, size) + v.shape[1:]), arrays))
-    return out.reshape(batch)
-
-  return _per_device(local, arrays)
-
-
-def _per_device(fn, arrays):
-  """``fn(arrays)``, per-example results of per-example arrays; where
-  Explicit mesh axes split the batch, each device runs ``fn`` on its own
-  examples (``shard_map``)."""
-  split = _batch_split(arrays)
-  if split is None:
-    return fn(arrays)
-  spec = jax.sharding.PartitionSpec(split[1])
-  return jax.shard_map(fn, mesh=split[0], in_specs=spec, out_specs=spec,
-                       check_vma=False)(arrays)
+  return jnp.sqrt(sq) * _pe.pow2(ea, acc) * _pe.pow2(ec, acc)
 
 
 def _use_gram(length: int, size: int, features: int) -> bool:
@@ -512,91 +454,47 @@ def _combine(leaf_norms):
       e, m.dtype)
 
 
-def _chunk_size(batch: int, held: int, work: int) -> int:
-  """Examples per chunk: work arrays of at most ``batch * held / 4`` elements."""
-  return max(1, min(batch, (batch * held) // (4 * max(work, 1))))
-
-
-def _conv_norm(parts, kernel_shape, acc) -> jax.Array:
-  """Per-example norms of a convolution kernel's gradient, summed over calls.
+def _conv_grads(parts, kernel_shape, acc) -> jax.Array:
+  """Per-example kernel gradients, summed over calls: ``(batch, *kernel)``.
 
   ``parts`` holds each call's ``(spec, x, dy)``. An example's kernel
   gradient is the transpose of the convolution in its kernel (XLA's
-  backward-filter convolution) applied to its ``dy``: the direct form,
-  formed a chunk of examples at a time (:func:`_by_chunks`) and reduced to
-  its norm there, never the unfolded input patches. Of each call's ``x``
-  and ``dy``, the smaller is scaled per example, in the chunk, by the power
-  of two ``2**-e`` that brings its largest entry near 1 (the same ``e`` for
-  every call), so the larger is never copied; the gradient's norm is then
-  taken as :func:`optaxclip._per_example.example_norms` takes it. Exact
-  unless an entry of the gradient itself overflows.
+  backward-filter convolution) applied to its ``dy``: ``batch x kernel
+  size`` floats, never the unfolded input patches. Their norms are taken as
+  :func:`optaxclip._per_example.example_norms` takes them (exact unless an
+  entry of a gradient overflows, as with ``method="vmap"``). Where Explicit
+  mesh axes split the batch, each device forms its own examples'
+  (``shard_map``).
 
-  The gradients are never kept for the clipped sum (:func:`_conv_sum`
-  forms it from ``x`` and ``dy``). Kept for the small kernels, they would
-  cost less memory than the records, but XLA's SPMD partitioner
-  miscompiles the batched backward-filter convolution that forms them,
-  output whole, when the batch is split over devices under Auto mesh axes
-  (the other devices' examples come out 0; measured on 8 CPU devices, jax
-  0.10.2), which also breaks ``jax.vmap(jax.grad(...))`` of a convolution
-  there.
+  Known upstream fault: where the batch is split over devices under *Auto*
+  mesh axes, XLA's SPMD partitioner miscompiles this batched
+  backward-filter convolution (the other devices' examples come out 0;
+  measured on 8 CPU devices with jax 0.10.2), as it does
+  ``jax.vmap(jax.grad(...))`` of any convolution there, and so
+  ``method="vmap"`` too. Explicit axes are not affected.
   """
-  arrays, specs, small_x = _conv_operands(parts, acc)
-  grads = functools.partial(_scaled_conv_grads, specs=specs, small_x=small_x,
-                            kernel_shape=kernel_shape, acc=acc)
-  # Work per example: its gradient, and its x and dy, which the batched
-  # transpose copies into the layout of a grouped convolution.
-  work = int(np.prod(kernel_shape)) + sum(
-      int(np.prod(v.shape[1:])) for pair in arrays[1] for v in pair)
-  n = _by_chunks(lambda a: _pe.example_norms([grads(a)])[1], arrays, work)
-  return n.astype(acc) * _pe.pow2(arrays[0], acc)
+  specs = [spec for spec, _, _ in parts]
+  arrays = [(_conv_batch(x, spec), _conv_batch(dy, spec))
+            for spec, x, dy in parts]
+
+  def grads(arrays):
+    return sum(jax.vmap(functools.partial(
+        _conv_transpose, spec, kernel_shape=kernel_shape, acc=acc))(x, dy)
+               for spec, (x, dy) in zip(specs, arrays))
+
+  return _per_device(grads, arrays)
 
 
-def _conv_operands(parts, acc):
-  """``((e, [(x, dy)]), specs, small_x)`` for :func:`_scaled_conv_grads`."""
-  xs = [_conv_batch(x, spec) for spec, x, _ in parts]
-  dys = [_conv_batch(dy, spec) for spec, _, dy in parts]
-  small_x = tuple(int(np.prod(x.shape[1:])) <= int(np.prod(dy.shape[1:]))
-                  for x, dy in zip(xs, dys))
-  e = _pe.scale_exponent(_max_abs(
-      [x if sx else dy for x, dy, sx in zip(xs, dys, small_x)], acc))
-  return (e, list(zip(xs, dys))), [spec for spec, _, _ in parts], small_x
-
-
-def _scaled_conv_grads(arrays, *, specs, small_x, kernel_shape, acc):
-  """Per-example kernel gradients of a chunk, times ``2**-e``."""
-  e, pairs = arrays
-  down = _pe.pow2(-e, acc)
-
-  def one(x, dy, s, spec, sx):
-    x, dy = x.astype(acc), dy.astype(acc)
-    return _conv_transpose(spec, x * s if sx else x, dy if sx else dy * s,
-                           kernel_shape, acc)
-
-  return sum(jax.vmap(functools.partial(one, spec=spec, sx=sx))(x, dy, down)
-             for spec, sx, (x, dy) in zip(specs, small_x, pairs))
-
-
-def _conv_sum(parts, weights, keep, kernel_shape, acc) -> jax.Array:
-  """``sum_i w_i g_i`` over the kept examples of a convolution kernel.
-
-  One backward-filter convolution over the whole batch, its output
-  gradients weighted: the examples are the convolution's batch, over which
-  it sums. Dropped examples are selected away in ``x`` and ``dy`` alike, so
-  a NaN there adds exactly 0.
-  """
-  def total(arrays):
-    out = jnp.zeros(kernel_shape, acc)
-    for (spec, _, _), (x, dy, keep, weights) in zip(parts, arrays):
-      k = keep.reshape((-1,) + (1,) * (x.ndim - 1))
-      x = jnp.where(k, x, 0).astype(acc)
-      dy = jnp.where(k, dy, 0).astype(acc) * weights.astype(acc).reshape(
-          (-1,) + (1,) * (dy.ndim - 1))
-      flat = lambda v: v.reshape((-1,) + v.shape[2:])  # noqa: E731
-      out = out + _conv_transpose(spec, flat(x), flat(dy), kernel_shape, acc)
-    return out
-
-  return _summed(total, [(_conv_batch(x, spec), _conv_batch(dy, spec), keep,
-                          weights) for spec, x, dy in parts])
+def _per_device(fn, arrays):
+  """``fn(arrays)``, per-example results of per-example arrays; where
+  Explicit mesh axes split the batch, each device runs ``fn`` on its own
+  examples (``shard_map``, see :func:`_summed` for ``check_vma``)."""
+  split = _batch_split(arrays)
+  if split is None:
+    return fn(arrays)
+  spec = jax.sharding.PartitionSpec(split[1])
+  return jax.shard_map(fn, mesh=split[0], in_specs=spec, out_specs=spec,
+                       check_vma=False)(arrays)
 
 
 def _summed(fn, arrays):
@@ -604,10 +502,11 @@ def _summed(fn, arrays):
   mesh axes split the batch, each device sums its own examples and the
   partial sums are added up (a ``psum``).
 
-  Both ``shard_map`` here run with ``check_vma=False``: with it, the
-  transpose of a convolution in a kernel that is the same on every device
-  (the zeros :func:`_conv_transpose` starts from) would already be summed
-  over the devices, per example too.
+  Both this ``shard_map`` and :func:`_per_device`'s run with
+  ``check_vma=False``: with it, the transpose of a convolution in a kernel
+  that is the same on every device (the zeros :func:`_conv_transpose`
+  starts from) would already be summed over the devices, per example
+  too.
   """
   split = _batch_split(arrays)
   if split is None:

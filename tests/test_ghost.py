@@ -285,34 +285,6 @@ def test_gram_and_direct_forms(form, monkeypatch):
                              rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,form", [
-    ("cnn", None), ("mlp_seq", "direct"), ("transformer", "gram"),
-    ("tied", "direct")])
-def test_chunked_norms_equal_vmap(name, form, monkeypatch):
-  """Norms formed 3 examples at a time (8 = 3 + 3 + 2) equal vmap's."""
-  chunks = []
-
-  def three(batch, held, work):
-    chunks.append(batch)
-    return 3
-
-  monkeypatch.setattr(_ghost, "_chunk_size", three)
-  if form is not None:
-    monkeypatch.setattr(_ghost, "_use_gram", lambda *a: form == "gram")
-  model, loss, x, y = case(name)
-  vmap, ghost = both(model, loss)
-  c = float(np.median(vmap(x, y, math.inf)[1].norms))
-  got = ghost(x, y, c)
-  assert chunks and set(chunks) == {8}  # Every ghost norm took the loop.
-  assert_same(got, vmap(x, y, c))
-
-
-def test_chunk_size_bounds_the_work_arrays():
-  assert _ghost._chunk_size(256, 1000, 10) == 256  # Fits: one chunk.
-  assert _ghost._chunk_size(256, 1000, 4000) == 16  # 16 * 4000 = 256e3 / 4.
-  assert _ghost._chunk_size(256, 10, 10**9) == 1
-
-
 class ConvNet(nnx.Module):
   """A convolution and a linear layer, no biases, whose loss is linear in
   the output: per-example gradients scale with the input."""
@@ -364,15 +336,17 @@ def test_tiny_inputs_norms_not_flushed():
   np.testing.assert_allclose(info.norms, want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("devices", [1, 2, 8])
 @pytest.mark.parametrize("name,axis_type", [
-    ("cnn", "Explicit"), ("mlp_seq", "Explicit"), ("cnn", "Auto"),
+    ("cnn", "Explicit"), ("mlp_seq", "Explicit"), ("mlp_seq", "Auto"),
     ("transformer", "Auto")])
 def test_sharded_batch(name, axis_type, devices):
-  """Inputs sharded over a mesh of 1 or 8 devices give the single-device
-  result. (Under Explicit axes nnx.Embed's gather needs an output sharding
-  that Flax does not give it: the transformer itself, without clipping,
-  does not trace there, so it is tested under Auto axes.)"""
+  """Inputs sharded over a mesh of 1, 2 or 8 devices give the single-device
+  result. Not tested, because upstream faults make them fail without
+  clipping too: the transformer under Explicit axes (nnx.Embed's gather
+  needs an output sharding Flax does not give it), and convolutions under
+  Auto axes on a split batch (XLA miscompiles the per-example kernel
+  gradients of ``jax.vmap(jax.grad(...))``; see ``_ghost._conv_grads``)."""
   if jax.device_count() < devices:
     pytest.skip(f"needs {devices} devices")
   from jax.sharding import AxisType, NamedSharding
@@ -387,30 +361,6 @@ def test_sharded_batch(name, axis_type, devices):
   step = jax.jit(lambda s, x, y: fn(nnx.merge(graphdef, s), x, y))
   want = step(state, x, y)
   put = lambda v, spec: jax.device_put(v, NamedSharding(mesh, spec))  # noqa: E731
-  got = step(put(state, P()), put(x, P("data")), put(y, P("data")))
-  np.testing.assert_allclose(got[1].norms, want[1].norms, rtol=1e-5)
-  chex.assert_trees_all_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-
-
-def test_chunks_of_a_sharded_batch(monkeypatch):
-  """On 2 devices (Explicit axes), chunks of 2 take 1 example per device."""
-  if jax.device_count() < 2:
-    pytest.skip("needs 2 devices")
-  from jax.sharding import AxisType, NamedSharding
-  from jax.sharding import PartitionSpec as P
-  monkeypatch.setattr(_ghost, "_chunk_size", lambda *a: 3)
-  model, loss, x, y = case("cnn")
-  mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Explicit,),
-                       devices=jax.devices()[:2])
-  fn = oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2),
-                       return_norms=True, method="ghost")
-  graphdef, state = nnx.split(model)
-  step = jax.jit(lambda s, x, y: fn(nnx.merge(graphdef, s), x, y))
-  want = both(model, loss)[0](x, y, 0.5)  # method='vmap', one device.
-  put = lambda v, spec: jax.device_put(v, NamedSharding(mesh, spec))  # noqa: E731
-  jaxpr = jax.make_jaxpr(step)(put(state, P()), put(x, P("data")),
-                               put(y, P("data")))
-  assert "scan" in str(jaxpr)  # The chunks are a loop.
   got = step(put(state, P()), put(x, P("data")), put(y, P("data")))
   np.testing.assert_allclose(got[1].norms, want[1].norms, rtol=1e-5)
   chex.assert_trees_all_close(got[0], want[0], rtol=1e-5, atol=1e-6)
