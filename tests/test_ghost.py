@@ -285,6 +285,33 @@ def test_gram_and_direct_forms(form, monkeypatch):
                              rtol=1e-5)
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_conv_kernels_both_forms(keep, monkeypatch):
+  """Kept per-example kernel gradients, or norms and sums from the records
+  (book-keeping), for every convolution: both equal vmap."""
+  monkeypatch.setattr(_ghost, "_keep_conv_grads", lambda *a: keep)
+  model, loss, x, y = case("cnn")
+  vmap, ghost = both(model, loss)
+  c = float(np.median(vmap(x, y, math.inf)[1].norms))
+  assert_same(ghost(x, y, c), vmap(x, y, c))
+  mask = jnp.arange(8) != 3
+  x = x.at[5].set(jnp.nan)  # Dropped: adds exactly 0 in both forms.
+  got, want = ghost(x, y, c, mask), vmap(x, y, c, mask)
+  assert int(got[1].num_nonfinite) == 1
+  assert np.all(np.isfinite(jax.tree.leaves(got[0])[0]))
+  chex.assert_trees_all_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_conv_kernels_choose_the_smaller_record():
+  spec = ((1, 1), "SAME", (1, 1), (1, 1))
+  image = lambda c: jnp.zeros((4, 1, 32, 32, c))  # noqa: E731
+  # 3x3x3x32 kernel (864) against 32x32x(3 + 32) records: gradients kept.
+  assert _ghost._keep_conv_grads([(spec, image(3), image(32))], (3, 3, 3, 32))
+  small = lambda c: jnp.zeros((4, 1, 4, 4, c))  # noqa: E731
+  assert not _ghost._keep_conv_grads([(spec, small(64), small(64))],
+                                     (3, 3, 64, 64))
+
+
 class ConvNet(nnx.Module):
   """A convolution and a linear layer, no biases, whose loss is linear in
   the output: per-example gradients scale with the input."""
