@@ -5,9 +5,12 @@ model, each jitted:
 
 - ``non-private``: ``jax.grad`` of the batch's mean loss (the plain step);
 - ``ghost``: ``oc.clipped_grad(..., method="ghost")``;
+- ``ghost-mb64``: the same in microbatches of 64 examples
+  (``microbatch_size=64``), which bounds memory by the microbatch;
 - ``vmap``: ``oc.clipped_grad(..., method="vmap")`` (per-example gradients);
-- ``jax-privacy``: ``jax_privacy.clipping.clipped_grad`` with microbatches,
-  when ``jax-privacy`` is installed (otherwise the table says so).
+- ``jax-privacy``: ``jax_privacy.clipping.clipped_grad`` with microbatches
+  of 64 (per-example gradients of 64 examples at a time), when
+  ``jax-privacy`` is installed (otherwise the table says so).
 
 Two models: a small transformer language model (token embedding, causal
 self-attention and MLP blocks of ``nnx.Linear``, ``nnx.LayerNorm``; about 10M
@@ -47,7 +50,8 @@ from benchmarks import run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 FIGURE = os.path.join(ROOT, "docs", "figures", "ghost_scaling.png")
-METHODS = ("non-private", "ghost", "vmap", "jax-privacy")
+METHODS = ("non-private", "ghost", "ghost-mb64", "vmap", "jax-privacy")
+MICROBATCH = 64
 MiB = 2**20
 
 
@@ -123,15 +127,21 @@ def case(model: str, batch: int, seq: int):
   return params, loss, x, y
 
 
-def step(method: str, loss):
-  """The jitted gradient computation of ``method``."""
+def step(method: str, loss, batch: int):
+  """The jitted gradient computation of ``method``; microbatches of
+  ``MICROBATCH`` examples, or the whole batch where it is smaller."""
+  microbatch = min(MICROBATCH, batch)
   if method == "non-private":
     return jax.jit(jax.grad(loss))
   if method == "jax-privacy":
     from jax_privacy import clipping
     return jax.jit(clipping.clipped_grad(loss, l2_clip_norm=1.0,
                                          batch_argnums=(1, 2),
-                                         microbatch_size=32))
+                                         microbatch_size=microbatch))
+  if method == "ghost-mb64":
+    return jax.jit(oc.clipped_grad(loss, max_norm=1.0, batch_argnums=(1, 2),
+                                   method="ghost",
+                                   microbatch_size=microbatch))
   return jax.jit(oc.clipped_grad(loss, max_norm=1.0, batch_argnums=(1, 2),
                                  method=method))
 
@@ -141,7 +151,7 @@ def compiled_memory(model: str, batch: int, seq: int, method: str
   """Compiles one case; XLA's memory analysis and the compile time."""
   params, loss, x, y = case(model, batch, seq)
   start = time.perf_counter()
-  compiled = step(method, loss).lower(params, x, y).compile()
+  compiled = step(method, loss, batch).lower(params, x, y).compile()
   mem = compiled.memory_analysis()
   return {"compile_s": time.perf_counter() - start,
           "temp_mib": mem.temp_size_in_bytes / MiB,
@@ -154,7 +164,7 @@ def timed(model: str, batch: int, seq: int, method: str, reps: int
           ) -> dict[str, Any]:
   """Runs in a fresh process: median step time and the peak RSS."""
   params, loss, x, y = case(model, batch, seq)
-  fn = step(method, loss)
+  fn = step(method, loss, batch)
   jax.block_until_ready(fn(params, x, y))
   times = []
   for _ in range(reps):
@@ -201,7 +211,8 @@ def plan(quick: bool) -> dict[str, list[tuple[str, int, int]]]:
   return {"memory": [("transformer", b, 128) for b in (64, 256, 1024)]
                     + [("transformer", 256, s) for s in (32, 64)]
                     + [("cnn", b, 0) for b in (256, 1024)],
-          "timed": [("cnn", 256, 0), ("transformer", 8, 128)]}
+          "timed": [("cnn", 256, 0), ("cnn", 1024, 0), ("transformer", 8, 128),
+                    ("transformer", 256, 128)]}
 
 
 def available(method: str) -> bool:

@@ -10,11 +10,15 @@ gradient is ``x_i^T dy_i`` (summed over positions and over the calls that
 share the weight), so its norm follows from ``x`` and ``dy`` alone: in Gram
 form ``sum_{t,s} (x_t . x_s)(dy_t . dy_s)``, or directly from the
 ``(batch, d, p)`` product, whichever costs fewer operations. Biases get
-their per-example gradients, ``sum_t dy_t``, outright, and convolution
-kernels theirs from the convolution's transpose (``batch x kernel``
-floats, never the unfolded patches). The clipped sum is ``sum_i w_i x_i^T
-dy_i`` (book-keeping, Bu et al. 2023): no second backward pass, and a
-dropped example's NaN is selected away, never multiplied by 0.
+their per-example gradients, ``sum_t dy_t``, outright. A convolution
+kernel's per-example gradient is the convolution's transpose applied to
+``dy`` (never the unfolded patches); it is kept where it is smaller than
+the layer's records ``x`` and ``dy``, else formed one example at a time
+for its norm only. The clipped sum is ``sum_i w_i x_i^T dy_i``
+(book-keeping, Bu et al. 2023): no second backward pass, and a dropped
+example's NaN is selected away, never multiplied by 0. Where Explicit mesh
+axes split the batch, the per-example work runs per device under
+``shard_map``.
 
 Every other parameter, and every parameter that the code also uses outside
 an intercepted call (found from the traced program, not guessed), gets exact
