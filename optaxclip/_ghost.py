@@ -213,9 +213,10 @@ def _batch_split(example):
   """``(mesh, axes)`` over which a mesh's Explicit axes split the batch axis
   of ``example``'s arrays, or ``None`` (not split, or Auto axes)."""
   for x in jax.tree_util.tree_leaves(example):
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    if getattr(sharding, "spec", None) and sharding.spec[0] is not None:
-      return sharding.mesh, sharding.spec[0]
+    sharding: Any = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec and spec[0] is not None:
+      return sharding.mesh, spec[0]
   return None
 
 
@@ -502,8 +503,9 @@ def _conv_norm(parts, kernel_shape, acc) -> jax.Array:
 
 def _conv_example_grad(pairs, *, specs, kernel_shape, acc) -> jax.Array:
   """One example's kernel gradient, summed over calls."""
-  return sum(_conv_transpose(spec, x, dy, kernel_shape, acc)
-             for spec, (x, dy) in zip(specs, pairs))
+  return functools.reduce(jnp.add, [
+      _conv_transpose(spec, x, dy, kernel_shape, acc)
+      for spec, (x, dy) in zip(specs, pairs)])
 
 
 def _conv_sum(parts, weights, keep, kernel_shape, acc) -> jax.Array:
