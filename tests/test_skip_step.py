@@ -51,6 +51,15 @@ def _run(opt, params, batches, step=None):
   return params, state
 
 
+def _bad_batch_and_without(opt, batches, k, bad):
+  """Runs ``opt`` on ``batches`` with a poisoned copy of batch ``k`` put in
+  before it, and on ``batches`` alone: ``(params, state)`` of each."""
+  with_bad = batches[:k] + [_poison(batches[k], bad)] + batches[k:]
+  step = jax.jit(lambda p, s, g: _apply(opt, p, s, g))
+  return (_run(opt, _params(), with_bad, step),
+          _run(opt, _params(), batches, step))
+
+
 def _apply(opt, params, state, grads):
   updates, state = opt.update(grads, state, params)
   return optax.apply_updates(params, updates), state
@@ -85,18 +94,13 @@ def _inners():
 def test_bad_batch_leaves_no_trace(inner, bad):
   # The guarantee: a bad batch at step k, then good batches, gives the same
   # bits as the run in which batch k never came.
-  make = _inners()[inner]
-  batches = _batches(9)
-  k = 4
-  with_bad = batches[:k] + [_poison(batches[k], bad)] + batches[k:]
-  opt = oc.skip_step(make())
-  step = jax.jit(lambda p, s, g: _apply(opt, p, s, g))
-  p_bad, s_bad = _run(opt, _params(), with_bad, step)
-  p_ref, s_ref = _run(opt, _params(), batches, step)
+  opt = oc.skip_step(_inners()[inner]())
+  (p_bad, s_bad), (p_ref, s_ref) = _bad_batch_and_without(
+      opt, _batches(9), 4, bad)
   assert_bitwise_equal(p_bad, p_ref)
   assert_bitwise_equal(s_bad.inner_state, s_ref.inner_state)
   assert int(s_bad.num_skipped) == 1
-  assert int(s_bad.count) == len(with_bad)
+  assert int(s_bad.count) == 10  # 9 good batches and the bad one.
   assert int(s_ref.num_skipped) == 0
 
 
@@ -438,13 +442,9 @@ def test_multisteps_inside_drops_the_bad_micro_batch_alone():
   # the micro-step and opt's state as they were, so the run equals, bit for
   # bit, the run in which that micro-batch never came; every later
   # accumulated step is taken.
-  batches = _batches(12)
-  k = 4
-  with_bad = batches[:k] + [_poison(batches[k], np.nan)] + batches[k:]
   opt = oc.skip_step(optax.MultiSteps(_inners()["global_norm+adamw"](), 3))
-  step = jax.jit(lambda p, s, g: _apply(opt, p, s, g))
-  p_bad, s_bad = _run(opt, _params(), with_bad, step)
-  p_ref, s_ref = _run(opt, _params(), batches, step)
+  (p_bad, s_bad), (p_ref, s_ref) = _bad_batch_and_without(
+      opt, _batches(12), 4, np.nan)
   assert_bitwise_equal(p_bad, p_ref)
   assert_bitwise_equal(s_bad.inner_state, s_ref.inner_state)
   assert int(s_bad.num_skipped) == 1
