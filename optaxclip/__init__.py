@@ -2,8 +2,34 @@
 
 Value, per-tensor, per-unit and global-norm clipping, adaptive clipping, and a
 step guard, each an ``optax.GradientTransformation`` that records what it did.
+
+The package, one concept per module (each imports the others' public names
+only; the arrows of imports point down this list, never up):
+
+Transforms, each module with its state types:
+  _clipping      clip_by_value, clip_by_norm, clip_by_global_norm
+  _agc           adaptive_grad_clip (AGC)
+  _quantile      clip_by_quantile (AutoClip)
+  _zclip         zclip
+  _adagc         adagc
+  _spikes        clip_spikes (SPAM's rule)
+  _skip          skip_step, the step guard
+  _checks        check_finite, raise_if_nonfinite
+  _per_example   per_example_clip, clipped_grad (vmap; ghost via _ghost)
+  _ghost         ghost norms of Flax NNX layers
+  _dp            dp_aggregate, dp_noise, quantile_norm
+Shared, below them:
+  _example_clip  per-example weights, the weighted sum, PerExampleInfo
+  _per_leaf      the scale rule applied leaf by leaf, per group of leaves
+  _norms         norm kernels, the one overflow-safe kernel, collectives
+  _thresholds    hyper-parameters at run time: schedules, prefix trees
+  _stats         the counters every state keeps; clip_stats, register_state
+  _tree          live leaves, rebuilding, paths, accumulation dtypes
+  _validate      every argument check
+  _numerics      powers of two, Norm, Scale, the scale rule min(1, t/n)
 """
 
+from optaxclip._adagc import AdaGCState, adagc
 from optaxclip._agc import AdaptiveGradClipState, adaptive_grad_clip
 from optaxclip._checks import (
     CheckFiniteState,
@@ -19,13 +45,21 @@ from optaxclip._clipping import (
     clip_by_norm,
     clip_by_value,
 )
-from optaxclip._common import Threshold
 from optaxclip._dp import DPState, QuantileNorm, dp_aggregate, dp_noise, quantile_norm
-from optaxclip._norms import Axis, AxisName, Ord, global_norm
-from optaxclip._per_example import PerExampleInfo, clipped_grad, per_example_clip
+from optaxclip._example_clip import PerExampleInfo
+from optaxclip._norms import AxisName, Ord, global_norm
+from optaxclip._per_example import clipped_grad, per_example_clip
 from optaxclip._quantile import ClipByQuantileState, clip_by_quantile
 from optaxclip._skip import SkipStepState, SkipStepStats, skip_step
+from optaxclip._spikes import (
+    ClipSpikesState,
+    SpikeClippedState,
+    SpikeStats,
+    clip_spikes,
+)
 from optaxclip._stats import clip_stats, register_state
+from optaxclip._thresholds import Threshold
+from optaxclip._tree import Axis
 from optaxclip._zclip import ZClipState, zclip
 
 register_state(ClipByGlobalNormState, "clip_by_global_norm")
@@ -37,18 +71,7 @@ register_state(ZClipState, "zclip")
 register_state(SkipStepState, "skip_step")
 register_state(CheckFiniteState, "check_finite")
 register_state(DPState, "dp")
-
-from optaxclip._adagc import AdaGCState, adagc  # noqa: E402
-
 register_state(AdaGCState, "adagc")
-
-from optaxclip._spikes import (  # noqa: E402
-    ClipSpikesState,
-    SpikeClippedState,
-    SpikeStats,
-    clip_spikes,
-)
-
 register_state(SpikeStats, "clip_spikes")
 
 __version__ = "0.1.0"

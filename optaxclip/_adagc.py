@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _common, _norms
-from optaxclip._common import Threshold
+from optaxclip import _norms, _numerics, _thresholds, _tree, _validate
 from optaxclip._norms import AxisName
+from optaxclip._thresholds import Threshold
 
 
 class AdaGCState(NamedTuple):
@@ -134,25 +134,25 @@ def adagc(
     3.3634 0.084084 True
   """
   where = "adagc"
-  _common.check_range(lambda_rel, "lambda_rel", where, lo=0.0, hi=np.inf,
+  _validate.check_range(lambda_rel, "lambda_rel", where, lo=0.0, hi=np.inf,
                       open_lo=True)
-  _common.check_range(beta, "beta", where, lo=0.0, hi=1.0)
-  _common.check_int(warmup_steps, "warmup_steps", where, lo=1)
-  _common.check_threshold(lambda_abs, "lambda_abs", where)
-  _common.check_range(eps, "eps", where, lo=0.0, hi=np.inf)
+  _validate.check_range(beta, "beta", where, lo=0.0, hi=1.0)
+  _validate.check_int(warmup_steps, "warmup_steps", where, lo=1)
+  _validate.check_threshold(lambda_abs, "lambda_abs", where)
+  _validate.check_range(eps, "eps", where, lo=0.0, hi=np.inf)
 
   def init_fn(params):
-    dtype = _norms.tree_acc_dtype(params)
-    zeros = _common.tree_map_arrays(lambda _: jnp.zeros((), dtype), params)
+    dtype = _tree.tree_acc_dtype(params)
+    zeros = _tree.map_arrays(lambda _: jnp.zeros((), dtype), params)
     return AdaGCState(
         count=jnp.zeros((), jnp.int32), grad_norm=zeros,
         global_norm=jnp.zeros((), dtype),
-        threshold=_common.tree_map_arrays(
+        threshold=_tree.map_arrays(
             lambda _: jnp.full((), jnp.inf, dtype), params),
-        scale=_common.tree_map_arrays(lambda _: jnp.ones((), dtype), params),
+        scale=_tree.map_arrays(lambda _: jnp.ones((), dtype), params),
         clipped=jnp.zeros((), bool), num_clipped=jnp.zeros((), jnp.int32),
         frac_clipped=jnp.zeros((), dtype),
-        gamma=_common.tree_map_arrays(
+        gamma=_tree.map_arrays(
             lambda _: jnp.full((), jnp.inf, dtype), params))
 
   def update_fn(updates, state, params=None):
@@ -162,15 +162,15 @@ def adagc(
     norms = _tensor_norms(updates, axis_name, dtype)
     total = _norms.global_norm(norms).astype(dtype)  # Overflow-safe.
     warm = count < warmup_steps
-    rel = _common.resolve(lambda_rel, count, dtype)
-    b = _common.resolve(beta, count, dtype)
-    t_abs = _common.resolve(lambda_abs, count, dtype)
-    s_global = _common.clip_scale(total, t_abs)
+    rel = _thresholds.resolve(lambda_rel, count, dtype)
+    b = _thresholds.resolve(beta, count, dtype)
+    t_abs = _thresholds.resolve(lambda_abs, count, dtype)
+    s_global = _numerics.clip_scale(total, t_abs)
     track_warm = warm & jnp.isfinite(total)
 
     def per_tensor(n, gamma):
       t = jnp.where(warm, t_abs, rel * gamma)
-      s = jnp.where(warm, s_global, _common.clip_scale(n + eps, rel * gamma))
+      s = jnp.where(warm, s_global, _numerics.clip_scale(n + eps, rel * gamma))
       kept = s * n  # The clipped norm ||h_i|| (||g_i|| during warm-up).
       ema = b * gamma + (1 - b) * kept
       new_gamma = jnp.where(
@@ -178,18 +178,18 @@ def adagc(
           jnp.where(jnp.isfinite(kept), ema, gamma))
       return t.astype(dtype), s.astype(dtype), new_gamma.astype(dtype)
 
-    out = _common.tree_map_arrays(per_tensor, norms, state.gamma)
-    pick = lambda i: _common.tree_map_arrays(  # noqa: E731
+    out = _tree.map_arrays(per_tensor, norms, state.gamma)
+    pick = lambda i: _tree.map_arrays(  # noqa: E731
         lambda _, o: o[i], norms, out)
     threshold, scale, gamma = pick(0), pick(1), pick(2)
-    updates = _common.tree_map_arrays(_common.scale_leaf, updates, scale)
-    scales = _norms.float_leaves(scale, where)
+    updates = _tree.map_arrays(_numerics.scale_leaf, updates, scale)
+    scales = _tree.float_leaves(scale, where)
     over = [s < 1 for s in scales]
     clipped = jnp.any(jnp.stack(over)) if over else jnp.zeros((), bool)
     frac = (jnp.mean(jnp.stack(over).astype(dtype)) if over
             else jnp.zeros((), dtype))
     return updates, AdaGCState(
-        count=_common.increment(count), grad_norm=norms, global_norm=total,
+        count=optax.safe_increment(count), grad_norm=norms, global_norm=total,
         threshold=threshold, scale=scale, clipped=clipped,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32),
         frac_clipped=frac, gamma=gamma)
@@ -201,8 +201,8 @@ def _tensor_norms(updates: Any, axis_name: AxisName, dtype: Any) -> Any:
   """Each tensor's 2-norm as a scalar of ``dtype`` (a tree like ``updates``)."""
   if axis_name is None:
     norms = _norms.leaf_norms(updates, 2)
-    return _common.tree_map_arrays(
+    return _tree.map_arrays(
         lambda n: jnp.reshape(n, ()).astype(dtype), norms)
-  return _common.tree_map_arrays(
+  return _tree.map_arrays(
       lambda x: _norms.global_norm(x, axis_name=axis_name).astype(dtype),
       updates)

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _common, _norms
-from optaxclip._common import Threshold
-from optaxclip._norms import Axis, AxisName
+from optaxclip import _norms, _per_leaf, _thresholds, _tree, _validate
+from optaxclip._norms import AxisName
+from optaxclip._thresholds import Threshold
+from optaxclip._tree import Axis
 
 _NO_PARAMS = ("adaptive_grad_clip needs params: call update(grads, state,"
               " params).")
@@ -111,24 +112,24 @@ def adaptive_grad_clip(
      [0.   0.05]] 0.5
   """
   where = "adaptive_grad_clip"
-  _common.check_threshold(clipping, "clipping", where)
-  _common.check_threshold(eps, "eps", where)
-  _common.check_bool(leaf_norms, "leaf_norms", where)
+  _validate.check_threshold(clipping, "clipping", where)
+  _validate.check_threshold(eps, "eps", where)
+  _validate.check_bool(leaf_norms, "leaf_norms", where)
 
   def init_fn(params):
-    leaves, rebuild = _norms.live_leaves(params, where)
+    leaves, rebuild = _tree.live_leaves(params, where)
     for path, x in leaves:
       _unit_axes(path, x, axis)  # A clear error for a leaf with no units.
     norms = None
     if leaf_norms:
       norms = rebuild([
-          jnp.zeros(_norms.kept_shape(x.shape, _unit_axes(path, x, axis)),
-                    _norms.acc_dtype(x.dtype)) for path, x in leaves])
-    dtype = _norms.tree_acc_dtype(params)
+          jnp.zeros(_tree.kept_shape(x.shape, _unit_axes(path, x, axis)),
+                    _tree.acc_dtype(x.dtype)) for path, x in leaves])
+    dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
     return AdaptiveGradClipState(
         count=count, grad_norm=jnp.zeros((), dtype),
-        threshold=_common.resolve(clipping, count, dtype),
+        threshold=_thresholds.resolve(clipping, count, dtype),
         scale=jnp.ones((), dtype), clipped=jnp.zeros((), bool),
         frac_clipped=jnp.zeros((), jnp.float32),
         num_clipped=jnp.zeros((), jnp.int32), leaf_norms=norms)
@@ -136,8 +137,8 @@ def adaptive_grad_clip(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(_NO_PARAMS)
-    leaves, rebuild = _norms.live_leaves(updates, where)
-    treedef = jax.tree_util.tree_structure(updates, is_leaf=_common.is_masked)
+    leaves, rebuild = _tree.live_leaves(updates, where)
+    treedef = jax.tree_util.tree_structure(updates, is_leaf=_tree.is_masked)
     try:
       params_flat = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
     except (ValueError, TypeError) as e:
@@ -145,7 +146,7 @@ def adaptive_grad_clip(
           f"{where}: params do not have the structure of the updates;"
           " pass the parameters the updates are for.") from e
     p_leaves = [w for w, x in zip(params_flat, treedef.flatten_up_to(updates))  # type: ignore[attr-defined]
-                if not _common.is_masked(x)]
+                if not _tree.is_masked(x)]
     for (path, g), w in zip(leaves, p_leaves):
       if jnp.shape(g) != jnp.shape(w):
         raise ValueError(
@@ -158,13 +159,13 @@ def adaptive_grad_clip(
                                                 axis_name=axis_name)
     _, p_norms = _norms.grouped_leaf_norms(list(p_leaves), 2.0, axes, groups,
                                            axis_name=axis_name)
-    dtype = _norms.tree_acc_dtype(updates)
-    c = _common.resolve(clipping, state.count, dtype)
-    e = _common.resolve(eps, state.count, dtype)
+    dtype = _tree.tree_acc_dtype(updates)
+    c = _thresholds.resolve(clipping, state.count, dtype)
+    e = _thresholds.resolve(eps, state.count, dtype)
     floors = [jnp.maximum(pn.value().astype(gn.lo.dtype), e.astype(
         gn.lo.dtype)) for gn, pn in zip(g_norms, p_norms)]
     thresholds = [c.astype(f.dtype) * f for f in floors]
-    out, values, scales = _common.apply_grouped(g_leaves, groups, g_norms,
+    out, values, scales = _per_leaf.apply_grouped(g_leaves, groups, g_norms,
                                                 thresholds)
     over = [jnp.sum(v > t, dtype=jnp.int32) for v, t in zip(values, thresholds)]
     num_over = sum(over, jnp.zeros((), jnp.int32))
@@ -174,12 +175,12 @@ def adaptive_grad_clip(
                         jnp.where(v > 0, jnp.inf, v))
               for v, f in zip(values, floors)]
     return rebuild(out), AdaptiveGradClipState(
-        count=_common.increment(state.count),
-        grad_norm=_common.largest(ratios, dtype), threshold=c,
-        scale=_common.smallest(scales, dtype),
+        count=optax.safe_increment(state.count),
+        grad_norm=_per_leaf.largest(ratios, dtype), threshold=c,
+        scale=_per_leaf.smallest(scales, dtype),
         clipped=clipped, frac_clipped=num_over.astype(jnp.float32) / num_units,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32),
-        leaf_norms=rebuild(_common.ungroup(groups, values, g_leaves, axes))
+        leaf_norms=rebuild(_per_leaf.ungroup(groups, values, g_leaves, axes))
         if leaf_norms else None)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -189,12 +190,12 @@ def _unit_axes(path: Any, x: jax.Array, axis: Axis) -> tuple[int, ...]:
   """The axes a unit spans: ``axis`` if given, else optax's per-shape rule."""
   if axis is not None:
     if isinstance(axis, (jax.Array, np.ndarray)):
-      if not _norms.is_concrete(axis):
+      if not _validate.is_concrete(axis):
         raise TypeError(
             "adaptive_grad_clip: axis must be static; with"
             " optax.inject_hyperparams pass static_args=('axis',).")
       axis = tuple(int(a) for a in np.atleast_1d(np.asarray(axis)))
-    return _norms.leaf_axes(path, x, axis)
+    return _tree.leaf_axes(path, x, axis)
   shape = jnp.shape(x)
   ndim = len(shape)
   if sum(d != 1 for d in shape) <= 1:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _common
+from optaxclip import _validate
 
 
 class CheckFiniteState(NamedTuple):
@@ -75,7 +75,7 @@ def check_finite(*, callback: bool = True) -> optax.GradientTransformation:
     ...   print(e)
     1 NaN or Inf entries in the update at step 1, the first in ['w'].
   """
-  _common.check_bool(callback, "callback", "check_finite")
+  _validate.check_bool(callback, "callback", "check_finite")
 
   def init_fn(params):
     del params

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _common, _norms
-from optaxclip._common import Threshold
-from optaxclip._norms import Axis, AxisName, Ord
+from optaxclip import _norms, _numerics, _per_leaf, _thresholds, _tree, _validate
+from optaxclip._norms import AxisName, Ord
+from optaxclip._thresholds import Threshold
+from optaxclip._tree import Axis
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -155,33 +156,33 @@ def clip_by_global_norm(
     [0.6 0.8] 5.0 True
   """
   where = "clip_by_global_norm"
-  _common.check_threshold(max_norm, "max_norm", where)
-  _common.check_bool(leaf_norms, "leaf_norms", where)
-  p = _norms.canonical_ord(ord)
+  _validate.check_threshold(max_norm, "max_norm", where)
+  _validate.check_bool(leaf_norms, "leaf_norms", where)
+  p = _validate.canonical_ord(ord)
 
   def init_fn(params):
-    dtype = _norms.tree_acc_dtype(params)
+    dtype = _tree.tree_acc_dtype(params)
     zero = jnp.zeros((), dtype)
     return ClipByGlobalNormState(
         count=jnp.zeros((), jnp.int32), grad_norm=zero,
-        threshold=_common.resolve(max_norm, jnp.zeros((), jnp.int32), dtype),
+        threshold=_thresholds.resolve(max_norm, jnp.zeros((), jnp.int32), dtype),
         scale=jnp.ones((), dtype), clipped=jnp.zeros((), bool),
         num_clipped=jnp.zeros((), jnp.int32),
-        leaf_norms=_common.zero_leaf_norms(params) if leaf_norms else None)
+        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None)
 
   def update_fn(updates, state, params=None):
     del params
     dtype = state.grad_norm.dtype
     norm, each = _norms.global_and_leaf_norms(
         updates, p, axis_name=axis_name, leaves=leaf_norms)
-    threshold = _common.resolve(max_norm, state.count, dtype)
-    scale = _common.clip_factors(norm, threshold)
-    updates = _common.tree_map_arrays(
-        lambda g: _common.scale_leaf(g, scale), updates)
+    threshold = _thresholds.resolve(max_norm, state.count, dtype)
+    scale = _numerics.clip_factors(norm, threshold)
+    updates = _tree.map_arrays(
+        lambda g: _numerics.scale_leaf(g, scale), updates)
     grad_norm = norm.value().astype(dtype)
     clipped = grad_norm > threshold
     return updates, ClipByGlobalNormState(
-        count=_common.increment(state.count), grad_norm=grad_norm,
+        count=optax.safe_increment(state.count), grad_norm=grad_norm,
         threshold=threshold, scale=scale.value().astype(dtype),
         clipped=clipped,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32),
@@ -246,31 +247,31 @@ def clip_by_norm(
     [0.6 0.8] [0.5] 0.5
   """
   where = "clip_by_norm"
-  _common.check_threshold(max_norm, "max_norm", where, allow_tree=True)
-  _common.check_bool(leaf_norms, "leaf_norms", where)
-  p = _norms.canonical_ord(ord)
+  _validate.check_threshold(max_norm, "max_norm", where, allow_tree=True)
+  _validate.check_bool(leaf_norms, "leaf_norms", where)
+  p = _validate.canonical_ord(ord)
 
   def record(per_leaf, count, dtype):
     """The threshold to keep: the per-leaf tree only for a tree max_norm."""
-    if _common._is_tree_threshold(max_norm):
+    if _validate.is_tree_threshold(max_norm):
       return per_leaf
-    return _common.resolve(max_norm, count, dtype)
+    return _thresholds.resolve(max_norm, count, dtype)
 
   def init_fn(params):
-    leaves, rebuild = _norms.live_leaves(params, where)
+    leaves, rebuild = _tree.live_leaves(params, where)
     for path, x in leaves:
-      _norms.leaf_axes(path, x, axis)  # A clear error for a bad axis.
-    dtype = _norms.tree_acc_dtype(params)
+      _tree.leaf_axes(path, x, axis)  # A clear error for a bad axis.
+    dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
     norms = None
     if leaf_norms:
       norms = rebuild([
-          jnp.zeros(_norms.kept_shape(x.shape,
-                                      _norms.leaf_axes(path, x, axis)),
-                    _norms.acc_dtype(x.dtype)) for path, x in leaves])
+          jnp.zeros(_tree.kept_shape(x.shape,
+                                      _tree.leaf_axes(path, x, axis)),
+                    _tree.acc_dtype(x.dtype)) for path, x in leaves])
     return ClipByNormState(
         count=count, grad_norm=jnp.zeros((), dtype),
-        threshold=record(_common.leaf_thresholds(
+        threshold=record(_thresholds.leaf_thresholds(
             max_norm, params, count, "max_norm", where), count, dtype),
         scale=jnp.ones((), dtype),
         clipped=jnp.zeros((), bool), frac_clipped=jnp.zeros((), jnp.float32),
@@ -278,30 +279,30 @@ def clip_by_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    leaves, rebuild = _norms.live_leaves(updates, where)
-    axes = [_norms.leaf_axes(path, x, axis) for path, x in leaves]
+    leaves, rebuild = _tree.live_leaves(updates, where)
+    axes = [_tree.leaf_axes(path, x, axis) for path, x in leaves]
     xs = [x for _, x in leaves]
     groups, norms = _norms.grouped_leaf_norms(xs, p, axes,
                                               axis_name=axis_name)
-    thresholds = _common.leaf_thresholds(max_norm, updates, state.count,
+    thresholds = _thresholds.leaf_thresholds(max_norm, updates, state.count,
                                          "max_norm", where)
-    t_leaves = _norms.float_leaves(thresholds, where)
-    t_groups = [_common.stack_scalars([t_leaves[i] for i in g], n.lo.ndim)
+    t_leaves = _tree.float_leaves(thresholds, where)
+    t_groups = [_per_leaf.stack_scalars([t_leaves[i] for i in g], n.lo.ndim)
                 for g, n in zip(groups, norms)]
-    out, values, scales = _common.apply_grouped(xs, groups, norms, t_groups)
+    out, values, scales = _per_leaf.apply_grouped(xs, groups, norms, t_groups)
     over = [jnp.sum(v > t, dtype=jnp.int32) for v, t in zip(values, t_groups)]
     num_over = sum(over, jnp.zeros((), jnp.int32))
     num_units = max(sum(v.size for v in values), 1)
     clipped = num_over > 0
     dtype = state.grad_norm.dtype
     return rebuild(out), ClipByNormState(
-        count=_common.increment(state.count),
-        grad_norm=_common.largest(values, dtype),
+        count=optax.safe_increment(state.count),
+        grad_norm=_per_leaf.largest(values, dtype),
         threshold=record(thresholds, state.count, dtype),
-        scale=_common.smallest(scales, dtype),
+        scale=_per_leaf.smallest(scales, dtype),
         clipped=clipped, frac_clipped=num_over.astype(jnp.float32) / num_units,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32),
-        leaf_norms=rebuild(_common.ungroup(groups, values, xs, axes))
+        leaf_norms=rebuild(_per_leaf.ungroup(groups, values, xs, axes))
         if leaf_norms else None)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -356,30 +357,30 @@ def clip_by_value(
   """
   where = "clip_by_value"
   symmetric = min_value is None
-  _common.check_threshold(max_value, "max_value", where, allow_tree=True,
+  _validate.check_threshold(max_value, "max_value", where, allow_tree=True,
                           allow_negative=not symmetric)
   if not symmetric:
-    _common.check_threshold(min_value, "min_value", where, allow_tree=True,
+    _validate.check_threshold(min_value, "min_value", where, allow_tree=True,
                             allow_negative=True)
     _check_order(min_value, max_value, where)
-  _common.check_bool(stats, "stats", where)
-  tree_valued = _common._is_tree_threshold(max_value)
+  _validate.check_bool(stats, "stats", where)
+  tree_valued = _validate.is_tree_threshold(max_value)
 
   def bound(value, updates, count, name):
     if symmetric:
-      return _common.leaf_thresholds(value, updates, count, name, where)
-    return _common.leaf_thresholds(value, updates, count, name, where,
+      return _thresholds.leaf_thresholds(value, updates, count, name, where)
+    return _thresholds.leaf_thresholds(value, updates, count, name, where,
                                    lo=-math.inf, nan=0.0)
 
   def record(hi, updates, count, dtype):
     if tree_valued:
       return hi
     if symmetric:
-      return _common.resolve(max_value, count, dtype)
-    return _common.resolve(max_value, count, dtype, lo=-math.inf, nan=0.0)
+      return _thresholds.resolve(max_value, count, dtype)
+    return _thresholds.resolve(max_value, count, dtype, lo=-math.inf, nan=0.0)
 
   def init_fn(params):
-    dtype = _norms.tree_acc_dtype(params)
+    dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
     hi = bound(max_value, params, count, "max_value")
     extra = {}
@@ -394,23 +395,23 @@ def clip_by_value(
 
   def update_fn(updates, state, params=None):
     del params
-    dtype = _norms.tree_acc_dtype(updates)
+    dtype = _tree.tree_acc_dtype(updates)
     hi = bound(max_value, updates, state.count, "max_value")
     # jnp.clip gives max_value where a run-time min_value exceeds it.
-    lo = (_common.tree_map_arrays(jnp.negative, hi) if symmetric else
+    lo = (_tree.map_arrays(jnp.negative, hi) if symmetric else
           bound(min_value, updates, state.count, "min_value"))
-    out = _common.tree_map_arrays(
+    out = _tree.map_arrays(
         lambda g, a, b: jnp.clip(g, a.astype(g.dtype), b.astype(g.dtype)),
         updates, lo, hi)
-    new = ClipByValueState(count=_common.increment(state.count),
+    new = ClipByValueState(count=optax.safe_increment(state.count),
                            threshold=record(hi, updates, state.count, dtype))
     if not stats:
       return out, new
     before = _norms.global_norm_parts(updates)
     after = _norms.global_norm_parts(out)
-    leaves = _norms.float_leaves(updates, where)
+    leaves = _tree.float_leaves(updates, where)
     changed = sum((jnp.sum(g != c, dtype=jnp.int32) for g, c in
-                   zip(leaves, _norms.float_leaves(out, where))),
+                   zip(leaves, _tree.float_leaves(out, where))),
                   jnp.zeros((), jnp.int32))
     clipped = changed > 0
     ratio = (after.hi / before.hi) * (after.lo / jnp.where(
@@ -434,15 +435,15 @@ def _check_order(min_value: Any, max_value: Any, where: str) -> None:
   def known(v):
     return (not callable(v) and isinstance(v, (int, float, np.number,
                                                np.ndarray, jax.Array))
-            and _norms.is_concrete(v))
+            and _validate.is_concrete(v))
 
   pairs: list[tuple[Any, Any, str]] = []
-  if _common._is_tree_threshold(min_value) or _common._is_tree_threshold(
+  if _validate.is_tree_threshold(min_value) or _validate.is_tree_threshold(
       max_value):
-    if not _common._is_tree_threshold(max_value):
+    if not _validate.is_tree_threshold(max_value):
       pairs = [(v, max_value, jax.tree_util.keystr(k)) for k, v in
                jax.tree_util.tree_leaves_with_path(min_value)]
-    elif not _common._is_tree_threshold(min_value):
+    elif not _validate.is_tree_threshold(min_value):
       pairs = [(min_value, v, jax.tree_util.keystr(k)) for k, v in
                jax.tree_util.tree_leaves_with_path(max_value)]
     else:

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _common, _norms, _per_example
-from optaxclip._per_example import PerExampleInfo
+from optaxclip import _example_clip, _per_example, _tree, _validate
+from optaxclip._example_clip import PerExampleInfo
 
 
 class QuantileNorm(NamedTuple):
@@ -83,12 +83,12 @@ def quantile_norm(
     1.0 1.2840254
   """
   where = "quantile_norm"
-  _common.check_range(initial, "initial", where, lo=0, hi=math.inf,
+  _validate.check_range(initial, "initial", where, lo=0, hi=math.inf,
                       open_lo=True, open_hi=True)
-  _common.check_range(target_quantile, "target_quantile", where, lo=0, hi=1)
-  _common.check_range(learning_rate, "learning_rate", where, lo=0,
+  _validate.check_range(target_quantile, "target_quantile", where, lo=0, hi=1)
+  _validate.check_range(learning_rate, "learning_rate", where, lo=0,
                       hi=math.inf, open_hi=True)
-  _common.check_range(count_noise_multiplier, "count_noise_multiplier", where,
+  _validate.check_range(count_noise_multiplier, "count_noise_multiplier", where,
                       lo=0, hi=math.inf, open_hi=True)
   return QuantileNorm(initial, target_quantile, learning_rate,
                       count_noise_multiplier)
@@ -191,10 +191,10 @@ def dp_aggregate(
   where = "dp_aggregate"
   _check_noise(noise_multiplier, batch_size, seed, where)
   if not isinstance(max_norm, QuantileNorm):
-    _per_example._check_options(max_norm, per_layer, normalize, where)
+    _example_clip.check_options(max_norm, per_layer, normalize, where)
 
   def init_fn(params):
-    return _init_state(max_norm, seed, _norms.tree_acc_dtype(params))
+    return _init_state(max_norm, seed, _tree.tree_acc_dtype(params))
 
   def update_fn(updates, state, params=None, *, example_mask=None, **extra):
     del params, extra
@@ -258,7 +258,7 @@ def dp_noise(
                     f" clipped_grad. Got {type(max_norm).__name__}.")
 
   def init_fn(params):
-    return _init_state(max_norm, seed, _norms.tree_acc_dtype(params))
+    return _init_state(max_norm, seed, _tree.tree_acc_dtype(params))
 
   def update_fn(updates, state, params=None, *, clip_info=None, **extra):
     del params, extra
@@ -277,11 +277,11 @@ def dp_noise(
 
 
 def _check_noise(noise_multiplier, batch_size, seed, where):
-  _common.check_range(noise_multiplier, "noise_multiplier", where, lo=0,
+  _validate.check_range(noise_multiplier, "noise_multiplier", where, lo=0,
                       hi=math.inf, open_hi=True)
   if batch_size is not None:
-    _common.check_int(batch_size, "batch_size", where, lo=1)
-  _common.check_int(seed, "seed", where, lo=-(2**63))
+    _validate.check_int(batch_size, "batch_size", where, lo=1)
+  _validate.check_int(seed, "seed", where, lo=-(2**63))
 
 
 def _init_state(max_norm, seed, dtype):
@@ -317,7 +317,7 @@ def _noise_step(total, info: PerExampleInfo, state: DPState, max_norm,
   keys = jax.random.split(grad_key, len(leaves))
   out = []
   for x, k in zip(leaves, keys):
-    acc = _norms.acc_dtype(x.dtype)
+    acc = _tree.acc_dtype(x.dtype)
     noise = jax.random.normal(k, x.shape, acc) * std.astype(acc)
     out.append(((x.astype(acc) + noise) / denom.astype(acc)).astype(x.dtype))
 
@@ -341,7 +341,7 @@ def _noise_step(total, info: PerExampleInfo, state: DPState, max_norm,
   biggest = jnp.max(jnp.where(counted, norms, 0), initial=0)
   clipped = info.num_clipped > 0
   return jax.tree_util.tree_unflatten(treedef, out), DPState(
-      count=_common.increment(state.count), key=key, threshold=threshold,
+      count=optax.safe_increment(state.count), key=key, threshold=threshold,
       next_threshold=next_threshold, noise_std=std, clipped=clipped,
       frac_clipped=info.num_clipped / jnp.maximum(n, 1).astype(jnp.float32),
       num_clipped=state.num_clipped + clipped.astype(jnp.int32),

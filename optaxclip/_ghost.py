@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaxclip import _norms
-from optaxclip import _per_example as _pe
+from optaxclip import _example_clip, _norms, _tree
+from optaxclip._numerics import exponent, pow2
 
 try:
   from flax import nnx
@@ -280,8 +280,7 @@ def _term_kind(kind, role):
 def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
                        threshold, mask, *, per_layer, normalize, nan_safe,
                        where):
-  acc = np.dtype(jnp.result_type(
-      jnp.float32, *[_norms.acc_dtype(x.dtype) for x in leaves]))
+  acc = _tree.common_acc_dtype(leaves)
   saved = dict(zip(plan.active, saved))
   batch = mask.shape[0]
   # Leaves whose per-example gradients exist: copies and biases.
@@ -304,7 +303,7 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
       matrices[j] = _terms(calls, uses, saved, dys, batch)
   order = sorted(explicit)
   if order:
-    expl_norms, _ = _pe.example_norms([explicit[j] for j in order])
+    expl_norms, _ = _norms.example_norms([explicit[j] for j in order])
   else:
     expl_norms = []
   leaf_norms = [jnp.zeros((batch,), acc)] * len(leaves)
@@ -314,21 +313,22 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
     leaf_norms[j] = _matrix_norm(terms, acc)
   for j, parts in convs.items():
     leaf_norms[j] = _conv_norm(parts, leaves[j].shape, acc)
-  norms = _combine(leaf_norms)
-  weights, keep, stats = _pe._clip_weights(
+  # The norm of all leaves, from theirs, without overflow.
+  norms = _norms.example_norms([jnp.stack(leaf_norms, axis=1)])[1]
+  weights, keep, stats = _example_clip.clip_weights(
       leaf_norms, norms, treedef, threshold, per_layer=per_layer,
       normalize=normalize, nan_safe=nan_safe, mask=mask, where=where)
   sums = []
   for j, x in enumerate(leaves):
     if j in explicit:
-      sums.append(_pe._weighted_sum(explicit[j], weights[j], keep))
+      sums.append(_example_clip.weighted_sum(explicit[j], weights[j], keep))
     elif j in matrices:
       sums.append(_matrix_sum(matrices[j], weights[j], keep, acc).reshape(
           x.shape))
     elif j in convs:
       sums.append(_conv_sum(convs[j], weights[j], keep, x.shape, acc))
     else:  # Not used by the loss.
-      sums.append(jnp.zeros(x.shape, _norms.acc_dtype(x.dtype)))
+      sums.append(jnp.zeros(x.shape, _tree.acc_dtype(x.dtype)))
   return sums, stats
 
 
@@ -375,9 +375,9 @@ def _matrix_norm(terms: list[_Term], acc) -> jax.Array:
   ``c``; a one-hot term's ``c`` takes both), so that no square overflows or
   underflows.
   """
-  ea = _pe.scale_exponent(_max_abs([t.a for t in terms if not t.ids], acc))
-  ec = _pe.scale_exponent(_max_abs([t.c for t in terms], acc))
-  down = lambda x, e: x.astype(acc) * _pe.pow2(  # noqa: E731
+  ea = exponent(_max_abs([t.a for t in terms if not t.ids], acc))
+  ec = exponent(_max_abs([t.c for t in terms], acc))
+  down = lambda x, e: x.astype(acc) * pow2(  # noqa: E731
       -e, acc).reshape((-1,) + (1,) * (x.ndim - 1))
   terms = [t._replace(a=t.a, c=down(t.c, ea + ec)) if t.ids else
            t._replace(a=down(t.a, ea), c=down(t.c, ec)) for t in terms]
@@ -394,7 +394,7 @@ def _matrix_norm(terms: list[_Term], acc) -> jax.Array:
     g = sum(_per_example_matrix(t, acc) for t in terms)
     sq = jnp.sum(jnp.square(g), axis=(1, 2))
   # Two factors: ea + ec may leave the normal range.
-  return jnp.sqrt(sq) * _pe.pow2(ea, acc) * _pe.pow2(ec, acc)
+  return jnp.sqrt(sq) * pow2(ea, acc) * pow2(ec, acc)
 
 
 def _use_gram(length: int, size: int, features: int) -> bool:
@@ -457,15 +457,6 @@ def _matrix_sum(terms, weights, keep, acc) -> jax.Array:
   return _summed(total, (weights, keep, [(t.a, t.c) for t in terms]))
 
 
-def _combine(leaf_norms):
-  """The norm of all leaves from theirs, without overflow."""
-  m = functools.reduce(jnp.maximum, leaf_norms)
-  e = _pe.scale_exponent(m)
-  down = _pe.pow2(-e, m.dtype)
-  return jnp.sqrt(sum(jnp.square(n * down) for n in leaf_norms)) * _pe.pow2(
-      e, m.dtype)
-
-
 def _keep_conv_grads(parts, kernel_shape) -> bool:
   """Whether a convolution kernel keeps its per-example gradients.
 
@@ -500,7 +491,7 @@ def _conv_norm(parts, kernel_shape, acc) -> jax.Array:
   grads = functools.partial(_conv_example_grad, specs=[p[0] for p in parts],
                             kernel_shape=kernel_shape, acc=acc)
   return _per_device(lambda a: jax.lax.map(
-      lambda ex: _pe.example_norms([grads(ex)[None]])[1][0], a),
+      lambda ex: _norms.example_norms([grads(ex)[None]])[1][0], a),
                      [(x, dy) for _, x, dy in parts])
 
 

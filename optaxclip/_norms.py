@@ -1,66 +1,63 @@
-"""Norms that accumulate in float32 (or wider) and never overflow.
+"""Norm kernels: float32 (or wider) accumulation, never an overflow.
 
-Every norm here is computed in the *accumulation dtype* of its input: float32
-for float16, bfloat16 and float32 (and complex64) gradients, float64 for
-float64 (and complex128) gradients.
-
-One formulation serves every device count, mesh and backend:
+Every norm here is computed in the accumulation dtype of its input
+(:func:`optaxclip._tree.acc_dtype`). One formulation serves every device
+count, mesh and backend:
 
 - **Hot path.** One reduction per leaf, ``sum(|x| ** p)``, exactly what
   ``optax.global_norm`` does, then a root. Nothing is concatenated or copied,
   so leaves may carry any sharding.
 - **Cold path.** When that sum overflowed, or (for ``p > 1``) is so small that
-  its terms may have gone subnormal, one ``lax.cond`` recomputes the norm as
-  ``2**e * sum(|x * 2**-e| ** p) ** (1/p)`` with ``2**e`` the power of two at
-  or above ``max |x|``: power-of-two scaling is exact, so the result is exact
-  for every finite input. Leaves of one type (shape, dtype, sharding) are
-  stacked, in chunks of at most ``_CHUNK_BYTES``, so the cold branch has a
-  handful of reductions rather than one per leaf and compiles in about the
+  its terms may have gone subnormal, one ``lax.cond`` recomputes the norm
+  with :func:`scaled_power_sum`, the one overflow-safe kernel:
+  ``2**e * sum(|x * 2**-e| ** p) ** (1/p)`` with ``2**e`` the power of two
+  just above ``max |x|``. Power-of-two scaling is exact, so the result is
+  exact for every finite input. Leaves of one type (shape, dtype, sharding)
+  are stacked, in chunks of at most ``_CHUNK_BYTES``, so the cold branch has
+  a handful of reductions rather than one per leaf and compiles in about the
   time of the hot path.
+- **Per example** (:func:`example_norms`, DP-SGD and ghost clipping): the
+  same kernel, every example scaled by its own power of two, with no
+  ``lax.cond`` (whose operands XLA would copy).
 
-The result is a :class:`Norm`, a pair ``(hi, lo)`` whose product is the norm:
-``hi`` is ``2**e`` on the cold path (``1`` on the hot path). A norm too large
-for the accumulation dtype (float32 values near 3.4e38) reads as ``inf`` when
-multiplied out, but the pair still clips exactly (see
-:func:`optaxclip._common.clip_factors`).
+The result is a :class:`optaxclip._numerics.Norm`, a pair ``(hi, lo)`` whose
+product is the norm: ``hi`` is ``2**e`` on the cold path (``1`` on the hot
+path). A norm too large for the accumulation dtype (float32 values near
+3.4e38) reads as ``inf`` when multiplied out, but the pair still clips
+exactly (:func:`optaxclip._numerics.clip_factors`).
 
 Per-leaf norms trust an exact zero sum: a leaf or unit whose every
 ``|x| ** p`` lies below the smallest normal number (entries below ~1e-19 for
 ``p = 2`` in float32) reads as norm 0, which clips it as its true norm would
 for any threshold above that norm; dead units then cost no cold path. The
 global norm rescales even then.
+
+Inside ``shard_map``/``pmap`` (``axis_name``), sums are added over the named
+axes each leaf varies over: see :func:`_psum`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from optaxclip import _tree, _validate
+from optaxclip._numerics import Norm, exponent, pow2
+from optaxclip._tree import Axis
 
 Ord = int | float | str | jax.Array
 """A norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``."""
-Axis = int | Sequence[int] | None
-"""The axes a per-unit norm reduces over; ``None`` for the whole leaf."""
 AxisName = str | Sequence[str] | None
 """A mesh axis name, or a tuple of them, inside ``shard_map`` or ``pmap``."""
 
 _RMS = "rms"
 _CHUNK_BYTES = 16 << 20  # The largest temporary the cold path stacks.
-
-
-class Norm(NamedTuple):
-  """A norm as ``hi * lo``, exact even where the product overflows."""
-
-  hi: jax.Array
-  lo: jax.Array
-
-  def value(self) -> jax.Array:
-    return self.hi * self.lo
 
 
 def global_norm(
@@ -120,10 +117,10 @@ def global_and_leaf_norms(tree: Any, ord: Ord = 2, *,
   reads low, where the global norm is exact. Without ``leaves`` the second
   result is ``None``.
   """
-  p = canonical_ord(ord)
-  live, rebuild = live_leaves(tree, "global_norm")
+  p = _validate.canonical_ord(ord)
+  live, rebuild = _tree.live_leaves(tree, "global_norm")
   xs = [x for _, x in live]
-  dtype = _common_acc_dtype(xs)
+  dtype = _tree.common_acc_dtype(xs)
   if not xs:
     zero = jnp.zeros((), dtype)
     return Norm(jnp.ones((), dtype), zero), rebuild([]) if leaves else None
@@ -161,8 +158,8 @@ def leaf_norms(tree: Any, ord: Ord = 2, *, axis: Axis = None) -> Any:
     the reduced axes kept as size-1 dimensions (so they broadcast against the
     leaf), in the accumulation dtype.
   """
-  leaves, rebuild = live_leaves(tree, "leaf_norms")
-  axes = [leaf_axes(path, x, axis) for path, x in leaves]
+  leaves, rebuild = _tree.live_leaves(tree, "leaf_norms")
+  axes = [_tree.leaf_axes(path, x, axis) for path, x in leaves]
   norms = leaf_norm_parts([x for _, x in leaves], ord, axes)
   return rebuild([n.value() for n in norms])
 
@@ -211,7 +208,7 @@ def grouped_leaf_norms(leaves: list[jax.Array], ord: Ord,
   the named axes it varies over: the norm of the whole leaf (or unit), for
   leaves split along their reduced axes.
   """
-  p = canonical_ord(ord)
+  p = _validate.canonical_ord(ord)
   if not leaves:
     return [], []
   if groups is None or any(
@@ -221,7 +218,7 @@ def grouped_leaf_norms(leaves: list[jax.Array], ord: Ord,
     _, norms = grouped_leaf_norms(leaves, 2.0, axes, groups, axis_name)
     return groups, [
         Norm(n.hi, n.lo / math.sqrt(max(
-            unit_size(leaves[g[0]], axes[g[0]]) * _copies_split(
+            _tree.unit_size(leaves[g[0]], axes[g[0]]) * _copies_split(
                 leaves[g[0]], axis_name), 1)))
         for g, n in zip(groups, norms)]
   if isinstance(p, jax.Array):  # Traced, e.g. injected by inject_hyperparams.
@@ -235,132 +232,6 @@ def grouped_leaf_norms(leaves: list[jax.Array], ord: Ord,
 
 
 # ----------------------------------------------------------------------------
-# Arguments, dtypes and traversal.
-
-
-def canonical_ord(ord: Any) -> float | str | jax.Array:
-  """Validates ``ord`` and returns it as a float, ``"rms"`` or a traced array."""
-  if isinstance(ord, str):
-    if ord.lower() == _RMS:
-      return _RMS
-    if ord.lower() == "inf":
-      return math.inf
-    raise ValueError(
-        f"ord={ord!r} is not a known norm; use 1, 2, inf, any p > 0, or 'rms'."
-    )
-  if isinstance(ord, bool) or not isinstance(
-      ord, (int, float, np.number, np.ndarray, jax.Array)
-  ):
-    raise TypeError(
-        f"ord must be a number > 0 or 'rms', got {type(ord).__name__}."
-    )
-  if isinstance(ord, jax.Array) and not is_concrete(ord):
-    return ord  # Traced, e.g. injected by optax.inject_hyperparams.
-  p = float(ord)
-  if not p > 0:  # Also catches NaN.
-    raise ValueError(f"ord must be > 0 (1, 2, inf, any p > 0, or 'rms'), got {p}.")
-  return p
-
-
-def is_concrete(x: Any) -> bool:
-  """True when ``x`` has a value known at trace time."""
-  try:
-    np.asarray(x)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
-    return False
-  return True
-
-
-def acc_dtype(dtype: Any) -> np.dtype:
-  """float32 for 16/32-bit floats and complex64; float64 for 64-bit ones."""
-  real = jnp.finfo(dtype).dtype  # The real dtype of a complex one.
-  return np.dtype(jnp.promote_types(real, jnp.float32))
-
-
-def tree_acc_dtype(tree: Any) -> np.dtype:
-  """The widest accumulation dtype over the leaves of ``tree``."""
-  return _common_acc_dtype(float_leaves(tree, "optaxclip"))
-
-
-def _common_acc_dtype(leaves: list[jax.Array]) -> np.dtype:
-  return np.dtype(jnp.result_type(jnp.float32,
-                                  *[acc_dtype(x.dtype) for x in leaves]))
-
-
-def is_masked(x: Any) -> bool:
-  """``optax.MaskedNode``: a leaf that ``optax.masked`` left out."""
-  return isinstance(x, optax.MaskedNode)
-
-
-def live_leaves(tree: Any, where: str) -> tuple[list[tuple[Any, jax.Array]],
-                                                 Any]:
-  """The ``(path, leaf)`` pairs of the array leaves, and a rebuilder.
-
-  ``None`` and ``optax.MaskedNode`` leaves are skipped; integer leaves raise
-  a TypeError naming the leaf. ``rebuild(values)`` returns a tree of the same
-  structure whose live leaves are ``values`` (in order) and whose masked
-  leaves are kept.
-  """
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=is_masked)
-  live = [(path, x) for path, x in with_path if not is_masked(x)]
-  for path, x in live:
-    _check_float(path, x, where)
-
-  def rebuild(values: Sequence[Any]) -> Any:
-    it = iter(values)
-    return jax.tree_util.tree_unflatten(
-        treedef, [x if is_masked(x) else next(it) for _, x in with_path])
-
-  return live, rebuild
-
-
-def float_leaves(tree: Any, where: str) -> list[jax.Array]:
-  """The array leaves of ``tree``; a clear TypeError on non-float ones."""
-  return [x for _, x in live_leaves(tree, where)[0]]
-
-
-def _check_float(path: Any, x: Any, where: str) -> None:
-  dtype = jnp.result_type(x)
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(
-        f"{where}: the gradient leaf at {jax.tree_util.keystr(path) or 'root'}"
-        f" has dtype {dtype}; clipping needs floating-point or complex"
-        " gradients. Exclude integer leaves with optax.masked or cast them."
-    )
-
-
-def leaf_axes(path: Any, x: Any, axis: Axis) -> tuple[int, ...]:
-  """The axes of ``x`` that ``axis`` names, non-negative and sorted."""
-  ndim = jnp.ndim(x)
-  if axis is None:
-    return tuple(range(ndim))
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-  out = []
-  for a in axes:
-    if not -ndim <= a < ndim:
-      raise ValueError(
-          f"axis={axis!r} does not fit the gradient leaf at"
-          f" {jax.tree_util.keystr(path) or 'root'} of shape {jnp.shape(x)};"
-          " give axes that every leaf has, or clip those leaves separately"
-          " (optax.multi_transform)."
-      )
-    out.append(a % ndim if ndim else a)
-  return tuple(sorted(set(out)))
-
-
-def kept_shape(shape: Sequence[int], axes: tuple[int, ...]) -> tuple[int, ...]:
-  """``shape`` without the reduced ``axes``: one entry per unit."""
-  return tuple(d for i, d in enumerate(shape) if i not in axes)
-
-
-def unit_size(x: jax.Array, axes: tuple[int, ...]) -> int:
-  """How many elements one unit (the reduced ``axes``) of ``x`` holds."""
-  return math.prod(x.shape[a] for a in axes)
-
-
-# ----------------------------------------------------------------------------
 # The kernels.
 
 
@@ -370,7 +241,7 @@ def _abs_pow(x: jax.Array, p: Any) -> jax.Array:
   For ``p`` other than 1, 2 and a traced ``p``, zeros are kept out of the
   power so that its derivative stays finite at 0.
   """
-  acc = acc_dtype(x.dtype)
+  acc = _tree.acc_dtype(x.dtype)
   if jnp.iscomplexobj(x):
     if isinstance(p, float) and p == 2:
       return jnp.square(x.real.astype(acc)) + jnp.square(x.imag.astype(acc))
@@ -411,23 +282,55 @@ def _needs_rescale(s: jax.Array, p: Any, zero: bool) -> jax.Array:
   return bad | (small & (p > 1))
 
 
-def pow2(e: jax.Array, dtype: Any) -> jax.Array:
-  """``2.0 ** e`` for integer ``e`` in the normal range, exact (bit-built)."""
-  info = jnp.finfo(dtype)
-  bits = jnp.int64 if info.bits == 64 else jnp.int32
-  biased = (e.astype(bits) - info.minexp + 1) << info.nmant
-  return jax.lax.bitcast_convert_type(biased, dtype)
+def scaled_power_sum(x: jax.Array, e: jax.Array, p: Any,
+                     axis: int | tuple[int, ...] | None = None, *,
+                     keepdims: bool = False, dtype: Any = None) -> jax.Array:
+  """``sum(|x * 2**-e| ** p)`` over ``axis``: the one overflow-safe kernel.
 
-
-def ceil_pow2_exponent(m: jax.Array) -> jax.Array:
-  """The exponent ``e`` of the power of two at or just above ``m``.
-
-  Clamped so that both ``2**e`` and ``2**-e`` are normal; ``m`` must be
-  finite and non-negative (0 gives the lowest exponent).
+  ``e`` (from :func:`optaxclip._numerics.exponent` of ``max |x|`` over the
+  values reduced, broadcastable against ``x``) brings the largest entry into
+  ``[0.5, 1)``, exactly, so the sum can neither overflow nor lose its large
+  terms to underflow; :func:`_unscaled` (or ``root * 2**e``) scales the
+  root back. Accumulated in the accumulation dtype (or ``dtype``).
   """
-  info = jnp.finfo(m.dtype)
-  _, e = jnp.frexp(jax.lax.stop_gradient(m))  # m = f * 2**e, 0.5 <= f < 1.
-  return jnp.clip(e, info.minexp + 1, info.maxexp - 2)
+  down = pow2(-e, _tree.acc_dtype(x.dtype))
+  return jnp.sum(_abs_pow(x * down, p), axis=axis, keepdims=keepdims,
+                 dtype=dtype)
+
+
+def _unscaled(s: jax.Array, e: jax.Array, p: Any, m: jax.Array) -> Norm:
+  """The norm ``2**e * s ** (1/p)`` as a pair; ``m`` (the largest entry)
+  where it is not finite."""
+  finite = jnp.isfinite(m)
+  return Norm(jnp.where(finite, pow2(e, m.dtype), 1).astype(m.dtype),
+              jnp.where(finite, _root(s, p), m))
+
+
+def example_norms(leaves: Sequence[jax.Array]
+                  ) -> tuple[list[jax.Array], jax.Array]:
+  """Per-example 2-norms of each leaf and of all leaves together.
+
+  Every leaf has a leading batch axis; the norms are ``(batch,)`` arrays in
+  the accumulation dtype. Each example is scaled by the power of two that
+  brings its largest entry into ``[0.5, 1)`` (:func:`scaled_power_sum`), so
+  the result is exact for every finite input whose norm is representable.
+  One max and one sum per leaf, both fused reductions: no ``lax.cond``,
+  whose operands XLA would copy (a second full-size buffer of per-example
+  gradients). A non-finite entry gives a NaN or inf norm. In a leaf whose
+  entries are all below ~1e-19 (float32) times the example's largest entry,
+  squares may underflow: its per-leaf norm, used by ``per_layer``, may then
+  read low.
+  """
+  dtype = _tree.common_acc_dtype(leaves)
+  m = functools.reduce(jnp.maximum, [
+      jnp.max(_abs(x), axis=tuple(range(1, x.ndim)), initial=0).astype(dtype)
+      for x in leaves])  # NaN entries give NaN.
+  e = exponent(m)
+  sums = [scaled_power_sum(x, e.reshape((-1,) + (1,) * (x.ndim - 1)), 2.0,
+                           tuple(range(1, x.ndim))).astype(dtype)
+          for x in leaves]
+  up = pow2(e, dtype)
+  return [jnp.sqrt(s) * up for s in sums], jnp.sqrt(sum(sums)) * up
 
 
 def _global_norm(leaves: list[jax.Array], p: Any, axis_name: AxisName,
@@ -457,13 +360,10 @@ def _global_norm(leaves: list[jax.Array], p: Any, axis_name: AxisName,
     del s
     stacks = _stacked(leaves)
     m = _tree_max(stacks, axis_name, dtype)
-    e = ceil_pow2_exponent(jnp.where(jnp.isfinite(m), m, 0))
-    f = pow2(-e, dtype)
-    t = _psum([jnp.sum(_abs_pow(x * f.astype(acc_dtype(x.dtype)), p),
-                       dtype=dtype) for x in stacks], stacks, axis_name)
-    finite = jnp.isfinite(m)
-    return Norm(jnp.where(finite, pow2(e, dtype), one),
-                jnp.where(finite, _root(t, p), m))
+    e = exponent(m)
+    t = _psum([scaled_power_sum(x, e, p, dtype=dtype) for x in stacks],
+              stacks, axis_name)
+    return _unscaled(t, e, p, m)
 
   return jax.lax.cond(_needs_rescale(s, p, zero=True), rescaled, plain,
                       s), per_leaf
@@ -503,12 +403,10 @@ def _leaf_norms(leaves: list[jax.Array], p: Any,
       a = tuple(d + 1 for d in axes[group[0]])
       m = total(jnp.max(_abs(x), axis=a, keepdims=True, initial=0), k,
                 jax.lax.pmax)
-      e = ceil_pow2_exponent(jnp.where(jnp.isfinite(m), m, 0))
-      scaled = x * pow2(-e, m.dtype).astype(acc_dtype(x.dtype))
-      s = total(jnp.sum(_abs_pow(scaled, p), axis=a, keepdims=True), k)
-      finite = jnp.isfinite(m)
-      out.append(Norm(jnp.where(finite, pow2(e, m.dtype), 1).astype(s0.dtype),
-                      jnp.where(finite, _root(s, p), m).astype(s0.dtype)))
+      e = exponent(m)
+      s = total(scaled_power_sum(x, e, p, a, keepdims=True), k)
+      n = _unscaled(s, e, p, m)
+      out.append(Norm(n.hi.astype(s0.dtype), n.lo.astype(s0.dtype)))
     return out
 
   return jax.lax.cond(bad, rescaled, plain, sums)
@@ -532,7 +430,7 @@ def _one_like(x: jax.Array) -> jax.Array:
 
 
 def _abs(x: jax.Array) -> jax.Array:
-  return jnp.abs(x).astype(acc_dtype(x.dtype))
+  return jnp.abs(x).astype(_tree.acc_dtype(x.dtype))
 
 
 def _type_key(x: jax.Array) -> Any:

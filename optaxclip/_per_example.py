@@ -14,48 +14,15 @@ of two that brings its largest entry near 1 before its squares are summed.
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaxclip import _common, _norms
-
-
-class PerExampleInfo(NamedTuple):
-  """What per-example clipping did to one batch.
-
-  Attributes:
-    norms: ``(batch,)``, each example's global 2-norm before clipping, in the
-      accumulation dtype (NaN or inf for a non-finite example; padding
-      examples have theirs too, and are ignored by everything else).
-    threshold: the clipping norm in force (``max_norm``).
-    sensitivity: the most one example can change the clipped sum (in
-      2-norm): ``max_norm``; ``1`` with ``normalize=True``; the root sum of
-      squares of the per-layer thresholds with ``per_layer=True``.
-    included: ``(batch,)``, the examples counted: not padding, finite norm.
-    num_examples: how many are included (with ``nan_safe=False``, non-finite
-      examples also enter the sum, which is then non-finite, but are not
-      counted here).
-    num_clipped: of those, how many were scaled down (norm above threshold;
-      with ``per_layer``, above the threshold of some layer).
-    num_nonfinite: non-padding examples with a non-finite norm. With
-      ``nan_safe`` they were dropped; without, they made the sum non-finite.
-    batch_size: the leading dimension of the batch, padding included.
-  """
-
-  norms: jax.Array
-  threshold: jax.Array
-  sensitivity: jax.Array
-  included: jax.Array
-  num_examples: jax.Array
-  num_clipped: jax.Array
-  num_nonfinite: jax.Array
-  batch_size: jax.Array
+from optaxclip import _example_clip, _tree, _validate
+from optaxclip._example_clip import PerExampleInfo
 
 
 def per_example_clip(
@@ -131,17 +98,17 @@ def per_example_clip(
     [0.90000004 1.2       ] [5.  0.5] 1 1
   """
   where = "per_example_clip"
-  _check_options(max_norm, per_layer, normalize, where)
+  _example_clip.check_options(max_norm, per_layer, normalize, where)
   leaves, treedef = _batched_leaves(grads, where)
   batch = leaves[0].shape[0]
-  mask = _check_mask(example_mask, batch, where)
-  dtype = _norms.tree_acc_dtype(grads)
-  t = jnp.asarray(max_norm, dtype) if _is_number(max_norm) else max_norm
-  sums, stats = _clip_sum(leaves, treedef, t, per_layer=per_layer,
+  mask = _example_clip.check_mask(example_mask, batch, where)
+  dtype = _tree.tree_acc_dtype(grads)
+  t = jnp.asarray(max_norm, dtype) if _example_clip.is_number(max_norm) else max_norm
+  sums, stats = _example_clip.clip_sum(leaves, treedef, t, per_layer=per_layer,
                           normalize=normalize, nan_safe=nan_safe, mask=mask,
                           where=where)
   out = [s.astype(x.dtype) for s, x in zip(sums, leaves)]
-  return jax.tree_util.tree_unflatten(treedef, out), _info(stats, batch)
+  return jax.tree_util.tree_unflatten(treedef, out), _example_clip.info(stats, batch)
 
 
 # ----------------------------------------------------------------------------
@@ -235,9 +202,9 @@ def clipped_grad(
     raise ValueError(f"{where}: method={method!r} is not available; use"
                      " 'vmap' (jax.vmap of jax.grad) or 'ghost' (ghost norms"
                      " of Flax NNX layers).")
-  _check_options(max_norm, per_layer, normalize, where)
+  _example_clip.check_options(max_norm, per_layer, normalize, where)
   if microbatch_size is not None:
-    _common.check_int(microbatch_size, "microbatch_size", where, lo=1)
+    _validate.check_int(microbatch_size, "microbatch_size", where, lo=1)
     microbatch_size = int(microbatch_size)
   batch_nums = _as_tuple(batch_argnums)
   grad_nums = _as_tuple(argnums)
@@ -263,7 +230,7 @@ def clipped_grad(
     threshold = default_norm if max_norm is None else max_norm
     batch_args = [args[i] for i in batch_nums]
     batch = _batch_size(batch_args, where)
-    mask = _check_mask(example_mask, batch, where)
+    mask = _example_clip.check_mask(example_mask, batch, where)
     if method == "ghost":
       from optaxclip import _ghost  # Imports flax.
 
@@ -279,10 +246,9 @@ def clipped_grad(
       shapes = jax.eval_shape(per_example, *args)
       grads_shape = shapes[0] if has_aux else shapes
       leaves_shape, treedef = jax.tree_util.tree_flatten(grads_shape)
-    _check_float(leaves_shape, where)
-    dtype = np.dtype(jnp.result_type(
-        jnp.float32, *[_norms.acc_dtype(x.dtype) for x in leaves_shape]))
-    t = jnp.asarray(threshold, dtype) if _is_number(threshold) else threshold
+    _example_clip.check_float(leaves_shape, where)
+    dtype = _tree.common_acc_dtype(leaves_shape)
+    t = jnp.asarray(threshold, dtype) if _example_clip.is_number(threshold) else threshold
     options = dict(per_layer=per_layer, normalize=normalize,
                    nan_safe=nan_safe, where=where)
 
@@ -292,7 +258,7 @@ def clipped_grad(
       out = per_example(*chunk_args)
       grads, aux = (out if has_aux else (out, None))
       leaves = jax.tree_util.tree_leaves(grads)
-      sums, stats = _clip_sum(leaves, treedef, t, mask=chunk_mask, **options)
+      sums, stats = _example_clip.clip_sum(leaves, treedef, t, mask=chunk_mask, **options)
       return sums, stats, aux
 
     if microbatch_size is None or microbatch_size >= batch:
@@ -305,7 +271,7 @@ def clipped_grad(
     if has_aux:
       result.append(aux)
     if return_norms:
-      result.append(_info(stats, batch))
+      result.append(_example_clip.info(stats, batch))
     return result[0] if len(result) == 1 else tuple(result)
 
   return clipped
@@ -352,176 +318,7 @@ def _scan_chunks(chunk, args, batch_nums, mask, batch, size):
 
 
 # ----------------------------------------------------------------------------
-# The clipping itself, shared by per_example_clip and clipped_grad.
-
-
-class _Stats(NamedTuple):
-  norms: jax.Array
-  threshold: jax.Array
-  sensitivity: jax.Array
-  included: jax.Array
-  num_examples: jax.Array
-  num_clipped: jax.Array
-  num_nonfinite: jax.Array
-
-
-def _clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
-              mask, where):
-  """Sums of the clipped examples, one per leaf in the accumulation dtype."""
-  leaf_norms, norms = example_norms(leaves)
-  weights, keep, stats = _clip_weights(
-      leaf_norms, norms, treedef, max_norm, per_layer=per_layer,
-      normalize=normalize, nan_safe=nan_safe, mask=mask, where=where)
-  return [_weighted_sum(x, w, keep) for x, w in zip(leaves, weights)], stats
-
-
-def _clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
-                  normalize, nan_safe, mask, where):
-  """Each example's weight per leaf (0 where dropped), the kept examples, stats.
-
-  ``leaf_norms`` are the per-example norms of each leaf of the gradient tree
-  ``treedef``, ``norms`` those of whole examples, all in the accumulation
-  dtype.
-  """
-  dtype = norms.dtype
-  t = jnp.asarray(max_norm, dtype)
-  if per_layer is False:
-    sensitivity = t
-    over = norms > t
-    scales = [_common.clip_scale(norms, t)] * len(leaf_norms)
-  else:
-    thresholds = _layer_thresholds(per_layer, t, leaf_norms, treedef, dtype,
-                                   where)
-    sensitivity = jnp.sqrt(sum(jnp.square(x) for x in thresholds))
-    over = jnp.zeros(norms.shape, bool)
-    scales = []
-    for n, tl in zip(leaf_norms, thresholds):
-      over |= n > tl
-      scales.append(_common.clip_scale(n, tl))
-  if normalize:
-    scales = [s / sensitivity for s in scales]
-    sensitivity = jnp.ones((), dtype)
-  finite = jnp.isfinite(norms)
-  keep = mask & finite if nan_safe else mask
-  counted = mask & finite
-  count = lambda b: jnp.sum(b, dtype=jnp.int32)  # noqa: E731
-  return [jnp.where(keep, s, 0) for s in scales], keep, _Stats(
-      norms=norms, threshold=t, sensitivity=jnp.asarray(sensitivity, dtype),
-      included=counted, num_examples=count(counted),
-      num_clipped=count(counted & over), num_nonfinite=count(mask & ~finite))
-
-
-def _weighted_sum(x, weights, keep):
-  """``sum_i weights[i] * x[i]`` over the leading axis; dropped examples add 0."""
-  acc = _norms.acc_dtype(x.dtype)
-  k = keep.reshape((-1,) + (1,) * (x.ndim - 1))
-  # Selects, not a multiply by 0: a dropped NaN example adds exactly 0.
-  # The weighted sum over examples is a contraction, which XLA runs as a
-  # matrix product: three times faster on CPU than a reduction over the
-  # leading axis. HIGHEST precision: no reduced-precision passes on
-  # GPU/TPU, which could push a clipped norm above max_norm.
-  return jnp.tensordot(
-      weights.astype(acc), jnp.where(k, x, 0).astype(acc), axes=1,
-      precision=jax.lax.Precision.HIGHEST, out_sharding=_summed_sharding(x))
-
-
-def _summed_sharding(x: jax.Array) -> Any:
-  """The sharding of ``x`` summed over its leading axis, where JAX asks.
-
-  Under explicit mesh axes a contraction over a sharded axis needs its output
-  sharding spelled out: that of the remaining axes. Elsewhere, ``None``.
-  """
-  typeof = getattr(jax, "typeof", None)
-  sharding = getattr(typeof(x) if typeof else None, "sharding", None)
-  spec = getattr(sharding, "spec", None)
-  if sharding is None or not spec or spec[0] is None:
-    return None
-  return jax.sharding.NamedSharding(sharding.mesh,
-                                    jax.sharding.PartitionSpec(*spec[1:]))
-
-
-def example_norms(leaves: Sequence[jax.Array]
-                  ) -> tuple[list[jax.Array], jax.Array]:
-  """Per-example 2-norms of each leaf and of all leaves together.
-
-  Every leaf has a leading batch axis; the norms are ``(batch,)`` arrays in
-  the accumulation dtype. Each example is first scaled by the power of two
-  ``2**-e`` that brings its largest entry into ``[0.5, 1)`` (exact in floating
-  point), so that its sum of squares can neither overflow nor lose its large
-  terms to underflow, and the norm is scaled back: exact for every finite
-  input whose norm is representable. One max and one sum per leaf, both
-  fused reductions: no ``lax.cond``, whose operands XLA would copy (a second
-  full-size buffer of per-example gradients). A non-finite entry gives a NaN
-  or inf norm. In a leaf whose entries are all below ~1e-19 (float32) times
-  the example's largest entry, squares may underflow: its per-leaf norm,
-  used by ``per_layer``, may then read low.
-  """
-  dtype = jnp.result_type(jnp.float32,
-                          *[_norms.acc_dtype(x.dtype) for x in leaves])
-  m = functools.reduce(jnp.maximum, [
-      jnp.max(jnp.abs(x.astype(_norms.acc_dtype(x.dtype))),
-              axis=tuple(range(1, x.ndim)), initial=0).astype(dtype)
-      for x in leaves])  # NaN entries give NaN.
-  e = scale_exponent(m)
-  down = pow2(-e, m.dtype)  # A normal power of two.
-  sums = []
-  for x in leaves:
-    acc = _norms.acc_dtype(x.dtype)
-    c = down.astype(acc).reshape((-1,) + (1,) * (x.ndim - 1))
-    sums.append(jnp.sum(jnp.square(x.astype(acc) * c),
-                        axis=tuple(range(1, x.ndim))).astype(dtype))
-  up = lambda s: jnp.sqrt(s) * pow2(e, m.dtype)  # noqa: E731
-  return [up(s) for s in sums], up(sum(sums))
-
-
-def scale_exponent(m: jax.Array) -> jax.Array:
-  """``e`` such that ``m * 2**-e`` lies in ``[0.5, 1)``, for ``m > 0`` finite.
-
-  ``0`` for zero or non-finite ``m``; clipped so that ``2**-e`` and ``2**e``
-  are normal numbers of ``m``'s dtype. Read from the exponent bits: XLA
-  compiles ``jnp.frexp`` into a large graph, slow to compile when repeated
-  per layer.
-  """
-  info = jnp.finfo(m.dtype)
-  bits = jax.lax.bitcast_convert_type(m, _int_like(m.dtype))
-  e = ((bits >> info.nmant) & ((1 << info.nexp) - 1)) - (info.maxexp - 2)
-  usable = (m > 0) & jnp.isfinite(m)
-  return jnp.clip(jnp.where(usable, e, 0), info.minexp + 1,
-                  info.maxexp - 2).astype(jnp.int32)
-
-
-def pow2(e: jax.Array, dtype: Any) -> jax.Array:
-  """``2**e`` in ``dtype``, exactly, for ``e`` in its normal range."""
-  info = jnp.finfo(dtype)
-  bits = (e.astype(_int_like(dtype)) + (info.maxexp - 1)) << info.nmant
-  return jax.lax.bitcast_convert_type(bits, dtype)
-
-
-def _int_like(dtype: Any) -> Any:
-  return np.dtype(f"int{np.dtype(dtype).itemsize * 8}")
-
-
-# ----------------------------------------------------------------------------
 # Arguments.
-
-
-def _check_options(max_norm, per_layer, normalize, where):
-  _common.check_threshold(max_norm, "max_norm", where)
-  if callable(max_norm) and not isinstance(max_norm, jax.Array):
-    raise TypeError(f"{where}: max_norm must be a number or a JAX scalar, not"
-                    " a schedule (there is no step count here); pass the"
-                    " value in force.")
-  if per_layer is not False and per_layer is not True:
-    _common.check_threshold(per_layer, "per_layer", where, allow_tree=True)
-  if normalize and _norms.is_concrete(max_norm):
-    v = float(np.asarray(max_norm))
-    if not 0 < v < math.inf:
-      raise ValueError(f"{where}: normalize=True divides by max_norm, so it"
-                       f" must be positive and finite; got {v}.")
-
-
-def _is_number(x: Any) -> bool:
-  return isinstance(x, (int, float, np.number, np.ndarray, jax.Array))
 
 
 def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
@@ -529,18 +326,11 @@ def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
       int(i) for i in x)
 
 
-def _check_float(leaves, where):
-  for x in leaves:
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{where}: per-example clipping needs real"
-                      f" floating-point gradients; got a {x.dtype} leaf.")
-
-
 def _batched_leaves(grads, where):
   leaves, treedef = jax.tree_util.tree_flatten(grads)
   if not leaves:
     raise ValueError(f"{where}: the gradient tree has no leaves.")
-  _check_float(leaves, where)
+  _example_clip.check_float(leaves, where)
   sizes = {x.shape[0] if x.ndim else None for x in leaves}
   if None in sizes or len(sizes) != 1:
     raise ValueError(
@@ -559,36 +349,3 @@ def _batch_size(batch_args, where):
   return sizes.pop()
 
 
-def _check_mask(mask, batch, where):
-  if mask is None:
-    return jnp.ones((batch,), bool)
-  mask = jnp.asarray(mask)
-  if mask.shape != (batch,):
-    raise ValueError(f"{where}: example_mask has shape {mask.shape}; it needs"
-                     f" one entry per example, shape ({batch},).")
-  if mask.dtype != jnp.bool_:
-    raise TypeError(f"{where}: example_mask must be boolean (True for real"
-                    f" examples, False for padding); got {mask.dtype}.")
-  return mask
-
-
-def _layer_thresholds(per_layer, t, leaves, treedef, dtype, where):
-  """One threshold per leaf: ``t / sqrt(L)``, or from a pytree prefix."""
-  if per_layer is True:
-    return [t / math.sqrt(len(leaves))] * len(leaves)
-  example = jax.tree_util.tree_unflatten(treedef, leaves)
-  try:
-    full = jax.tree_util.tree_map(
-        lambda v, sub: jax.tree_util.tree_map(lambda _: v, sub), per_layer,
-        example)
-  except (ValueError, TypeError, KeyError) as e:
-    raise ValueError(
-        f"{where}: the per_layer thresholds do not match the gradients; give"
-        " True or a pytree prefix of the gradients holding numbers."
-        f" Thresholds: {jax.tree_util.tree_structure(per_layer)}; gradients:"
-        f" {treedef}.") from e
-  return [jnp.asarray(v, dtype) for v in jax.tree_util.tree_leaves(full)]
-
-
-def _info(stats: _Stats, batch: int) -> PerExampleInfo:
-  return PerExampleInfo(*stats, batch_size=jnp.asarray(batch, jnp.int32))

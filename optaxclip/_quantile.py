@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _common, _norms
-from optaxclip._common import Threshold
+from optaxclip import _norms, _numerics, _thresholds, _tree, _validate
 from optaxclip._norms import AxisName, Ord
+from optaxclip._thresholds import Threshold
 
 
 class ClipByQuantileState(NamedTuple):
@@ -151,19 +151,19 @@ def clip_by_quantile(
     [2.] 2.0
   """
   where = "clip_by_quantile"
-  _common.check_range(quantile, "quantile", where, lo=0.0, hi=1.0)
-  _common.check_int(history, "history", where, lo=1)
-  _common.check_bool(leaf_norms, "leaf_norms", where)
+  _validate.check_range(quantile, "quantile", where, lo=0.0, hi=1.0)
+  _validate.check_int(history, "history", where, lo=1)
+  _validate.check_bool(leaf_norms, "leaf_norms", where)
   if leaf_norms and per_leaf:
     raise ValueError(f"{where}: with per_leaf=True, grad_norm holds each"
                      " leaf's norm already; drop leaf_norms=True.")
-  _common.check_bool(include_current, "include_current", where)
-  p = _norms.canonical_ord(ord)
+  _validate.check_bool(include_current, "include_current", where)
+  p = _validate.canonical_ord(ord)
 
   def init_fn(params):
-    dtype = _norms.tree_acc_dtype(params)
-    size = _common.static_size(history, "history", where)
-    leaves, rebuild = _norms.live_leaves(params, where)
+    dtype = _tree.tree_acc_dtype(params)
+    size = _validate.static_size(history, "history", where)
+    leaves, rebuild = _tree.live_leaves(params, where)
     count = jnp.zeros((), jnp.int32)
     if per_leaf:
       buf = jnp.zeros((len(leaves), size), dtype)
@@ -181,13 +181,13 @@ def clip_by_quantile(
         num_clipped=jnp.zeros((), jnp.int32),
         norm_history=buf, sorted_norms=jnp.full_like(buf, jnp.inf),
         fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32),
-        leaf_norms=_common.zero_leaf_norms(params) if leaf_norms else None)
+        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None)
 
   def update_fn(updates, state, params=None):
     del params
     dtype = state.norm_history.dtype
     size = state.norm_history.shape[-1]  # Static even when injected.
-    leaves, rebuild = _norms.live_leaves(updates, where)
+    leaves, rebuild = _tree.live_leaves(updates, where)
     each = None
     if per_leaf:
       parts = _per_leaf_norms([x for _, x in leaves], p, axis_name, dtype)
@@ -205,26 +205,26 @@ def clip_by_quantile(
         state.sorted_norms)
     fill = jnp.where(finite, jnp.minimum(state.fill + 1, size), state.fill)
     index = jnp.where(finite, (state.index + 1) % size, state.index)
-    q = _common.resolve(quantile, state.count, dtype, hi=1.0)
+    q = _thresholds.resolve(quantile, state.count, dtype, hi=1.0)
     if include_current:
       threshold = sorted_quantile(ordered, fill, q)
     else:
       threshold = sorted_quantile(state.sorted_norms, state.fill, q)
-    scale = _common.clip_factors(parts, threshold)
+    scale = _numerics.clip_factors(parts, threshold)
     clipped = jnp.any(norm > threshold)
     if per_leaf:
       updates = rebuild([
-          _common.scale_leaf(x, _common.Scale(scale.a[i], scale.b[i],
+          _numerics.scale_leaf(x, _numerics.Scale(scale.a[i], scale.b[i],
                                                 scale.factor[i]))
           for i, (_, x) in enumerate(leaves)])
       norm, threshold, values = (rebuild(list(v)) for v in (
           norm, threshold, scale.value().astype(dtype)))
     else:
-      updates = _common.tree_map_arrays(
-          lambda g: _common.scale_leaf(g, scale), updates)
+      updates = _tree.map_arrays(
+          lambda g: _numerics.scale_leaf(g, scale), updates)
       values = scale.value().astype(dtype)
     return updates, ClipByQuantileState(
-        count=_common.increment(state.count), grad_norm=norm,
+        count=optax.safe_increment(state.count), grad_norm=norm,
         threshold=threshold, scale=values, clipped=clipped,
         num_clipped=state.num_clipped + clipped.astype(jnp.int32),
         norm_history=buf, sorted_norms=ordered, fill=fill, index=index,
@@ -275,15 +275,15 @@ def sorted_quantile(ordered: jax.Array, fill: jax.Array,
 
 
 def _per_leaf_norms(leaves: list[jax.Array], p: Any, axis_name: AxisName,
-                    dtype: Any) -> _norms.Norm:
+                    dtype: Any) -> _numerics.Norm:
   """One norm per leaf, as a :class:`Norm` of vectors of ``dtype``."""
   if not leaves:
-    return _norms.Norm(jnp.ones((0,), dtype), jnp.zeros((0,), dtype))
+    return _numerics.Norm(jnp.ones((0,), dtype), jnp.zeros((0,), dtype))
   if axis_name is not None:
     norms = [_norms.global_norm_parts(x, p, axis_name=axis_name)
              for x in leaves]
   else:
     norms = _norms.leaf_norm_parts(leaves, p, [tuple(range(x.ndim))
                                                for x in leaves])
-  return _norms.Norm(*(jnp.stack([jnp.reshape(v, ()).astype(dtype)
+  return _numerics.Norm(*(jnp.stack([jnp.reshape(v, ()).astype(dtype)
                                   for v in vs]) for vs in zip(*norms)))

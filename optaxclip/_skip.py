@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import optax
 from jax.extend import core as jcore
 
-from optaxclip import _common, _norms
-from optaxclip._common import Threshold
+from optaxclip import _norms, _thresholds, _tree, _validate
 from optaxclip._norms import AxisName, Ord
+from optaxclip._thresholds import Threshold
 
 
 class SkipStepState(NamedTuple):
@@ -156,33 +156,33 @@ def skip_step(
         f"{where}: inner must be an optax.GradientTransformation (e.g."
         f" optax.chain(clipper, optimizer)) or an optax.MultiSteps, got"
         f" {type(inner).__name__}.")
-  _common.check_bool(nonfinite, "nonfinite", where)
+  _validate.check_bool(nonfinite, "nonfinite", where)
   if max_norm is not None:
-    _common.check_threshold(max_norm, "max_norm", where)
+    _validate.check_threshold(max_norm, "max_norm", where)
   if spike_factor is not None:
-    _common.check_range(spike_factor, "spike_factor", where, lo=0.0,
+    _validate.check_range(spike_factor, "spike_factor", where, lo=0.0,
                         hi=math.inf, open_lo=True, schedule=False)
-  _common.check_range(spike_decay, "spike_decay", where, lo=0.0, hi=1.0,
+  _validate.check_range(spike_decay, "spike_decay", where, lo=0.0, hi=1.0,
                       open_hi=True, schedule=False)
-  _common.check_int(spike_warmup, "spike_warmup", where, lo=1)
+  _validate.check_int(spike_warmup, "spike_warmup", where, lo=1)
   if not nonfinite and max_norm is None and spike_factor is None:
     raise ValueError(
         f"{where}: with nonfinite=False, give max_norm or spike_factor;"
         " otherwise no step is ever skipped.")
-  _common.check_bool(leaf_norms, "leaf_norms", where)
-  p = _norms.canonical_ord(ord)
+  _validate.check_bool(leaf_norms, "leaf_norms", where)
+  p = _validate.canonical_ord(ord)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    dtype = _norms.tree_acc_dtype(params)
+    dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
     return SkipStepState(
         count=count, grad_norm=jnp.zeros((), dtype),
         threshold=(jnp.full((), jnp.inf, dtype) if max_norm is None
-                   else _common.resolve(max_norm, count, dtype)),
+                   else _thresholds.resolve(max_norm, count, dtype)),
         scale=jnp.ones((), dtype), skipped=jnp.zeros((), bool),
         num_skipped=jnp.zeros((), jnp.int32), norm_ema=jnp.zeros((), dtype),
-        leaf_norms=_common.zero_leaf_norms(params) if leaf_norms else None,
+        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None,
         inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -209,7 +209,7 @@ def skip_step(
     norm = parts.value().astype(dtype)
     threshold = jnp.full((), jnp.inf, dtype)
     if max_norm is not None:
-      threshold = _common.resolve(max_norm, state.count, dtype)
+      threshold = _thresholds.resolve(max_norm, state.count, dtype)
     taken = state.count - state.num_skipped
     if spike_factor is not None:
       spike = jnp.asarray(spike_factor, dtype) * state.norm_ema
@@ -221,7 +221,7 @@ def skip_step(
 
     new_updates, new_inner = _update_keeping_state(
         skip, inner.update, updates, state.inner_state, params, extra_args)
-    new_updates = _common.tree_map_arrays(
+    new_updates = _tree.map_arrays(
         lambda u: jnp.where(skip, jnp.negative(jnp.zeros_like(u)), u),
         new_updates)
 
@@ -233,7 +233,7 @@ def skip_step(
     ema = state.norm_ema + weight * (norm - state.norm_ema)
     use = ~skip & jnp.isfinite(norm)
     return new_updates, SkipStepState(
-        count=_common.increment(state.count), grad_norm=norm,
+        count=optax.safe_increment(state.count), grad_norm=norm,
         threshold=threshold, scale=jnp.where(skip, 0, 1).astype(dtype),
         skipped=skip, num_skipped=state.num_skipped + skip.astype(jnp.int32),
         norm_ema=jnp.where(use, ema, state.norm_ema), leaf_norms=each,

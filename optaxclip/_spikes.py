@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _common, _norms
-from optaxclip._common import Threshold
+from optaxclip import _norms, _thresholds, _tree, _validate
+from optaxclip._thresholds import Threshold
 
 
 class SpikeStats(NamedTuple):
@@ -152,10 +152,10 @@ def clip_spikes(
     1 [0.271 2.071]
   """
   where = "clip_spikes"
-  _common.check_range(theta, "theta", where, lo=0.0, hi=np.inf)
+  _validate.check_range(theta, "theta", where, lo=0.0, hi=np.inf)
   if inner is None:
     decay = 0.999 if beta2 is None else beta2
-    _common.check_range(decay, "beta2", where, lo=0.0, hi=1.0, open_hi=True)
+    _validate.check_range(decay, "beta2", where, lo=0.0, hi=1.0, open_hi=True)
     return _standalone(theta, decay)
   if beta2 is not None:
     raise ValueError(
@@ -176,15 +176,15 @@ def _standalone(theta: Threshold, beta2: Threshold
     _check_real(params)
     return ClipSpikesState(
         stats=_init_stats(params),
-        nu=_common.tree_map_arrays(
-            lambda x: jnp.zeros(jnp.shape(x), _norms.acc_dtype(x.dtype)),
+        nu=_tree.map_arrays(
+            lambda x: jnp.zeros(jnp.shape(x), _tree.acc_dtype(x.dtype)),
             params))
 
   def update_fn(updates, state, params=None):
     del params
     count = state.stats.count
-    t = _common.resolve(theta, count, state.stats.grad_norm.dtype)
-    b = _common.resolve(beta2, count, state.stats.grad_norm.dtype)
+    t = _thresholds.resolve(theta, count, state.stats.grad_norm.dtype)
+    b = _thresholds.resolve(beta2, count, state.stats.grad_norm.dtype)
     clipped, stats = _clip(updates, state.nu, t, state.stats)
 
     def ema(v, c):
@@ -192,7 +192,7 @@ def _standalone(theta: Threshold, beta2: Threshold
       new = b.astype(v.dtype) * v + (1 - b.astype(v.dtype)) * c * c
       return jnp.where(jnp.isfinite(c), new, v)
 
-    nu = _common.tree_map_arrays(ema, state.nu, clipped)
+    nu = _tree.map_arrays(ema, state.nu, clipped)
     return clipped, ClipSpikesState(stats=stats, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -209,7 +209,7 @@ def _wrapper(theta: Threshold, inner: optax.GradientTransformationExtraArgs
                              inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
-    t = _common.resolve(theta, state.stats.count,
+    t = _thresholds.resolve(theta, state.stats.count,
                         state.stats.grad_norm.dtype)
     nu = find_nu(state.inner_state, updates)
     clipped, stats = _clip(updates, nu, t, state.stats)
@@ -223,13 +223,13 @@ def _wrapper(theta: Threshold, inner: optax.GradientTransformationExtraArgs
 
 def find_nu(inner_state: Any, like: Any) -> Any:
   """The first ``nu`` field in ``inner_state`` with the structure of ``like``."""
-  want = jax.tree_util.tree_structure(like, is_leaf=_common.is_masked)
+  want = jax.tree_util.tree_structure(like, is_leaf=_tree.is_masked)
   nodes = jax.tree_util.tree_leaves(
       inner_state, is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "nu"))
   for node in nodes:
     nu = getattr(node, "nu", None)
     if nu is not None and isinstance(node, tuple) and str(
-        jax.tree_util.tree_structure(nu, is_leaf=_common.is_masked)) == str(
+        jax.tree_util.tree_structure(nu, is_leaf=_tree.is_masked)) == str(
             want):
       return nu
   raise ValueError(
@@ -240,14 +240,14 @@ def find_nu(inner_state: Any, like: Any) -> Any:
 
 
 def _check_real(params: Any) -> None:
-  for x in _norms.float_leaves(params, "clip_spikes"):
+  for x in _tree.float_leaves(params, "clip_spikes"):
     if jnp.iscomplexobj(x):
       raise TypeError("clip_spikes: complex gradients are not supported;"
                       " split them into real and imaginary parts.")
 
 
 def _init_stats(params: Any) -> SpikeStats:
-  dtype = _norms.tree_acc_dtype(params)
+  dtype = _tree.tree_acc_dtype(params)
   zero = jnp.zeros((), jnp.int32)
   return SpikeStats(count=zero, grad_norm=jnp.zeros((), dtype),
                     clipped=jnp.zeros((), bool), num_clipped=zero,
@@ -258,16 +258,16 @@ def _clip(updates: Any, nu: Any, theta: jax.Array, stats: SpikeStats
           ) -> tuple[Any, SpikeStats]:
   """Applies the rule leaf by leaf; returns the updates and new statistics."""
   dtype = stats.grad_norm.dtype
-  out = _common.tree_map_arrays(lambda g, v: _clip_leaf(g, v, theta),
+  out = _tree.map_arrays(lambda g, v: _clip_leaf(g, v, theta),
                                 updates, nu)
-  clipped = _common.tree_map_arrays(lambda _, p: p[0], updates, out)
+  clipped = _tree.map_arrays(lambda _, p: p[0], updates, out)
   counts = jax.tree_util.tree_leaves(
-      _common.tree_map_arrays(lambda _, p: p[1], updates, out))
+      _tree.map_arrays(lambda _, p: p[1], updates, out))
   spikes = sum(counts, jnp.zeros((), jnp.int32))
-  size = sum(x.size for x in _norms.float_leaves(updates, "clip_spikes"))
+  size = sum(x.size for x in _tree.float_leaves(updates, "clip_spikes"))
   any_spike = spikes > 0
   return clipped, SpikeStats(
-      count=_common.increment(stats.count),
+      count=optax.safe_increment(stats.count),
       grad_norm=_norms.global_norm(updates).astype(dtype),
       clipped=any_spike,
       num_clipped=stats.num_clipped + any_spike.astype(jnp.int32),
@@ -277,7 +277,7 @@ def _clip(updates: Any, nu: Any, theta: jax.Array, stats: SpikeStats
 
 def _clip_leaf(g: jax.Array, v: jax.Array, theta: jax.Array
                ) -> tuple[jax.Array, jax.Array]:
-  acc = _norms.acc_dtype(g.dtype)
+  acc = _tree.acc_dtype(g.dtype)
   ga = g.astype(acc)
   va = v.astype(acc)
   bound = theta.astype(acc) * va

@@ -1,4 +1,10 @@
-"""Reading the statistics of every optaxclip transform in an optimizer state."""
+"""Statistics: the counters every clipper keeps, and reading them back.
+
+:func:`counters` and :func:`tally` are the one place where a state's
+``count``, ``clipped``, ``num_clipped`` and ``frac_clipped`` are made (int32
+counts, a bool, a float32 fraction, whatever the gradients' dtype);
+:func:`clip_stats` reads every registered state out of an optimizer state.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,38 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 _REGISTRY: dict[type, str] = {}
 _INNER = "inner_state"  # A wrapper's field holding the wrapped state.
+
+
+def counters(*, frac: bool = False) -> dict[str, jax.Array]:
+  """The counters of a fresh state: ``count``, ``clipped``, ``num_clipped``
+  and, with ``frac``, ``frac_clipped``."""
+  out = dict(count=jnp.zeros((), jnp.int32), clipped=jnp.zeros((), bool),
+             num_clipped=jnp.zeros((), jnp.int32))
+  if frac:
+    out["frac_clipped"] = jnp.zeros((), jnp.float32)
+  return out
+
+
+def tally(state: Any, clipped: jax.Array, *, num: jax.Array | None = None,
+          of: int | jax.Array | None = None) -> dict[str, jax.Array]:
+  """The counters after one step of ``state``'s transform.
+
+  ``count`` goes up by one (saturating), ``num_clipped`` by one where
+  ``clipped``; with ``num`` (how many leaves, units or elements were
+  clipped) out of ``of``, ``frac_clipped`` is their ratio in float32.
+  """
+  out = dict(count=optax.safe_increment(state.count), clipped=clipped,
+             num_clipped=state.num_clipped + clipped.astype(jnp.int32))
+  if num is not None:
+    out["frac_clipped"] = (jnp.asarray(num).astype(jnp.float32)
+                           / jnp.maximum(jnp.asarray(of, jnp.float32), 1))
+  return out
 
 
 def register_state(state_type: type, name: str) -> type:

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _common, _norms
-from optaxclip._common import Threshold
+from optaxclip import _norms, _numerics, _thresholds, _tree, _validate
 from optaxclip._norms import AxisName, Ord
+from optaxclip._thresholds import Threshold
 
 _MODES = ("adaptive", "mean", "percentile")
 
@@ -142,21 +142,21 @@ def zclip(
     [1.0338] True 1.0338
   """
   where = "zclip"
-  _common.check_bool(leaf_norms, "leaf_norms", where)
-  _common.check_range(alpha, "alpha", where, lo=0.0, hi=1.0, open_lo=True,
+  _validate.check_bool(leaf_norms, "leaf_norms", where)
+  _validate.check_range(alpha, "alpha", where, lo=0.0, hi=1.0, open_lo=True,
               open_hi=True)
-  _common.check_range(z_thresh, "z_thresh", where, lo=0.0, hi=np.inf)
-  _common.check_int(warmup_steps, "warmup_steps", where, lo=1)
+  _validate.check_range(z_thresh, "z_thresh", where, lo=0.0, hi=np.inf)
+  _validate.check_int(warmup_steps, "warmup_steps", where, lo=1)
   if max_norm is not None:
-    _common.check_threshold(max_norm, "max_norm", where)
-  _common.check_range(eps, "eps", where, lo=0.0, hi=np.inf, schedule=False)
+    _validate.check_threshold(max_norm, "max_norm", where)
+  _validate.check_range(eps, "eps", where, lo=0.0, hi=np.inf, schedule=False)
   if mode not in _MODES:
     raise ValueError(f"{where}: mode={mode!r} is not one of {_MODES}.")
-  p = _norms.canonical_ord(ord)
+  p = _validate.canonical_ord(ord)
 
   def init_fn(params):
-    dtype = _norms.tree_acc_dtype(params)
-    size = _common.static_size(warmup_steps, "warmup_steps", where)
+    dtype = _tree.tree_acc_dtype(params)
+    size = _validate.static_size(warmup_steps, "warmup_steps", where)
     zero = jnp.zeros((), dtype)
     return ZClipState(
         count=jnp.zeros((), jnp.int32), grad_norm=zero,
@@ -165,7 +165,7 @@ def zclip(
         spike=jnp.zeros((), bool), z=zero, mean=zero, var=zero,
         warmup_norms=jnp.zeros((size,), dtype),
         fill=jnp.zeros((), jnp.int32),
-        leaf_norms=_common.zero_leaf_norms(params) if leaf_norms else None)
+        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None)
 
   def update_fn(updates, state, params=None):
     del params
@@ -174,8 +174,8 @@ def zclip(
     parts, each = _norms.global_and_leaf_norms(
         updates, p, axis_name=axis_name, leaves=leaf_norms)
     g = parts.value().astype(dtype)
-    a = _common.resolve(alpha, state.count, dtype, hi=1.0)
-    zt = _common.resolve(z_thresh, state.count, dtype)
+    a = _thresholds.resolve(alpha, state.count, dtype, hi=1.0)
+    zt = _thresholds.resolve(z_thresh, state.count, dtype)
 
     # Warm-up: collect the norm; after the last one, start the statistics.
     warm = state.fill < size
@@ -203,13 +203,13 @@ def zclip(
                           jnp.where(spike, clip_value, boundary))
     if max_norm is not None:
       threshold = jnp.minimum(
-          threshold, _common.resolve(max_norm, state.count, dtype))
+          threshold, _thresholds.resolve(max_norm, state.count, dtype))
     threshold = threshold.astype(dtype)
 
     over = g > threshold
-    scale = _common.clip_factors(parts, threshold)
-    updates = _common.tree_map_arrays(
-        lambda x: _common.scale_leaf(x, scale), updates)
+    scale = _numerics.clip_factors(parts, threshold)
+    updates = _tree.map_arrays(
+        lambda x: _numerics.scale_leaf(x, scale), updates)
 
     v = jnp.where(spike, clip_value, g)
     track = ~warm & jnp.isfinite(v)
@@ -220,7 +220,7 @@ def zclip(
     mean = jnp.where(track, mean1, jnp.where(start, mean0, state.mean))
     var = jnp.where(track, var1, jnp.where(start, var0, state.var))
     return updates, ZClipState(
-        count=_common.increment(state.count), grad_norm=g,
+        count=optax.safe_increment(state.count), grad_norm=g,
         threshold=threshold, scale=scale.value().astype(dtype), clipped=over,
         num_clipped=state.num_clipped + over.astype(jnp.int32),
         spike=spike, z=jnp.where(warm, 0, z).astype(dtype),

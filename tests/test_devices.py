@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE = ["optaxclip", "tests/test_norms.py", "tests/test_common.py",
+CORE = ["optaxclip", "tests/test_norms.py", "tests/test_numerics.py",
         "tests/test_clipping.py", "tests/test_agc.py", "tests/test_quantile.py",
         "tests/test_zclip.py", "tests/test_skip_step.py", "tests/test_stats.py",
         "tests/test_readme.py", "tests/test_docs.py",

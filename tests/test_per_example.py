@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optaxclip as oc
-from optaxclip import _per_example
+from optaxclip import _norms
 from tests import _dp_references as ref
 
 
@@ -443,20 +443,20 @@ def test_example_norms_exact_over_the_float32_range():
   """The power-of-two pre-scale is exact: scaling by 2**k scales the norm."""
   grads = per_example_tree(batch=5)
   leaves = jax.tree.leaves(grads)
-  leaf_norms, norms = _per_example.example_norms(leaves)
+  leaf_norms, norms = _norms.example_norms(leaves)
   want = np.array([ref.example_norm(leaves64(grads), i) for i in range(5)])
   np.testing.assert_allclose(norms, want, rtol=1e-6)
   for k in (-100, -60, 60, 100):  # Inputs stay normal float32 numbers.
     scaled = [x * 2.0**k for x in leaves]
-    got_leaf, got = _per_example.example_norms(scaled)
+    got_leaf, got = _norms.example_norms(scaled)
     np.testing.assert_array_equal(got, norms * 2.0**k)
     for a, b in zip(got_leaf, leaf_norms):
       np.testing.assert_array_equal(a, b * 2.0**k)
   # Entries up to 1e37, whose squares overflow float32 by far.
   big = [x.at[0].set(x[0] / jnp.max(jnp.abs(x[0])) * 1e37) for x in leaves]
-  _, got = _per_example.example_norms(big)
+  _, got = _norms.example_norms(big)
   want = [ref.example_norm(leaves64(big), i) for i in range(5)]
   np.testing.assert_allclose(got, want, rtol=1e-6)
   nan = [x.at[1].set(jnp.nan).at[2, ..., 0].set(jnp.inf) for x in leaves]
-  _, got = _per_example.example_norms(nan)
+  _, got = _norms.example_norms(nan)
   assert np.isnan(got[1]) and np.isinf(got[2]) and np.all(np.isfinite(got[3:]))

@@ -11,7 +11,7 @@ import pytest
 from jax.test_util import check_grads
 
 import optaxclip as oc
-from optaxclip import _common, _norms
+from optaxclip import _norms, _numerics, _thresholds
 
 INF, NAN = math.inf, math.nan
 
@@ -36,7 +36,7 @@ INF, NAN = math.inf, math.nan
     (4.0, 1.0, 0.25),
 ])
 def test_clip_factors_edge_cases(norm, t, want):
-  s = _common.clip_factors(jnp.float32(norm), jnp.float32(t))
+  s = _numerics.clip_factors(jnp.float32(norm), jnp.float32(t))
   np.testing.assert_array_equal(np.float32(s.value()), np.float32(want))
   if want == 1.0:  # Bit for bit: both factors are exactly 1.
     assert float(s.a) == 1.0 and float(s.b) == 1.0
@@ -89,7 +89,7 @@ def test_per_leaf_clippers_keep_the_direction_of_huge_leaves():
     (1.5, {"hi": 1.0}, 1.0), (-3.0, {"lo": -INF, "nan": 0.0}, -3.0),
     (NAN, {"lo": -INF, "nan": 0.0}, 0.0)])
 def test_resolve_clamps_run_time_values(value, kw, want):
-  got = _common.resolve(lambda count: value, jnp.zeros((), jnp.int32),
+  got = _thresholds.resolve(lambda count: value, jnp.zeros((), jnp.int32),
                         jnp.float32, **kw)
   assert float(got) == want
 

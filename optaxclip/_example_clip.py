@@ -1,0 +1,186 @@
+"""Per-example clipping shared by ``method="vmap"`` and ``method="ghost"``.
+
+From per-example norms (:func:`optaxclip._norms.example_norms`, or ghost
+norms) to each example's weight (:func:`clip_weights`), and the weighted sum
+over examples (:func:`weighted_sum`); the :class:`PerExampleInfo` of a batch
+and the checks of per-example arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optaxclip import _norms, _thresholds, _tree, _validate
+from optaxclip._numerics import clip_scale
+
+
+class PerExampleInfo(NamedTuple):
+  """What per-example clipping did to one batch.
+
+  Attributes:
+    norms: ``(batch,)``, each example's global 2-norm before clipping, in the
+      accumulation dtype (NaN or inf for a non-finite example; padding
+      examples have theirs too, and are ignored by everything else).
+    threshold: the clipping norm in force (``max_norm``).
+    sensitivity: the most one example can change the clipped sum (in
+      2-norm): ``max_norm``; ``1`` with ``normalize=True``; the root sum of
+      squares of the per-layer thresholds with ``per_layer=True``.
+    included: ``(batch,)``, the examples counted: not padding, finite norm.
+    num_examples: how many are included (with ``nan_safe=False``, non-finite
+      examples also enter the sum, which is then non-finite, but are not
+      counted here).
+    num_clipped: of those, how many were scaled down (norm above threshold;
+      with ``per_layer``, above the threshold of some layer).
+    num_nonfinite: non-padding examples with a non-finite norm. With
+      ``nan_safe`` they were dropped; without, they made the sum non-finite.
+    batch_size: the leading dimension of the batch, padding included.
+  """
+
+  norms: jax.Array
+  threshold: jax.Array
+  sensitivity: jax.Array
+  included: jax.Array
+  num_examples: jax.Array
+  num_clipped: jax.Array
+  num_nonfinite: jax.Array
+  batch_size: jax.Array
+
+
+class ExampleStats(NamedTuple):
+  """A chunk's share of :class:`PerExampleInfo` (no ``batch_size``)."""
+
+  norms: jax.Array
+  threshold: jax.Array
+  sensitivity: jax.Array
+  included: jax.Array
+  num_examples: jax.Array
+  num_clipped: jax.Array
+  num_nonfinite: jax.Array
+
+
+def clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
+              mask, where):
+  """Sums of the clipped examples, one per leaf in the accumulation dtype."""
+  leaf_norms, norms = _norms.example_norms(leaves)
+  weights, keep, stats = clip_weights(
+      leaf_norms, norms, treedef, max_norm, per_layer=per_layer,
+      normalize=normalize, nan_safe=nan_safe, mask=mask, where=where)
+  return [weighted_sum(x, w, keep) for x, w in zip(leaves, weights)], stats
+
+
+def clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
+                  normalize, nan_safe, mask, where):
+  """Each example's weight per leaf (0 where dropped), the kept examples, stats.
+
+  ``leaf_norms`` are the per-example norms of each leaf of the gradient tree
+  ``treedef``, ``norms`` those of whole examples, all in the accumulation
+  dtype.
+  """
+  dtype = norms.dtype
+  t = jnp.asarray(max_norm, dtype)
+  if per_layer is False:
+    sensitivity = t
+    over = norms > t
+    scales = [clip_scale(norms, t)] * len(leaf_norms)
+  else:
+    thresholds = _thresholds.layer_thresholds(
+        per_layer, t, jax.tree_util.tree_unflatten(treedef, leaf_norms),
+        dtype, where)
+    sensitivity = jnp.sqrt(sum(jnp.square(x) for x in thresholds))
+    over = jnp.zeros(norms.shape, bool)
+    scales = []
+    for n, tl in zip(leaf_norms, thresholds):
+      over |= n > tl
+      scales.append(clip_scale(n, tl))
+  if normalize:
+    scales = [s / sensitivity for s in scales]
+    sensitivity = jnp.ones((), dtype)
+  finite = jnp.isfinite(norms)
+  keep = mask & finite if nan_safe else mask
+  counted = mask & finite
+  count = lambda b: jnp.sum(b, dtype=jnp.int32)  # noqa: E731
+  return [jnp.where(keep, s, 0) for s in scales], keep, ExampleStats(
+      norms=norms, threshold=t, sensitivity=jnp.asarray(sensitivity, dtype),
+      included=counted, num_examples=count(counted),
+      num_clipped=count(counted & over), num_nonfinite=count(mask & ~finite))
+
+
+def weighted_sum(x, weights, keep):
+  """``sum_i weights[i] * x[i]`` over the leading axis; dropped examples add 0."""
+  acc = _tree.acc_dtype(x.dtype)
+  k = keep.reshape((-1,) + (1,) * (x.ndim - 1))
+  # Selects, not a multiply by 0: a dropped NaN example adds exactly 0.
+  # The weighted sum over examples is a contraction, which XLA runs as a
+  # matrix product: three times faster on CPU than a reduction over the
+  # leading axis. HIGHEST precision: no reduced-precision passes on
+  # GPU/TPU, which could push a clipped norm above max_norm.
+  return jnp.tensordot(
+      weights.astype(acc), jnp.where(k, x, 0).astype(acc), axes=1,
+      precision=jax.lax.Precision.HIGHEST, out_sharding=_summed_sharding(x))
+
+
+def _summed_sharding(x: jax.Array) -> Any:
+  """The sharding of ``x`` summed over its leading axis, where JAX asks.
+
+  Under explicit mesh axes a contraction over a sharded axis needs its output
+  sharding spelled out: that of the remaining axes. Elsewhere, ``None``.
+  """
+  typeof = getattr(jax, "typeof", None)
+  sharding = getattr(typeof(x) if typeof else None, "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if sharding is None or not spec or spec[0] is None:
+    return None
+  return jax.sharding.NamedSharding(sharding.mesh,
+                                    jax.sharding.PartitionSpec(*spec[1:]))
+
+
+# ----------------------------------------------------------------------------
+# Arguments.
+
+
+def check_options(max_norm, per_layer, normalize, where):
+  _validate.check_threshold(max_norm, "max_norm", where)
+  if _validate.is_schedule(max_norm):
+    raise TypeError(f"{where}: max_norm must be a number or a JAX scalar, not"
+                    " a schedule (there is no step count here); pass the"
+                    " value in force.")
+  if per_layer is not False and per_layer is not True:
+    _validate.check_threshold(per_layer, "per_layer", where, allow_tree=True)
+  if normalize and _validate.is_concrete(max_norm):
+    v = float(np.asarray(max_norm))
+    if not 0 < v < math.inf:
+      raise ValueError(f"{where}: normalize=True divides by max_norm, so it"
+                       f" must be positive and finite; got {v}.")
+
+
+def is_number(x: Any) -> bool:
+  return isinstance(x, (int, float, np.number, np.ndarray, jax.Array))
+
+
+def check_float(leaves, where):
+  for x in leaves:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{where}: per-example clipping needs real"
+                      f" floating-point gradients; got a {x.dtype} leaf.")
+
+
+def check_mask(mask, batch, where):
+  if mask is None:
+    return jnp.ones((batch,), bool)
+  mask = jnp.asarray(mask)
+  if mask.shape != (batch,):
+    raise ValueError(f"{where}: example_mask has shape {mask.shape}; it needs"
+                     f" one entry per example, shape ({batch},).")
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"{where}: example_mask must be boolean (True for real"
+                    f" examples, False for padding); got {mask.dtype}.")
+  return mask
+
+
+def info(stats: ExampleStats, batch: int) -> PerExampleInfo:
+  return PerExampleInfo(*stats, batch_size=jnp.asarray(batch, jnp.int32))

@@ -1,0 +1,90 @@
+"""Hyper-parameters at run time: schedules, injected values, prefix trees.
+
+A threshold is a number, a JAX scalar, an Optax schedule of the step count,
+or (where a transform says so) a pytree prefix of the gradients holding any
+of these. :func:`resolve` turns one into the value in force at a step, made
+safe; :func:`leaf_thresholds` and :func:`layer_thresholds` spread a prefix
+tree over the gradients' leaves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optaxclip import _tree, _validate
+
+Threshold = float | jax.Array | Callable[[jax.Array], Any]
+"""A number, a JAX scalar, or an Optax schedule ``step -> value``."""
+
+
+def resolve(value: Threshold, count: jax.Array, dtype: Any, *,
+            lo: float = 0.0, hi: float = math.inf,
+            nan: float | None = None) -> jax.Array:
+  """The hyper-parameter in force at step ``count``, as a scalar of ``dtype``.
+
+  Values that arrive at run time (a schedule's output, an array injected by
+  ``optax.inject_hyperparams``) are clamped into ``[lo, hi]``, and NaN
+  becomes ``nan`` (``lo`` by default): a threshold of -1 or NaN acts as 0,
+  it never flips the sign of an update or poisons it. The value returned is
+  the one in force, and the one clippers record in their state.
+  """
+  if _validate.is_schedule(value):
+    value = value(count)  # type: ignore[operator]
+  v = jnp.asarray(value, dtype)
+  v = jnp.where(jnp.isnan(v), jnp.asarray(lo if nan is None else nan, dtype),
+                v)
+  return jnp.clip(v, lo, hi)
+
+
+def broadcast_prefix(prefix: Any, tree: Any, name: str, where: str) -> Any:
+  """Copies each leaf of ``prefix`` over the matching subtree of ``tree``."""
+  try:
+    return jax.tree_util.tree_map(
+        lambda t, sub: jax.tree_util.tree_map(lambda _: t, sub,
+                                              is_leaf=_tree.is_masked),
+        prefix, tree, is_leaf=_tree.is_masked)
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(
+        f"{where}: the {name} tree does not match the gradients. Give one"
+        " number, or a pytree prefix of the gradients (the same containers"
+        " and keys, with a number or schedule where a whole subtree shares"
+        f" a threshold). Threshold structure:"
+        f" {jax.tree_util.tree_structure(prefix)}; gradient structure:"
+        f" {jax.tree_util.tree_structure(tree, is_leaf=_tree.is_masked)}."
+    ) from e
+
+
+def leaf_thresholds(value: Any, updates: Any, count: jax.Array, name: str,
+                    where: str, **bounds: Any) -> Any:
+  """A tree like ``updates`` holding the threshold in force for each leaf.
+
+  ``bounds`` (``lo``, ``hi``, ``nan``) are passed to :func:`resolve`.
+  """
+  if not _validate.is_tree_threshold(value):
+    t = resolve(value, count, _tree.tree_acc_dtype(updates), **bounds)
+    return _tree.map_arrays(lambda g: t.astype(_tree.acc_dtype(g.dtype)),
+                            updates)
+  full = broadcast_prefix(value, updates, name, where)
+  return _tree.map_arrays(
+      lambda g, t: resolve(t, count, _tree.acc_dtype(g.dtype), **bounds),
+      updates, full)
+
+
+def layer_thresholds(per_layer: Any, max_norm: jax.Array, example: Any,
+                     dtype: Any, where: str) -> list[jax.Array]:
+  """Per-example clipping's threshold for each leaf of one example's tree.
+
+  ``per_layer=True`` gives every one of the ``L`` leaves ``max_norm /
+  sqrt(L)``; a pytree prefix of ``example`` gives each subtree's leaves its
+  value.
+  """
+  num = len(jax.tree_util.tree_leaves(example))
+  if per_layer is True:
+    return [max_norm / math.sqrt(num)] * num
+  full = broadcast_prefix(per_layer, example, "per_layer", where)
+  return [jnp.asarray(v, dtype) for v in jax.tree_util.tree_leaves(full)]
