@@ -19,6 +19,7 @@ Transforms, each module with its state types:
   _ghost         ghost norms of Flax NNX layers
   _dp            dp_aggregate, dp_noise, quantile_norm
 Shared, below them:
+  _transform     the Optax transformation a factory returns, fast without jit
   _example_clip  per-example weights, the weighted sum, PerExampleInfo
   _per_leaf      the scale rule applied leaf by leaf, per group of leaves
   _norms         norm kernels, the one overflow-safe kernel, collectives

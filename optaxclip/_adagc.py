@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -9,7 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _numerics, _thresholds, _tree, _validate
+from optaxclip import (
+    _norms,
+    _numerics,
+    _stats,
+    _thresholds,
+    _transform,
+    _tree,
+    _validate,
+)
 from optaxclip._norms import AxisName
 from optaxclip._thresholds import Threshold
 
@@ -134,24 +143,17 @@ def adagc(
     3.3634 0.084084 True
   """
   where = "adagc"
-  _validate.check_range(lambda_rel, "lambda_rel", where, lo=0.0, hi=np.inf,
-                      open_lo=True)
-  _validate.check_range(beta, "beta", where, lo=0.0, hi=1.0)
-  _validate.check_int(warmup_steps, "warmup_steps", where, lo=1)
-  _validate.check_threshold(lambda_abs, "lambda_abs", where)
-  _validate.check_range(eps, "eps", where, lo=0.0, hi=np.inf)
+  _check(lambda_rel, beta, warmup_steps, lambda_abs, eps)
 
   def init_fn(params):
     dtype = _tree.tree_acc_dtype(params)
     zeros = _tree.map_arrays(lambda _: jnp.zeros((), dtype), params)
     return AdaGCState(
-        count=jnp.zeros((), jnp.int32), grad_norm=zeros,
+        **_stats.counters(frac=True), grad_norm=zeros,
         global_norm=jnp.zeros((), dtype),
         threshold=_tree.map_arrays(
             lambda _: jnp.full((), jnp.inf, dtype), params),
         scale=_tree.map_arrays(lambda _: jnp.ones((), dtype), params),
-        clipped=jnp.zeros((), bool), num_clipped=jnp.zeros((), jnp.int32),
-        frac_clipped=jnp.zeros((), dtype),
         gamma=_tree.map_arrays(
             lambda _: jnp.full((), jnp.inf, dtype), params))
 
@@ -168,33 +170,22 @@ def adagc(
     s_global = _numerics.clip_scale(total, t_abs)
     track_warm = warm & jnp.isfinite(total)
 
-    def per_tensor(n, gamma):
-      t = jnp.where(warm, t_abs, rel * gamma)
-      s = jnp.where(warm, s_global, _numerics.clip_scale(n + eps, rel * gamma))
-      kept = s * n  # The clipped norm ||h_i|| (||g_i|| during warm-up).
-      ema = b * gamma + (1 - b) * kept
-      new_gamma = jnp.where(
-          warm, jnp.where(track_warm, jnp.minimum(gamma, kept), gamma),
-          jnp.where(jnp.isfinite(kept), ema, gamma))
-      return t.astype(dtype), s.astype(dtype), new_gamma.astype(dtype)
-
-    out = _tree.map_arrays(per_tensor, norms, state.gamma)
+    out = _tree.map_arrays(functools.partial(
+        _per_tensor, warm=warm, t_abs=t_abs, t_rel=rel, beta=b,
+        s_global=s_global, track_warm=track_warm, eps=eps, dtype=dtype),
+        norms, state.gamma)
     pick = lambda i: _tree.map_arrays(  # noqa: E731
         lambda _, o: o[i], norms, out)
     threshold, scale, gamma = pick(0), pick(1), pick(2)
     updates = _tree.map_arrays(_numerics.scale_leaf, updates, scale)
     scales = _tree.float_leaves(scale, where)
-    over = [s < 1 for s in scales]
-    clipped = jnp.any(jnp.stack(over)) if over else jnp.zeros((), bool)
-    frac = (jnp.mean(jnp.stack(over).astype(dtype)) if over
-            else jnp.zeros((), dtype))
+    num = sum((s < 1).astype(jnp.int32) for s in scales)
     return updates, AdaGCState(
-        count=optax.safe_increment(count), grad_norm=norms, global_norm=total,
-        threshold=threshold, scale=scale, clipped=clipped,
-        num_clipped=state.num_clipped + clipped.astype(jnp.int32),
-        frac_clipped=frac, gamma=gamma)
+        **_stats.tally(state, jnp.asarray(num) > 0, num=num, of=len(scales)),
+        grad_norm=norms, global_norm=total, threshold=threshold, scale=scale,
+        gamma=gamma)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _transform.transformation(init_fn, update_fn)
 
 
 def _tensor_norms(updates: Any, axis_name: AxisName, dtype: Any) -> Any:
@@ -206,3 +197,28 @@ def _tensor_norms(updates: Any, axis_name: AxisName, dtype: Any) -> Any:
   return _tree.map_arrays(
       lambda x: _norms.global_norm(x, axis_name=axis_name).astype(dtype),
       updates)
+
+
+def _per_tensor(n, gamma, *, warm, t_abs, t_rel, beta, s_global, track_warm,
+                eps, dtype):
+  """One tensor's threshold, scale and new ``gamma`` (its EMA of clipped
+  norms; during warm-up, the smallest norm seen)."""
+  t = jnp.where(warm, t_abs, t_rel * gamma)
+  s = jnp.where(warm, s_global, _numerics.clip_scale(n + eps, t_rel * gamma))
+  kept = s * n  # The clipped norm ||h_i|| (||g_i|| during warm-up).
+  ema = beta * gamma + (1 - beta) * kept
+  new_gamma = jnp.where(
+      warm, jnp.where(track_warm, jnp.minimum(gamma, kept), gamma),
+      jnp.where(jnp.isfinite(kept), ema, gamma))
+  return t.astype(dtype), s.astype(dtype), new_gamma.astype(dtype)
+
+
+def _check(lambda_rel, beta, warmup_steps, lambda_abs, eps):
+  where = "adagc"
+  _validate.check_range(lambda_rel, "lambda_rel", where, lo=0.0, hi=np.inf,
+                      open_lo=True)
+  _validate.check_range(beta, "beta", where, lo=0.0, hi=1.0)
+  _validate.check_int(warmup_steps, "warmup_steps", where, lo=1)
+  _validate.check_threshold(lambda_abs, "lambda_abs", where)
+  _validate.check_range(eps, "eps", where, lo=0.0, hi=np.inf)
+

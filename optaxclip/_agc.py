@@ -9,7 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _per_leaf, _thresholds, _tree, _validate
+from optaxclip import (
+    _norms,
+    _per_leaf,
+    _stats,
+    _thresholds,
+    _transform,
+    _tree,
+    _validate,
+)
 from optaxclip._norms import AxisName
 from optaxclip._thresholds import Threshold
 from optaxclip._tree import Axis
@@ -128,31 +136,15 @@ def adaptive_grad_clip(
     dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
     return AdaptiveGradClipState(
-        count=count, grad_norm=jnp.zeros((), dtype),
+        **_stats.counters(frac=True), grad_norm=jnp.zeros((), dtype),
         threshold=_thresholds.resolve(clipping, count, dtype),
-        scale=jnp.ones((), dtype), clipped=jnp.zeros((), bool),
-        frac_clipped=jnp.zeros((), jnp.float32),
-        num_clipped=jnp.zeros((), jnp.int32), leaf_norms=norms)
+        scale=jnp.ones((), dtype), leaf_norms=norms)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(_NO_PARAMS)
     leaves, rebuild = _tree.live_leaves(updates, where)
-    treedef = jax.tree_util.tree_structure(updates, is_leaf=_tree.is_masked)
-    try:
-      params_flat = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          f"{where}: params do not have the structure of the updates;"
-          " pass the parameters the updates are for.") from e
-    p_leaves = [w for w, x in zip(params_flat, treedef.flatten_up_to(updates))  # type: ignore[attr-defined]
-                if not _tree.is_masked(x)]
-    for (path, g), w in zip(leaves, p_leaves):
-      if jnp.shape(g) != jnp.shape(w):
-        raise ValueError(
-            f"{where}: the update at {jax.tree_util.keystr(path) or 'root'}"
-            f" has shape {jnp.shape(g)} but its parameter has shape"
-            f" {jnp.shape(w)}.")
+    p_leaves = _param_leaves(updates, params, leaves)
     g_leaves = [g for _, g in leaves]
     axes = [_unit_axes(path, g, axis) for path, g in leaves]
     groups, g_norms = _norms.grouped_leaf_norms(g_leaves, 2.0, axes,
@@ -167,23 +159,43 @@ def adaptive_grad_clip(
     thresholds = [c.astype(f.dtype) * f for f in floors]
     out, values, scales = _per_leaf.apply_grouped(g_leaves, groups, g_norms,
                                                 thresholds)
-    over = [jnp.sum(v > t, dtype=jnp.int32) for v, t in zip(values, thresholds)]
-    num_over = sum(over, jnp.zeros((), jnp.int32))
-    num_units = max(sum(v.size for v in values), 1)
-    clipped = num_over > 0
+    num_over = sum((jnp.sum(v > t, dtype=jnp.int32)
+                    for v, t in zip(values, thresholds)),
+                   jnp.zeros((), jnp.int32))
     ratios = [jnp.where(f > 0, v / jnp.where(f > 0, f, 1),
                         jnp.where(v > 0, jnp.inf, v))
               for v, f in zip(values, floors)]
     return rebuild(out), AdaptiveGradClipState(
-        count=optax.safe_increment(state.count),
+        **_stats.tally(state, num_over > 0, num=num_over,
+                       of=sum(v.size for v in values)),
         grad_norm=_per_leaf.largest(ratios, dtype), threshold=c,
         scale=_per_leaf.smallest(scales, dtype),
-        clipped=clipped, frac_clipped=num_over.astype(jnp.float32) / num_units,
-        num_clipped=state.num_clipped + clipped.astype(jnp.int32),
         leaf_norms=rebuild(_per_leaf.ungroup(groups, values, g_leaves, axes))
         if leaf_norms else None)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _transform.transformation(init_fn, update_fn)
+
+
+def _param_leaves(updates: Any, params: Any,
+                  leaves: list[tuple[Any, jax.Array]]) -> list[jax.Array]:
+  """The parameter of each live update leaf, checked to match its shape."""
+  where = "adaptive_grad_clip"
+  treedef = jax.tree_util.tree_structure(updates, is_leaf=_tree.is_masked)
+  try:
+    params_flat = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{where}: params do not have the structure of the updates;"
+        " pass the parameters the updates are for.") from e
+  p_leaves = [w for w, x in zip(params_flat, treedef.flatten_up_to(updates))  # type: ignore[attr-defined]
+              if not _tree.is_masked(x)]
+  for (path, g), w in zip(leaves, p_leaves):
+    if jnp.shape(g) != jnp.shape(w):
+      raise ValueError(
+          f"{where}: the update at {jax.tree_util.keystr(path) or 'root'}"
+          f" has shape {jnp.shape(g)} but its parameter has shape"
+          f" {jnp.shape(w)}.")
+  return p_leaves
 
 
 def _unit_axes(path: Any, x: jax.Array, axis: Axis) -> tuple[int, ...]:

@@ -10,7 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _numerics, _per_leaf, _thresholds, _tree, _validate
+from optaxclip import (
+  _norms,
+  _numerics,
+  _per_leaf,
+  _stats,
+  _thresholds,
+  _transform,
+  _tree,
+  _validate,
+)
 from optaxclip._norms import AxisName, Ord
 from optaxclip._thresholds import Threshold
 from optaxclip._tree import Axis
@@ -164,10 +173,9 @@ def clip_by_global_norm(
     dtype = _tree.tree_acc_dtype(params)
     zero = jnp.zeros((), dtype)
     return ClipByGlobalNormState(
-        count=jnp.zeros((), jnp.int32), grad_norm=zero,
+        **_stats.counters(), grad_norm=zero,
         threshold=_thresholds.resolve(max_norm, jnp.zeros((), jnp.int32), dtype),
-        scale=jnp.ones((), dtype), clipped=jnp.zeros((), bool),
-        num_clipped=jnp.zeros((), jnp.int32),
+        scale=jnp.ones((), dtype),
         leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None)
 
   def update_fn(updates, state, params=None):
@@ -180,15 +188,12 @@ def clip_by_global_norm(
     updates = _tree.map_arrays(
         lambda g: _numerics.scale_leaf(g, scale), updates)
     grad_norm = norm.value().astype(dtype)
-    clipped = grad_norm > threshold
     return updates, ClipByGlobalNormState(
-        count=optax.safe_increment(state.count), grad_norm=grad_norm,
+        **_stats.tally(state, grad_norm > threshold), grad_norm=grad_norm,
         threshold=threshold, scale=scale.value().astype(dtype),
-        clipped=clipped,
-        num_clipped=state.num_clipped + clipped.astype(jnp.int32),
         leaf_norms=each)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _transform.transformation(init_fn, update_fn)
 
 
 def clip_by_norm(
@@ -270,12 +275,10 @@ def clip_by_norm(
                                       _tree.leaf_axes(path, x, axis)),
                     _tree.acc_dtype(x.dtype)) for path, x in leaves])
     return ClipByNormState(
-        count=count, grad_norm=jnp.zeros((), dtype),
+        **_stats.counters(frac=True), grad_norm=jnp.zeros((), dtype),
         threshold=record(_thresholds.leaf_thresholds(
             max_norm, params, count, "max_norm", where), count, dtype),
-        scale=jnp.ones((), dtype),
-        clipped=jnp.zeros((), bool), frac_clipped=jnp.zeros((), jnp.float32),
-        num_clipped=jnp.zeros((), jnp.int32), leaf_norms=norms)
+        scale=jnp.ones((), dtype), leaf_norms=norms)
 
   def update_fn(updates, state, params=None):
     del params
@@ -290,22 +293,20 @@ def clip_by_norm(
     t_groups = [_per_leaf.stack_scalars([t_leaves[i] for i in g], n.lo.ndim)
                 for g, n in zip(groups, norms)]
     out, values, scales = _per_leaf.apply_grouped(xs, groups, norms, t_groups)
-    over = [jnp.sum(v > t, dtype=jnp.int32) for v, t in zip(values, t_groups)]
-    num_over = sum(over, jnp.zeros((), jnp.int32))
-    num_units = max(sum(v.size for v in values), 1)
-    clipped = num_over > 0
+    num_over = sum((jnp.sum(v > t, dtype=jnp.int32)
+                    for v, t in zip(values, t_groups)),
+                   jnp.zeros((), jnp.int32))
     dtype = state.grad_norm.dtype
     return rebuild(out), ClipByNormState(
-        count=optax.safe_increment(state.count),
+        **_stats.tally(state, num_over > 0, num=num_over,
+                       of=sum(v.size for v in values)),
         grad_norm=_per_leaf.largest(values, dtype),
         threshold=record(thresholds, state.count, dtype),
         scale=_per_leaf.smallest(scales, dtype),
-        clipped=clipped, frac_clipped=num_over.astype(jnp.float32) / num_units,
-        num_clipped=state.num_clipped + clipped.astype(jnp.int32),
         leaf_norms=rebuild(_per_leaf.ungroup(groups, values, xs, axes))
         if leaf_norms else None)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _transform.transformation(init_fn, update_fn)
 
 
 def clip_by_value(
@@ -383,15 +384,13 @@ def clip_by_value(
     dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
     hi = bound(max_value, params, count, "max_value")
-    extra = {}
-    if stats:
-      extra = dict(grad_norm=jnp.zeros((), dtype), scale=jnp.ones((), dtype),
-                   clipped=jnp.zeros((), bool),
-                   frac_clipped=jnp.zeros((), jnp.float32),
-                   num_clipped=jnp.zeros((), jnp.int32))
-    return ClipByValueState(count=count,
-                            threshold=record(hi, params, count, dtype),
-                            **extra)
+    state = ClipByValueState(count=count,
+                             threshold=record(hi, params, count, dtype))
+    if not stats:
+      return state
+    return state._replace(**_stats.counters(frac=True),
+                          grad_norm=jnp.zeros((), dtype),
+                          scale=jnp.ones((), dtype))
 
   def update_fn(updates, state, params=None):
     del params
@@ -407,23 +406,29 @@ def clip_by_value(
                            threshold=record(hi, updates, state.count, dtype))
     if not stats:
       return out, new
-    before = _norms.global_norm_parts(updates)
-    after = _norms.global_norm_parts(out)
-    leaves = _tree.float_leaves(updates, where)
-    changed = sum((jnp.sum(g != c, dtype=jnp.int32) for g, c in
-                   zip(leaves, _tree.float_leaves(out, where))),
-                  jnp.zeros((), jnp.int32))
-    clipped = changed > 0
-    ratio = (after.hi / before.hi) * (after.lo / jnp.where(
-        before.lo > 0, before.lo, 1))
-    scale = jnp.where(clipped & (before.lo > 0), ratio, 1).astype(dtype)
-    return out, new._replace(
-        grad_norm=before.value().astype(dtype), scale=scale, clipped=clipped,
-        frac_clipped=changed.astype(jnp.float32) / max(
-            sum(x.size for x in leaves), 1),
-        num_clipped=state.num_clipped + clipped.astype(jnp.int32))
+    return out, new._replace(**_value_stats(updates, out, state, dtype))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _transform.transformation(init_fn, update_fn)
+
+
+def _value_stats(updates: Any, out: Any, state: ClipByValueState,
+                 dtype: Any) -> dict[str, Any]:
+  """``clip_by_value(stats=True)``'s fields: the norm before, the norm ratio
+  after, and the counts of changed elements."""
+  before = _norms.global_norm_parts(updates)
+  after = _norms.global_norm_parts(out)
+  leaves = _tree.float_leaves(updates, "clip_by_value")
+  changed = sum((jnp.sum(g != c, dtype=jnp.int32) for g, c in
+                 zip(leaves, _tree.float_leaves(out, "clip_by_value"))),
+                jnp.zeros((), jnp.int32))
+  clipped = changed > 0
+  ratio = (after.hi / before.hi) * (after.lo / jnp.where(
+      before.lo > 0, before.lo, 1))
+  return dict(
+      **_stats.tally(state, clipped, num=changed,
+                     of=sum(x.size for x in leaves)),
+      grad_norm=before.value().astype(dtype),
+      scale=jnp.where(clipped & (before.lo > 0), ratio, 1).astype(dtype))
 
 
 def _check_order(min_value: Any, max_value: Any, where: str) -> None:

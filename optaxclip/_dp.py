@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _example_clip, _per_example, _tree, _validate
+from optaxclip import _example_clip, _per_example, _transform, _tree, _validate
 from optaxclip._example_clip import PerExampleInfo
 
 
@@ -204,7 +204,7 @@ def dp_aggregate(
     return _noise_step(total, info, state, max_norm, noise_multiplier,
                        batch_size)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _transform.transformation(init_fn, update_fn, extra_args=True)
 
 
 def dp_noise(
@@ -270,7 +270,7 @@ def dp_noise(
     return _noise_step(updates, clip_info, state, max_norm, noise_multiplier,
                        batch_size)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _transform.transformation(init_fn, update_fn, extra_args=True)
 
 
 # ----------------------------------------------------------------------------

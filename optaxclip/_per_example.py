@@ -14,6 +14,7 @@ of two that brings its largest entry near 1 before its squares are summed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -198,69 +199,35 @@ def clipped_grad(
     0.5 [3.  4.  0.5] 2
   """
   where = "clipped_grad"
-  if method not in ("vmap", "ghost"):
-    raise ValueError(f"{where}: method={method!r} is not available; use"
-                     " 'vmap' (jax.vmap of jax.grad) or 'ghost' (ghost norms"
-                     " of Flax NNX layers).")
-  _example_clip.check_options(max_norm, per_layer, normalize, where)
-  if microbatch_size is not None:
-    _validate.check_int(microbatch_size, "microbatch_size", where, lo=1)
-    microbatch_size = int(microbatch_size)
-  batch_nums = _as_tuple(batch_argnums)
-  grad_nums = _as_tuple(argnums)
-  if set(batch_nums) & set(grad_nums):
-    raise ValueError(f"{where}: argnums={argnums} and batch_argnums="
-                     f"{batch_argnums} overlap; the differentiated arguments"
-                     " must not carry the batch.")
+  grad_nums, batch_nums, microbatch_size = _checked(
+      method, max_norm, per_layer, normalize, microbatch_size, argnums,
+      batch_argnums)
   default_norm = max_norm
-
-  def single(*args, **kwargs):
-    if keep_batch_dim:
-      args = tuple(
-          jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), a)
-          if i in batch_nums else a for i, a in enumerate(args))
-    return fun(*args, **kwargs)
-
-  grad_one = jax.grad(single, argnums, has_aux=has_aux)
+  setup = dict(grad_nums=grad_nums, batch_nums=batch_nums, has_aux=has_aux,
+               keep_batch_dim=keep_batch_dim,
+               argnums_is_int=isinstance(argnums, (int, np.integer)))
+  options = dict(per_layer=per_layer, normalize=normalize, nan_safe=nan_safe,
+                 where=where)
 
   def clipped(*args, example_mask=None, max_norm=None, **kwargs):
     if max(batch_nums) >= len(args):
       raise ValueError(f"{where}: batch_argnums={batch_argnums} but the"
                        f" function got {len(args)} positional arguments.")
     threshold = default_norm if max_norm is None else max_norm
-    batch_args = [args[i] for i in batch_nums]
-    batch = _batch_size(batch_args, where)
+    batch = _batch_size([args[i] for i in batch_nums], where)
     mask = _example_clip.check_mask(example_mask, batch, where)
     if method == "ghost":
       from optaxclip import _ghost  # Imports flax.
-
-      args, leaves_shape, treedef, clip_chunk = _ghost.prepare(
-          fun, args, kwargs, grad_nums=grad_nums, batch_nums=batch_nums,
-          has_aux=has_aux, keep_batch_dim=keep_batch_dim,
-          argnums_is_int=isinstance(argnums, (int, np.integer)))
+      prepare = _ghost.prepare
     else:
-      in_axes = tuple(0 if i in batch_nums else None
-                      for i in range(len(args)))
-      per_example = jax.vmap(lambda *a: grad_one(*a, **kwargs),
-                             in_axes=in_axes)
-      shapes = jax.eval_shape(per_example, *args)
-      grads_shape = shapes[0] if has_aux else shapes
-      leaves_shape, treedef = jax.tree_util.tree_flatten(grads_shape)
+      prepare = _vmap_prepare
+    args, leaves_shape, treedef, clip_chunk = prepare(fun, args, kwargs,
+                                                      **setup)
     _example_clip.check_float(leaves_shape, where)
     dtype = _tree.common_acc_dtype(leaves_shape)
-    t = jnp.asarray(threshold, dtype) if _example_clip.is_number(threshold) else threshold
-    options = dict(per_layer=per_layer, normalize=normalize,
-                   nan_safe=nan_safe, where=where)
-
-    def chunk(chunk_args, chunk_mask):
-      if method == "ghost":
-        return clip_chunk(chunk_args, chunk_mask, t, **options)
-      out = per_example(*chunk_args)
-      grads, aux = (out if has_aux else (out, None))
-      leaves = jax.tree_util.tree_leaves(grads)
-      sums, stats = _example_clip.clip_sum(leaves, treedef, t, mask=chunk_mask, **options)
-      return sums, stats, aux
-
+    t = (jnp.asarray(threshold, dtype) if _example_clip.is_number(threshold)
+         else threshold)
+    chunk = functools.partial(clip_chunk, threshold=t, **options)
     if microbatch_size is None or microbatch_size >= batch:
       sums, stats, aux = chunk(args, mask)
     else:
@@ -275,6 +242,63 @@ def clipped_grad(
     return result[0] if len(result) == 1 else tuple(result)
 
   return clipped
+
+
+def _vmap_prepare(fun, args, kwargs, *, grad_nums, batch_nums, has_aux,
+                  keep_batch_dim, argnums_is_int):
+  """Sets up one call of ``clipped_grad(method="vmap")``: per-example
+  gradients by ``jax.vmap`` of ``jax.grad``.
+
+  Returns, as :func:`optaxclip._ghost.prepare` does, ``fun``'s arguments,
+  the gradient's leaves (shapes) and tree structure, and the function that
+  clips one chunk of examples.
+  """
+  def single(*args):
+    if keep_batch_dim:
+      args = tuple(
+          jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), a)
+          if i in batch_nums else a for i, a in enumerate(args))
+    return fun(*args, **kwargs)
+
+  argnums = grad_nums[0] if argnums_is_int else grad_nums
+  per_example = jax.vmap(
+      jax.grad(single, argnums, has_aux=has_aux),
+      in_axes=tuple(0 if i in batch_nums else None for i in range(len(args))))
+  shapes = jax.eval_shape(per_example, *args)
+  leaves_shape, treedef = jax.tree_util.tree_flatten(
+      shapes[0] if has_aux else shapes)
+
+  def clip_chunk(chunk_args, mask, threshold, **options):
+    out = per_example(*chunk_args)
+    grads, aux = (out if has_aux else (out, None))
+    sums, stats = _example_clip.clip_sum(jax.tree_util.tree_leaves(grads),
+                                         treedef, threshold, mask=mask,
+                                         **options)
+    return sums, stats, aux
+
+  return args, leaves_shape, treedef, clip_chunk
+
+
+def _checked(method, max_norm, per_layer, normalize, microbatch_size,
+             argnums, batch_argnums):
+  """``clipped_grad``'s checked arguments: the differentiated and the batch
+  argument numbers, and the microbatch size."""
+  where = "clipped_grad"
+  if method not in ("vmap", "ghost"):
+    raise ValueError(f"{where}: method={method!r} is not available; use"
+                     " 'vmap' (jax.vmap of jax.grad) or 'ghost' (ghost norms"
+                     " of Flax NNX layers).")
+  _example_clip.check_options(max_norm, per_layer, normalize, where)
+  if microbatch_size is not None:
+    _validate.check_int(microbatch_size, "microbatch_size", where, lo=1)
+    microbatch_size = int(microbatch_size)
+  batch_nums = _as_tuple(batch_argnums)
+  grad_nums = _as_tuple(argnums)
+  if set(batch_nums) & set(grad_nums):
+    raise ValueError(f"{where}: argnums={argnums} and batch_argnums="
+                     f"{batch_argnums} overlap; the differentiated arguments"
+                     " must not carry the batch.")
+  return grad_nums, batch_nums, microbatch_size
 
 
 def _scan_chunks(chunk, args, batch_nums, mask, batch, size):

@@ -8,7 +8,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import _norms, _numerics, _thresholds, _tree, _validate
+from optaxclip import (
+    _norms,
+    _numerics,
+    _stats,
+    _thresholds,
+    _transform,
+    _tree,
+    _validate,
+)
 from optaxclip._norms import AxisName, Ord
 from optaxclip._thresholds import Threshold
 
@@ -151,20 +159,13 @@ def clip_by_quantile(
     [2.] 2.0
   """
   where = "clip_by_quantile"
-  _validate.check_range(quantile, "quantile", where, lo=0.0, hi=1.0)
-  _validate.check_int(history, "history", where, lo=1)
-  _validate.check_bool(leaf_norms, "leaf_norms", where)
-  if leaf_norms and per_leaf:
-    raise ValueError(f"{where}: with per_leaf=True, grad_norm holds each"
-                     " leaf's norm already; drop leaf_norms=True.")
-  _validate.check_bool(include_current, "include_current", where)
+  _check(quantile, history, leaf_norms, per_leaf, include_current)
   p = _validate.canonical_ord(ord)
 
   def init_fn(params):
     dtype = _tree.tree_acc_dtype(params)
     size = _validate.static_size(history, "history", where)
     leaves, rebuild = _tree.live_leaves(params, where)
-    count = jnp.zeros((), jnp.int32)
     if per_leaf:
       buf = jnp.zeros((len(leaves), size), dtype)
 
@@ -176,9 +177,8 @@ def clip_by_quantile(
       def full(value):
         return jnp.full((), value, dtype)
     return ClipByQuantileState(
-        count=count, grad_norm=full(0), threshold=full(jnp.inf),
-        scale=full(1), clipped=jnp.zeros((), bool),
-        num_clipped=jnp.zeros((), jnp.int32),
+        **_stats.counters(), grad_norm=full(0), threshold=full(jnp.inf),
+        scale=full(1),
         norm_history=buf, sorted_norms=jnp.full_like(buf, jnp.inf),
         fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32),
         leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None)
@@ -186,7 +186,6 @@ def clip_by_quantile(
   def update_fn(updates, state, params=None):
     del params
     dtype = state.norm_history.dtype
-    size = state.norm_history.shape[-1]  # Static even when injected.
     leaves, rebuild = _tree.live_leaves(updates, where)
     each = None
     if per_leaf:
@@ -195,21 +194,8 @@ def clip_by_quantile(
       parts, each = _norms.global_and_leaf_norms(
           updates, p, axis_name=axis_name, leaves=leaf_norms)
     norm = parts.value().astype(dtype)
-    finite = jnp.all(jnp.isfinite(norm))
-    oldest = jnp.where(state.fill == size,
-                       state.norm_history[..., state.index], jnp.inf)
-    recorded = state.norm_history.at[..., state.index].set(norm)
-    buf = jnp.where(finite, recorded, state.norm_history)
-    ordered = jnp.where(
-        finite, sorted_replace(state.sorted_norms, oldest, norm),
-        state.sorted_norms)
-    fill = jnp.where(finite, jnp.minimum(state.fill + 1, size), state.fill)
-    index = jnp.where(finite, (state.index + 1) % size, state.index)
     q = _thresholds.resolve(quantile, state.count, dtype, hi=1.0)
-    if include_current:
-      threshold = sorted_quantile(ordered, fill, q)
-    else:
-      threshold = sorted_quantile(state.sorted_norms, state.fill, q)
+    threshold, recorded = _recorded(state, norm, q, include_current)
     scale = _numerics.clip_factors(parts, threshold)
     clipped = jnp.any(norm > threshold)
     if per_leaf:
@@ -224,13 +210,10 @@ def clip_by_quantile(
           lambda g: _numerics.scale_leaf(g, scale), updates)
       values = scale.value().astype(dtype)
     return updates, ClipByQuantileState(
-        count=optax.safe_increment(state.count), grad_norm=norm,
-        threshold=threshold, scale=values, clipped=clipped,
-        num_clipped=state.num_clipped + clipped.astype(jnp.int32),
-        norm_history=buf, sorted_norms=ordered, fill=fill, index=index,
-        leaf_norms=each)
+        **_stats.tally(state, clipped), **recorded, grad_norm=norm,
+        threshold=threshold, scale=values, leaf_norms=each)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _transform.transformation(init_fn, update_fn)
 
 
 def sorted_replace(ordered: jax.Array, old: jax.Array,
@@ -287,3 +270,36 @@ def _per_leaf_norms(leaves: list[jax.Array], p: Any, axis_name: AxisName,
                                                for x in leaves])
   return _numerics.Norm(*(jnp.stack([jnp.reshape(v, ()).astype(dtype)
                                   for v in vs]) for vs in zip(*norms)))
+
+
+def _recorded(state, norm, q, include_current):
+  """The ``q``-quantile threshold, and the history with ``norm`` recorded
+  (a non-finite norm is not)."""
+  size = state.norm_history.shape[-1]  # Static even when injected.
+  finite = jnp.all(jnp.isfinite(norm))
+  oldest = jnp.where(state.fill == size,
+                     state.norm_history[..., state.index], jnp.inf)
+  recorded = state.norm_history.at[..., state.index].set(norm)
+  buf = jnp.where(finite, recorded, state.norm_history)
+  ordered = jnp.where(
+      finite, sorted_replace(state.sorted_norms, oldest, norm),
+      state.sorted_norms)
+  fill = jnp.where(finite, jnp.minimum(state.fill + 1, size), state.fill)
+  index = jnp.where(finite, (state.index + 1) % size, state.index)
+  if include_current:
+    threshold = sorted_quantile(ordered, fill, q)
+  else:
+    threshold = sorted_quantile(state.sorted_norms, state.fill, q)
+  return threshold, dict(norm_history=buf, sorted_norms=ordered, fill=fill,
+                        index=index)
+
+
+def _check(quantile, history, leaf_norms, per_leaf, include_current):
+  where = "clip_by_quantile"
+  _validate.check_range(quantile, "quantile", where, lo=0.0, hi=1.0)
+  _validate.check_int(history, "history", where, lo=1)
+  _validate.check_bool(leaf_norms, "leaf_norms", where)
+  if leaf_norms and per_leaf:
+    raise ValueError(f"{where}: with per_leaf=True, grad_norm holds each"
+                     " leaf's norm already; drop leaf_norms=True.")
+  _validate.check_bool(include_current, "include_current", where)

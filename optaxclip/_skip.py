@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.extend import core as jcore
 
-from optaxclip import _norms, _thresholds, _tree, _validate
+from optaxclip import _norms, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName, Ord
 from optaxclip._thresholds import Threshold
 
@@ -47,6 +47,16 @@ class SkipStepState(NamedTuple):
   norm_ema: jax.Array
   leaf_norms: Any
   inner_state: Any
+
+
+_IN_MULTISTEPS = (
+    "skip_step: wrapped in optax.MultiSteps, a non-finite micro-batch stays in"
+    " MultiSteps' accumulator, out of skip_step's reach, and spoils the"
+    " following steps. Nest it the other way round,"
+    " oc.skip_step(optax.MultiSteps(opt, k)), to drop a bad micro-batch"
+    " alone; or, to judge the accumulated gradients, pass nonfinite=False"
+    " with max_norm or spike_factor and give MultiSteps"
+    " should_skip_update_fn=optax.skip_not_finite.")
 
 
 SkipStepStats = SkipStepState
@@ -148,30 +158,9 @@ def skip_step(
     >>> print(state.num_skipped, state.scale)
     1 0.0
   """
-  where = "skip_step"
-  if isinstance(inner, optax.MultiSteps):
-    inner = optax.GradientTransformationExtraArgs(inner.init, inner.update)
-  if not isinstance(inner, optax.GradientTransformation):
-    raise TypeError(
-        f"{where}: inner must be an optax.GradientTransformation (e.g."
-        f" optax.chain(clipper, optimizer)) or an optax.MultiSteps, got"
-        f" {type(inner).__name__}.")
-  _validate.check_bool(nonfinite, "nonfinite", where)
-  if max_norm is not None:
-    _validate.check_threshold(max_norm, "max_norm", where)
-  if spike_factor is not None:
-    _validate.check_range(spike_factor, "spike_factor", where, lo=0.0,
-                        hi=math.inf, open_lo=True, schedule=False)
-  _validate.check_range(spike_decay, "spike_decay", where, lo=0.0, hi=1.0,
-                      open_hi=True, schedule=False)
-  _validate.check_int(spike_warmup, "spike_warmup", where, lo=1)
-  if not nonfinite and max_norm is None and spike_factor is None:
-    raise ValueError(
-        f"{where}: with nonfinite=False, give max_norm or spike_factor;"
-        " otherwise no step is ever skipped.")
-  _validate.check_bool(leaf_norms, "leaf_norms", where)
+  inner = _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
+                   spike_warmup, leaf_norms)
   p = _validate.canonical_ord(ord)
-  inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     dtype = _tree.tree_acc_dtype(params)
@@ -187,14 +176,7 @@ def skip_step(
 
   def update_fn(updates, state, params=None, **extra_args):
     if nonfinite and _called_by_multisteps():
-      raise TypeError(
-          f"{where}: wrapped in optax.MultiSteps, a non-finite micro-batch"
-          " stays in MultiSteps' accumulator, out of skip_step's reach, and"
-          " spoils the following steps. Nest it the other way round,"
-          " oc.skip_step(optax.MultiSteps(opt, k)), to drop a bad micro-batch"
-          " alone; or, to judge the accumulated gradients, pass"
-          " nonfinite=False with max_norm or spike_factor and give MultiSteps"
-          " should_skip_update_fn=optax.skip_not_finite.")
+      raise TypeError(_IN_MULTISTEPS)
     dtype = state.grad_norm.dtype
     # The barrier keeps XLA from sharing the squares of this norm with an
     # inner optimizer's squares of the same gradients (Adam's second
@@ -225,12 +207,7 @@ def skip_step(
         lambda u: jnp.where(skip, jnp.negative(jnp.zeros_like(u)), u),
         new_updates)
 
-    # The moving average of the norms of the steps taken, bias-corrected:
-    # after n such steps it weighs them as Adam's corrected moment does.
-    decay = jnp.asarray(spike_decay, dtype)
-    n = (taken + 1).astype(dtype)
-    weight = (1 - decay) / -jnp.expm1(n * jnp.log(decay))
-    ema = state.norm_ema + weight * (norm - state.norm_ema)
+    ema = _norm_ema(state.norm_ema, norm, taken, spike_decay)
     use = ~skip & jnp.isfinite(norm)
     return new_updates, SkipStepState(
         count=optax.safe_increment(state.count), grad_norm=norm,
@@ -239,7 +216,46 @@ def skip_step(
         norm_ema=jnp.where(use, ema, state.norm_ema), leaf_norms=each,
         inner_state=new_inner)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _transform.transformation(init_fn, update_fn, extra_args=True)
+
+
+def _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
+             spike_warmup, leaf_norms):
+  """``inner`` as an ``ExtraArgs`` transformation, once every argument is
+  checked."""
+  where = "skip_step"
+  if isinstance(inner, optax.MultiSteps):
+    inner = optax.GradientTransformationExtraArgs(inner.init, inner.update)
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(
+        f"{where}: inner must be an optax.GradientTransformation (e.g."
+        f" optax.chain(clipper, optimizer)) or an optax.MultiSteps, got"
+        f" {type(inner).__name__}.")
+  _validate.check_bool(nonfinite, "nonfinite", where)
+  if max_norm is not None:
+    _validate.check_threshold(max_norm, "max_norm", where)
+  if spike_factor is not None:
+    _validate.check_range(spike_factor, "spike_factor", where, lo=0.0,
+                        hi=math.inf, open_lo=True, schedule=False)
+  _validate.check_range(spike_decay, "spike_decay", where, lo=0.0, hi=1.0,
+                      open_hi=True, schedule=False)
+  _validate.check_int(spike_warmup, "spike_warmup", where, lo=1)
+  if not nonfinite and max_norm is None and spike_factor is None:
+    raise ValueError(
+        f"{where}: with nonfinite=False, give max_norm or spike_factor;"
+        " otherwise no step is ever skipped.")
+  _validate.check_bool(leaf_norms, "leaf_norms", where)
+  return optax.with_extra_args_support(inner)
+
+
+def _norm_ema(ema: jax.Array, norm: jax.Array, taken: jax.Array,
+              decay: float) -> jax.Array:
+  """The moving average of the norms of the steps taken, bias-corrected:
+  after ``n`` such steps it weighs them as Adam's corrected moment does."""
+  d = jnp.asarray(decay, ema.dtype)
+  n = (taken + 1).astype(ema.dtype)
+  weight = (1 - d) / -jnp.expm1(n * jnp.log(d))
+  return ema + weight * (norm - ema)
 
 
 def _update_keeping_state(skip, update, updates, state, params, extra_args):
@@ -309,9 +325,7 @@ def _update_keeping_state(skip, update, updates, state, params, extra_args):
 def _called_by_multisteps() -> bool:
   """Whether an ``optax.MultiSteps`` update is on the Python call stack."""
   frame = sys._getframe(2)
-  for _ in range(32):
-    if frame is None:
-      return False
+  while frame is not None:
     if isinstance(frame.f_locals.get("self"), optax.MultiSteps):
       return True
     frame = frame.f_back

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _thresholds, _tree, _validate
+from optaxclip import _norms, _thresholds, _transform, _tree, _validate
 from optaxclip._thresholds import Threshold
 
 
@@ -195,7 +195,7 @@ def _standalone(theta: Threshold, beta2: Threshold
     nu = _tree.map_arrays(ema, state.nu, clipped)
     return clipped, ClipSpikesState(stats=stats, nu=nu)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _transform.transformation(init_fn, update_fn)
 
 
 def _wrapper(theta: Threshold, inner: optax.GradientTransformationExtraArgs
@@ -218,7 +218,7 @@ def _wrapper(theta: Threshold, inner: optax.GradientTransformationExtraArgs
     return new_updates, SpikeClippedState(stats=stats,
                                           inner_state=inner_state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _transform.transformation(init_fn, update_fn, extra_args=True)
 
 
 def find_nu(inner_state: Any, like: Any) -> Any:

@@ -9,7 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _numerics, _thresholds, _tree, _validate
+from optaxclip import (
+    _norms,
+    _numerics,
+    _stats,
+    _thresholds,
+    _transform,
+    _tree,
+    _validate,
+)
 from optaxclip._norms import AxisName, Ord
 from optaxclip._thresholds import Threshold
 
@@ -141,6 +149,93 @@ def zclip(
     >>> print(updates, state.spike, state.threshold)
     [1.0338] True 1.0338
   """
+  _check(alpha, z_thresh, warmup_steps, max_norm, mode, eps, leaf_norms)
+  p = _validate.canonical_ord(ord)
+
+  def init_fn(params):
+    dtype = _tree.tree_acc_dtype(params)
+    size = _validate.static_size(warmup_steps, "warmup_steps", "zclip")
+    zero = jnp.zeros((), dtype)
+    return ZClipState(
+        **_stats.counters(), grad_norm=zero,
+        threshold=jnp.full((), jnp.inf, dtype), scale=jnp.ones((), dtype),
+        spike=jnp.zeros((), bool), z=zero, mean=zero, var=zero,
+        warmup_norms=jnp.zeros((size,), dtype),
+        fill=jnp.zeros((), jnp.int32),
+        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None)
+
+  def update_fn(updates, state, params=None):
+    del params
+    dtype = state.grad_norm.dtype
+    parts, each = _norms.global_and_leaf_norms(
+        updates, p, axis_name=axis_name, leaves=leaf_norms)
+    g = parts.value().astype(dtype)
+    a = _thresholds.resolve(alpha, state.count, dtype, hi=1.0)
+    zt = _thresholds.resolve(z_thresh, state.count, dtype)
+
+    cap = (None if max_norm is None else
+           _thresholds.resolve(max_norm, state.count, dtype))
+    threshold, new = _statistics(state, g, a, zt, cap, mode=mode, eps=eps,
+                                 skip_on_spike=skip_update_on_spike)
+    over = g > threshold
+    scale = _numerics.clip_factors(parts, threshold)
+    updates = _tree.map_arrays(
+        lambda x: _numerics.scale_leaf(x, scale), updates)
+
+    return updates, state._replace(
+        **new, **_stats.tally(state, over), grad_norm=g, threshold=threshold,
+        scale=scale.value().astype(dtype), leaf_norms=each)
+
+  return _transform.transformation(init_fn, update_fn)
+
+
+def _statistics(state, g, a, zt, cap, *, mode, eps, skip_on_spike):
+  """The threshold in force, and the new warm-up and EMA fields."""
+  dtype = state.grad_norm.dtype
+  size = state.warmup_norms.shape[0]  # Static even when injected.
+  # Warm-up: collect the norm; after the last one, start the statistics.
+  warm = state.fill < size
+  keep = warm & jnp.isfinite(g)
+  slot = jnp.minimum(state.fill, size - 1)
+  buf = jnp.where(keep, state.warmup_norms.at[slot].set(g),
+                  state.warmup_norms)
+  fill = state.fill + keep.astype(jnp.int32)
+  mean0 = jnp.mean(buf)
+  var0 = jnp.mean(jnp.square(buf - mean0))
+  start = keep & (fill == size)
+
+  # After warm-up: z-score against the statistics so far.
+  std = jnp.sqrt(state.var)
+  z = (g - state.mean) / (std + eps)
+  if mode == "percentile":
+    boundary = state.mean + zt * std
+    clip_value = boundary
+  else:
+    boundary = state.mean + zt * (std + eps)
+    clip_value = (state.mean + zt * std / (z / zt) if mode == "adaptive"
+                  else state.mean)
+  spike = ~warm & (g > boundary)
+  threshold = jnp.where(warm, jnp.inf,
+                        jnp.where(spike, clip_value, boundary))
+  if cap is not None:
+    threshold = jnp.minimum(threshold, cap)
+  threshold = threshold.astype(dtype)
+
+  v = jnp.where(spike, clip_value, g)
+  track = ~warm & jnp.isfinite(v)
+  if skip_on_spike:
+    track &= ~spike
+  mean1 = a * state.mean + (1 - a) * v
+  var1 = a * state.var + (1 - a) * jnp.square(v - mean1)
+  mean = jnp.where(track, mean1, jnp.where(start, mean0, state.mean))
+  var = jnp.where(track, var1, jnp.where(start, var0, state.var))
+  return threshold, dict(
+      spike=spike, z=jnp.where(warm, 0, z).astype(dtype),
+      mean=mean.astype(dtype), var=var.astype(dtype), warmup_norms=buf,
+      fill=fill)
+
+
+def _check(alpha, z_thresh, warmup_steps, max_norm, mode, eps, leaf_norms):
   where = "zclip"
   _validate.check_bool(leaf_norms, "leaf_norms", where)
   _validate.check_range(alpha, "alpha", where, lo=0.0, hi=1.0, open_lo=True,
@@ -152,79 +247,3 @@ def zclip(
   _validate.check_range(eps, "eps", where, lo=0.0, hi=np.inf, schedule=False)
   if mode not in _MODES:
     raise ValueError(f"{where}: mode={mode!r} is not one of {_MODES}.")
-  p = _validate.canonical_ord(ord)
-
-  def init_fn(params):
-    dtype = _tree.tree_acc_dtype(params)
-    size = _validate.static_size(warmup_steps, "warmup_steps", where)
-    zero = jnp.zeros((), dtype)
-    return ZClipState(
-        count=jnp.zeros((), jnp.int32), grad_norm=zero,
-        threshold=jnp.full((), jnp.inf, dtype), scale=jnp.ones((), dtype),
-        clipped=jnp.zeros((), bool), num_clipped=jnp.zeros((), jnp.int32),
-        spike=jnp.zeros((), bool), z=zero, mean=zero, var=zero,
-        warmup_norms=jnp.zeros((size,), dtype),
-        fill=jnp.zeros((), jnp.int32),
-        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None)
-
-  def update_fn(updates, state, params=None):
-    del params
-    dtype = state.grad_norm.dtype
-    size = state.warmup_norms.shape[0]  # Static even when injected.
-    parts, each = _norms.global_and_leaf_norms(
-        updates, p, axis_name=axis_name, leaves=leaf_norms)
-    g = parts.value().astype(dtype)
-    a = _thresholds.resolve(alpha, state.count, dtype, hi=1.0)
-    zt = _thresholds.resolve(z_thresh, state.count, dtype)
-
-    # Warm-up: collect the norm; after the last one, start the statistics.
-    warm = state.fill < size
-    keep = warm & jnp.isfinite(g)
-    slot = jnp.minimum(state.fill, size - 1)
-    buf = jnp.where(keep, state.warmup_norms.at[slot].set(g),
-                    state.warmup_norms)
-    fill = state.fill + keep.astype(jnp.int32)
-    mean0 = jnp.mean(buf)
-    var0 = jnp.mean(jnp.square(buf - mean0))
-    start = keep & (fill == size)
-
-    # After warm-up: z-score against the statistics so far.
-    std = jnp.sqrt(state.var)
-    z = (g - state.mean) / (std + eps)
-    if mode == "percentile":
-      boundary = state.mean + zt * std
-      clip_value = boundary
-    else:
-      boundary = state.mean + zt * (std + eps)
-      clip_value = (state.mean + zt * std / (z / zt) if mode == "adaptive"
-                    else state.mean)
-    spike = ~warm & (g > boundary)
-    threshold = jnp.where(warm, jnp.inf,
-                          jnp.where(spike, clip_value, boundary))
-    if max_norm is not None:
-      threshold = jnp.minimum(
-          threshold, _thresholds.resolve(max_norm, state.count, dtype))
-    threshold = threshold.astype(dtype)
-
-    over = g > threshold
-    scale = _numerics.clip_factors(parts, threshold)
-    updates = _tree.map_arrays(
-        lambda x: _numerics.scale_leaf(x, scale), updates)
-
-    v = jnp.where(spike, clip_value, g)
-    track = ~warm & jnp.isfinite(v)
-    if skip_update_on_spike:
-      track &= ~spike
-    mean1 = a * state.mean + (1 - a) * v
-    var1 = a * state.var + (1 - a) * jnp.square(v - mean1)
-    mean = jnp.where(track, mean1, jnp.where(start, mean0, state.mean))
-    var = jnp.where(track, var1, jnp.where(start, var0, state.var))
-    return updates, ZClipState(
-        count=optax.safe_increment(state.count), grad_norm=g,
-        threshold=threshold, scale=scale.value().astype(dtype), clipped=over,
-        num_clipped=state.num_clipped + over.astype(jnp.int32),
-        spike=spike, z=jnp.where(warm, 0, z).astype(dtype),
-        mean=mean.astype(dtype), var=var.astype(dtype), warmup_norms=buf,
-        fill=fill, leaf_norms=each)
-
-  return optax.GradientTransformation(init_fn, update_fn)
