@@ -21,7 +21,7 @@ Transforms, each module with its state types:
 Shared, below them:
   _transform     the Optax transformation a factory returns, fast without jit
   _example_clip  per-example weights, the weighted sum, PerExampleInfo
-  _per_leaf      the scale rule applied leaf by leaf, per group of leaves
+  _apply      the scale rule applied leaf by leaf, per group of leaves
   _norms         norm kernels, the one overflow-safe kernel, collectives
   _thresholds    hyper-parameters at run time: schedules, prefix trees
   _stats         the counters every state keeps; clip_stats, register_state
@@ -52,12 +52,7 @@ from optaxclip._norms import AxisName, Ord, global_norm
 from optaxclip._per_example import clipped_grad, per_example_clip
 from optaxclip._quantile import ClipByQuantileState, clip_by_quantile
 from optaxclip._skip import SkipStepState, SkipStepStats, skip_step
-from optaxclip._spikes import (
-    ClipSpikesState,
-    SpikeClippedState,
-    SpikeStats,
-    clip_spikes,
-)
+from optaxclip._spikes import ClipSpikesState, SpikeClippedState, SpikeStats, clip_spikes
 from optaxclip._stats import clip_stats, register_state
 from optaxclip._thresholds import Threshold
 from optaxclip._tree import Axis

@@ -10,15 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import (
-    _norms,
-    _numerics,
-    _stats,
-    _thresholds,
-    _transform,
-    _tree,
-    _validate,
-)
+from optaxclip import _norms, _numerics, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName
 from optaxclip._thresholds import Threshold
 

@@ -9,15 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import (
-    _norms,
-    _per_leaf,
-    _stats,
-    _thresholds,
-    _transform,
-    _tree,
-    _validate,
-)
+from optaxclip import _apply, _norms, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName
 from optaxclip._thresholds import Threshold
 from optaxclip._tree import Axis
@@ -31,7 +23,7 @@ class AdaptiveGradClipState(NamedTuple):
 
   Attributes:
     count: updates seen so far (int32).
-    grad_norm: the largest ratio, over the units of the last incoming update,
+    ratio: the largest ratio, over the units of the last incoming update,
       of a unit's update norm to its clipping norm ``max(|w|, eps)``: the
       number compared with ``threshold`` (``inf`` for a nonzero update of a
       unit whose clipping norm is 0).
@@ -47,7 +39,7 @@ class AdaptiveGradClipState(NamedTuple):
   """
 
   count: jax.Array
-  grad_norm: jax.Array
+  ratio: jax.Array
   threshold: jax.Array
   scale: jax.Array
   clipped: jax.Array
@@ -136,7 +128,7 @@ def adaptive_grad_clip(
     dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
     return AdaptiveGradClipState(
-        **_stats.counters(frac=True), grad_norm=jnp.zeros((), dtype),
+        **_stats.counters(frac=True), ratio=jnp.zeros((), dtype),
         threshold=_thresholds.resolve(clipping, count, dtype),
         scale=jnp.ones((), dtype), leaf_norms=norms)
 
@@ -154,10 +146,10 @@ def adaptive_grad_clip(
     dtype = _tree.tree_acc_dtype(updates)
     c = _thresholds.resolve(clipping, state.count, dtype)
     e = _thresholds.resolve(eps, state.count, dtype)
-    floors = [jnp.maximum(pn.value().astype(gn.lo.dtype), e.astype(
-        gn.lo.dtype)) for gn, pn in zip(g_norms, p_norms)]
+    floors = [jnp.maximum(pn.value().astype(gn.scaled.dtype), e.astype(
+        gn.scaled.dtype)) for gn, pn in zip(g_norms, p_norms)]
     thresholds = [c.astype(f.dtype) * f for f in floors]
-    out, values, scales = _per_leaf.apply_grouped(g_leaves, groups, g_norms,
+    out, values, scales = _apply.apply_grouped(g_leaves, groups, g_norms,
                                                 thresholds)
     num_over = sum((jnp.sum(v > t, dtype=jnp.int32)
                     for v, t in zip(values, thresholds)),
@@ -168,9 +160,9 @@ def adaptive_grad_clip(
     return rebuild(out), AdaptiveGradClipState(
         **_stats.tally(state, num_over > 0, num=num_over,
                        of=sum(v.size for v in values)),
-        grad_norm=_per_leaf.largest(ratios, dtype), threshold=c,
-        scale=_per_leaf.smallest(scales, dtype),
-        leaf_norms=rebuild(_per_leaf.ungroup(groups, values, g_leaves, axes))
+        ratio=_apply.largest(ratios, dtype), threshold=c,
+        scale=_apply.smallest(scales, dtype),
+        leaf_norms=rebuild(_apply.ungroup(groups, values, g_leaves, axes))
         if leaf_norms else None)
 
   return _transform.transformation(init_fn, update_fn)

@@ -10,16 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import (
-  _norms,
-  _numerics,
-  _per_leaf,
-  _stats,
-  _thresholds,
-  _transform,
-  _tree,
-  _validate,
-)
+from optaxclip import _apply, _norms, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName, Ord
 from optaxclip._thresholds import Threshold
 from optaxclip._tree import Axis
@@ -184,9 +175,7 @@ def clip_by_global_norm(
     norm, each = _norms.global_and_leaf_norms(
         updates, p, axis_name=axis_name, leaves=leaf_norms)
     threshold = _thresholds.resolve(max_norm, state.count, dtype)
-    scale = _numerics.clip_factors(norm, threshold)
-    updates = _tree.map_arrays(
-        lambda g: _numerics.scale_leaf(g, scale), updates)
+    updates, scale = _apply.clip_tree(updates, norm, threshold)
     grad_norm = norm.value().astype(dtype)
     return updates, ClipByGlobalNormState(
         **_stats.tally(state, grad_norm > threshold), grad_norm=grad_norm,
@@ -290,9 +279,9 @@ def clip_by_norm(
     thresholds = _thresholds.leaf_thresholds(max_norm, updates, state.count,
                                          "max_norm", where)
     t_leaves = _tree.float_leaves(thresholds, where)
-    t_groups = [_per_leaf.stack_scalars([t_leaves[i] for i in g], n.lo.ndim)
+    t_groups = [_apply.stack_scalars([t_leaves[i] for i in g], n.scaled.ndim)
                 for g, n in zip(groups, norms)]
-    out, values, scales = _per_leaf.apply_grouped(xs, groups, norms, t_groups)
+    out, values, scales = _apply.apply_grouped(xs, groups, norms, t_groups)
     num_over = sum((jnp.sum(v > t, dtype=jnp.int32)
                     for v, t in zip(values, t_groups)),
                    jnp.zeros((), jnp.int32))
@@ -300,10 +289,10 @@ def clip_by_norm(
     return rebuild(out), ClipByNormState(
         **_stats.tally(state, num_over > 0, num=num_over,
                        of=sum(v.size for v in values)),
-        grad_norm=_per_leaf.largest(values, dtype),
+        grad_norm=_apply.largest(values, dtype),
         threshold=record(thresholds, state.count, dtype),
-        scale=_per_leaf.smallest(scales, dtype),
-        leaf_norms=rebuild(_per_leaf.ungroup(groups, values, xs, axes))
+        scale=_apply.smallest(scales, dtype),
+        leaf_norms=rebuild(_apply.ungroup(groups, values, xs, axes))
         if leaf_norms else None)
 
   return _transform.transformation(init_fn, update_fn)
@@ -422,13 +411,13 @@ def _value_stats(updates: Any, out: Any, state: ClipByValueState,
                  zip(leaves, _tree.float_leaves(out, "clip_by_value"))),
                 jnp.zeros((), jnp.int32))
   clipped = changed > 0
-  ratio = (after.hi / before.hi) * (after.lo / jnp.where(
-      before.lo > 0, before.lo, 1))
+  ratio = (after.power / before.power) * (after.scaled / jnp.where(
+      before.scaled > 0, before.scaled, 1))
   return dict(
       **_stats.tally(state, clipped, num=changed,
                      of=sum(x.size for x in leaves)),
       grad_norm=before.value().astype(dtype),
-      scale=jnp.where(clipped & (before.lo > 0), ratio, 1).astype(dtype))
+      scale=jnp.where(clipped & (before.scaled > 0), ratio, 1).astype(dtype))
 
 
 def _check_order(min_value: Any, max_value: Any, where: str) -> None:

@@ -51,18 +51,6 @@ class PerExampleInfo(NamedTuple):
   batch_size: jax.Array
 
 
-class ExampleStats(NamedTuple):
-  """A chunk's share of :class:`PerExampleInfo` (no ``batch_size``)."""
-
-  norms: jax.Array
-  threshold: jax.Array
-  sensitivity: jax.Array
-  included: jax.Array
-  num_examples: jax.Array
-  num_clipped: jax.Array
-  num_nonfinite: jax.Array
-
-
 def clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
               mask, where):
   """Sums of the clipped examples, one per leaf in the accumulation dtype."""
@@ -104,10 +92,11 @@ def clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
   keep = mask & finite if nan_safe else mask
   counted = mask & finite
   count = lambda b: jnp.sum(b, dtype=jnp.int32)  # noqa: E731
-  return [jnp.where(keep, s, 0) for s in scales], keep, ExampleStats(
+  return [jnp.where(keep, s, 0) for s in scales], keep, PerExampleInfo(
       norms=norms, threshold=t, sensitivity=jnp.asarray(sensitivity, dtype),
       included=counted, num_examples=count(counted),
-      num_clipped=count(counted & over), num_nonfinite=count(mask & ~finite))
+      num_clipped=count(counted & over), num_nonfinite=count(mask & ~finite),
+      batch_size=jnp.asarray(mask.shape[0], jnp.int32))
 
 
 def weighted_sum(x, weights, keep):
@@ -182,5 +171,6 @@ def check_mask(mask, batch, where):
   return mask
 
 
-def info(stats: ExampleStats, batch: int) -> PerExampleInfo:
-  return PerExampleInfo(*stats, batch_size=jnp.asarray(batch, jnp.int32))
+def info(stats: PerExampleInfo, batch: int) -> PerExampleInfo:
+  """A chunk's (or the chunks' summed) info as the whole batch's."""
+  return stats._replace(batch_size=jnp.asarray(batch, jnp.int32))

@@ -20,9 +20,9 @@ count, mesh and backend:
   same kernel, every example scaled by its own power of two, with no
   ``lax.cond`` (whose operands XLA would copy).
 
-The result is a :class:`optaxclip._numerics.Norm`, a pair ``(hi, lo)`` whose
-product is the norm: ``hi`` is ``2**e`` on the cold path (``1`` on the hot
-path). A norm too large for the accumulation dtype (float32 values near
+The result is a :class:`optaxclip._numerics.Norm`, a pair ``(power, scaled)``
+whose product is the norm: ``power`` is ``2**e`` on the cold path (``1`` on
+the hot path). A norm too large for the accumulation dtype (float32 values near
 3.4e38) reads as ``inf`` when multiplied out, but the pair still clips
 exactly (:func:`optaxclip._numerics.clip_factors`).
 
@@ -131,7 +131,7 @@ def global_and_leaf_norms(tree: Any, ord: Ord = 2, *,
     if leaves:
       each = [v / math.sqrt(max(_global_size([x], axis_name), 1))
               for v, x in zip(each, xs)]
-    n = Norm(n.hi, n.lo / root)
+    n = Norm(n.power, n.scaled / root)
   elif isinstance(p, jax.Array):  # Traced, e.g. injected by inject_hyperparams.
     n, each = jax.lax.switch(_ord_index(p), [
         lambda: _global_norm(xs, 2.0, axis_name, dtype, leaves),
@@ -171,7 +171,7 @@ def leaf_norm_parts(leaves: list[jax.Array], ord: Ord,
   out: list[Any] = [None] * len(leaves)
   for group, n in zip(groups, norms):
     for j, i in enumerate(group):
-      out[i] = Norm(pick(n.hi, j), pick(n.lo, j))
+      out[i] = Norm(pick(n.power, j), pick(n.scaled, j))
   return out
 
 
@@ -217,7 +217,7 @@ def grouped_leaf_norms(leaves: list[jax.Array], ord: Ord,
   if p == _RMS:
     _, norms = grouped_leaf_norms(leaves, 2.0, axes, groups, axis_name)
     return groups, [
-        Norm(n.hi, n.lo / math.sqrt(max(
+        Norm(n.power, n.scaled / math.sqrt(max(
             _tree.unit_size(leaves[g[0]], axes[g[0]]) * _copies_split(
                 leaves[g[0]], axis_name), 1)))
         for g, n in zip(groups, norms)]
@@ -406,7 +406,7 @@ def _leaf_norms(leaves: list[jax.Array], p: Any,
       e = exponent(m)
       s = total(scaled_power_sum(x, e, p, a, keepdims=True), k)
       n = _unscaled(s, e, p, m)
-      out.append(Norm(n.hi.astype(s0.dtype), n.lo.astype(s0.dtype)))
+      out.append(Norm(n.power.astype(s0.dtype), n.scaled.astype(s0.dtype)))
     return out
 
   return jax.lax.cond(bad, rescaled, plain, sums)

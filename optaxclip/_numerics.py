@@ -6,7 +6,8 @@ Everything here is elementwise and shape-agnostic; the norm kernels
 - :func:`exponent` and :func:`pow2`: the one power-of-two helper, read from
   and written to the exponent bits (``jnp.frexp`` compiles into a large graph,
   slow when repeated per layer).
-- :class:`Norm`: a norm as the product ``hi * lo``, exact beyond overflow.
+- :class:`Norm`: a norm as the product ``power * scaled``, exact beyond
+  overflow.
 - :func:`clip_factors`: ``min(1, t / n)``, the one scale rule of every
   clipper, with its edge cases; :class:`Scale` carries it as two normal
   factors; :func:`scale_leaf` applies it.
@@ -51,18 +52,18 @@ def _int_like(dtype: Any) -> Any:
 
 
 class Norm(NamedTuple):
-  """A norm as the product ``hi * lo``, exact even where it overflows.
+  """A norm as the product ``power * scaled``, exact even where it overflows.
 
-  ``hi`` is ``1`` or a power of two (the scale an overflow-safe kernel took
-  out), ``lo`` the norm of the scaled values.
+  ``power`` is ``1`` or the power of two an overflow-safe kernel took out of
+  the values; ``scaled`` is the norm of the values so scaled.
   """
 
-  hi: jax.Array
-  lo: jax.Array
+  power: jax.Array
+  scaled: jax.Array
 
   def value(self) -> jax.Array:
     """The norm as one number (``inf`` where the product overflows)."""
-    return self.hi * self.lo
+    return self.power * self.scaled
 
 
 class Scale(NamedTuple):
@@ -113,7 +114,7 @@ def clip_factors(norm: Norm | jax.Array, threshold: jax.Array) -> Scale:
   """
   if not isinstance(norm, Norm):
     norm = Norm(jnp.ones_like(norm), norm)
-  hi, lo = norm
+  hi, lo = norm  # The power of two, and the norm of the scaled values.
   dtype = lo.dtype
   t = jnp.asarray(threshold).astype(dtype)
   t = jnp.where(t >= 0, t, jnp.zeros((), dtype))

@@ -8,15 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip import (
-    _norms,
-    _numerics,
-    _stats,
-    _thresholds,
-    _transform,
-    _tree,
-    _validate,
-)
+from optaxclip import _apply, _norms, _numerics, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName, Ord
 from optaxclip._thresholds import Threshold
 
@@ -196,9 +188,9 @@ def clip_by_quantile(
     norm = parts.value().astype(dtype)
     q = _thresholds.resolve(quantile, state.count, dtype, hi=1.0)
     threshold, recorded = _recorded(state, norm, q, include_current)
-    scale = _numerics.clip_factors(parts, threshold)
     clipped = jnp.any(norm > threshold)
     if per_leaf:
+      scale = _numerics.clip_factors(parts, threshold)
       updates = rebuild([
           _numerics.scale_leaf(x, _numerics.Scale(scale.a[i], scale.b[i],
                                                 scale.factor[i]))
@@ -206,8 +198,7 @@ def clip_by_quantile(
       norm, threshold, values = (rebuild(list(v)) for v in (
           norm, threshold, scale.value().astype(dtype)))
     else:
-      updates = _tree.map_arrays(
-          lambda g: _numerics.scale_leaf(g, scale), updates)
+      updates, scale = _apply.clip_tree(updates, parts, threshold)
       values = scale.value().astype(dtype)
     return updates, ClipByQuantileState(
         **_stats.tally(state, clipped), **recorded, grad_norm=norm,

@@ -9,15 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import (
-    _norms,
-    _numerics,
-    _stats,
-    _thresholds,
-    _transform,
-    _tree,
-    _validate,
-)
+from optaxclip import _apply, _norms, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName, Ord
 from optaxclip._thresholds import Threshold
 
@@ -178,9 +170,7 @@ def zclip(
     threshold, new = _statistics(state, g, a, zt, cap, mode=mode, eps=eps,
                                  skip_on_spike=skip_update_on_spike)
     over = g > threshold
-    scale = _numerics.clip_factors(parts, threshold)
-    updates = _tree.map_arrays(
-        lambda x: _numerics.scale_leaf(x, scale), updates)
+    updates, scale = _apply.clip_tree(updates, parts, threshold)
 
     return updates, state._replace(
         **new, **_stats.tally(state, over), grad_norm=g, threshold=threshold,

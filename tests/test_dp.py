@@ -13,12 +13,7 @@ import pytest
 import optaxclip as oc
 from optaxclip import _stats
 from tests import _dp_references as ref
-from tests.test_per_example import (
-    leaves64,
-    model_case,
-    per_example_tree,
-    vmap_reference,
-)
+from tests.test_per_example import leaves64, model_case, per_example_tree, vmap_reference
 
 
 def one_example(grads):

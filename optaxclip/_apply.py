@@ -1,5 +1,6 @@
-"""Clipping leaf by leaf (or unit by unit), evaluated per group of leaves.
+"""Applying the scale rule: one factor for a whole tree, or one per leaf.
 
+:func:`clip_tree` scales every leaf by one factor (global clippers).
 Per-leaf clippers (:func:`optaxclip.clip_by_norm`,
 :func:`optaxclip.adaptive_grad_clip`) take their norms from
 :func:`optaxclip._norms.grouped_leaf_norms`, stacked by group of leaves of one
@@ -16,6 +17,14 @@ import jax.numpy as jnp
 
 from optaxclip import _norms, _tree
 from optaxclip._numerics import Norm, Scale, clip_factors, scale_leaf
+
+
+def clip_tree(updates: Any, norm: Norm | jax.Array, threshold: jax.Array
+              ) -> tuple[Any, Scale]:
+  """Every leaf of ``updates`` times ``min(1, threshold / norm)``, and the
+  factor (:func:`optaxclip._numerics.clip_factors`)."""
+  scale = clip_factors(norm, threshold)
+  return _tree.map_arrays(lambda g: scale_leaf(g, scale), updates), scale
 
 
 def stack_scalars(values: list[jax.Array], ndim: int) -> jax.Array:
@@ -52,7 +61,7 @@ def apply_grouped(leaves: list[jax.Array], groups: list[list[int]],
   values, scales = [], []
   for group, n, t in zip(groups, norms, thresholds):
     s = clip_factors(n, t)
-    signed = jnp.where(jnp.broadcast_to(s.a, n.lo.shape) < 1, -s.b, s.b)
+    signed = jnp.where(jnp.broadcast_to(s.a, n.scaled.shape) < 1, -s.b, s.b)
     for j, i in enumerate(group):
       c = _norms.pick(signed, j)
       tiny = jnp.asarray(2.0**-126, c.dtype)
