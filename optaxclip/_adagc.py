@@ -153,56 +153,64 @@ def adagc(
     del params
     dtype = state.global_norm.dtype
     count = state.count
-    norms = _tensor_norms(updates, axis_name, dtype)
-    total = _norms.global_norm(norms).astype(dtype)  # Overflow-safe.
+    parts, rebuild = _tensor_norms(updates, axis_name, dtype)
+    total = _norms.combine(parts)  # Exact beyond overflow, as each part.
     warm = count < warmup_steps
     rel = _thresholds.resolve(lambda_rel, count, dtype)
     b = _thresholds.resolve(beta, count, dtype)
     t_abs = _thresholds.resolve(lambda_abs, count, dtype)
-    s_global = _numerics.clip_scale(total, t_abs)
-    track_warm = warm & jnp.isfinite(total)
-
-    out = _tree.map_arrays(functools.partial(
+    step = functools.partial(
         _per_tensor, warm=warm, t_abs=t_abs, t_rel=rel, beta=b,
-        s_global=s_global, track_warm=track_warm, eps=eps, dtype=dtype),
-        norms, state.gamma)
-    pick = lambda i: _tree.map_arrays(  # noqa: E731
-        lambda _, o: o[i], norms, out)
-    threshold, scale, gamma = pick(0), pick(1), pick(2)
-    updates = _tree.map_arrays(_numerics.scale_leaf, updates, scale)
-    scales = _tree.float_leaves(scale, where)
-    num = sum((s < 1).astype(jnp.int32) for s in scales)
+        s_global=_numerics.clip_factors(total, t_abs),
+        track_warm=warm & jnp.isfinite(total.value()), eps=eps, dtype=dtype)
+    out = [step(n, gamma) for n, gamma in
+           zip(parts, _tree.float_leaves(state.gamma, where))]
+    threshold, scale, gamma = (rebuild([o[i] for o in out]) for i in range(3))
+    factors = [o[1] for o in out]
+    updates = rebuild([_numerics.scale_leaf(g, o[3]) for g, o in zip(
+        _tree.float_leaves(updates, where), out)])
+    num = sum((s < 1).astype(jnp.int32) for s in factors)
     return updates, AdaGCState(
-        **_stats.tally(state, jnp.asarray(num) > 0, num=num, of=len(scales)),
-        grad_norm=norms, global_norm=total, threshold=threshold, scale=scale,
-        gamma=gamma)
+        **_stats.tally(state, jnp.asarray(num) > 0, num=num, of=len(factors)),
+        grad_norm=rebuild([n.value().astype(dtype) for n in parts]),
+        global_norm=total.value().astype(dtype), threshold=threshold,
+        scale=scale, gamma=gamma)
 
   return _transform.transformation(init_fn, update_fn)
 
 
-def _tensor_norms(updates: Any, axis_name: AxisName, dtype: Any) -> Any:
-  """Each tensor's 2-norm as a scalar of ``dtype`` (a tree like ``updates``)."""
+def _tensor_norms(updates: Any, axis_name: AxisName, dtype: Any
+                  ) -> tuple[list[_numerics.Norm], Any]:
+  """Each tensor's 2-norm as a :class:`Norm` pair of scalars of ``dtype``,
+  and the function that rebuilds a tree like ``updates`` from leaves."""
+  leaves, rebuild = _tree.live_leaves(updates, "adagc")
+  xs = [x for _, x in leaves]
   if axis_name is None:
-    norms = _norms.leaf_norms(updates, 2)
-    return _tree.map_arrays(
-        lambda n: jnp.reshape(n, ()).astype(dtype), norms)
-  return _tree.map_arrays(
-      lambda x: _norms.global_norm(x, axis_name=axis_name).astype(dtype),
-      updates)
+    parts = _norms.leaf_norm_parts(xs, 2, [tuple(range(x.ndim)) for x in xs])
+  else:
+    parts = [_norms.global_norm_parts(x, axis_name=axis_name) for x in xs]
+  return [_numerics.Norm(*(jnp.reshape(v, ()).astype(dtype) for v in n))
+          for n in parts], rebuild
 
 
 def _per_tensor(n, gamma, *, warm, t_abs, t_rel, beta, s_global, track_warm,
                 eps, dtype):
-  """One tensor's threshold, scale and new ``gamma`` (its EMA of clipped
-  norms; during warm-up, the smallest norm seen)."""
+  """One tensor's threshold, recorded scale and new ``gamma`` (its EMA of
+  clipped norms; during warm-up, the smallest norm seen), and the factor to
+  apply as a :class:`Scale` pair (exact where it is subnormal)."""
   t = jnp.where(warm, t_abs, t_rel * gamma)
-  s = jnp.where(warm, s_global, _numerics.clip_scale(n + eps, t_rel * gamma))
-  kept = s * n  # The clipped norm ||h_i|| (||g_i|| during warm-up).
+  own = _numerics.clip_factors(
+      _numerics.Norm(n.power, n.scaled + eps / n.power), t_rel * gamma)
+  s = _numerics.Scale(*(jnp.where(warm, g, o) for g, o in zip(s_global, own)))
+  # The clipped norm ||h_i|| (||g_i|| during warm-up), finite where the
+  # norm overflows: the power of two meets the factor first.
+  kept = ((n.power * s.a) * s.b) * n.scaled
   ema = beta * gamma + (1 - beta) * kept
   new_gamma = jnp.where(
       warm, jnp.where(track_warm, jnp.minimum(gamma, kept), gamma),
       jnp.where(jnp.isfinite(kept), ema, gamma))
-  return t.astype(dtype), s.astype(dtype), new_gamma.astype(dtype)
+  return (t.astype(dtype), s.value().astype(dtype), new_gamma.astype(dtype),
+          s)
 
 
 def _check(lambda_rel, beta, warmup_steps, lambda_abs, eps):

@@ -132,15 +132,27 @@ def raise_if_nonfinite(opt_state: Any, tree: Any = None) -> None:
 
   Raises:
     NonFiniteGradientError: when the last update held a NaN or an Inf.
+    ValueError: when ``opt_state`` holds no :class:`CheckFiniteState`.
+    TypeError: when called inside ``jax.jit`` (it reads values on the host).
   """
-  found = jax.tree_util.tree_leaves(
+  found = [s for s in jax.tree_util.tree_leaves(
       opt_state, is_leaf=lambda x: isinstance(x, CheckFiniteState))
+           if isinstance(s, CheckFiniteState)]
+  if not found:
+    raise ValueError(
+        "raise_if_nonfinite: opt_state holds no check_finite state, so there"
+        " is nothing to read; chain oc.check_finite(callback=False) into the"
+        " optimizer (e.g. optax.chain(oc.check_finite(callback=False), opt))"
+        " and pass the state it returns.")
+  if any(isinstance(x, jax.core.Tracer) for s in found for x in s):
+    raise TypeError(
+        "raise_if_nonfinite reads the state on the host, so it cannot run"
+        " inside jax.jit; call it on the state a jitted step returned, or use"
+        " check_finite(callback=True), which raises from inside the step.")
   names = None
   if tree is not None:
     names = [_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
   for state in found:
-    if not isinstance(state, CheckFiniteState):
-      continue
     total, first, count = (int(np.asarray(x)) for x in (
         state.num_nonfinite, state.first_bad_leaf, state.count))
     if total:

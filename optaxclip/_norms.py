@@ -175,6 +175,19 @@ def leaf_norm_parts(leaves: list[jax.Array], ord: Ord,
   return out
 
 
+def combine(parts: Sequence[Norm]) -> Norm:
+  """The 2-norm of several 2-norms given as pairs, exact beyond overflow.
+
+  Each ``power`` is a power of two, so dividing by the largest is exact and
+  each scaled norm stays below ``sqrt(size)``: the squares cannot overflow.
+  """
+  if not parts:
+    return Norm(jnp.ones(()), jnp.zeros(()))
+  top = functools.reduce(jnp.maximum, [n.power for n in parts])
+  total = jnp.sqrt(sum(jnp.square((n.power / top) * n.scaled) for n in parts))
+  return Norm(top, total)
+
+
 def pick(stacked: jax.Array, j: int) -> jax.Array:
   """``stacked[j]``, taken as a masked sum over the leading axis.
 

@@ -119,8 +119,10 @@ def skip_step(
     max_norm: skip steps whose norm exceeds this: a non-negative number, a
       JAX scalar, or an Optax schedule of the step count. ``None`` for no
       limit.
-    spike_factor: skip steps whose norm exceeds this multiple (> 0) of the
-      moving average of the accepted norms. ``None`` disables the rule.
+    spike_factor: skip steps whose norm exceeds this multiple (>= 1) of the
+      moving average of the accepted norms; below 1 it would skip ordinary
+      steps, whose norms scatter around that average. ``None`` disables the
+      rule.
     spike_decay: the decay of that moving average, in ``[0, 1)``; it is
       bias-corrected (as Adam's moments are), so it tracks the mean of the
       norms from the first step taken.
@@ -235,8 +237,8 @@ def _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
   if max_norm is not None:
     _validate.check_threshold(max_norm, "max_norm", where)
   if spike_factor is not None:
-    _validate.check_range(spike_factor, "spike_factor", where, lo=0.0,
-                        hi=math.inf, open_lo=True, schedule=False)
+    _validate.check_range(spike_factor, "spike_factor", where, lo=1.0,
+                          hi=math.inf, schedule=False)
   _validate.check_range(spike_decay, "spike_decay", where, lo=0.0, hi=1.0,
                       open_hi=True, schedule=False)
   _validate.check_int(spike_warmup, "spike_warmup", where, lo=1)

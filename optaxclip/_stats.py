@@ -58,7 +58,33 @@ def register_state(state_type: type, name: str) -> type:
 
   Returns:
     ``state_type``, so that this can decorate the class.
+
+  Raises:
+    TypeError: ``state_type`` is not a ``NamedTuple`` class (an instance, a
+      plain class), or ``name`` is not a string.
+    ValueError: ``name`` is empty or holds ``/`` or ``#`` (they separate
+      keys), or another type is registered under it, or ``state_type`` is
+      registered under another name.
   """
+  where = "register_state"
+  if not (isinstance(state_type, type) and issubclass(state_type, tuple)
+          and hasattr(state_type, "_fields")):
+    raise TypeError(
+        f"{where}: state_type must be a NamedTuple class, got"
+        f" {state_type!r}; pass the class itself, not an instance.")
+  if not isinstance(name, str):
+    raise TypeError(f"{where}: name must be a string, got {name!r}.")
+  if not name or "/" in name or "#" in name:
+    raise ValueError(f"{where}: name={name!r} cannot be a key prefix; give"
+                     " a non-empty name without '/' or '#'.")
+  owner = next((t for t, n in _REGISTRY.items() if n == name), None)
+  if owner is not None and owner is not state_type:
+    raise ValueError(f"{where}: {name!r} already names {owner.__name__};"
+                     " choose another name.")
+  if _REGISTRY.get(state_type, name) != name:
+    raise ValueError(
+        f"{where}: {state_type.__name__} is registered as"
+        f" {_REGISTRY[state_type]!r}; its keys do not change.")
   _REGISTRY[state_type] = name
   return state_type
 

@@ -35,6 +35,12 @@ def resolve(value: Threshold, count: jax.Array, dtype: Any, *,
   """
   if _validate.is_schedule(value):
     value = value(count)  # type: ignore[operator]
+  if jnp.ndim(value) != 0:
+    raise ValueError(
+        f"a threshold or hyper-parameter arrived with shape"
+        f" {jnp.shape(value)} at run time (from a schedule or"
+        " optax.inject_hyperparams); it must be a scalar. For one threshold"
+        " per leaf, give a pytree of scalars where the transform takes one.")
   v = jnp.asarray(value, dtype)
   v = jnp.where(jnp.isnan(v), jnp.asarray(lo if nan is None else nan, dtype),
                 v)
