@@ -70,7 +70,8 @@ def adaptive_grad_clip(
   Edge cases: a unit whose update norm is 0 is unchanged; a unit with zero
   parameters may move up to ``clipping * eps``; a negative or NaN
   ``clipping`` or ``eps`` arriving at run time acts as 0; a NaN update norm
-  gives a NaN unit.
+  gives a NaN unit; a NaN parameter zeroes its unit's update, which counts
+  as clipped.
 
   Args:
     clipping: the largest ratio of a unit's update norm to its parameter
@@ -148,7 +149,10 @@ def adaptive_grad_clip(
     e = _thresholds.resolve(eps, state.count, dtype)
     floors = [jnp.maximum(pn.value().astype(gn.scaled.dtype), e.astype(
         gn.scaled.dtype)) for gn, pn in zip(g_norms, p_norms)]
-    thresholds = [c.astype(f.dtype) * f for f in floors]
+    # A NaN parameter norm makes a NaN threshold, which acts as 0 (the unit
+    # is zeroed): counted as clipped, as it is.
+    thresholds = [jnp.where(c * f >= 0, c * f, 0).astype(f.dtype)
+                  for f in floors]
     out, values, scales = _apply.apply_grouped(g_leaves, groups, g_norms,
                                                 thresholds)
     num_over = sum((jnp.sum(v > t, dtype=jnp.int32)

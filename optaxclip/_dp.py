@@ -189,7 +189,7 @@ def dp_aggregate(
     [-0.45 -0.6 ] 0.5
   """
   where = "dp_aggregate"
-  _check_noise(noise_multiplier, batch_size, seed, where)
+  _check_noise(noise_multiplier, batch_size, seed, where, max_norm)
   if not isinstance(max_norm, QuantileNorm):
     _example_clip.check_options(max_norm, per_layer, normalize, where)
 
@@ -251,7 +251,7 @@ def dp_noise(
     1.0 4 0.5
   """
   where = "dp_noise"
-  _check_noise(noise_multiplier, batch_size, seed, where)
+  _check_noise(noise_multiplier, batch_size, seed, where, max_norm)
   if max_norm is not None and not isinstance(max_norm, QuantileNorm):
     raise TypeError(f"{where}: max_norm is None (the norm clipped_grad used)"
                     " or an oc.quantile_norm(...); a fixed norm belongs to"
@@ -276,7 +276,9 @@ def dp_noise(
 # ----------------------------------------------------------------------------
 
 
-def _check_noise(noise_multiplier, batch_size, seed, where):
+def _check_noise(noise_multiplier, batch_size, seed, where, max_norm=None):
+  if isinstance(max_norm, QuantileNorm):  # Built by hand: check it as built.
+    quantile_norm(*max_norm[:3], count_noise_multiplier=max_norm[3])
   _validate.check_range(noise_multiplier, "noise_multiplier", where, lo=0,
                       hi=math.inf, open_hi=True)
   if batch_size is not None:

@@ -71,6 +71,7 @@ def clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
   """
   dtype = norms.dtype
   t = jnp.asarray(max_norm, dtype)
+  t = jnp.where(t >= 0, t, jnp.zeros((), dtype))  # NaN or negative: 0.
   if per_layer is False:
     sensitivity = t
     over = norms > t
@@ -86,7 +87,11 @@ def clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
       over |= n > tl
       scales.append(clip_scale(n, tl))
   if normalize:
-    scales = [s / sensitivity for s in scales]
+    # A run-time threshold of 0 (or NaN, or inf) leaves nothing to divide
+    # by: every weight is 0 and the sum is 0, of sensitivity 1 as always.
+    usable = (sensitivity > 0) & jnp.isfinite(sensitivity)
+    scales = [jnp.where(usable, s / jnp.where(usable, sensitivity, 1), 0)
+              for s in scales]
     sensitivity = jnp.ones((), dtype)
   finite = jnp.isfinite(norms)
   keep = mask & finite if nan_safe else mask

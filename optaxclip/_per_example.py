@@ -203,18 +203,16 @@ def clipped_grad(
       method, max_norm, per_layer, normalize, microbatch_size, argnums,
       batch_argnums)
   default_norm = max_norm
-  setup = dict(grad_nums=grad_nums, batch_nums=batch_nums, has_aux=has_aux,
-               keep_batch_dim=keep_batch_dim,
-               argnums_is_int=isinstance(argnums, (int, np.integer)))
   options = dict(per_layer=per_layer, normalize=normalize, nan_safe=nan_safe,
                  where=where)
 
   def clipped(*args, example_mask=None, max_norm=None, **kwargs):
-    if max(batch_nums) >= len(args):
-      raise ValueError(f"{where}: batch_argnums={batch_argnums} but the"
-                       f" function got {len(args)} positional arguments.")
+    nums = _resolved(grad_nums, batch_nums, len(args), argnums, batch_argnums)
+    setup = dict(grad_nums=nums[0], batch_nums=nums[1], has_aux=has_aux,
+                 keep_batch_dim=keep_batch_dim,
+                 argnums_is_int=isinstance(argnums, (int, np.integer)))
     threshold = default_norm if max_norm is None else max_norm
-    batch = _batch_size([args[i] for i in batch_nums], where)
+    batch = _batch_size([args[i] for i in nums[1]], where)
     mask = _example_clip.check_mask(example_mask, batch, where)
     if method == "ghost":
       from optaxclip import _ghost  # Imports flax.
@@ -231,7 +229,7 @@ def clipped_grad(
     if microbatch_size is None or microbatch_size >= batch:
       sums, stats, aux = chunk(args, mask)
     else:
-      sums, stats, aux = _scan_chunks(chunk, args, batch_nums, mask, batch,
+      sums, stats, aux = _scan_chunks(chunk, args, nums[1], mask, batch,
                                       microbatch_size)
     out = [s.astype(x.dtype) for s, x in zip(sums, leaves_shape)]
     result = [jax.tree_util.tree_unflatten(treedef, out)]
@@ -294,11 +292,29 @@ def _checked(method, max_norm, per_layer, normalize, microbatch_size,
     microbatch_size = int(microbatch_size)
   batch_nums = _as_tuple(batch_argnums)
   grad_nums = _as_tuple(argnums)
+  for name, nums in (("argnums", grad_nums), ("batch_argnums", batch_nums)):
+    if not nums:
+      raise ValueError(f"{where}: {name}=() names no argument; give an int"
+                       " or a non-empty tuple of ints.")
+  return grad_nums, batch_nums, microbatch_size
+
+
+def _resolved(grad_nums, batch_nums, num_args, argnums, batch_argnums):
+  """The argument numbers, negative ones counted from the end as
+  ``jax.grad`` counts them, checked against the call's arguments."""
+  where = "clipped_grad"
+  for name, given, nums in (("argnums", argnums, grad_nums),
+                            ("batch_argnums", batch_argnums, batch_nums)):
+    if any(not -num_args <= i < num_args for i in nums):
+      raise ValueError(f"{where}: {name}={given} but the function got"
+                       f" {num_args} positional arguments.")
+  grad_nums = tuple(i % num_args for i in grad_nums)
+  batch_nums = tuple(i % num_args for i in batch_nums)
   if set(batch_nums) & set(grad_nums):
     raise ValueError(f"{where}: argnums={argnums} and batch_argnums="
                      f"{batch_argnums} overlap; the differentiated arguments"
                      " must not carry the batch.")
-  return grad_nums, batch_nums, microbatch_size
+  return grad_nums, batch_nums
 
 
 def _scan_chunks(chunk, args, batch_nums, mask, batch, size):

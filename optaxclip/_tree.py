@@ -38,7 +38,9 @@ def live_leaves(tree: Any, where: str) -> tuple[list[tuple[Any, jax.Array]],
   """
   with_path, treedef = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=is_masked)
-  live = [(path, x) for path, x in with_path if not is_masked(x)]
+  # A Python number is a leaf too (optax takes one): as an array.
+  live = [(path, x if hasattr(x, "dtype") else jnp.asarray(x))
+          for path, x in with_path if not is_masked(x)]
   for path, x in live:
     _check_float(path, x, where)
 
@@ -100,7 +102,12 @@ def leaf_axes(path: Any, x: Any, axis: Axis) -> tuple[int, ...]:
   ndim = jnp.ndim(x)
   if axis is None:
     return tuple(range(ndim))
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else (
+      tuple(axis) if isinstance(axis, (tuple, list)) else None)
+  if axes is None or not all(isinstance(a, (int, np.integer))
+                             and not isinstance(a, bool) for a in axes):
+    raise TypeError(f"axis={axis!r} must be None, an int or a tuple of ints"
+                    " (the axes a norm reduces over).")
   out = []
   for a in axes:
     if not -ndim <= a < ndim:

@@ -8,6 +8,7 @@ names the function, the argument and the fix. Values known only at run time
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -32,6 +33,19 @@ def is_concrete(x: Any) -> bool:
 def is_schedule(value: Any) -> bool:
   """A callable that is not an array: an Optax schedule of the step count."""
   return callable(value) and not isinstance(value, jax.Array)
+
+
+def check_schedule(value: Any, name: str, where: str) -> None:
+  """A TypeError naming ``name`` unless the schedule takes the step count."""
+  try:
+    inspect.signature(value).bind(0)
+  except TypeError:
+    raise TypeError(
+        f"{where}: {name} is a callable that cannot take the step count;"
+        " give a number, a JAX scalar, or a schedule step -> value (e.g."
+        " optax.linear_schedule(...)).") from None
+  except ValueError:  # No signature to read (a builtin): trust it.
+    pass
 
 
 def is_tree_threshold(value: Any) -> bool:
@@ -70,12 +84,14 @@ def check_threshold(value: Any, name: str, where: str, *,
   their type only.
   """
   if is_schedule(value):
+    check_schedule(value, name, where)
     return
   leaves = jax.tree_util.tree_leaves(value) if allow_tree else [value]
   if allow_tree and not leaves:
     raise ValueError(f"{where}: {name} is an empty tree; give a number.")
   for leaf in leaves:
     if is_schedule(leaf):
+      check_schedule(leaf, name, where)
       continue
     if isinstance(leaf, bool) or not isinstance(leaf, _NUMBER):
       raise TypeError(
@@ -115,6 +131,7 @@ def check_range(value: Any, name: str, where: str, *, lo: float, hi: float,
   """
   if is_schedule(value):
     if schedule:
+      check_schedule(value, name, where)
       return
     raise TypeError(f"{where}: {name} does not take a schedule; give a"
                     " number or a JAX scalar.")

@@ -70,6 +70,7 @@ def zclip(
     mode: Literal["adaptive", "mean", "percentile"] = "adaptive",
     skip_update_on_spike: bool = False,
     eps: float = 1e-6,
+    std_floor: float = 0.01,
     ord: Ord = 2,
     axis_name: AxisName = None,
     leaf_norms: bool = False,
@@ -117,6 +118,15 @@ def zclip(
       ``"percentile"``, as described above.
     skip_update_on_spike: leave the statistics unchanged on a spike.
     eps: added to ``std`` in the z-score's denominator, >= 0.
+    std_floor: the smallest ``std`` used, as a fraction of the mean, >= 0.
+      The z-score measures a norm against the run's own scatter; where the
+      recorded norms barely vary (a repeated batch, a plateau), ``std``
+      tends to 0 and a rise of 0.1% would read as a spike of z in the
+      thousands. The paper's rule assumes the scatter of real training
+      (its norms vary by several percent step to step); the floor keeps
+      that assumption: with the default 0.01 and ``z_thresh=2.5``, a norm
+      must exceed the mean by at least 2.5% to count as a spike. 0 gives
+      the reference code's rule.
     ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or names) to reduce the norm over.
@@ -142,6 +152,8 @@ def zclip(
     [1.0338] True 1.0338
   """
   _check(alpha, z_thresh, warmup_steps, max_norm, mode, eps, leaf_norms)
+  _validate.check_range(std_floor, "std_floor", "zclip", lo=0.0, hi=np.inf,
+                        schedule=False)
   p = _validate.canonical_ord(ord)
 
   def init_fn(params):
@@ -168,6 +180,7 @@ def zclip(
     cap = (None if max_norm is None else
            _thresholds.resolve(max_norm, state.count, dtype))
     threshold, new = _statistics(state, g, a, zt, cap, mode=mode, eps=eps,
+                                 std_floor=std_floor,
                                  skip_on_spike=skip_update_on_spike)
     over = g > threshold
     updates, scale = _apply.clip_tree(updates, parts, threshold)
@@ -179,7 +192,7 @@ def zclip(
   return _transform.transformation(init_fn, update_fn)
 
 
-def _statistics(state, g, a, zt, cap, *, mode, eps, skip_on_spike):
+def _statistics(state, g, a, zt, cap, *, mode, eps, std_floor, skip_on_spike):
   """The threshold in force, and the new warm-up and EMA fields."""
   dtype = state.grad_norm.dtype
   size = state.warmup_norms.shape[0]  # Static even when injected.
@@ -195,7 +208,7 @@ def _statistics(state, g, a, zt, cap, *, mode, eps, skip_on_spike):
   start = keep & (fill == size)
 
   # After warm-up: z-score against the statistics so far.
-  std = jnp.sqrt(state.var)
+  std = jnp.maximum(jnp.sqrt(state.var), std_floor * state.mean)
   z = (g - state.mean) / (std + eps)
   if mode == "percentile":
     boundary = state.mean + zt * std

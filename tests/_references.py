@@ -58,8 +58,9 @@ class ZClipReference:
 
   def __init__(self, alpha=0.97, z_thresh=2.5, warmup_steps=25,
                max_norm=None, mode="adaptive", skip_update_on_spike=False,
-               eps=1e-6):
+               eps=1e-6, std_floor=0.01):
     self.alpha, self.z_thresh, self.eps = alpha, z_thresh, eps
+    self.std_floor = std_floor  # optaxclip's floor; 0 is the authors' rule.
     self.warmup_steps, self.max_norm, self.mode = warmup_steps, max_norm, mode
     self.skip_update_on_spike = skip_update_on_spike
     self.buffer: list[float] = []
@@ -77,7 +78,7 @@ class ZClipReference:
         self.mean = float(b.mean())
         self.var = float(((b - self.mean) ** 2).mean())
       return _clip(g, cap, mean=self._m(), var=self._v())
-    std = math.sqrt(self.var)
+    std = max(math.sqrt(self.var), self.std_floor * self.mean)
     clip_value = None
     if self.mode == "percentile":
       boundary = self.mean + self.z_thresh * std
