@@ -58,9 +58,11 @@ def float_leaves(tree: Any, where: str) -> list[jax.Array]:
 
 
 def map_arrays(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
-  """``tree_map`` that leaves ``None`` and ``optax.MaskedNode`` untouched."""
+  """``tree_map`` that leaves ``None`` and ``optax.MaskedNode`` untouched
+  (and gives ``fn`` a Python number as an array)."""
   return jax.tree_util.tree_map(
-      lambda x, *r: x if is_masked(x) else fn(x, *r), tree, *rest,
+      lambda x, *r: x if is_masked(x) else fn(
+          x if hasattr(x, "dtype") else jnp.asarray(x), *r), tree, *rest,
       is_leaf=is_masked)
 
 

@@ -1,0 +1,267 @@
+"""Careless inputs to every public name: a documented result, or an error
+that names the argument.
+
+The table walks ``optaxclip.__all__``: every public function is called with
+the kinds of mistakes users make (a threshold of the wrong kind, sign or
+shape, a callable that is not a schedule, a flag that is not a bool, odd
+gradient trees), and each call must raise an exception of the documented
+class whose message names the argument, or give the documented result. The
+cases that were silently wrong before have a test of their own below.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optaxclip as oc
+
+NAN, INF = math.nan, math.inf
+G = {"w": jnp.array([[3.0, 0.0], [4.0, 1.0]]), "b": jnp.array([1.0, 2.0])}
+
+# name -> (build(value) for the argument under test, the argument's name).
+# Each builds the transform (or calls the function) and, for a transform,
+# runs one update on G, so that errors raised at the first trace count.
+THRESHOLDS = {
+    "clip_by_global_norm": (lambda v: oc.clip_by_global_norm(v), "max_norm"),
+    "clip_by_norm": (lambda v: oc.clip_by_norm(v), "max_norm"),
+    "clip_by_value": (lambda v: oc.clip_by_value(v), "max_value"),
+    "adaptive_grad_clip": (lambda v: oc.adaptive_grad_clip(v), "clipping"),
+    "clip_by_quantile": (lambda v: oc.clip_by_quantile(v), "quantile"),
+    "zclip": (lambda v: oc.zclip(v), "alpha"),
+    "zclip/max_norm": (lambda v: oc.zclip(max_norm=v), "max_norm"),
+    "adagc": (lambda v: oc.adagc(v), "lambda_rel"),
+    "clip_spikes": (lambda v: oc.clip_spikes(v), "theta"),
+    "skip_step": (lambda v: oc.skip_step(optax.sgd(0.1), max_norm=v),
+                  "max_norm"),
+    "per_example_clip": (lambda v: oc.per_example_clip(G, v), "max_norm"),
+    "clipped_grad": (lambda v: oc.clipped_grad(lambda w, x: w * x,
+                                               max_norm=v), "max_norm"),
+    "dp_aggregate": (lambda v: oc.dp_aggregate(v, 1.0, seed=0), "max_norm"),
+    "quantile_norm": (lambda v: oc.quantile_norm(v), "initial"),
+}
+
+FLAGS = {
+    "clip_by_global_norm": lambda v: oc.clip_by_global_norm(1.0, leaf_norms=v),
+    "clip_by_norm": lambda v: oc.clip_by_norm(1.0, leaf_norms=v),
+    "clip_by_value": lambda v: oc.clip_by_value(1.0, stats=v),
+    "adaptive_grad_clip": lambda v: oc.adaptive_grad_clip(0.1, leaf_norms=v),
+    "clip_by_quantile": lambda v: oc.clip_by_quantile(leaf_norms=v),
+    "zclip": lambda v: oc.zclip(leaf_norms=v),
+    "skip_step": lambda v: oc.skip_step(optax.sgd(0.1), nonfinite=v),
+    "check_finite": lambda v: oc.check_finite(callback=v),
+}
+
+
+def _run(out):
+  """One update of a built transform on G (a no-op for other results)."""
+  if isinstance(out, optax.GradientTransformation):
+    out.update(G, out.init(G), G)
+  return out
+
+
+def test_the_tables_cover_every_public_function():
+  functions = {n for n in oc.__all__ if n[0].islower()}
+  covered = {k.split("/")[0] for k in THRESHOLDS} | set(FLAGS) | {
+      "global_norm", "clip_stats", "register_state", "raise_if_nonfinite",
+      "dp_noise", "check_finite"}
+  assert functions <= covered, sorted(functions - covered)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (-1.0, ValueError), (NAN, ValueError), ("1.0", TypeError),
+    (True, TypeError), ([1.0], TypeError), (jnp.ones(2), ValueError),
+    (lambda: 1.0, TypeError), (None, TypeError)])
+@pytest.mark.parametrize("name", sorted(THRESHOLDS))
+def test_bad_thresholds_name_the_argument(name, bad, error):
+  build, arg = THRESHOLDS[name]
+  if bad is None and name in ("zclip/max_norm", "skip_step"):
+    _run(build(bad))  # None is documented there: no cap, no limit.
+    return
+  if isinstance(bad, list) and name == "clip_by_value":
+    pytest.skip("a list is a pytree prefix of thresholds for clip_by_value")
+  with pytest.raises((error, TypeError, ValueError)) as e:
+    _run(build(bad))
+  assert arg in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None, jnp.array(True)])
+@pytest.mark.parametrize("name", sorted(FLAGS))
+def test_flags_must_be_bools(name, bad):
+  with pytest.raises(TypeError, match="True or False"):
+    FLAGS[name](bad)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(max_value=-1e-30) | st.just(NAN))
+def test_negative_or_nan_global_threshold_at_construction(value):
+  with pytest.raises(ValueError, match="max_norm"):
+    oc.clip_by_global_norm(value)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(allow_nan=True, allow_infinity=True, width=32))
+def test_run_time_threshold_never_flips_or_poisons(value):
+  # A schedule's value is only known at run time: clamped, never a sign flip
+  # or a NaN of ours.
+  tx = oc.clip_by_global_norm(lambda count: value)
+  updates, state = tx.update(G, tx.init(G))
+  for leaf in jax.tree_util.tree_leaves(updates):
+    assert np.all(np.isfinite(leaf))
+  assert np.all(np.asarray(updates["w"]) * np.asarray(G["w"]) >= 0)
+  assert float(state.threshold) >= 0
+
+
+# ----------------------------------------------------------------------------
+# Gradient trees.
+
+
+@pytest.mark.parametrize("make", [
+    lambda: oc.clip_by_global_norm(1.0), lambda: oc.clip_by_norm(1.0),
+    lambda: oc.clip_by_value(1.0), lambda: oc.zclip(warmup_steps=1),
+    lambda: oc.clip_by_quantile(history=4), lambda: oc.adagc(warmup_steps=1),
+    lambda: oc.skip_step(optax.sgd(1.0))])
+def test_a_python_number_as_the_gradient(make):
+  tx = make()
+  updates, _ = tx.update(5.0, tx.init(5.0), 5.0)
+  assert np.ndim(updates) == 0 and np.isfinite(float(updates))
+  assert float(oc.global_norm(-5.0)) == 5.0
+
+
+def test_integer_leaves_are_named():
+  with pytest.raises(TypeError, match=r"\['n'\]"):
+    oc.clip_by_global_norm(1.0).init({"n": jnp.arange(3), "w": jnp.ones(2)})
+
+
+@pytest.mark.parametrize("axis", ["x", 1.5, (0, "a")])
+def test_axis_of_the_wrong_type(axis):
+  with pytest.raises(TypeError, match="axis"):
+    _run(oc.clip_by_norm(1.0, axis=axis))
+
+
+def test_quantile_per_leaf_rejects_a_changed_tree():
+  # The history is per leaf: a 5000x spike in leaf b must not be judged by
+  # leaf a's threshold.
+  tx = oc.clip_by_quantile(0.5, history=4, per_leaf=True)
+  state = tx.init({"a": jnp.ones(2), "b": jnp.ones(3)})
+  with pytest.raises(ValueError, match="per_leaf=True"):
+    tx.update({"b": jnp.ones(3), "c": jnp.ones(2)}, state)
+
+
+# ----------------------------------------------------------------------------
+# The cases that were silently wrong.
+
+
+def test_adagc_exact_beyond_float32():
+  g = {"w": jnp.full(16, 1e38)}
+  tx = oc.adagc()
+  updates, state = tx.update(g, tx.init(g))
+  np.testing.assert_allclose(updates["w"], np.full(16, 0.25), rtol=1e-6)
+  want, _ = oc.clip_by_global_norm(1.0).update(g, oc.clip_by_global_norm(
+      1.0).init(g))
+  np.testing.assert_allclose(updates["w"], want["w"], rtol=1e-6)
+  assert bool(state.clipped)
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: oc.clip_by_global_norm(s), lambda s: oc.clip_by_norm(s),
+    lambda s: oc.adaptive_grad_clip(s)])
+def test_a_schedule_must_return_a_scalar(make):
+  tx = make(lambda count: jnp.ones(2))
+  g = {"w": jnp.ones(1)}
+  with pytest.raises(ValueError, match="scalar"):
+    tx.update(g, tx.init(g), g)
+
+
+def test_skip_step_spike_factor_below_one_is_refused():
+  with pytest.raises(ValueError, match="spike_factor"):
+    oc.skip_step(optax.sgd(0.1), spike_factor=0.5)
+
+
+def test_zclip_after_identical_norms_is_not_fooled_by_rounding():
+  tx = oc.zclip(warmup_steps=3)
+  g = jnp.ones(4)
+  state = tx.init(g)
+  for _ in range(10):
+    _, state = tx.update(g, state)
+  updates, state = tx.update(g * 1.001, state)
+  assert not bool(state.spike) and float(state.z) < 1
+  np.testing.assert_array_equal(updates, g * 1.001)
+  _, state = tx.update(g * 1.5, state)  # A real spike still is one.
+  assert bool(state.spike)
+
+
+def test_agc_counts_a_unit_zeroed_by_a_nan_parameter():
+  tx = oc.adaptive_grad_clip(0.1)
+  params = {"w": jnp.array([[NAN, 1.0], [1.0, 1.0]])}
+  grads = {"w": jnp.ones((2, 2))}
+  updates, state = tx.update(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates["w"][:, 0], [0.0, 0.0])
+  assert bool(state.clipped) and int(state.num_clipped) == 1
+
+
+def test_raise_if_nonfinite_needs_a_check_finite_state():
+  adam = optax.adam(0.1)
+  for state in (adam.init(G), None):
+    with pytest.raises(ValueError, match="check_finite"):
+      oc.raise_if_nonfinite(state)
+  opt = oc.check_finite(callback=False)
+  with pytest.raises(TypeError, match="jax.jit"):
+    jax.jit(oc.raise_if_nonfinite)(opt.init(G))
+
+
+@pytest.mark.parametrize("state_type, name, error", [
+    (oc.ClipByGlobalNormState(*([jnp.zeros(())] * 7)), "x", TypeError),
+    (type("Plain", (), {}), "x", TypeError),
+    (oc.ClipByGlobalNormState, "", ValueError),
+    (oc.ClipByGlobalNormState, "a/b", ValueError),
+    (oc.ClipByGlobalNormState, 123, TypeError),
+    (oc.ClipByGlobalNormState, "renamed", ValueError),
+    (oc.ClipByNormState, "clip_by_global_norm", ValueError)])
+def test_register_state_arguments(state_type, name, error):
+  with pytest.raises(error):
+    oc.register_state(state_type, name)
+  stats = oc.clip_stats(oc.clip_by_global_norm(1.0).init(G))
+  assert "clip_by_global_norm/grad_norm" in stats
+
+
+@pytest.mark.parametrize("batch_argnums", [(1, -1), (-2, -1), (1, 2)])
+def test_clipped_grad_negative_batch_argnums(batch_argnums):
+  def loss(w, x, y):
+    return 0.5 * jnp.mean((x * y - w) ** 2)
+  x, y = jnp.array([0.0, 7.0, 2.5]), jnp.array([1.0, 2.0, 3.0])
+  got = oc.clipped_grad(loss, max_norm=2.0, batch_argnums=batch_argnums)(
+      3.0, x, y)
+  want = oc.clipped_grad(loss, max_norm=2.0, batch_argnums=(1, 2))(3.0, x, y)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_clipped_grad_argument_numbers_are_checked():
+  with pytest.raises(ValueError, match="batch_argnums"):
+    oc.clipped_grad(lambda w, x: w * x, max_norm=1.0, batch_argnums=())
+  with pytest.raises(ValueError, match="batch_argnums"):
+    oc.clipped_grad(lambda w, x: w * x, max_norm=1.0, batch_argnums=3)(
+        1.0, jnp.ones(2))
+
+
+@pytest.mark.parametrize("t", [0.0, NAN, -1.0])
+def test_normalize_with_a_run_time_threshold_of_zero(t):
+  def loss(w, x):
+    return 0.5 * jnp.mean((x - w) ** 2)
+  g = oc.clipped_grad(loss, max_norm=2.0, normalize=True, return_norms=True)
+  total, info = g(3.0, jnp.array([0.0, 7.0, 2.5]), max_norm=jnp.float32(t))
+  assert float(total) == 0.0
+  assert float(info.sensitivity) == 1.0 and float(info.threshold) == 0.0
+
+
+def test_a_hand_built_quantile_norm_is_checked():
+  bad = oc.QuantileNorm(1.0, 7.0, 0.2, 0.0)
+  with pytest.raises(ValueError, match="target_quantile"):
+    oc.dp_aggregate(bad, 1.0, seed=0)
+  with pytest.raises(ValueError, match="target_quantile"):
+    oc.dp_noise(1.0, seed=0, max_norm=bad)
