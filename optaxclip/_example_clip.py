@@ -8,6 +8,7 @@ and the checks of per-example arguments.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -131,6 +132,30 @@ def _summed_sharding(x: jax.Array) -> Any:
     return None
   return jax.sharding.NamedSharding(sharding.mesh,
                                     jax.sharding.PartitionSpec(*spec[1:]))
+
+
+def split_modules(args: tuple[Any, ...], grad_nums: tuple[int, ...]
+                  ) -> tuple[tuple[Any, ...], dict[int, Any]]:
+  """Each ``nnx.Module`` among the differentiated arguments replaced by the
+  ``nnx.State`` of its ``nnx.Param`` variables (what is differentiated:
+  not batch statistics, not RNG state), and per such argument the function
+  that merges a state back into the module."""
+  try:
+    from flax import nnx
+  except ImportError:  # No Flax, so no modules.
+    return args, {}
+  new_args, rebuild = list(args), {}
+  for i in grad_nums:
+    if isinstance(args[i], nnx.Module):
+      graphdef, params, rest = nnx.split(args[i], nnx.Param, ...)  # type: ignore[misc]
+      rebuild[i] = functools.partial(_merge, graphdef, rest=rest)
+      new_args[i] = params
+  return tuple(new_args), rebuild
+
+
+def _merge(graphdef: Any, params: Any, *, rest: Any) -> Any:
+  from flax import nnx
+  return nnx.merge(graphdef, params, rest)
 
 
 # ----------------------------------------------------------------------------

@@ -68,14 +68,9 @@ def prepare(fun: Callable[..., Any], args: tuple[Any, ...],
   """
   if nnx is None:
     raise ImportError(f"{_WHERE} needs Flax (pip install flax).")
-  new_args: list[Any] = list(args)
-  rebuild = {}
+  new_args, rebuild = _example_clip.split_modules(args, grad_nums)
   for i in grad_nums:
-    if isinstance(args[i], nnx.Module):
-      graphdef, params, rest = nnx.split(args[i], nnx.Param, ...)  # type: ignore[misc]
-      rebuild[i] = _merger(graphdef, rest)
-      new_args[i] = params
-    else:
+    if i not in rebuild:
       for x in jax.tree_util.tree_leaves(args[i]):
         if not isinstance(x, (jax.Array, np.ndarray)):
           raise TypeError(
@@ -91,10 +86,6 @@ def prepare(fun: Callable[..., Any], args: tuple[Any, ...],
   model = _Model(fun, tuple(grad_nums), tuple(batch_nums), has_aux,
                  keep_batch_dim, kwargs, rebuild, treedef, argnums_is_int)
   return tuple(new_args), leaves, treedef, model.clip_chunk
-
-
-def _merger(graphdef, rest):
-  return lambda params: nnx.merge(graphdef, params, rest)
 
 
 # ----------------------------------------------------------------------------

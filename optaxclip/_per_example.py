@@ -175,10 +175,10 @@ def clipped_grad(
       (``jax.vmap`` of ``jax.grad``), or ``"ghost"`` for Flax NNX models:
       per-example norms from each layer's inputs and output gradients,
       without per-example gradients (ghost clipping, see the guide
-      :doc:`/ghost`). With ``"ghost"``, the ``argnums`` arguments may be
-      ``nnx.Module`` objects, whose gradient comes back as the
-      ``nnx.State`` of their ``nnx.Param`` variables, as ``nnx.grad``
-      returns it.
+      :doc:`/ghost`). With either method, the ``argnums`` arguments may be
+      ``nnx.Module`` objects: only their ``nnx.Param`` variables are
+      differentiated (not ``BatchStat`` or RNG state), and their gradient
+      comes back as the ``nnx.State`` of those, as ``nnx.grad`` returns it.
 
   Returns:
     A function of ``fun``'s arguments returning the clipped sum (a pytree like
@@ -251,7 +251,11 @@ def _vmap_prepare(fun, args, kwargs, *, grad_nums, batch_nums, has_aux,
   the gradient's leaves (shapes) and tree structure, and the function that
   clips one chunk of examples.
   """
+  args, modules = _example_clip.split_modules(args, grad_nums)
+
   def single(*args):
+    args = tuple(modules[i](a) if i in modules else a
+                 for i, a in enumerate(args))
     if keep_batch_dim:
       args = tuple(
           jax.tree_util.tree_map(lambda x: jnp.expand_dims(x, 0), a)

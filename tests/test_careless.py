@@ -265,3 +265,38 @@ def test_a_hand_built_quantile_norm_is_checked():
     oc.dp_aggregate(bad, 1.0, seed=0)
   with pytest.raises(ValueError, match="target_quantile"):
     oc.dp_noise(1.0, seed=0, max_norm=bad)
+
+
+def test_vmap_differentiates_only_the_params_of_a_module():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(3, 4, rngs=rngs)
+      self.norm = nnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+      self.out = nnx.Linear(4, 1, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(self.norm(self.linear(x)))
+
+  model = Net(nnx.Rngs(0))
+  model.norm.mean.value = jnp.full((4,), 0.3)  # Batch statistics of note.
+  x = jax.random.normal(jax.random.key(1), (5, 3))
+
+  def loss(m, x):
+    return jnp.mean(m(x) ** 2)
+
+  got, info = oc.clipped_grad(loss, max_norm=0.5, return_norms=True)(model, x)
+  assert {type(v) for v in jax.tree_util.tree_leaves(
+      got, is_leaf=lambda v: isinstance(v, nnx.Variable))} == {nnx.Param}
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  norms = []
+  for i in range(5):
+    g = jax.grad(lambda p, xi: loss(nnx.merge(nnx.graphdef(model), p, rest),
+                                    xi))(params, x[i:i + 1])
+    norms.append(float(oc.global_norm(g)))
+  np.testing.assert_allclose(info.norms, norms, rtol=1e-5)
+  ghost = oc.clipped_grad(loss, max_norm=0.5, method="ghost")(model, x)
+  for a, b in zip(jax.tree_util.tree_leaves(got),
+                  jax.tree_util.tree_leaves(ghost)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
