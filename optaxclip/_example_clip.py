@@ -78,15 +78,21 @@ def clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
     over = norms > t
     scales = [clip_scale(norms, t)] * len(leaf_norms)
   else:
-    thresholds = _thresholds.layer_thresholds(
+    thresholds, layer = _thresholds.layer_groups(
         per_layer, t, jax.tree_util.tree_unflatten(treedef, leaf_norms),
         dtype, where)
     sensitivity = jnp.sqrt(sum(jnp.square(x) for x in thresholds))
     over = jnp.zeros(norms.shape, bool)
-    scales = []
-    for n, tl in zip(leaf_norms, thresholds):
+    layer_scales = []
+    for k, tl in enumerate(thresholds):
+      members = [n for n, j in zip(leaf_norms, layer) if j == k]
+      if not members:  # A prefix leaf over an empty subtree.
+        layer_scales.append(None)
+        continue
+      n = _norms.example_norms([jnp.stack(members, axis=1)])[1]
       over |= n > tl
-      scales.append(clip_scale(n, tl))
+      layer_scales.append(clip_scale(n, tl))
+    scales = [layer_scales[j] for j in layer]
   if normalize:
     # A run-time threshold of 0 (or NaN, or inf) leaves nothing to divide
     # by: every weight is 0 and the sum is 0, of sensitivity 1 as always.

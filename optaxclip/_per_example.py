@@ -63,12 +63,14 @@ def per_example_clip(
       leading (batch) dimension.
     max_norm: the clipping norm: a non-negative number or JAX scalar (traced
       values are allowed, e.g. an adaptive threshold).
-    per_layer: clip each leaf of each example to its own threshold instead
-      of the whole example: with a number, every one of the ``L`` leaves gets
-      ``max_norm / sqrt(L)`` (``optax.per_example_layer_norm_clip(...,
-      uniform=True)``), so the sensitivity stays ``max_norm``; or give a
-      pytree prefix of one example's gradient holding per-layer thresholds
-      (sensitivity: the root sum of their squares over the leaves).
+    per_layer: clip each layer of each example to its own threshold instead
+      of the whole example. ``True``: every one of the ``L`` leaves is a
+      layer, with ``max_norm / sqrt(L)`` (``optax.per_example_layer_norm_clip
+      (..., uniform=True)``), so the sensitivity stays ``max_norm``. Or a
+      pytree prefix of one example's gradient holding thresholds: each of its
+      leaves is a layer, the whole subtree below it clipped as one by its
+      joint norm (as jax-privacy clips a prefix); the sensitivity is the root
+      sum of the squares of those thresholds.
     normalize: divide the result by the sensitivity, so that every clipped
       example has norm at most 1 and the sum has sensitivity 1
       (jax-privacy's ``rescale_to_unit_norm``; Bu et al. 2022): the learning

@@ -3,7 +3,7 @@
 A threshold is a number, a JAX scalar, an Optax schedule of the step count,
 or (where a transform says so) a pytree prefix of the gradients holding any
 of these. :func:`resolve` turns one into the value in force at a step, made
-safe; :func:`leaf_thresholds` and :func:`layer_thresholds` spread a prefix
+safe; :func:`leaf_thresholds` and :func:`layer_groups` spread a prefix
 tree over the gradients' leaves.
 """
 
@@ -81,16 +81,22 @@ def leaf_thresholds(value: Any, updates: Any, count: jax.Array, name: str,
       updates, full)
 
 
-def layer_thresholds(per_layer: Any, max_norm: jax.Array, example: Any,
-                     dtype: Any, where: str) -> list[jax.Array]:
-  """Per-example clipping's threshold for each leaf of one example's tree.
+def layer_groups(per_layer: Any, max_norm: jax.Array, example: Any,
+                 dtype: Any, where: str) -> tuple[list[jax.Array], list[int]]:
+  """Per-layer clipping's layers: each one's threshold, and each leaf's layer.
 
-  ``per_layer=True`` gives every one of the ``L`` leaves ``max_norm /
-  sqrt(L)``; a pytree prefix of ``example`` gives each subtree's leaves its
-  value.
+  ``per_layer=True`` makes every one of the ``L`` leaves of one example's
+  tree a layer of its own, with threshold ``max_norm / sqrt(L)``; a pytree
+  prefix of ``example`` makes each of its leaves a layer: the whole subtree
+  below it, clipped as one (as jax-privacy clips a prefix), with that
+  value as its threshold.
   """
   num = len(jax.tree_util.tree_leaves(example))
   if per_layer is True:
-    return [max_norm / math.sqrt(num)] * num
-  full = broadcast_prefix(per_layer, example, "per_layer", where)
-  return [jnp.asarray(v, dtype) for v in jax.tree_util.tree_leaves(full)]
+    return [max_norm / math.sqrt(num)] * num, list(range(num))
+  values = jax.tree_util.tree_leaves(per_layer)
+  ids = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(per_layer),
+                                     list(range(len(values))))
+  full = broadcast_prefix(ids, example, "per_layer", where)
+  return ([jnp.asarray(v, dtype) for v in values],
+          jax.tree_util.tree_leaves(full))

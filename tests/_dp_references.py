@@ -17,13 +17,15 @@ def example_norm(leaves: list[np.ndarray], i: int) -> float:
                        for x in leaves))
 
 
-def per_example_clip(leaves, max_norm, *, layer_thresholds=None,
+def per_example_clip(leaves, max_norm, *, layer_thresholds=None, layers=None,
                      normalize=False, mask=None, nan_safe=True):
   """Sum over examples of the clipped gradients (Abadi et al. 2016).
 
   Returns ``(sums, norms, num_clipped, num_nonfinite)``; ``sums`` is a list of
   float64 arrays, one per leaf. ``layer_thresholds``, when given, clips each
-  leaf of each example to its own threshold (McMahan et al. 2018).
+  layer of each example to its own threshold (McMahan et al. 2018); a layer
+  is one leaf, or with ``layers`` (each leaf's layer index) the leaves that
+  share an index, clipped by their joint norm.
   """
   leaves = [np.asarray(x, np.float64) for x in leaves]
   batch = leaves[0].shape[0]
@@ -48,11 +50,14 @@ def per_example_clip(leaves, max_norm, *, layer_thresholds=None,
       scales = [min(1.0, max_norm / n) if n > 0 else 1.0] * len(leaves)
       clipped = n > max_norm
     else:
-      scales, clipped = [], False
-      for x, t in zip(leaves, layer_thresholds):
-        ln = math.sqrt(float(np.sum(x[i] ** 2)))
-        scales.append(min(1.0, t / ln) if ln > 0 else 1.0)
+      layer = list(range(len(leaves))) if layers is None else layers
+      layer_scales, clipped = [], False
+      for k, t in enumerate(layer_thresholds):
+        ln = math.sqrt(sum(float(np.sum(x[i] ** 2))
+                           for x, j in zip(leaves, layer) if j == k))
+        layer_scales.append(min(1.0, t / ln) if ln > 0 else 1.0)
         clipped |= ln > t
+      scales = [layer_scales[j] for j in layer]
     num_clipped += int(clipped and math.isfinite(n))
     for s, x, k in zip(sums, leaves, scales):
       s += x[i] * k / (sensitivity if normalize else 1.0)
