@@ -3,7 +3,8 @@
 For each clipper, leaf count and host device count, one fresh process lowers
 and compiles ``jax.jit(optax.chain(clipper, optax.adamw(1e-3)).update)`` on a
 tree of ``n`` leaves (``n / 3`` blocks of a 256x256 kernel, a 256 bias and a
-256 scale) and reports the compile seconds and the process's peak RSS growth
+256 scale; or, for a leaf count written ``500d``, ``n`` leaves each of a
+shape of its own, so that no two can be grouped) and reports the compile seconds and the process's peak RSS growth
 while compiling. Each optaxclip transform is compared with its optax twin (or
 with ``optax.clip_by_global_norm`` where it has none) measured in the same run,
 interleaved, medians over ``--reps`` fresh processes.
@@ -42,12 +43,29 @@ CASES: dict[str, tuple[str, str]] = {
 }
 
 
-def worker(expr: str, leaves: int) -> dict[str, float]:
+def tree_of(leaves: str) -> dict:
+  """The benchmark tree: ``"300"`` in blocks of three, ``"500d"`` distinct."""
+  import jax
+  import jax.numpy as jnp
+
+  if leaves.endswith("d"):  # Distinct shapes: (k, 64 + k % 7) for k = 1..n.
+    return {f"leaf_{k:04d}": jax.ShapeDtypeStruct((k, 64 + k % 7),
+                                                   jnp.float32)
+            for k in range(1, int(leaves[:-1]) + 1)}
+  tree = {}
+  for i in range(int(leaves) // 3):
+    tree[f"block_{i:03d}"] = {
+        "kernel": jax.ShapeDtypeStruct((256, 256), jnp.float32),
+        "bias": jax.ShapeDtypeStruct((256,), jnp.float32),
+        "scale": jax.ShapeDtypeStruct((256,), jnp.float32)}
+  return tree
+
+
+def worker(expr: str, leaves: str) -> dict[str, float]:
   """Runs in a fresh process: compile one chained update, measure it."""
   import resource
 
   import jax
-  import jax.numpy as jnp
   import optax
 
   import optaxclip as oc  # noqa: F401  (used by the expressions)
@@ -56,12 +74,7 @@ def worker(expr: str, leaves: int) -> dict[str, float]:
     with open("/proc/self/statm") as f:
       return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-  tree = {}
-  for i in range(leaves // 3):
-    tree[f"block_{i:03d}"] = {
-        "kernel": jax.ShapeDtypeStruct((256, 256), jnp.float32),
-        "bias": jax.ShapeDtypeStruct((256,), jnp.float32),
-        "scale": jax.ShapeDtypeStruct((256,), jnp.float32)}
+  tree = tree_of(leaves)
   adamw = optax.adamw(1e-3)
   if expr == "SKIP":
     opt = oc.skip_step(adamw)
@@ -79,7 +92,7 @@ def worker(expr: str, leaves: int) -> dict[str, float]:
           "peak_rss_mb": peak, "devices": jax.device_count()}
 
 
-def measure(expr: str, leaves: int, devices: int) -> dict[str, float]:
+def measure(expr: str, leaves: str, devices: int) -> dict[str, float]:
   env = dict(os.environ)
   flags = env.get("XLA_FLAGS", "").replace(
       "--xla_force_host_platform_device_count", "--xla_ignored_device_count")
@@ -97,7 +110,7 @@ def measure(expr: str, leaves: int, devices: int) -> dict[str, float]:
   return row
 
 
-def run(keys: list[str], leaf_counts: list[int], device_counts: list[int],
+def run(keys: list[str], leaf_counts: list[str], device_counts: list[int],
         reps: int, log=print) -> list[dict]:
   rows = []
   for devices in device_counts:
@@ -127,7 +140,8 @@ def ratios(rows: list[dict]) -> list[dict]:
     ref = by.get((r["reference"], r["leaves"], r["devices"]))
     if not r["reference"] or ref is None:
       continue
-    half = by.get((r["key"], r["leaves"] // 2, r["devices"]))
+    half = by.get((r["key"], str(int(r["leaves"]) // 2), r["devices"])
+                  ) if r["leaves"].isdigit() else None
     out.append({
         "key": r["key"], "reference": r["reference"], "leaves": r["leaves"],
         "devices": r["devices"], "seconds": r["seconds"],
@@ -165,10 +179,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 def main(argv=None) -> str:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] == "--worker":
-    print(json.dumps(worker(argv[1], int(argv[2]))))
+    print(json.dumps(worker(argv[1], argv[2])))
     return ""
   p = argparse.ArgumentParser(prog="python -m benchmarks.compile")
-  p.add_argument("--leaves", default="150,300,600")
+  p.add_argument("--leaves", default="150,300,600",
+                 help="comma-separated leaf counts; 500d: 500 leaves of"
+                 " distinct shapes")
   p.add_argument("--devices", default="1,8")
   p.add_argument("--only", help="comma-separated keys (optax references are"
                  " added); default all")
@@ -185,7 +201,7 @@ def main(argv=None) -> str:
   import optax
 
   from benchmarks import run as bench_run
-  rows = run(keys, [int(x) for x in args.leaves.split(",")],
+  rows = run(keys, args.leaves.split(","),
              [int(x) for x in args.devices.split(",")], args.reps,
              log=lambda s: print(s, file=sys.stderr))
   meta = {"command": "python -m benchmarks.compile " + " ".join(argv),

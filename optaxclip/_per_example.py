@@ -302,6 +302,9 @@ def _checked(method, max_norm, per_layer, normalize, microbatch_size,
     if not nums:
       raise ValueError(f"{where}: {name}=() names no argument; give an int"
                        " or a non-empty tuple of ints.")
+  if min(grad_nums + batch_nums) >= 0:  # Else checked at the call.
+    _resolved(grad_nums, batch_nums, max(grad_nums + batch_nums) + 1,
+              argnums, batch_argnums)
   return grad_nums, batch_nums, microbatch_size
 
 

@@ -8,6 +8,8 @@ import pytest
 from benchmarks import __main__ as bench
 from benchmarks import report, suite
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):

@@ -18,12 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
   sys.path.insert(0, str(ROOT))
 
 import optaxclip as oc  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 STEPS = 14
 SAVE_AT = 7

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = ["optaxclip", "tests/test_norms.py", "tests/test_numerics.py",
         "tests/test_clipping.py", "tests/test_agc.py", "tests/test_quantile.py",
         "tests/test_zclip.py", "tests/test_skip_step.py", "tests/test_stats.py",
-        "tests/test_readme.py", "tests/test_docs.py",
+        "tests/test_readme.py", "tests/test_careless.py",
         "tests/test_devices.py::test_one_device_mesh_with_explicit_axes"]
 
 from_eight = pytest.mark.skipif(
@@ -31,10 +31,12 @@ def _one_device_env():
   return env
 
 
+@pytest.mark.slow
 @from_eight
 def test_core_suite_on_one_device():
   proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CORE],
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+       "-m", "not slow", *CORE],
       cwd=ROOT, env=_one_device_env(), capture_output=True, text=True,
       timeout=1800)
   tail = proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -97,6 +99,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.slow
 @from_eight
 def test_every_transform_agrees_between_one_and_eight_devices(tmp_path):
   script = tmp_path / "battery.py"

@@ -17,6 +17,8 @@ import pytest
 import optaxclip
 from tests._blocks import run_blocks
 
+pytestmark = pytest.mark.slow
+
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 PAGES = sorted(p for p in DOCS.glob("*.md"))
 

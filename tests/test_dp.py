@@ -278,6 +278,7 @@ def _erfinv(y):
   return (lo + hi) / 2
 
 
+@pytest.mark.slow
 def test_benchmark_runs_and_implementations_agree():
   """benchmarks/dp.py at a toy size: every implementation, same numbers."""
   from benchmarks import dp as bench
@@ -295,6 +296,7 @@ def test_benchmark_runs_and_implementations_agree():
       r["model"] == "mlp" for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
 def test_data_parallel_mesh_matches_one_device(axis_type):
   """Per-example inputs split over 8 devices: the same sums, noise and stats."""

@@ -48,6 +48,7 @@ def test_eager_update_equals_jitted_update(name):
   _assert_same(_steps(tx, lambda f: f), _steps(tx, jax.jit), exact=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 def test_update_under_disable_jit_agrees(name):
   tx = TRANSFORMS[name][0]()

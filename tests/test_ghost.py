@@ -367,6 +367,7 @@ def test_tiny_inputs_norms_not_flushed():
 @pytest.mark.parametrize("name,axis_type", [
     ("cnn", "Explicit"), ("mlp_seq", "Explicit"), ("mlp_seq", "Auto"),
     ("transformer", "Auto")])
+@pytest.mark.slow
 def test_sharded_batch(name, axis_type, devices):
   """Inputs sharded over a mesh of 1, 2 or 8 devices give the single-device
   result. Not tested, because upstream faults make them fail without

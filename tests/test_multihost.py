@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 _PATH = Path(__file__).resolve().parents[1] / "examples" / "multihost.py"
 _spec = importlib.util.spec_from_file_location("multihost_example", _PATH)
 multihost = importlib.util.module_from_spec(_spec)

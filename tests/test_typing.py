@@ -3,6 +3,10 @@
 import importlib.util
 import pathlib
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 SCRIPT = pathlib.Path(__file__).parent / "typing" / "user_script.py"
 
 
