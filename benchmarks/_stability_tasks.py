@@ -57,6 +57,9 @@ class Task:
     lrs: the default learning-rate grid; reference_lr: the example's.
     steps: default number of training steps.
     settings: the thresholds of the fixed-threshold clippers on this task.
+    margin: how close to the task's best loss a run must end to count as
+      good: ``("+", d)``, at most ``best + d``; ``("x", f)``, at most
+      ``f * best`` (for losses that span orders of magnitude).
     log_loss: plot the loss on a log axis.
     note: how the task was set up, for the report.
   """
@@ -74,6 +77,7 @@ class Task:
   reference_lr: float
   steps: int
   settings: dict[str, float]
+  margin: tuple[str, float]
   log_loss: bool
   note: str
 
@@ -187,9 +191,10 @@ def transformer(*, quick: bool = False) -> Task:
       init=init, loss=loss,
       evaluate=lambda params, data: cross_entropy(params, data["heldout"]),
       data=data, optimizer=optimizer, schedule=warmup_cosine,
-      lrs=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0), reference_lr=1e-2,
+      lrs=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0), reference_lr=1e-2,
       steps=300,
       settings={"clip_by_value": 0.01, "adaptive_grad_clip": 0.01},
+      margin=("+", 0.05),
       log_loss=False,
       note=(f"batches of {batch} x {length} characters drawn at random from"
             f" the first 90% of pydoc_data.topics ({len(ids)} characters,"
@@ -248,6 +253,7 @@ def regression(*, quick: bool = False) -> Task:
       lrs=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
       reference_lr=1e-2, steps=100 * per_epoch,
       settings={"clip_by_value": 5.0, "adaptive_grad_clip": 0.01},
+      margin=("x", 2.0),
       log_loss=True,
       note=("make_regression(n_samples=1000, n_features=20, noise=0.1,"
             " random_state=1), first half train, second half test (targets"
@@ -324,6 +330,7 @@ def lstm(*, quick: bool = False) -> Task:
       lrs=(0.03, 0.1, 0.3, 1.0, 3.0, 10.0), reference_lr=1.0,
       steps=500,
       settings={"clip_by_value": 0.01, "adaptive_grad_clip": 0.01},
+      margin=("x", 2.0),
       log_loss=True,
       note=(f"fresh batches of {batch} sequences each step; validation on"
             f" 512 fixed sequences; predicting the mean gives MSE 1/6 ="

@@ -16,8 +16,16 @@ run:
   (a non-finite final loss counts as the initial loss). 0: the same loss at
   every learning rate; large: only a narrow range trains;
 - *best loss* and the learning rate that reached it;
-- *largest good LR*: the largest learning rate whose mean loss is within
-  ``MARGIN`` (10%) of the best loss any method reached on the task;
+- *sensitivity per seed*: the same from each seed's runs alone (min-max
+  over the seeds), for the noise of the measure;
+- *log10 sensitivity*: the mean of ``log10(loss(lr) / best)``, the same
+  measure on a log scale, for the MSE losses that span orders of magnitude
+  (in decades: 1 means the runs of the grid end, on geometric average,
+  ten times above the best);
+- *largest good LR*: the largest learning rate whose mean loss is within the
+  task's margin of the best loss any method reached on the task (+0.05 nats
+  for the transformer, 2x the best MSE for the two regressions, whose losses
+  span orders of magnitude);
 - *diverged*: runs whose final loss is non-finite or not below the initial;
 - *loss spikes*: steps whose training loss exceeds 1.25 times the mean of
   the 20 steps before it (the definition of ``examples/loss_spikes.py``),
@@ -79,7 +87,6 @@ from benchmarks import _stability_tasks as tasks_mod
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 FIGURES = os.path.join(ROOT, "docs", "figures")
-MARGIN = 0.10  # "Good": mean final loss <= (1 + MARGIN) x the task's best.
 SPIKE_RATIO, SPIKE_WINDOW = 1.25, 20  # As examples/loss_spikes.py.
 SKIP_FACTOR = 5.0  # skip_step's spike_factor, as examples/loss_spikes.py.
 # --quick checks the harness rather than measuring: it compiles without XLA's
@@ -248,6 +255,9 @@ def summarize(r: dict[str, Any], lrs: list[float]) -> dict[str, Any]:
       "final": r["final"].tolist(),
       "initial": float(np.mean(r["initial"])),
       "sensitivity": float(np.mean(curve - curve[best])),
+      "sensitivity_per_seed": [float(np.mean(c - c.min()))
+                               for c in capped(r).T],
+      "log10_sensitivity": float(np.mean(np.log10(curve / curve[best]))),
       "best_loss": float(curve[best]), "best_lr": lrs[best],
       "diverged": diverged.sum(axis=1).tolist(),
       "num_diverged": int(diverged.sum()),
@@ -286,10 +296,18 @@ def healthy_norm(r: dict[str, Any], lrs: list[float]) -> float:
 
 
 def largest_good_lr(summary: dict[str, Any], lrs: list[float],
-                    task_best: float) -> float | None:
-  good = [lr for lr, loss in zip(lrs, summary["loss"])
-          if loss <= (1 + MARGIN) * task_best]
+                    task_best: float, margin: tuple[str, float]
+                    ) -> float | None:
+  """The largest learning rate whose loss is within ``margin`` of the best."""
+  kind, value = margin
+  limit = task_best + value if kind == "+" else task_best * value
+  good = [lr for lr, loss in zip(lrs, summary["loss"]) if loss <= limit]
   return max(good) if good else None
+
+
+def margin_text(margin: tuple[str, float]) -> str:
+  kind, value = margin
+  return f"+{value:g} over" if kind == "+" else f"{value:g}x"
 
 
 # ---------------------------------------------------------------------------
@@ -332,8 +350,11 @@ def markdown(record: dict[str, Any]) -> str:
       "*LR sensitivity*: mean over the grid of `min(loss(lr), initial) -"
       " best` (Wortsman et al. 2024), `loss(lr)` the mean over seeds of each"
       " run's final validation loss, a non-finite one counted as the initial"
-      f" loss. *largest good LR*: the largest learning rate whose loss is"
-      f" within {MARGIN:.0%} of the task's best (over every method)."
+      " loss; *per seed*: the same from each seed's runs (min-max);"
+      " *log10*: the mean over the grid of `log10(min(loss(lr), initial) /"
+      " best)`, in decades."
+      " *largest good LR*: the largest learning rate whose loss is"
+      " within the task's margin of the task's best (over every method)."
       " *diverged*: runs whose final loss is non-finite or not below the"
       " initial one. *loss spikes*: steps whose training loss exceeds"
       f" {SPIKE_RATIO} x the mean of the {SPIKE_WINDOW} before (up to the"
@@ -345,12 +366,14 @@ def markdown(record: dict[str, Any]) -> str:
     parts += [f"## {name}: {t['title']}", "",
               f"{t['steps']} steps; learning rates {', '.join(map(fmt, lrs))};"
               f" {t['loss_name']}, initial {fmt(t['initial'])}; task best"
-              f" {fmt(t['best_loss'])}. {t['note']}"
+              f" {fmt(t['best_loss'])}; good: at most"
+              f" {margin_text(t['margin'])} the task best. {t['note']}"
               f" `clip_by_global_norm(tuned)`: threshold {fmt(t['tuned'])}, the"
               " median pre-clip gradient norm of the unclipped runs at their"
               f" best learning rate ({fmt(t['tuned_from_lr'])}). "
               + "; ".join(t["method_notes"]) + ".", ""]
-    header = ["method", "LR sensitivity", "best loss", "best LR",
+    header = ["method", "LR sensitivity", "per seed", "log10", "best loss",
+              "best LR",
               "largest good LR", "diverged", "loss spikes", "clipped",
               "skipped"]
     if name == "transformer":
@@ -358,7 +381,11 @@ def markdown(record: dict[str, Any]) -> str:
     header += ["compile s", "run s"]
     rows = []
     for label, m in t["methods"].items():
-      row = [f"`{label}`", m["sensitivity"], m["best_loss"], m["best_lr"],
+      per_seed = m["sensitivity_per_seed"]
+      row = [f"`{label}`", m["sensitivity"],
+             f"{fmt(min(per_seed))}-{fmt(max(per_seed))}",
+             m["log10_sensitivity"], m["best_loss"],
+             m["best_lr"],
              m["largest_good_lr"],
              f"{m['num_diverged']}/{len(lrs) * meta['seeds']}",
              m["loss_spikes_per_run"], m["frac_clipped"],
@@ -378,7 +405,10 @@ def markdown(record: dict[str, Any]) -> str:
   return "\n".join(parts)
 
 
-STYLES = ["-", "--", "-.", ":"]
+# Twelve distinguishable colours and a marker each, in the methods' order.
+COLORS = ["black", "C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9",
+          "#e6ab02", "C7"]
+MARKERS = "os^vD<>ph*XP"
 
 
 def figure(path: str, name: str, t: dict[str, Any], seeds: int) -> None:
@@ -388,38 +418,40 @@ def figure(path: str, name: str, t: dict[str, Any], seeds: int) -> None:
   import matplotlib.pyplot as plt
 
   lrs = np.asarray(t["lrs"])
-  fig, (ax, bar) = plt.subplots(1, 2, figsize=(14, 5.2),
-                                gridspec_kw={"width_ratios": [1.6, 1]})
+  fig, (ax, bar) = plt.subplots(1, 2, figsize=(14, 6.4),
+                                gridspec_kw={"width_ratios": [1.5, 1]})
   labels = list(t["methods"])
+  color = {k: COLORS[i % len(COLORS)] for i, k in enumerate(labels)}
   for i, label in enumerate(labels):
     m = t["methods"][label]
-    color, style = f"C{i % 10}", STYLES[(i // 10 + i) % len(STYLES)]
-    ax.plot(lrs, m["loss"], color=color, ls=style, marker="o", ms=3.5,
-            label=label)
+    ax.plot(lrs, m["loss"], color=color[label], ls="-" if i % 2 else "--",
+            marker=MARKERS[i % len(MARKERS)], ms=5, lw=1.2, label=label)
     final = np.asarray(m["final"], float)  # (lrs, seeds)
-    bad = ~np.isfinite(final) | (final >= t["initial_runs"][label])
+    bad = ~np.isfinite(final) | (final >= np.asarray(t["initial_runs"][label]))
     for j in np.nonzero(bad.any(axis=1))[0]:
-      ax.plot(lrs[j], m["loss"][j], "x", color=color, ms=9, mew=2)
+      ax.plot(lrs[j], m["loss"][j], "x", color="red", ms=11, mew=1.5,
+              zorder=5)
   ax.axhline(t["initial"], color="gray", ls=":", lw=1)
-  ax.annotate("initial loss (divergent runs count here)", (lrs[0],
-                                                             t["initial"]),
-              textcoords="offset points", xytext=(2, -12), color="gray",
-              fontsize=8)
+  ax.annotate("initial loss: a divergent run counts here (red x)",
+              (lrs[0], t["initial"]), textcoords="offset points",
+              xytext=(2, -12), color="gray", fontsize=8)
   ax.set(xscale="log", yscale="log" if t["log_loss"] else "linear",
          xlabel="peak learning rate", ylabel=t["loss_name"],
-         title=f"{name}: final loss, mean of {seeds} seed(s);"
-         " x: a run diverged")
-  ax.legend(fontsize=7, ncol=2)
+         title=f"{name}: final loss, mean of {seeds} seed(s)")
+  ax.legend(fontsize=8, ncol=3, loc="upper center",
+            bbox_to_anchor=(0.5, -0.12))
   order = sorted(labels, key=lambda k: t["methods"][k]["sensitivity"])
   values = [t["methods"][k]["sensitivity"] for k in order]
-  bar.barh(range(len(order)), values,
-           color=[f"C{labels.index(k) % 10}" for k in order])
+  bar.barh(range(len(order)), values, color=[color[k] for k in order])
+  for i, k in enumerate(order):
+    per_seed = t["methods"][k]["sensitivity_per_seed"]
+    bar.plot([min(per_seed), max(per_seed)], [i, i], color="gray", lw=1)
+    bar.annotate(fmt(values[i], 3), (values[i], i), textcoords="offset points",
+                 xytext=(3, -3), fontsize=7)
   bar.set_yticks(range(len(order)), order, fontsize=8)
   bar.invert_yaxis()
-  bar.set(xlabel="LR sensitivity (lower is better)",
+  bar.set(xlabel="LR sensitivity (lower is better; gray: range over seeds)",
           title="mean over the grid of min(loss, initial) - best")
-  if t["log_loss"] and min(values) > 0:
-    bar.set_xscale("log")
   fig.suptitle(t["title"], fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -534,11 +566,12 @@ def report_task(task: tasks_mod.Task, steps: int, lrs: list[float],
   summaries = {label: summarize(r, lrs) for label, r in runs.items()}
   task_best = min(s["best_loss"] for s in summaries.values())
   for s in summaries.values():
-    s["largest_good_lr"] = largest_good_lr(s, lrs, task_best)
+    s["largest_good_lr"] = largest_good_lr(s, lrs, task_best, task.margin)
   ref = runs["no clipping"]
   return {"title": task.title, "note": task.note, "loss_name": task.loss_name,
           "steps": steps, "lrs": lrs, "seeds": seeds,
           "reference_lr": task.reference_lr, "settings": task.settings,
+          "margin": task.margin,
           "method_notes": method_notes(task, steps),
           "initial": float(np.mean(ref["initial"])),
           "initial_runs": {label: r["initial"].tolist()
@@ -556,7 +589,7 @@ def metadata(argv: list[str], args: argparse.Namespace, seeds: int,
               "%Y-%m-%d %H:%M:%S"),
           "platform": jax.default_backend(), "cpu": run._cpu_model(),
           "cpu_count": os.cpu_count(), "quick": args.quick, "seeds": seeds,
-          "margin": MARGIN, "spike_ratio": SPIKE_RATIO,
+          "spike_ratio": SPIKE_RATIO,
           "spike_window": SPIKE_WINDOW, "wall_s": wall_s,
           "versions": {"python": platform.python_version(),
                        "jax": jax.__version__, "optax": optax.__version__,
