@@ -1,0 +1,141 @@
+"""The learning-rate sensitivity benchmark: its measures, and a quick run.
+
+The measures are checked on made-up runs; ``python -m benchmarks.stability
+--quick`` (every task and method, tiny models, 3 learning rates, 1 seed) runs
+once for the module and its files are checked for real content. The quick
+run compiles 36 programs, about 2.5 minutes on a shared 2-core CPU: it is
+marked ``slow``.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import stability
+
+TASKS = ("transformer", "regression", "lstm")
+CLIPPERS = ("clip_by_global_norm(1.0)", "clip_by_global_norm(tuned)",
+            "clip_by_norm(1.0)", "clip_by_quantile(0.9)",
+            "clip_by_quantile(0.9, per_leaf)", "zclip()", "adagc()",
+            "clip_spikes()", "skip_step(zclip())")
+
+
+def runs(final, initial=2.0):
+  """A made-up record of 3 learning rates x 2 seeds."""
+  final = np.asarray(final, np.float32)
+  loss = np.ones(final.shape + (30,), np.float32)
+  return {"final": final, "initial": np.full(final.shape, initial, np.float32),
+          "counts": {"zclip/num_clipped": np.full(final.shape, 3)},
+          "trace": {"loss": loss, "grad_norm": np.full(loss.shape, 0.5)},
+          "compile_s": 1.0, "run_s": 1.0}
+
+
+def test_sensitivity_caps_divergent_runs_at_the_initial_loss():
+  s = stability.summarize(runs([[1.0, 1.2], [0.5, 0.7], [np.nan, 3.0]]),
+                          [0.1, 1.0, 10.0])
+  assert s["loss"] == pytest.approx([1.1, 0.6, 2.0])
+  assert s["best_loss"] == pytest.approx(0.6) and s["best_lr"] == 1.0
+  assert s["sensitivity"] == pytest.approx((0.5 + 0.0 + 1.4) / 3)
+  assert s["diverged"] == [0, 0, 2] and s["num_diverged"] == 2
+  assert s["frac_clipped"] == pytest.approx(3 / 30)
+  assert s["frac_skipped"] is None
+  assert s["sensitivity_per_seed"] == pytest.approx([(0.5 + 1.5) / 3,
+                                                     (0.5 + 1.3) / 3])
+  lrs = [0.1, 1.0, 10.0]
+  assert stability.largest_good_lr(s, lrs, 0.6, ("+", 0.05)) == 1.0
+  assert stability.largest_good_lr(s, lrs, 0.55, ("+", 0.05)) is None
+  assert stability.largest_good_lr(s, lrs, 0.55, ("x", 2.0)) == 1.0
+
+
+def test_loss_spikes_use_the_examples_definition():
+  loss = np.ones(60)
+  loss[30] = 1.3  # Above 1.25 x the mean of the 20 before it.
+  loss[45] = 1.2  # Below.
+  assert stability.loss_spikes(loss) == 1
+  loss[50:] = np.nan  # Counted up to the first non-finite loss.
+  loss[55] = 9.0
+  assert stability.loss_spikes(loss) == 1
+  assert stability.loss_spikes(np.ones(10)) == 0
+
+
+def test_healthy_norm_is_the_median_at_the_best_learning_rate():
+  r = runs([[1.0, 1.0], [0.5, 0.5], [3.0, 3.0]])
+  r["trace"]["grad_norm"][1] = np.linspace(1.0, 3.0, 30)
+  r["trace"]["grad_norm"][1, 0, -1] = np.inf  # Left out.
+  assert stability.healthy_norm(r, [0.1, 1.0, 10.0]) == pytest.approx(2.0,
+                                                                     rel=0.02)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  out = tmp_path_factory.mktemp("stability")
+  paths = stability.main(["--quick", "--no-progress", "--out", str(out),
+                          "--name", "smoke"])
+  return out, paths
+
+
+@pytest.mark.slow
+def test_quick_run_writes_json_markdown_and_a_figure_per_task(quick):
+  out, paths = quick
+  names = sorted(p.split("/")[-1] for p in paths)
+  assert names == sorted(["smoke.json", "smoke.md"]
+                         + [f"smoke-{t}.png" for t in TASKS])
+  for t in TASKS:
+    assert (out / f"smoke-{t}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  md = (out / "smoke.md").read_text()
+  assert "Quick mode" in md
+  for t in TASKS:
+    assert f"## {t}:" in md and f"(smoke-{t}.png)" in md
+
+
+@pytest.mark.slow
+def test_quick_run_measures_every_task_and_method(quick):
+  out, _ = quick
+  data = json.loads((out / "smoke.json").read_text())
+  meta = data["meta"]
+  assert meta["quick"] is True and meta["seeds"] == 1
+  assert meta["wall_s"] > 0 and meta["command"].endswith("--name smoke")
+  assert list(data["tasks"]) == list(TASKS)
+  for name, t in data["tasks"].items():
+    lrs = t["lrs"]
+    assert len(lrs) == 3 and lrs == sorted(lrs)
+    assert math.isfinite(t["initial"]) and t["initial"] > 0
+    assert 0 < t["best_loss"] < t["initial"]
+    assert math.isfinite(t["tuned"]) and t["tuned"] > 0
+    assert t["tuned_from_lr"] in lrs
+    methods = t["methods"]
+    assert "no clipping" in methods and set(CLIPPERS) <= set(methods)
+    assert any(k.startswith("clip_by_value(") for k in methods)
+    assert any(k.startswith("adaptive_grad_clip(") for k in methods)
+    assert len(methods) == 12
+    good = []
+    for label, m in methods.items():
+      assert m["sensitivity"] >= 0 and math.isfinite(m["sensitivity"]), label
+      assert len(m["loss"]) == len(lrs)
+      assert all(math.isfinite(x) and x <= t["initial_runs"][label][i][0]
+                 + 1e-6 for i, x in enumerate(m["loss"])), label
+      assert m["best_loss"] == pytest.approx(min(m["loss"]))
+      assert m["best_loss"] >= t["best_loss"] - 1e-9
+      assert m["best_lr"] in lrs
+      assert m["largest_good_lr"] is None or m["largest_good_lr"] in lrs
+      good.append(m["largest_good_lr"])
+      assert len(m["final"]) == len(lrs) and len(m["final"][0]) == 1
+      assert 0 <= m["num_diverged"] <= len(lrs)
+      assert m["loss_spikes_per_run"] >= 0
+      if label == "no clipping":
+        assert m["frac_clipped"] is None
+      else:
+        assert 0 <= m["frac_clipped"] <= 1, label
+      if label == "skip_step(zclip())":
+        assert 0 <= m["frac_skipped"] <= 1
+      else:
+        assert m["frac_skipped"] is None
+      assert m["compile_s"] > 0 and m["run_s"] > 0
+      if name == "transformer":
+        assert m["attn_logit_max_at_best_lr"] > 0, label
+    assert any(g is not None for g in good)  # The best method's own best.
+  # A clipper bounds the step: fixed thresholds clip at the top learning rate.
+  assert data["tasks"]["regression"]["methods"][
+      "clip_by_global_norm(1.0)"]["frac_clipped"] > 0.5
