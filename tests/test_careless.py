@@ -104,6 +104,7 @@ def test_negative_or_nan_global_threshold_at_construction(value):
     oc.clip_by_global_norm(value)
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(st.floats(allow_nan=True, allow_infinity=True, width=32))
 def test_run_time_threshold_never_flips_or_poisons(value):
@@ -267,6 +268,7 @@ def test_a_hand_built_quantile_norm_is_checked():
     oc.dp_noise(1.0, seed=0, max_norm=bad)
 
 
+@pytest.mark.slow
 def test_vmap_differentiates_only_the_params_of_a_module():
   from flax import nnx
 

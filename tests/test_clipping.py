@@ -128,6 +128,7 @@ class ClipByGlobalNormTest(chex.TestCase):
 
     np.testing.assert_allclose(run(jnp.float32(2.5))["w"], [1.5, 2.0], rtol=1e-6)
 
+  @pytest.mark.slow
   def test_inject_hyperparams(self):
     grads = {"w": jnp.asarray([3.0, 4.0])}
     tx = optax.inject_hyperparams(oc.clip_by_global_norm)(max_norm=1.0)
@@ -295,6 +296,7 @@ class ClipByNormTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, "max_norm tree does not match"):
       apply(tx, grads)
 
+  @pytest.mark.slow
   def test_inject_hyperparams(self):
     grads = grads_tree(scale=3.0)
     tx = optax.inject_hyperparams(oc.clip_by_norm, static_args="ord")(
@@ -359,6 +361,7 @@ class ClipByValueTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(updates["f"], np.float32), [20.0])
     self.assertTrue(np.isfinite(state.grad_norm))
 
+  @pytest.mark.slow
   def test_inject_hyperparams(self):
     grads = grads_tree(scale=2.0)
     tx = optax.inject_hyperparams(oc.clip_by_value)(max_value=1.0)
@@ -463,6 +466,7 @@ def test_global_clip_properties(leaves, t, ord):
 @PROPS
 @given(tree_strategy, thresholds, st.sampled_from([2, 1, "rms"]),
        st.sampled_from([None, 0, -1]))
+@pytest.mark.slow
 def test_per_leaf_clip_properties(leaves, t, ord, axis):
   grads = [jnp.asarray(x) for x in leaves]
   clip = jitted("leaf", ord, axis)

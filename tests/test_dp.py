@@ -125,6 +125,7 @@ class DPAggregateTest(chex.TestCase):
 
 class DPNoiseTest(chex.TestCase):
 
+  @pytest.mark.slow
   def test_clipped_grad_path_equals_dp_aggregate(self):
     loss, params, x, y = model_case("mlp", batch=12)
     mask = jnp.arange(12) < 10
@@ -159,6 +160,7 @@ class DPNoiseTest(chex.TestCase):
                                  rtol=1e-5, err_msg=field)
     self.assertAlmostEqual(float(s1[0].noise_std), 1.1 * 0.5, places=6)
 
+  @pytest.mark.slow
   def test_normalize_calibrates_noise_to_one(self):
     loss, params, x, y = model_case("mlp")
     g, info = oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2),
@@ -167,6 +169,7 @@ class DPNoiseTest(chex.TestCase):
     _, state = tx.update(g, tx.init(params), clip_info=info)
     self.assertEqual(float(state.noise_std), 2.0)
 
+  @pytest.mark.slow
   def test_no_noise_and_no_clipping_is_the_plain_mean(self):
     loss, params, x, y = model_case("mlp")
     g, info = oc.clipped_grad(loss, max_norm=math.inf, batch_argnums=(1, 2),

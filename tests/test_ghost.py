@@ -193,6 +193,7 @@ def assert_same(got, want, rtol=1e-5):
 @pytest.mark.parametrize(
     "name", ["mlp", "mlp_seq", "cnn", "transformer", "tied", "rnn",
              "raw_tied"])
+@pytest.mark.slow
 def test_equals_vmap(name):
   model, loss, x, y = case(name)
   vmap, ghost = both(model, loss)
@@ -238,6 +239,7 @@ def test_layers_covered_and_fallback():
       "['embed']['embedding'].value"}
 
 
+@pytest.mark.slow
 def test_numpy_float64_reference():
   """One Linear on (batch, seq, d), squared loss: per-example grads by hand."""
   rng = np.random.default_rng(3)
@@ -349,6 +351,7 @@ def test_extreme_magnitudes(scale):
   assert_same(ghost(x, y, c), vmap(x, y, c))
 
 
+@pytest.mark.slow
 def test_tiny_inputs_norms_not_flushed():
   """Without the pre-scale, float32 squares of 1e-21 entries flush to 0."""
   rng = np.random.default_rng(6)
@@ -394,6 +397,7 @@ def test_sharded_batch(name, axis_type, devices):
   chex.assert_trees_all_close(got[0], want[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mask_nan_and_microbatch():
   model, loss, x, y = case("transformer", batch=9)
   x = x.at[4, 0].set(99)  # Out of range: jnp.take fills in NaN.
@@ -438,6 +442,7 @@ def test_options_equal_vmap(options):
   assert int(got[1].num_clipped) > 0
 
 
+@pytest.mark.slow
 def test_state_argument_aux_and_keep_batch_dim_false():
   """fun may take the nnx.State and merge it; aux; examples without axis."""
   model, _, x, y = case("mlp")

@@ -174,6 +174,7 @@ class LeafNormsTest(parameterized.TestCase):
                                     allow_infinity=False,
                                     allow_subnormal=False)),
        st.sampled_from([1, 2, 3, math.inf]))
+@pytest.mark.slow
 def test_global_norm_property_any_finite_input(x, ord):
   got = float(oc.global_norm(jnp.asarray(x), ord=ord))
   want = np_norm([x], ord)

@@ -193,6 +193,7 @@ def test_gradient_is_finite_at_zero_and_at_the_threshold(name, where):
     assert np.all(np.isfinite(x)), (name, where, grad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(_clippers()))
 @pytest.mark.parametrize("scale", [0.3, 5.0])  # Below and above threshold.
 def test_gradient_matches_finite_differences(name, scale):

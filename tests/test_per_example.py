@@ -170,6 +170,7 @@ class PerExampleClipTest(chex.TestCase):
                                  want[0], rtol=2e-5, atol=1e-44)
       self.assertEqual(int(info.num_nonfinite), 0)
 
+  @pytest.mark.slow
   def test_bfloat16_norms_accumulate_in_float32(self):
     grads = per_example_tree(batch=8, scale=1e3, dtype=jnp.bfloat16)
     total, info = oc.per_example_clip(grads, 500.0)
@@ -287,6 +288,7 @@ def vmap_reference(loss, params, x, y):
 
 class ClippedGradTest(chex.TestCase):
 
+  @pytest.mark.slow
   @pytest.mark.filterwarnings("ignore")
   def test_equals_vmap_grad_then_per_example_clip(self):
     for name in MODELS:
@@ -311,6 +313,7 @@ class ClippedGradTest(chex.TestCase):
       assert_sums_close(total, want64, rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(info.norms, norms, rtol=1e-5)
 
+  @pytest.mark.slow
   def test_per_layer(self):
     loss, params, x, y = model_case("attention")
     per_example = vmap_reference(loss, params, x, y)
@@ -337,6 +340,7 @@ class ClippedGradTest(chex.TestCase):
     b = oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2))(params, x, y)
     chex.assert_trees_all_close(a, b, rtol=1e-6)
 
+  @pytest.mark.slow
   def test_microbatched_equals_unbatched(self):
     for name in ("mlp", "cnn"):
       loss, params, x, y = model_case(name, batch=10)
@@ -384,6 +388,7 @@ class ClippedGradTest(chex.TestCase):
     with jax.transfer_guard("disallow"):
       jax.block_until_ready(grad_fn(params, x, y, max_norm=c))
 
+  @pytest.mark.slow
   def test_argnums_tuple_and_kwargs(self):
     loss, params, x, y = model_case("mlp")
 
@@ -400,6 +405,7 @@ class ClippedGradTest(chex.TestCase):
         params, x, y)
     chex.assert_trees_all_close(gw | grest, want, rtol=1e-5, atol=1e-8)
 
+  @pytest.mark.slow
   def test_bfloat16_params(self):
     loss, params, x, y = model_case("mlp", dtype=jnp.bfloat16)
     total, info = oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2),
@@ -412,6 +418,7 @@ class ClippedGradTest(chex.TestCase):
     self.assertEqual(int(info.num_clipped), num)
     assert_sums_close(total, want, rtol=2e-2, atol=2e-2)
 
+  @pytest.mark.slow
   def test_matches_jax_privacy(self):
     clipping = pytest.importorskip("jax_privacy.clipping")
     loss, params, x, y = model_case("cnn")

@@ -26,6 +26,8 @@ from jax.sharding import PartitionSpec as P
 
 import optaxclip as oc
 
+pytestmark = pytest.mark.slow
+
 SHAPES = {
     "w1": (16, 32), "b1": (32,), "conv": (3, 3, 8, 16), "emb": (24, 16),
     "gain": (),
@@ -256,7 +258,6 @@ ORD_VARIANTS = ("clip_by_global_norm_ord1", "clip_by_global_norm_ord3")
 @pytest.mark.parametrize(("layout", "group"), [
     (layout, group) for layout in LAYOUTS for group in GROUPS
     if (layout, group) != ("replicated", "units")])
-@pytest.mark.slow
 def test_jit_on_sharded_gradients_matches_one_device(layout, group):
   names = [n for n in GROUPS[group] if layout == "2d" or n not in ORD_VARIANTS]
   mesh = make_mesh(layout)
@@ -414,7 +415,6 @@ def assert_same_on_every_device(stacked: Any, what: str) -> None:
         err_msg=f"{what}{jax.tree_util.keystr(path)} differs between devices")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(SHARD_MAP_AXES))
 def test_shard_map_with_axis_name_matches_one_device(layout):
   # The scalar "gain" leaf is replicated (P()): it must count once, not once

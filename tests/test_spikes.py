@@ -295,6 +295,7 @@ def test_bad_argument_types_raise_type_error():
     oc.clip_spikes().init({"w": jnp.zeros(2, jnp.complex64)})
 
 
+@pytest.mark.slow
 def test_orbax_round_trip_continues_bit_identically(tmp_path):
   # AdaGC and both forms of spike clipping in one optimizer: save mid-run,
   # restore into a fresh state, continue; same bytes as never stopping.

@@ -153,6 +153,7 @@ def test_nonfinite_norm_leaves_statistics_alone():
 @given(st.lists(st.floats(1e-3, 1e3), min_size=24, max_size=24),
        st.floats(0.05, 0.99), st.floats(0.0, 4.0),
        st.sampled_from([1, 4]), st.sampled_from(["adaptive", "mean"]))
+@pytest.mark.slow
 def test_property_clipped_below_threshold_identity_otherwise(
     norms, alpha, z_thresh, warmup, mode):
   tx = optax.inject_hyperparams(oc.zclip, static_args="mode")(
