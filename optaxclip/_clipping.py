@@ -370,6 +370,7 @@ def clip_by_value(
     return _thresholds.resolve(max_value, count, dtype, lo=-math.inf, nan=0.0)
 
   def init_fn(params):
+    _tree.check_real(params, where)
     dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
     hi = bound(max_value, params, count, "max_value")
@@ -383,6 +384,7 @@ def clip_by_value(
 
   def update_fn(updates, state, params=None):
     del params
+    _tree.check_real(updates, where)
     dtype = _tree.tree_acc_dtype(updates)
     hi = bound(max_value, updates, state.count, "max_value")
     # jnp.clip gives max_value where a run-time min_value exceeds it.

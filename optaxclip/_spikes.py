@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _thresholds, _transform, _tree, _validate
+from optaxclip import _norms, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._thresholds import Threshold
 
 
@@ -173,7 +173,7 @@ def _standalone(theta: Threshold, beta2: Threshold
                 ) -> optax.GradientTransformation:
 
   def init_fn(params):
-    _check_real(params)
+    _tree.check_real(params, "clip_spikes")
     return ClipSpikesState(
         stats=_init_stats(params),
         nu=_tree.map_arrays(
@@ -202,7 +202,7 @@ def _wrapper(theta: Threshold, inner: optax.GradientTransformationExtraArgs
              ) -> optax.GradientTransformationExtraArgs:
 
   def init_fn(params):
-    _check_real(params)
+    _tree.check_real(params, "clip_spikes")
     inner_state = inner.init(params)
     find_nu(inner_state, params)  # A clear error now rather than later.
     return SpikeClippedState(stats=_init_stats(params),
@@ -239,19 +239,11 @@ def find_nu(inner_state: Any, like: Any) -> Any:
       " clip_spikes(theta) chained before yours.")
 
 
-def _check_real(params: Any) -> None:
-  for x in _tree.float_leaves(params, "clip_spikes"):
-    if jnp.iscomplexobj(x):
-      raise TypeError("clip_spikes: complex gradients are not supported;"
-                      " split them into real and imaginary parts.")
-
-
 def _init_stats(params: Any) -> SpikeStats:
   dtype = _tree.tree_acc_dtype(params)
-  zero = jnp.zeros((), jnp.int32)
-  return SpikeStats(count=zero, grad_norm=jnp.zeros((), dtype),
-                    clipped=jnp.zeros((), bool), num_clipped=zero,
-                    num_spikes=zero, frac_clipped=jnp.zeros((), dtype))
+  return SpikeStats(**_stats.counters(frac=True),
+                    grad_norm=jnp.zeros((), dtype),
+                    num_spikes=jnp.zeros((), jnp.int32))
 
 
 def _clip(updates: Any, nu: Any, theta: jax.Array, stats: SpikeStats
@@ -265,14 +257,9 @@ def _clip(updates: Any, nu: Any, theta: jax.Array, stats: SpikeStats
       _tree.map_arrays(lambda _, p: p[1], updates, out))
   spikes = sum(counts, jnp.zeros((), jnp.int32))
   size = sum(x.size for x in _tree.float_leaves(updates, "clip_spikes"))
-  any_spike = spikes > 0
   return clipped, SpikeStats(
-      count=optax.safe_increment(stats.count),
-      grad_norm=_norms.global_norm(updates).astype(dtype),
-      clipped=any_spike,
-      num_clipped=stats.num_clipped + any_spike.astype(jnp.int32),
-      num_spikes=spikes,
-      frac_clipped=(spikes.astype(dtype) / max(size, 1)).astype(dtype))
+      **_stats.tally(stats, spikes > 0, num=spikes, of=size),
+      grad_norm=_norms.global_norm(updates).astype(dtype), num_spikes=spikes)
 
 
 def _clip_leaf(g: jax.Array, v: jax.Array, theta: jax.Array

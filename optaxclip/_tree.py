@@ -66,6 +66,19 @@ def map_arrays(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
       is_leaf=is_masked)
 
 
+def check_real(tree: Any, where: str) -> None:
+  """A TypeError naming the first complex leaf: for transforms that compare
+  entries with a bound, which complex numbers lack."""
+  for path, x in live_leaves(tree, where)[0]:
+    if jnp.iscomplexobj(x):
+      raise TypeError(
+          f"{where}: the gradient leaf at"
+          f" {jax.tree_util.keystr(path) or 'root'} is complex; {where}"
+          " compares entries with a bound, which complex numbers lack. Clip"
+          " it by norm (clip_by_norm) or split it into real and imaginary"
+          " parts.")
+
+
 def _check_float(path: Any, x: Any, where: str) -> None:
   dtype = jnp.result_type(x)
   if not jnp.issubdtype(dtype, jnp.inexact):

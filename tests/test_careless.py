@@ -302,3 +302,23 @@ def test_vmap_differentiates_only_the_params_of_a_module():
   for a, b in zip(jax.tree_util.tree_leaves(got),
                   jax.tree_util.tree_leaves(ghost)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [lambda: oc.clip_by_value(1.0),
+                                  lambda: oc.clip_spikes()])
+def test_complex_gradients_where_no_bound_exists(make):
+  g = {"z": jnp.array([3 + 4j, 0j])}
+  with pytest.raises(TypeError, match=r"\['z'\] is complex"):
+    _run_on(make(), g)
+
+
+@pytest.mark.parametrize("make", [lambda: oc.clip_by_norm(1.0),
+                                  lambda: oc.clip_by_global_norm(1.0)])
+def test_complex_gradients_use_the_modulus(make):
+  g = {"z": jnp.array([3 + 4j, 0j])}
+  updates, _ = _run_on(make(), g)
+  np.testing.assert_allclose(updates["z"], [0.6 + 0.8j, 0j], rtol=1e-6)
+
+
+def _run_on(tx, g):
+  return tx.update(g, tx.init(g))
