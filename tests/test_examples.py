@@ -73,7 +73,7 @@ def test_exploding_gradients(tmp_path):
     row = table[label]
     # The initial train MSE is about 2e4; every clipper brings it far down.
     assert row["train MSE"] < 1e3 and row["test MSE"] < 1e3, (label, row)
-    assert 0 < row["steps clipped"] <= 1
+    assert 0 < row["share clipped"] <= 1
     assert row["max grad norm"] < 1e5
 
 
