@@ -223,6 +223,12 @@ def dp_noise(
   matches the clipping that was done. ``optax.chain`` and
   ``nnx.Optimizer.update`` forward ``clip_info`` to it.
 
+  It must be the first link of the chain, before the learning rate and any
+  other transformation: the sensitivity describes the clipped sum itself,
+  and a link before it (a learning rate, momentum) would rescale the sum
+  but not the noise. That cannot be detected from inside the chain, which
+  hands each link only the previous link's output, so it is not checked.
+
   Args:
     noise_multiplier: the noise standard deviation in units of the
       sensitivity (>= 0).

@@ -162,7 +162,9 @@ def clipped_grad(
     argnums: the argument(s) to differentiate, as in ``jax.grad``; they have
       no batch axis.
     has_aux: as in ``jax.grad``; the aux outputs come back per example, with
-      a leading batch axis.
+      a leading batch axis (with ``keep_batch_dim=True``, each example's aux
+      keeps the size-1 axis ``fun`` saw, so an array aux has shape
+      ``(batch, 1, ...)``; jax-privacy drops that axis).
     max_norm: the clipping norm (see :func:`per_example_clip`).
     batch_argnums: the argument(s) holding the batch; every leaf of each has
       the same leading dimension.
