@@ -111,10 +111,9 @@ def clip_by_quantile(
       of its own norms.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or names) to reduce norms over.
-    leaf_norms: also keep each leaf's norm in the state (a tree; not with
-      ``per_leaf``, whose ``grad_norm`` is per leaf already): the
-      partial sums of the global norm, at no extra pass over the update;
-      :func:`optaxclip.clip_stats` with ``scalars=True`` lists them by path.
+    leaf_norms: also keep each leaf's norm in the state, as
+      :func:`clip_by_global_norm` does (not with ``per_leaf``, whose
+      ``grad_norm`` is per leaf already).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a

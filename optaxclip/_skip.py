@@ -132,9 +132,8 @@ def skip_step(
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or tuple of names) to reduce the norm over, so that every device
       takes the same decision.
-    leaf_norms: also keep each leaf's norm in the state (a tree): the
-      partial sums of the global norm, at no extra pass over the update;
-      :func:`optaxclip.clip_stats` with ``scalars=True`` lists them by path.
+    leaf_norms: also keep each leaf's norm in the state, as
+      :func:`clip_by_global_norm` does (no extra pass).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a

@@ -130,9 +130,8 @@ def zclip(
     ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or names) to reduce the norm over.
-    leaf_norms: also keep each leaf's norm in the state (a tree): the
-      partial sums of the global norm, at no extra pass over the update;
-      :func:`optaxclip.clip_stats` with ``scalars=True`` lists them by path.
+    leaf_norms: also keep each leaf's norm in the state, as
+      :func:`clip_by_global_norm` does (no extra pass).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ZClipState`.
