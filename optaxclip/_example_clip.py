@@ -83,7 +83,7 @@ def clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
         dtype, where)
     sensitivity = jnp.sqrt(sum(jnp.square(x) for x in thresholds))
     over = jnp.zeros(norms.shape, bool)
-    layer_scales = []
+    layer_scales: list[Any] = []
     for k, tl in enumerate(thresholds):
       members = [n for n, j in zip(leaf_norms, layer) if j == k]
       if not members:  # A prefix leaf over an empty subtree.

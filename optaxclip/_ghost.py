@@ -68,7 +68,7 @@ def prepare(fun: Callable[..., Any], args: tuple[Any, ...],
   """
   if nnx is None:
     raise ImportError(f"{_WHERE} needs Flax (pip install flax).")
-  new_args, rebuild = _example_clip.split_modules(args, grad_nums)
+  new_args, rebuild = _example_clip.split_modules(args, tuple(grad_nums))
   for i in grad_nums:
     if i not in rebuild:
       for x in jax.tree_util.tree_leaves(args[i]):

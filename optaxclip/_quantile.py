@@ -289,7 +289,7 @@ def _check_same_tree(updates: Any, norms: Any) -> None:
   """Per-leaf histories are the leaves' own: the tree may not change."""
   got = jax.tree_util.tree_structure(updates, is_leaf=_tree.is_masked)
   want = jax.tree_util.tree_structure(norms, is_leaf=_tree.is_masked)
-  if got != want:
+  if got != want:  # type: ignore[operator]
     raise ValueError(
         "clip_by_quantile(per_leaf=True) keeps one history per leaf of the"
         " tree init was given, so the updates must have that tree; got"

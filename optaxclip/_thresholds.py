@@ -33,15 +33,14 @@ def resolve(value: Threshold, count: jax.Array, dtype: Any, *,
   it never flips the sign of an update or poisons it. The value returned is
   the one in force, and the one clippers record in their state.
   """
-  if _validate.is_schedule(value):
-    value = value(count)  # type: ignore[operator]
-  if jnp.ndim(value) != 0:
+  value_now: Any = value(count) if _validate.is_schedule(value) else value  # type: ignore[operator]
+  if jnp.ndim(value_now) != 0:
     raise ValueError(
         f"a threshold or hyper-parameter arrived with shape"
-        f" {jnp.shape(value)} at run time (from a schedule or"
+        f" {jnp.shape(value_now)} at run time (from a schedule or"
         " optax.inject_hyperparams); it must be a scalar. For one threshold"
         " per leaf, give a pytree of scalars where the transform takes one.")
-  v = jnp.asarray(value, dtype)
+  v = jnp.asarray(value_now, dtype)
   v = jnp.where(jnp.isnan(v), jnp.asarray(lo if nan is None else nan, dtype),
                 v)
   return jnp.clip(v, lo, hi)
