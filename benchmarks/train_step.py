@@ -277,10 +277,13 @@ def main(argv=None) -> list[str]:
     table = {k: v for k, v in table.items() if k == BARE or k in args.only}
   t0 = time.perf_counter()
   options = QUICK_COMPILER_OPTIONS if quick else None
-  timed = []
+  timed, case_compile_s = [], {}
+  jax.jit(lambda x: x + 1)(jnp.zeros(()))  # The backend's start-up, untimed.
   for name, (impl, opt) in table.items():
     run.log_stderr(f"compiling {name}")
+    start = time.perf_counter()
     timed.append(make_case(name, impl, opt, model, batch, steps, options))
+    case_compile_s[name] = time.perf_counter() - start
   compile_s = time.perf_counter() - t0
   done = [0]
 
@@ -312,7 +315,10 @@ def main(argv=None) -> list[str]:
         "paired_ratio": paired, "cpu_ms": 1e3 * cpu_med[case.name],
         "cpu_ratio": cpu_med[case.name] / cpu_med[BARE],
         "kernels": kernels(ops), "copies": ops["copy"],
-        "temp_mib": (timing.temp_bytes(case.compiled) or 0) / 2**20})
+        "temp_mib": (timing.temp_bytes(case.compiled) or 0) / 2**20,
+        "compile_s": case_compile_s[case.name],
+        # The clipper's share of the step's compile time.
+        "compile_share": 1 - case_compile_s[BARE] / case_compile_s[case.name]})
 
   backend, device = run.machine_name()
   meta = {
@@ -348,11 +354,13 @@ def main(argv=None) -> list[str]:
       " *CPU*: median CPU time of the process (all threads) per step over the"
       " bare step's, which does not grow while other processes hold the"
       " cores; *kernels*, *copies*: top-level operations and whole-buffer"
-      " copies in the compiled step.",
+      " copies in the compiled step; *compile s*: seconds to compile the step"
+      " (each case once, in turn); *share*: the part of it the clipper adds,"
+      " `1 - bare / this` (target <= 5%).",
       "",
       "| step | ms | / bare | target | met | paired | CPU | kernels |"
-      " copies |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+      " copies | compile s | share |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for r in rows:
     tgt = "" if r["target"] is None else f"<= {r['target']:.2f}"
@@ -360,7 +368,8 @@ def main(argv=None) -> list[str]:
     lines.append(
         f"| `{r['name']}` | {r['ms']:.1f} | {r['ratio']:.3f} | {tgt} | {met}"
         f" | {r['paired_ratio']:.3f} | {r['cpu_ratio']:.3f} | {r['kernels']}"
-        f" | {r['copies']} |")
+        f" | {r['copies']} | {r['compile_s']:.2f} |"
+        f" {100 * r['compile_share']:.1f}% |")
   if quick:
     lines += ["", "Quick mode: a tiny model compiled without XLA's backend"
               " optimizations, for checking the harness; its times say"
