@@ -386,7 +386,10 @@ def _batched_leaves(grads, where):
   if None in sizes or len(sizes) != 1:
     raise ValueError(
         f"{where}: every gradient leaf needs the same leading (batch)"
-        f" dimension; got shapes {[x.shape for x in leaves]}.")
+        f" dimension; got shapes {[x.shape for x in leaves]}. Per-example"
+        " clipping takes per-example gradients, one slice per example along"
+        " a leading axis (jax.vmap(jax.grad(loss)) gives them, or use"
+        " oc.clipped_grad).")
   return leaves, treedef
 
 

@@ -176,6 +176,7 @@ def skip_step(
         inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
+    _check_state(state)
     if nonfinite and _called_by_multisteps():
       raise TypeError(_IN_MULTISTEPS)
     dtype = state.grad_norm.dtype
@@ -247,6 +248,15 @@ def _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
         " otherwise no step is ever skipped.")
   _validate.check_bool(leaf_norms, "leaf_norms", where)
   return optax.with_extra_args_support(inner)
+
+
+def _check_state(state: Any) -> None:
+  if not isinstance(state, SkipStepState):
+    raise TypeError(
+        "skip_step: state must be the SkipStepState that skip_step's own"
+        f" init returned, got {type(state).__name__}; pass the state of the"
+        " guard, not of the optimizer it wraps (that one is its"
+        " inner_state).")
 
 
 def _norm_ema(ema: jax.Array, norm: jax.Array, taken: jax.Array,

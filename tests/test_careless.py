@@ -322,3 +322,17 @@ def test_complex_gradients_use_the_modulus(make):
 
 def _run_on(tx, g):
   return tx.update(g, tx.init(g))
+
+
+def test_skip_step_given_the_inner_state():
+  opt = oc.skip_step(optax.adam(0.1))
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(TypeError, match="inner_state"):
+    opt.update(params, optax.adam(0.1).init(params), params)
+
+
+def test_dp_aggregate_without_a_batch_axis():
+  tx = oc.dp_aggregate(1.0, 0.0, seed=0)
+  params = {"b": jnp.ones(3), "w": jnp.ones(2)}
+  with pytest.raises(ValueError, match="per-example gradients"):
+    tx.update(params, tx.init(params), params)
