@@ -9,7 +9,7 @@ and a 256 scale) for a ladder of per-leaf clips, each adding one ingredient of
 2. ``plain``: one norm per leaf and ``g * min(1, t / n)``, optax's semantics
    written the same way as 3 to 5;
 3. ``exact rule``: the same norms, with optaxclip's scale rule
-   (``_common.clip_factors``: defined at ``n = 0``, ``inf``, NaN, and exact
+   (``_numerics.clip_factors``: defined at ``n = 0``, ``inf``, NaN, and exact
    where ``t / n`` is subnormal) evaluated per leaf;
 4. ``grouped``: the norms stacked by leaf type, the rule evaluated once per
    group, each leaf's factor picked out (one pick per leaf), no overflow path;
@@ -44,7 +44,7 @@ def make(case: str):
   import optax
 
   import optaxclip as oc
-  from optaxclip import _common, _norms
+  from optaxclip import _apply, _norms, _numerics
 
   t = 1.0
   if case == "optax.clip_by_block_rms":
@@ -63,7 +63,7 @@ def make(case: str):
     out = []
     for g in leaves:
       n = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
-      out.append(_common.scale_leaf(g, _common.clip_factors(n, t)))
+      out.append(_numerics.scale_leaf(g, _numerics.clip_factors(n, t)))
     return out
 
   def grouped(leaves, cold):
@@ -72,10 +72,10 @@ def make(case: str):
       groups, norms = _norms.grouped_leaf_norms(leaves, 2.0, axes)
     else:
       groups = _norms._groups(leaves, axes)  # noqa: SLF001
-      norms = [_norms.Norm(jnp.ones((len(g),)), jnp.sqrt(jnp.stack(
+      norms = [_numerics.Norm(jnp.ones((len(g),)), jnp.sqrt(jnp.stack(
           [jnp.sum(jnp.square(leaves[i])) for i in g]))) for g in groups]
     ts = [jnp.asarray(t, jnp.float32)] * len(groups)
-    return _common.apply_grouped(leaves, groups, norms, ts)[0]
+    return _apply.apply_grouped(leaves, groups, norms, ts)[0]
 
   fns = {"plain": plain, "exact rule": exact_rule,
          "grouped": lambda xs: grouped(xs, False),
