@@ -8,8 +8,10 @@ and the checks of per-example arguments.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -157,6 +159,26 @@ def split_modules(args: tuple[Any, ...], grad_nums: tuple[int, ...]
       rebuild[i] = functools.partial(_merge, graphdef, rest=rest)
       new_args[i] = params
   return tuple(new_args), rebuild
+
+
+@contextlib.contextmanager
+def no_state_updates(where: str) -> Iterator[None]:
+  """Explains Flax's error for a module that updates its own state (batch
+  statistics, RNG counts) inside the per-example trace."""
+  try:
+    yield
+  except Exception as e:
+    if type(e).__name__ != "TraceContextError":
+      raise
+    raise ValueError(
+        f"{where}: fun updates a variable of an nnx.Module that is not"
+        f" differentiated ({e}). Each example runs in a trace of its own, whose"
+        " state updates cannot come out, and a batch statistic or a shared"
+        " random stream would mix examples. Call model.eval() (or"
+        " use_running_average=True) for nnx.BatchNorm, or use nnx.LayerNorm"
+        " or nnx.GroupNorm; for nnx.Dropout, pass one key per example as a"
+        " batch argument and call the module with rngs=nnx.Rngs(dropout=key)."
+    ) from e
 
 
 def _merge(graphdef: Any, params: Any, *, rest: Any) -> Any:

@@ -211,6 +211,10 @@ def clipped_grad(
                  where=where)
 
   def clipped(*args, example_mask=None, max_norm=None, **kwargs):
+    with _example_clip.no_state_updates(where):
+      return _clipped(args, example_mask, max_norm, kwargs)
+
+  def _clipped(args, example_mask, max_norm, kwargs):
     nums = _resolved(grad_nums, batch_nums, len(args), argnums, batch_argnums)
     setup = dict(grad_nums=nums[0], batch_nums=nums[1], has_aux=has_aux,
                  keep_batch_dim=keep_batch_dim,

@@ -180,7 +180,10 @@ def clip_by_quantile(
     leaves, rebuild = _tree.live_leaves(updates, where)
     each = None
     if per_leaf:
-      _check_same_tree(updates, state.grad_norm)
+      _tree.check_same_tree(
+          updates, state.grad_norm, "clip_by_quantile(per_leaf=True)",
+          "It keeps one history per leaf: call init again with the new tree"
+          " (a fresh history), or use per_leaf=False.", shapes=False)
       parts = _per_leaf_norms([x for _, x in leaves], p, axis_name, dtype)
     else:
       parts, each = _norms.global_and_leaf_norms(
@@ -283,18 +286,6 @@ def _recorded(state, norm, q, include_current):
     threshold = sorted_quantile(state.sorted_norms, state.fill, q)
   return threshold, dict(norm_history=buf, sorted_norms=ordered, fill=fill,
                         index=index)
-
-
-def _check_same_tree(updates: Any, norms: Any) -> None:
-  """Per-leaf histories are the leaves' own: the tree may not change."""
-  got = jax.tree_util.tree_structure(updates, is_leaf=_tree.is_masked)
-  want = jax.tree_util.tree_structure(norms, is_leaf=_tree.is_masked)
-  if got != want:  # type: ignore[operator]
-    raise ValueError(
-        "clip_by_quantile(per_leaf=True) keeps one history per leaf of the"
-        " tree init was given, so the updates must have that tree; got"
-        f" {got}, initialised with {want}. Call init again with the new"
-        " tree (a fresh history), or use per_leaf=False.")
 
 
 def _check(quantile, history, leaf_norms, per_leaf, include_current):

@@ -185,6 +185,7 @@ def _standalone(theta: Threshold, beta2: Threshold
     count = state.stats.count
     t = _thresholds.resolve(theta, count, state.stats.grad_norm.dtype)
     b = _thresholds.resolve(beta2, count, state.stats.grad_norm.dtype)
+    _tree.check_same_tree(updates, state.nu, "clip_spikes", _FIX)
     clipped, stats = _clip(updates, state.nu, t, state.stats)
 
     def ema(v, c):
@@ -211,7 +212,8 @@ def _wrapper(theta: Threshold, inner: optax.GradientTransformationExtraArgs
   def update_fn(updates, state, params=None, **extra_args):
     t = _thresholds.resolve(theta, state.stats.count,
                         state.stats.grad_norm.dtype)
-    nu = find_nu(state.inner_state, updates)
+    nu = find_nu(state.inner_state, updates, changed=True)
+    _tree.check_same_tree(updates, nu, "clip_spikes", _FIX)
     clipped, stats = _clip(updates, nu, t, state.stats)
     new_updates, inner_state = inner.update(clipped, state.inner_state,
                                             params, **extra_args)
@@ -221,8 +223,16 @@ def _wrapper(theta: Threshold, inner: optax.GradientTransformationExtraArgs
   return _transform.transformation(init_fn, update_fn, extra_args=True)
 
 
-def find_nu(inner_state: Any, like: Any) -> Any:
-  """The first ``nu`` field in ``inner_state`` with the structure of ``like``."""
+_FIX = ("Its second-moment estimates are kept leaf by leaf: call init again"
+        " with the new tree (fresh estimates).")
+
+
+def find_nu(inner_state: Any, like: Any, *, changed: bool = False) -> Any:
+  """The first ``nu`` field in ``inner_state`` with the structure of ``like``.
+
+  ``changed``: at ``update``, where ``init`` already found one, a miss means
+  the updates' tree is not the one ``init`` was given.
+  """
   want = jax.tree_util.tree_structure(like, is_leaf=_tree.is_masked)
   nodes = jax.tree_util.tree_leaves(
       inner_state, is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "nu"))
@@ -232,6 +242,11 @@ def find_nu(inner_state: Any, like: Any) -> Any:
         jax.tree_util.tree_structure(nu, is_leaf=_tree.is_masked)) == str(
             want):
       return nu
+  if changed:
+    raise ValueError(
+        "clip_spikes: the updates' tree differs from the tree init was given"
+        f" (no second moment `nu` of the inner state has its structure,"
+        f" {want}). {_FIX}")
   raise ValueError(
       "clip_spikes: the inner optimizer's state has no second moment `nu`"
       " shaped like the gradients (as optax.adam, adamw, nadam or rmsprop"

@@ -66,6 +66,30 @@ def map_arrays(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
       is_leaf=is_masked)
 
 
+def check_same_tree(updates: Any, like: Any, where: str, fix: str, *,
+                    shapes: bool = True) -> None:
+  """Raises, naming the first difference, unless ``updates`` has the tree
+  structure (and with ``shapes``, the leaf shapes) of ``like``: the tree
+  ``init`` was given, or state kept leaf by leaf for it. ``fix`` says what to
+  do instead."""
+  got = jax.tree_util.tree_structure(updates, is_leaf=is_masked)
+  want = jax.tree_util.tree_structure(like, is_leaf=is_masked)
+  if got != want:  # type: ignore[operator]
+    raise ValueError(
+        f"{where}: the updates' tree differs from the tree init was given:"
+        f" got {got}, initialised with {want}. {fix}")
+  if not shapes:
+    return
+  for (path, g), w in zip(
+      jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_masked)[0],
+      jax.tree_util.tree_leaves(like, is_leaf=is_masked)):
+    if np.shape(g) != np.shape(w):
+      raise ValueError(
+          f"{where}: leaf {jax.tree_util.keystr(path)} has shape"
+          f" {np.shape(g)}, but init was given one of shape {np.shape(w)}."
+          f" {fix}")
+
+
 def check_real(tree: Any, where: str) -> None:
   """A TypeError naming the first complex leaf: for transforms that compare
   entries with a bound, which complex numbers lack."""

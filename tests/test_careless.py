@@ -9,6 +9,7 @@ class whose message names the argument, or give the documented result. The
 cases that were silently wrong before have a test of their own below.
 """
 
+import functools
 import math
 
 import jax
@@ -152,6 +153,17 @@ def test_quantile_per_leaf_rejects_a_changed_tree():
   state = tx.init({"a": jnp.ones(2), "b": jnp.ones(3)})
   with pytest.raises(ValueError, match="per_leaf=True"):
     tx.update({"b": jnp.ones(3), "c": jnp.ones(2)}, state)
+
+
+@pytest.mark.parametrize("inner", [None, optax.adam(1e-3)])
+@pytest.mark.parametrize("bad, match", [
+    ({"a": jnp.ones(4), "b": jnp.ones(2)}, r"leaf \['a'\] has shape \(4,\)"),
+    ({"a": jnp.ones(3)}, "differs from the tree init was given")])
+def test_clip_spikes_given_a_changed_tree(inner, bad, match):
+  tx = oc.clip_spikes(inner=inner)
+  state = tx.init({"a": jnp.ones(3), "b": jnp.ones(2)})
+  with pytest.raises(ValueError, match=match):
+    tx.update(bad, state, bad)
 
 
 # ----------------------------------------------------------------------------
@@ -302,6 +314,72 @@ def test_vmap_differentiates_only_the_params_of_a_module():
   for a, b in zip(jax.tree_util.tree_leaves(got),
                   jax.tree_util.tree_leaves(ghost)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+class _Noisy:
+  """A model whose training mode updates state: BatchNorm, then Dropout."""
+
+  @staticmethod
+  def make(layer):
+    from flax import nnx
+
+    class Net(nnx.Module):
+      def __init__(self, rngs):
+        self.linear = nnx.Linear(3, 4, rngs=rngs)
+        self.mid = layer(rngs)
+        self.out = nnx.Linear(4, 1, rngs=rngs)
+
+      def __call__(self, x, rngs=None):
+        h = self.linear(x)
+        h = self.mid(h, rngs=rngs) if rngs is not None else self.mid(h)
+        return self.out(h)
+
+    return Net(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("method", ["vmap", "ghost"])
+@pytest.mark.parametrize("layer", ["batchnorm", "dropout"])
+def test_a_module_updating_its_own_state_is_explained(layer, method):
+  from flax import nnx
+  make = {"batchnorm": lambda r: nnx.BatchNorm(4, rngs=r),
+          "dropout": lambda r: nnx.Dropout(0.5, rngs=r)}[layer]
+  model = _Noisy.make(make)
+  model.train()
+  x = jnp.ones((4, 3))
+  fn = oc.clipped_grad(lambda m, x: jnp.mean(m(x) ** 2), max_norm=1.0,
+                       method=method)
+  with pytest.raises(ValueError, match="model.eval\\(\\).*one key per example"):
+    fn(model, x)
+
+
+def test_dropout_with_one_key_per_example():
+  from flax import nnx
+  model = _Noisy.make(lambda r: nnx.Dropout(0.5))
+  model.train()
+  x = jax.random.normal(jax.random.key(1), (4, 3))
+  keys = jax.random.split(jax.random.key(2), 4)
+
+  def loss(m, x, k):
+    return jnp.mean(m(x, rngs=nnx.Rngs(dropout=k[0])) ** 2)
+
+  got = {m: oc.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2),
+                            method=m)(model, x, keys)
+         for m in ("vmap", "ghost")}
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  want = None
+  def one(p, xi, ki):
+    return loss(nnx.merge(nnx.graphdef(model), p, rest), xi, ki)
+
+  for i in range(4):  # Each example with its own mask, clipped by hand.
+    g = jax.grad(one)(params, x[i:i + 1], keys[i:i + 1])
+    g = jax.tree_util.tree_map(
+        functools.partial(jnp.multiply, min(1.0, 0.5 / float(
+            oc.global_norm(g)))), g)
+    want = g if want is None else jax.tree_util.tree_map(jnp.add, want, g)
+  for m in got:
+    for a, b in zip(jax.tree_util.tree_leaves(got[m]),
+                    jax.tree_util.tree_leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("make", [lambda: oc.clip_by_value(1.0),
