@@ -151,7 +151,8 @@ def plot(results: dict[str, dict], epochs: int) -> None:
                                           r["norms"][dead - 1]),
                        textcoords="offset points", xytext=(10, -18), color=color)
     ok = np.isfinite(r["norms"])
-    ax_norm.plot(step_epoch[ok], r["norms"][ok], color=color, lw=0.7)
+    ax_norm.plot(step_epoch[ok], r["norms"][ok], color=color, lw=0.7,
+                 label=label)
   ax_loss.set(yscale="log", ylim=(0.3, top), xlabel="epoch",
               ylabel="MSE (solid: train, dashed: test)",
               title="Loss; unclipped SGD diverges in its first epoch")
@@ -162,6 +163,7 @@ def plot(results: dict[str, dict], epochs: int) -> None:
   ax_norm.set(yscale="log", xscale="log", xlabel="epoch (log scale)",
               ylabel="global gradient norm before clipping",
               title="Gradient norm per step, before clipping")
+  ax_norm.legend(loc="center right")
   fig.tight_layout()
   _common.save(fig, "exploding_gradients")
 
