@@ -166,6 +166,20 @@ def test_clip_spikes_given_a_changed_tree(inner, bad, match):
     tx.update(bad, state, bad)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: oc.clip_by_global_norm(1.0), lambda: oc.clip_by_norm(1.0),
+    lambda: oc.zclip(), lambda: oc.clip_spikes(),
+    lambda: oc.clip_spikes(inner=optax.adam(1e-3))])
+@pytest.mark.parametrize("wrong", [optax.EmptyState(), None, "other"])
+def test_a_state_of_another_transformation(make, wrong):
+  tx = make()
+  tx.init(G)
+  if wrong == "other":  # A look-alike: it has the same first fields.
+    wrong = oc.clip_by_value(1.0).init(G)
+  with pytest.raises(TypeError, match="state its own init returned"):
+    tx.update(G, wrong, G)
+
+
 # ----------------------------------------------------------------------------
 # The cases that were silently wrong.
 
