@@ -306,6 +306,9 @@ def test_jit_and_a_schedule():
   eager = tx.update(w, tx.init(w), w, max_logits=s)
   jitted = jax.jit(tx.update)(w, tx.init(w), w, max_logits=s)
   jax.tree.map(np.testing.assert_array_equal, eager, jitted)
+  injected = optax.inject_hyperparams(oc.qk_clip)(tau=100.0, alpha=0.5)
+  got = jax.jit(injected.update)(w, injected.init(w), w, max_logits=s)
+  jax.tree.map(np.testing.assert_array_equal, got[0], eager[0])
 
 
 def test_sharded_jit_matches_one_device():
@@ -333,6 +336,12 @@ def test_chain_forwards_other_extra_args():
   w = jax.tree.map(jnp.asarray, random_attention(rng))
   tx = optax.chain(optax.sgd(0.1), oc.qk_clip(100.0))
   tx.update(w, tx.init(w), w, max_logits=jnp.ones(HEADS), loss=jnp.ones(()))
+  guarded = oc.skip_step(tx)  # skip_step passes the extra arguments on.
+  s = jnp.array([400.0, 1.0, 1.0, 1.0])
+  u, state = guarded.update(w, guarded.init(w), w, max_logits=s)
+  stats = oc.clip_stats(state)
+  assert int(stats["qk_clip/heads_clipped"]) == 1
+  assert not bool(stats["skip_step/skipped"])
 
 
 # ----------------------------------------------------------------------------
