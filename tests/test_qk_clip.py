@@ -81,7 +81,7 @@ def test_recorded_logits_are_the_max_logits_of_the_weights():
   np.testing.assert_allclose(s[""], logits_np(params_of(attn), X), rtol=1e-5)
 
 
-@pytest.mark.parametrize("inner", ["sgd", "adamw"])
+@pytest.mark.parametrize("inner", ["sgd", pytest.param("adamw", marks=pytest.mark.slow)])
 def test_one_step_holds_the_clipped_heads_at_tau(inner):
   attn = attention()
   s = recorded(attn, X)[""]
