@@ -2,8 +2,8 @@
 
 :func:`qk_clip` is the last link of an optimizer chain; it reads each
 attention head's largest pre-softmax logit of the step (an extra argument of
-``update``) and shrinks that head's query and key projections so that the
-logit would have been ``tau``. :func:`max_logit_attention` records those
+``update``) and shrinks that head's query and key projections so that its
+logits shrink by ``tau / S_max``. :func:`max_logit_attention` records those
 logits in a Flax NNX ``nnx.MultiHeadAttention``; :func:`gather_max_logits`
 collects them into the tree :func:`qk_clip` reads.
 """
@@ -93,9 +93,11 @@ def qk_clip(
   the query and the key positions), ``gamma[h] = min(1, tau / S_max[h])``;
   after the update, that head's query projection is multiplied by
   ``gamma**alpha`` and its key projection by ``gamma**(1 - alpha)``, so
-  that every logit ``q . k`` of the head shrinks by ``gamma``: the step's
-  largest logit, computed again with the weights it came from, would be
-  ``tau``. Biases of the projections are scaled as the same head's kernel:
+  that every logit ``q . k`` of the head shrinks by ``gamma`` against the
+  unclipped update's: the step's largest logit would land on ``tau`` but
+  for the update's own change of the weights (exactly on it with a zero
+  update), as in Kimi K2, where ``S_max`` also comes from the forward
+  pass before the update. Biases of the projections are scaled as the same head's kernel:
   the logit is bilinear in ``(W_q x + b_q)`` and ``(W_k x + b_k)``, so it
   still shrinks by exactly ``gamma``. Heads with ``S_max <= tau`` are
   untouched, bit for bit.
