@@ -204,14 +204,15 @@ def _wrapper(theta: Threshold, inner: optax.GradientTransformationExtraArgs
   def init_fn(params):
     _tree.check_real(params, "clip_spikes")
     inner_state = inner.init(params)
-    find_nu(inner_state, params)  # A clear error now rather than later.
+    _tree.find_second_moment(inner_state, params, "clip_spikes")  # Fail now.
     return SpikeClippedState(stats=_init_stats(params),
                              inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
     t = _thresholds.resolve(theta, state.stats.count,
                         state.stats.grad_norm.dtype)
-    nu = find_nu(state.inner_state, updates)
+    nu = _tree.find_second_moment(state.inner_state, updates,
+                                  "clip_spikes").nu
     clipped, stats = _clip(updates, nu, t, state.stats)
     new_updates, inner_state = inner.update(clipped, state.inner_state,
                                             params, **extra_args)
@@ -219,24 +220,6 @@ def _wrapper(theta: Threshold, inner: optax.GradientTransformationExtraArgs
                                           inner_state=inner_state)
 
   return _transform.transformation(init_fn, update_fn, extra_args=True)
-
-
-def find_nu(inner_state: Any, like: Any) -> Any:
-  """The first ``nu`` field in ``inner_state`` with the structure of ``like``."""
-  want = jax.tree_util.tree_structure(like, is_leaf=_tree.is_masked)
-  nodes = jax.tree_util.tree_leaves(
-      inner_state, is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "nu"))
-  for node in nodes:
-    nu = getattr(node, "nu", None)
-    if nu is not None and isinstance(node, tuple) and str(
-        jax.tree_util.tree_structure(nu, is_leaf=_tree.is_masked)) == str(
-            want):
-      return nu
-  raise ValueError(
-      "clip_spikes: the inner optimizer's state has no second moment `nu`"
-      " shaped like the gradients (as optax.adam, adamw, nadam or rmsprop"
-      " keep). Wrap such an optimizer, or use the standalone form"
-      " clip_spikes(theta) chained before yours.")
 
 
 def _init_stats(params: Any) -> SpikeStats:
