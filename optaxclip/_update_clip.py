@@ -117,7 +117,9 @@ def clip_update_rms(
   Edge cases: a zero gradient gives ``u = 0`` and passes unchanged; an
   element with ``g = 0`` counts 0 whatever ``v`` (so ``eps = 0`` with an
   all-zero tensor is defined); ``u <= 1`` leaves the tensor's update bit for
-  bit. A NaN gradient gives NaN ``u`` and a NaN update; an infinite one
+  bit. At the first step ``v̂ = g ** 2``, so ``u = 1`` up to rounding (a
+  tensor may then count as clipped, by a factor within an ulp of 1).
+  A NaN gradient gives NaN ``u`` and a NaN update; an infinite one
   makes ``nu`` infinite and ``u`` NaN. A tensor whose ``u`` overflows float32
   (``g`` huge against ``eps``) is scaled exactly by the overflow-safe kernel.
 
@@ -227,13 +229,12 @@ def _moment(inner_state: Any, like: Any, b2: Any, where: str
   node = _tree.find_second_moment(inner_state, like, where)
   if b2 is None:
     return node.nu, None
-  count = getattr(node, "count", None)
-  if count is None:
+  if "count" not in getattr(node, "_fields", ()):  # tuple.count is a method.
     raise ValueError(
         f"{where}: the state holding the second moment"
         f" ({type(node).__name__}) keeps no step count to bias-correct it"
         " with; pass b2=None for an optimizer without bias correction.")
-  return node.nu, jnp.asarray(count)
+  return node.nu, jnp.asarray(node.count)
 
 
 def _normalized(gs: list[jax.Array], nus: list[jax.Array],
