@@ -242,10 +242,20 @@ def test_unclipped_tensors_pass_bit_for_bit():
   np.testing.assert_allclose(float(s_tx.max_rms), 0.6339, rtol=1e-3)
 
 
+SHARDED = {
+    "clip_update_rms": lambda a: oc.clip_update_rms(
+        optax.adam(0.1, b2=0.9), b2=0.9, axis_name=a, leaf_norms=True),
+    "clip_update_by_history": lambda a: oc.clip_update_by_history(
+        3, 1.0, axis_name=a),
+}
+
+
 @pytest.mark.slow
-def test_sharded_jit_and_shard_map_match_one_device():
-  n = len(jax.devices())
-  mesh = jax.make_mesh((n,), ("data",))
+@pytest.mark.parametrize("name", sorted(SHARDED))
+def test_sharded_jit_and_shard_map_match_one_device(name):
+  # Plain jit on sharded arrays, and shard_map with axis_name (each device
+  # holding a slice of every tensor): the results of one device.
+  mesh = jax.make_mesh((len(jax.devices()),), ("data",))
   shapes = {"w": (8 * 3, 4), "b": (8,)}
   rng = np.random.default_rng(0)
   grads = [{k: jnp.asarray(rng.standard_normal(s) * (30.0 if t == 2 else 1),
@@ -254,53 +264,43 @@ def test_sharded_jit_and_shard_map_match_one_device():
   params = {k: jnp.ones(s) for k, s in shapes.items()}
   spec = {k: P("data") for k in shapes}
 
-  def state_spec(state):  # Parameter-shaped buffers are sharded.
-    return jax.tree.map(lambda x: P("data") if np.shape(x) in shapes.values()
-                        else P(), state)
+  def put(tree, specs):
+    return jax.tree.map(
+        lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
 
-  def run(tx, put):
+  def run(tx, update):
     state = tx.init(params)
     outs = []
     for g in grads:
-      u, state = put(g, state)
+      u, state = update(g, state)
       outs.append(u)
     return outs, state
 
-  for make in (lambda a: oc.clip_update_rms(optax.adam(0.1, b2=0.9), b2=0.9,
-                                            axis_name=a, leaf_norms=True),
-               lambda a: oc.clip_update_by_history(3, 1.0, axis_name=a)):
-    want, want_state = run(make(None), jax.jit(
-        lambda g, s, tx=make(None): tx.update(g, s, params)))
-    sharded = jax.tree.map(
-        lambda x: jax.device_put(x, NamedSharding(mesh, P("data"))), params)
-    tx = make(None)
-    got, _ = run(tx, lambda g, s, tx=tx: jax.jit(tx.update)(
-        jax.tree.map(lambda x: jax.device_put(
-            x, NamedSharding(mesh, P("data"))), g), s, sharded))
-    tx = make("data")
-    ss = state_spec(tx.init(params))
-    body = jax.jit(jax.shard_map(
-        lambda g, s, p, tx=tx: tx.update(g, s, p), mesh=mesh,
-        in_specs=(spec, ss, spec), out_specs=(spec, ss), check_vma=False))
-
-    def put(tree, specs):
-      return jax.tree.map(lambda x, s: jax.device_put(
-          x, NamedSharding(mesh, s)), tree, specs)
-
-    mapped, mapped_state = run(tx, lambda g, s, body=body, ss=ss: body(
-        put(g, spec), put(s, ss), put(params, spec)))
-    for a, b, c in zip(want, got, mapped):
-      for k in shapes:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-8)
-        np.testing.assert_allclose(c[k], a[k], rtol=1e-6, atol=1e-8)
-    for (path, a), c in zip(jax.tree_util.tree_leaves_with_path(want_state),
-                            jax.tree.leaves(mapped_state)):
-      if "clipped" in jax.tree_util.keystr(path) and isinstance(
-          tx.init(params), oc.ClipUpdateRMSState):
-        continue  # Step 1 has u = 1 to rounding: clipped by 1 +- 1 ulp.
-      np.testing.assert_allclose(np.asarray(c, np.float64),
-                                 np.asarray(a, np.float64), rtol=1e-6,
-                                 err_msg=jax.tree_util.keystr(path))
+  tx = SHARDED[name](None)
+  want, want_state = run(tx, jax.jit(lambda g, s: tx.update(g, s, params)))
+  update = jax.jit(tx.update)
+  got, _ = run(tx, lambda g, s: update(put(g, spec), s, put(params, spec)))
+  mapped_tx = SHARDED[name]("data")
+  # Parameter-shaped buffers (Adam's moments) are sharded, the rest not.
+  ss = jax.tree.map(lambda x: P("data") if np.shape(x) in shapes.values()
+                    else P(), mapped_tx.init(params))
+  body = jax.jit(jax.shard_map(
+      lambda g, s, p: mapped_tx.update(g, s, p), mesh=mesh,
+      in_specs=(spec, ss, spec), out_specs=(spec, ss), check_vma=False))
+  mapped, mapped_state = run(mapped_tx, lambda g, s: body(
+      put(g, spec), put(s, ss), put(params, spec)))
+  for a, b, c in zip(want, got, mapped):
+    for k in shapes:
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-8)
+      np.testing.assert_allclose(c[k], a[k], rtol=1e-6, atol=1e-8)
+  for (path, a), c in zip(jax.tree_util.tree_leaves_with_path(want_state),
+                          jax.tree.leaves(mapped_state)):
+    where = jax.tree_util.keystr(path)
+    if "clipped" in where and name == "clip_update_rms":
+      continue  # Step 1 has u = 1 to rounding: clipped by 1 +- 1 ulp.
+    np.testing.assert_allclose(np.asarray(c, np.float64),
+                               np.asarray(a, np.float64), rtol=1e-6,
+                               err_msg=where)
 
 
 @pytest.mark.parametrize("build, error, match", [
