@@ -390,8 +390,7 @@ def run_history(tx, norms, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("window, sigma, min_history", [
-    (8, 3.0, None), (4, 1.0, None), (16, 0.0, 1), (128, 3.0, None),
-    (3, 2.0, 3)])
+    (8, 3.0, None), (4, 1.0, None), (128, 3.0, None), (3, 0.0, 3)])
 def test_history_matches_float64_transcription(window, sigma, min_history):
   norms = norm_sequence()
   want = history_reference(norms, window, sigma, min_history)
