@@ -197,29 +197,44 @@ def clip_update_rms(
     out, inner_state = wrapped.update(updates, state.inner_state, params,
                                       **extra_args)
     nu, count = _moment(inner_state, updates, b2, where)
-    leaves, rebuild = _tree.live_leaves(updates, where)
-    gs = [x for _, x in leaves]
-    ys = _tree.float_leaves(out, where)
-    axes = [tuple(range(g.ndim)) for g in gs]  # Whole tensors.
-    groups, norms = _norms.grouped_leaf_norms(
-        _normalized(gs, _tree.float_leaves(nu, where), b2, count, eps),
-        "rms", axes, axis_name=axis_name)
-    one = jnp.ones((), state.max_rms.dtype)
-    clipped, values, scales = _apply.apply_grouped(ys, groups, norms,
-                                                   [one] * len(groups))
     dtype = state.max_rms.dtype
-    num = sum((jnp.sum(v > 1, dtype=jnp.int32) for v in values),
+    out, rms, scales, each, rebuild = _divide_by_rms(
+        updates, out, nu, b2, count, eps, axis_name, where)
+    num = sum((jnp.sum(u > 1, dtype=jnp.int32) for u in rms),
               jnp.zeros((), jnp.int32))
-    each = _apply.ungroup(groups, values, gs, axes)
-    return _tree.live_leaves(out, where)[1](clipped), ClipUpdateRMSState(
-        **_stats.tally(state, num > 0, num=num, of=len(gs)),
-        max_rms=_apply.largest(values, dtype),
+    return out, ClipUpdateRMSState(
+        **_stats.tally(state, num > 0, num=num, of=len(each)),
+        max_rms=_apply.largest(rms, dtype),
         scale=_apply.smallest(scales, dtype), num_leaves_clipped=num,
         inner_state=inner_state,
-        leaf_norms=rebuild([v.astype(dtype) for v in each])
+        leaf_norms=rebuild([u.astype(dtype) for u in each])
         if leaf_norms else None)
 
   return _transform.transformation(init_fn, update_fn, extra_args=True)
+
+
+def _divide_by_rms(updates: Any, out: Any, nu: Any, b2: Any,
+                   count: jax.Array | None, eps: float, axis_name: AxisName,
+                   where: str) -> tuple[Any, list[jax.Array],
+                                        list[jax.Array], list[jax.Array], Any]:
+  """Each tensor of ``out`` divided by ``max(1, u)``.
+
+  Returns the clipped ``out``; the ``u`` and the factors stacked per group
+  of tensors of one type; the ``u`` per tensor, and the rebuilder of the
+  gradients' tree.
+  """
+  leaves, rebuild = _tree.live_leaves(updates, where)
+  gs = [x for _, x in leaves]
+  axes = [tuple(range(g.ndim)) for g in gs]  # Whole tensors.
+  groups, norms = _norms.grouped_leaf_norms(
+      _normalized(gs, _tree.float_leaves(nu, where), b2, count, eps),
+      "rms", axes, axis_name=axis_name)
+  ys, rebuild_out = _tree.live_leaves(out, where)
+  one = jnp.ones((), _tree.common_acc_dtype(gs))
+  clipped, values, scales = _apply.apply_grouped(
+      [y for _, y in ys], groups, norms, [one] * len(groups))
+  each = _apply.ungroup(groups, values, gs, axes)
+  return rebuild_out(clipped), values, scales, each, rebuild
 
 
 def _moment(inner_state: Any, like: Any, b2: Any, where: str
