@@ -38,6 +38,14 @@ THRESHOLDS = {
     "zclip/max_norm": (lambda v: oc.zclip(max_norm=v), "max_norm"),
     "adagc": (lambda v: oc.adagc(v), "lambda_rel"),
     "clip_spikes": (lambda v: oc.clip_spikes(v), "theta"),
+    "clip_update_rms": (lambda v: oc.clip_update_rms(
+        optax.adam(0.1), b2=0.999, eps=v), "eps"),
+    "clip_update_rms/b2": (lambda v: oc.clip_update_rms(
+        optax.adam(0.1), b2=v), "b2"),
+    "clip_update_by_history": (lambda v: oc.clip_update_by_history(sigma=v),
+                               "sigma"),
+    "clip_update_by_history/min_std": (
+        lambda v: oc.clip_update_by_history(min_std=v), "min_std"),
     "skip_step": (lambda v: oc.skip_step(optax.sgd(0.1), max_norm=v),
                   "max_norm"),
     "per_example_clip": (lambda v: oc.per_example_clip(G, v), "max_norm"),
@@ -56,6 +64,10 @@ FLAGS = {
     "adaptive_grad_clip": lambda v: oc.adaptive_grad_clip(0.1, leaf_norms=v),
     "clip_by_quantile": lambda v: oc.clip_by_quantile(leaf_norms=v),
     "zclip": lambda v: oc.zclip(leaf_norms=v),
+    "clip_update_rms": lambda v: oc.clip_update_rms(
+        optax.adam(0.1), b2=0.999, leaf_norms=v),
+    "clip_update_by_history": lambda v: oc.clip_update_by_history(
+        leaf_norms=v),
     "skip_step": lambda v: oc.skip_step(optax.sgd(0.1), nonfinite=v),
     "check_finite": lambda v: oc.check_finite(callback=v),
 }
@@ -83,8 +95,10 @@ def test_the_tables_cover_every_public_function():
 @pytest.mark.parametrize("name", sorted(THRESHOLDS))
 def test_bad_thresholds_name_the_argument(name, bad, error):
   build, arg = THRESHOLDS[name]
-  if bad is None and name in ("zclip/max_norm", "skip_step"):
-    _run(build(bad))  # None is documented there: no cap, no limit.
+  if bad is None and name in ("zclip/max_norm", "skip_step",
+                              "clip_update_rms/b2"):
+    _run(build(bad))  # None is documented there: no cap, no limit, no
+    return  # bias correction.
     return
   if isinstance(bad, list) and name == "clip_by_value":
     pytest.skip("a list is a pytree prefix of thresholds for clip_by_value")
@@ -129,7 +143,9 @@ def test_run_time_threshold_never_flips_or_poisons(value):
     lambda: oc.clip_by_global_norm(1.0), lambda: oc.clip_by_norm(1.0),
     lambda: oc.clip_by_value(1.0), lambda: oc.zclip(warmup_steps=1),
     lambda: oc.clip_by_quantile(history=4), lambda: oc.adagc(warmup_steps=1),
-    lambda: oc.skip_step(optax.sgd(1.0))])
+    lambda: oc.skip_step(optax.sgd(1.0)),
+    lambda: oc.clip_update_rms(optax.adam(1.0), b2=0.999),
+    lambda: oc.clip_update_by_history(2)])
 def test_a_python_number_as_the_gradient(make):
   tx = make()
   updates, _ = tx.update(5.0, tx.init(5.0), 5.0)
