@@ -46,14 +46,14 @@ def per_example_clip(
 
   Three rules for the weight ``w_i`` of example ``i`` (``C = max_norm``):
 
-  ======================  ==========================  ====================
-  rule                    ``w_i``                     sensitivity
-  ======================  ==========================  ====================
-  clip (default)          ``min(1, C / ||g_i||)``     ``C``
-  ``normalize=True``      ``min(1, C / ||g_i||) / C`` 1
-  ``automatic=gamma``     ``C / (||g_i|| + gamma)``   ``C``
-  both                    ``1 / (||g_i|| + gamma)``   1
-  ======================  ==========================  ====================
+  ======================  ============================  ===========
+  rule                    ``w_i``                       sensitivity
+  ======================  ============================  ===========
+  clip (default)          ``min(1, C / ||g_i||)``       ``C``
+  ``normalize=True``      ``min(1, C / ||g_i||) / C``   1
+  ``automatic=gamma``     ``C / (||g_i|| + gamma)``     ``C``
+  both                    ``1 / (||g_i|| + gamma)``     1
+  ======================  ============================  ===========
 
   ``normalize`` keeps the clip and divides by ``C``: an example of norm at
   least ``C`` comes out with norm exactly 1, a smaller one keeps its

@@ -259,6 +259,14 @@ def test_clipped_grad_argument_numbers_are_checked():
         1.0, jnp.ones(2))
 
 
+@pytest.mark.parametrize("bad", [1, "yes", jnp.array(True), {}, [1.0],
+                                 {"w": True, "b": None}])
+def test_global_clip_where_takes_bools(bad):
+  # {"w": True, "b": None}: None is an empty subtree, so it is no prefix of G.
+  with pytest.raises((TypeError, ValueError), match="where"):
+    _run(oc.clip_by_global_norm(1.0, where=bad))
+
+
 @pytest.mark.parametrize("gamma", [0.0, 1e-45, INF])
 def test_automatic_clipping_gamma_must_be_positive_and_finite(gamma):
   with pytest.raises(ValueError, match="automatic"):
