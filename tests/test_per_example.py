@@ -1,5 +1,6 @@
 """per_example_clip and clipped_grad: NumPy and optax references, properties."""
 
+import functools
 import math
 
 import chex
@@ -51,6 +52,19 @@ def _property_parts(grads, c, mask):
     return oc.global_norm(one)
   total, _ = oc.per_example_clip(grads, c)
   without, _ = oc.per_example_clip(grads, c, example_mask=mask)
+  return jax.vmap(alone)(grads), total, without
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _automatic_parts(grads, c, mask, gamma):
+  """As ``_property_parts``, with automatic clipping."""
+  def alone(g):
+    one, _ = oc.per_example_clip(jax.tree.map(lambda x: x[None], g), c,
+                                 automatic=gamma)
+    return oc.global_norm(one)
+  total, _ = oc.per_example_clip(grads, c, automatic=gamma)
+  without, _ = oc.per_example_clip(grads, c, automatic=gamma,
+                                   example_mask=mask)
   return jax.vmap(alone)(grads), total, without
 
 
@@ -568,6 +582,27 @@ class AutomaticClipTest(chex.TestCase):
     n = np.array([ref.example_norm(leaves64(grads), i) for i in range(8)])
     np.testing.assert_allclose(got, c * n / (n + 0.01), rtol=1e-5)
     self.assertTrue(np.all(got <= c))
+
+  @settings(max_examples=20, deadline=None)
+  @given(seed=st.integers(0, 2**16), c=st.floats(1e-3, 1e3),
+         log_scale=st.floats(-4, 4), gamma=st.sampled_from([0.01, 1.0]),
+         drop=st.integers(0, 4))
+  def test_properties_bounded_norm_and_sensitivity(self, seed, c, log_scale,
+                                                   gamma, drop):
+    grads = per_example_tree(batch=5, seed=seed, scale=10.0 ** log_scale)
+    singles, total, without = _automatic_parts(grads, jnp.float32(c),
+                                               jnp.arange(5) != drop, gamma)
+    n = np.array([ref.example_norm(leaves64(grads), i) for i in range(5)])
+    # Each example alone has norm c n / (n + gamma) < c ...
+    np.testing.assert_allclose(singles, c * n / (n + gamma), rtol=1e-5)
+    self.assertLessEqual(float(np.max(singles)), c * (1 + 1e-6))
+    # ... and removing one moves the sum by that much, at most c.
+    diff = [np.asarray(a, np.float64) - np.asarray(b, np.float64)
+            for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(without))]
+    moved = ref.example_norm([d[None] for d in diff], 0)
+    np.testing.assert_allclose(moved, c * n[drop] / (n[drop] + gamma),
+                               rtol=1e-4, atol=1e-6 * c)
+    self.assertLessEqual(moved, c * (1 + 1e-5))
 
   def test_zero_nan_padding_and_run_time_thresholds(self):
     grads = per_example_tree(batch=6)
