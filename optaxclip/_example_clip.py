@@ -128,8 +128,8 @@ def automatic_threshold(t: jax.Array, gamma: float) -> jax.Array:
   and infinite ones act as 0 (an infinite one would make every weight
   infinite), and one above ``gamma`` times a quarter of the dtype's
   largest number is lowered to that, so that no weight overflows."""
-  quarter = float(jnp.finfo(t.dtype).max) / 4
-  top = jnp.asarray(min(gamma * quarter, quarter), t.dtype)
+  biggest = float(jnp.finfo(t.dtype).max)
+  top = jnp.asarray(min(gamma * biggest / 4, biggest), t.dtype)
   ok = jnp.isfinite(t) & (t >= 0)
   return jnp.minimum(jnp.where(ok, t, jnp.zeros((), t.dtype)), top)
 
