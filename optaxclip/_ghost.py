@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -94,11 +95,12 @@ def prepare(fun: Callable[..., Any], args: tuple[Any, ...],
 
 class _Call(NamedTuple):
   """One intercepted layer call, as discovered: static facts only."""
-  kind: str                    # "linear", "conv", "embed" or "attend".
+  kind: str                    # "linear", "general", "conv", "embed", "attend".
   roles: tuple[tuple[str, int], ...]  # (role, leaf index), e.g. ("kernel", 3).
   out: jax.ShapeDtypeStruct    # One example's output.
   spec: Any                    # A convolution's strides, padding, dilations.
   size: int                    # Rows of the weight's matrix (d or V).
+  features: int                # Columns of ``dy``'s rows (p, or V for attend).
 
 
 class _Model:
@@ -163,7 +165,8 @@ class _Model:
     plan = _plan(calls, used, len(leaves))
     if not plan.active:
       raise ValueError(
-          f"{where}: no nnx.Linear, nnx.Embed or nnx.Conv call uses the"
+          f"{where}: no nnx.Linear, nnx.LinearGeneral, nnx.Embed or nnx.Conv"
+          " call uses the"
           " differentiated parameters, so there is nothing to compute ghost"
           " norms of; method='ghost' needs a Flax NNX model (pass the"
           " nnx.Module, or the nnx.State that fun merges into one), or use"
@@ -281,7 +284,7 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
     kind = _term_kind(calls[uses[0][0]].kind, uses[0][1])
     if kind == "vector":
       explicit[j] = functools.reduce(jnp.add, [
-          jnp.sum(dys[c].reshape(batch, -1, dys[c].shape[-1]), axis=1)
+          jnp.sum(dys[c].reshape(batch, -1, calls[c].features), axis=1)
           for c, _ in uses]).reshape((batch,) + leaves[j].shape)
     elif kind == "conv":
       parts = [(calls[c].spec, _conv_batch(saved[c], calls[c].spec),
@@ -341,7 +344,7 @@ def _terms(calls, uses, saved, dys, batch) -> list[_Term]:
   for c, _ in uses:
     call = calls[c]
     x = saved[c].reshape((batch, -1) + saved[c].shape[2:])
-    dy = dys[c].reshape(batch, -1, dys[c].shape[-1])
+    dy = dys[c].reshape(batch, -1, call.features)
     if call.kind == "embed":
       onehot.append((x, dy))
     elif call.kind == "attend":  # y = q @ E^T: E's gradient is dy^T q.
@@ -638,10 +641,10 @@ class _Tape:
       finally:
         for r, v in roles.items():
           v.value = old[r]
+      size, features = _matrix_shape(kind, module, y)
       self.calls.append(_Call(
           kind, found, jax.ShapeDtypeStruct(y.shape, y.dtype),
-          _conv_spec(module) if kind == "conv" else None,
-          roles[found[0][0]].value.shape[0]))
+          _conv_spec(module) if kind == "conv" else None, size, features))
       return y
     want = self.calls[c] if c < len(self.calls) else None
     if want is None or want.kind != kind or want.roles != found:
@@ -667,6 +670,13 @@ def _linear_roles(module, x):
   return _kernel_roles(module)
 
 
+def _general_roles(module, x):
+  if (module.batch_axis or module.dot_general_cls is not None
+      or module.dot_general not in (None, jax.lax.dot_general)):
+    return None
+  return _kernel_roles(module)
+
+
 def _conv_roles(module, x):
   if (module.feature_group_count != 1 or module.mask is not None
       or module.conv_general_dilated is not jax.lax.conv_general_dilated
@@ -679,7 +689,8 @@ def _embed_roles(module, x):
   return {"embedding": module.embedding}
 
 
-_ROLES = {"linear": _linear_roles, "conv": _conv_roles,
+_ROLES = {"linear": _linear_roles, "general": _general_roles,
+          "conv": _conv_roles,
           "embed": _embed_roles, "attend": _embed_roles}
 
 
@@ -703,6 +714,23 @@ def _conv_spec(module):
           fill(module.kernel_dilation))
 
 
+def _matrix_shape(kind, module, y):
+  """``(rows, columns)`` of the weight as a matrix ``x^T dy`` forms: an
+  ``nnx.LinearGeneral`` kernel flattened to ``(prod(in), prod(out))``."""
+  if kind == "general":
+    return (math.prod(module.in_features), math.prod(module.out_features))
+  weight = module.embedding if kind in ("embed", "attend") else module.kernel
+  return weight.shape[0], y.shape[-1]
+
+
+def _general_rows(module, x):
+  """``x`` with ``nnx.LinearGeneral``'s contracting axes last, flattened."""
+  axes = [a % x.ndim for a in (module.axis if isinstance(module.axis, Sequence)
+                                else (module.axis,))]
+  moved = jnp.moveaxis(x, axes, range(x.ndim - len(axes), x.ndim))
+  return moved.reshape(-1, math.prod(module.in_features))
+
+
 def _embed_ids(size, ids):
   """The rows ``jnp.take`` reads: negative ids count from the end."""
   if size == 1:  # nnx.Embed broadcasts its one row.
@@ -712,6 +740,7 @@ def _embed_ids(size, ids):
 
 _RECORD = {
     "linear": lambda m, x: x.reshape(-1, x.shape[-1]),
+    "general": _general_rows,
     "attend": lambda m, x: x.reshape(-1, x.shape[-1]),
     "embed": lambda m, x: _embed_ids(m.num_embeddings, x.reshape(-1)),
     "conv": lambda m, x: x.reshape(
@@ -720,7 +749,9 @@ _RECORD = {
 
 
 def _methods():
-  return {("linear", nnx.Linear, "__call__"), ("conv", nnx.Conv, "__call__"),
+  return {("linear", nnx.Linear, "__call__"),
+          ("general", nnx.LinearGeneral, "__call__"),
+          ("conv", nnx.Conv, "__call__"),
           ("embed", nnx.Embed, "__call__"), ("attend", nnx.Embed, "attend")}
 
 

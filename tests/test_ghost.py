@@ -101,6 +101,56 @@ class RawTied(nnx.Module):
     return self.mix(self.embed(tokens)) @ self.embed.embedding[...].T
 
 
+class MHABlock(nnx.Module):
+  """Pre-norm block: nnx.MultiHeadAttention (LinearGeneral) and an MLP."""
+
+  def __init__(self, dim, rngs):
+    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(2, dim, decode=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.up = nnx.Linear(dim, 2 * dim, rngs=rngs)
+    self.down = nnx.Linear(2 * dim, dim, rngs=rngs)
+
+  def __call__(self, x):
+    causal = nnx.make_causal_mask(x[..., 0])
+    x = x + self.attn(self.norm1(x), mask=causal)
+    return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+
+
+class MHATransformer(nnx.Module):
+  """Blocks of nnx.MultiHeadAttention: a list of modules (``stacked=False``),
+  or one module stacked by nnx.vmap and run by nnx.scan (``stacked=True``),
+  optionally under nnx.remat."""
+
+  def __init__(self, rngs, vocab=11, dim=8, depth=2, stacked=False,
+               remat=False):
+    self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+    self.stacked, self.remat = stacked, remat
+    if stacked:
+      @nnx.split_rngs(splits=depth)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def create(rngs):
+        return MHABlock(dim, rngs)
+      self.blocks = create(rngs)
+    else:
+      self.blocks = nnx.List([MHABlock(dim, rngs) for _ in range(depth)])
+    self.head = nnx.Linear(dim, vocab, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    if self.stacked:
+      def step(x, block):
+        return block(x)
+      if self.remat:
+        step = nnx.remat(step)
+      x = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+          x, self.blocks)
+    else:
+      for block in self.blocks:
+        x = block(x)
+    return self.head(x)
+
+
 def classify(model, x, y):
   logits = model(x)
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -131,6 +181,10 @@ def case(name, batch=8, seed=0):
   if name in ("transformer", "tied"):
     return (Transformer(rngs, tied=name == "tied"), next_token,
             labels(11, batch, 6), labels(11, batch, 6))
+  if name in ("mha", "mha_stacked", "mha_remat"):
+    return (MHATransformer(rngs, stacked=name != "mha",
+                           remat=name == "mha_remat"),
+            next_token, labels(11, batch, 6), labels(11, batch, 6))
   if name == "rnn":
     return RNN(rngs), regression, normal(batch, 4, 3), normal(batch)
   if name == "raw_tied":
@@ -192,7 +246,7 @@ def assert_same(got, want, rtol=1e-5):
 
 @pytest.mark.parametrize(
     "name", ["mlp", "mlp_seq", "cnn", "transformer", "tied", "rnn",
-             "raw_tied"])
+             "raw_tied", "mha"])
 @pytest.mark.slow
 def test_equals_vmap(name):
   model, loss, x, y = case(name)
@@ -237,6 +291,35 @@ def test_layers_covered_and_fallback():
            jax.tree_util.tree_leaves_with_path(params)]
   assert {paths[j] for j in plan.per_example} == {
       "['embed']['embedding'].value"}
+
+
+def plan_paths(name):
+  """``(ghost, copies)``: the paths of the leaves with ghost norms and of
+  those with per-example copies, for ``case(name)``."""
+  model, loss, x, y = case(name)
+  args, leaves, _, clip = _ghost.prepare(
+      loss, (model, x, y), {}, grad_nums=(0,), batch_nums=(1, 2),
+      has_aux=False, keep_batch_dim=True, argnums_is_int=True)
+  calls, used = clip.__self__.discover(args, leaves)
+  plan = _ghost._plan(calls, used, len(leaves))
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(params)]
+  return ({paths[j] for j in plan.ghost},
+          {paths[j] for j in plan.per_example})
+
+
+@pytest.mark.parametrize("name", ["mha"])
+def test_attention_layers_covered(name):
+  """nnx.MultiHeadAttention's LinearGeneral projections get ghost norms,
+  unstacked and stacked (nnx.vmap, nnx.scan, nnx.remat): only the
+  LayerNorm parameters get per-example copies."""
+  ghost, copies = plan_paths(name)
+  for proj in ("query", "key", "value", "out"):
+    for role in ("kernel", "bias"):
+      assert any(f"['attn']['{proj}']['{role}']" in p for p in ghost), (
+          proj, role)
+  assert copies and all("['norm" in p for p in copies), copies
 
 
 @pytest.mark.slow
