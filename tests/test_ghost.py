@@ -90,6 +90,42 @@ class RNN(nnx.Module):
     return self.out(h)[..., 0]
 
 
+class ScanRNN(nnx.Module):
+  """One nnx.Linear cell closed over by a jax.lax.scan over time steps."""
+
+  def __init__(self, rngs, dim=3, hidden=5):
+    self.cell = nnx.Linear(dim + hidden, hidden, rngs=rngs)
+    self.out = nnx.Linear(hidden, 1, rngs=rngs)
+    self.hidden = hidden
+
+  def __call__(self, x):
+    def step(h, x_t):
+      h = jnp.tanh(self.cell(jnp.concatenate([x_t, h], -1)))
+      return h, None
+    h0 = jnp.zeros(x.shape[:-2] + (self.hidden,))
+    h, _ = jax.lax.scan(step, h0, jnp.moveaxis(x, -2, 0))
+    return self.out(h)[..., 0]
+
+
+class StackedMLP(nnx.Module):
+  """Residual nnx.Linear layers stacked by nnx.vmap, run by nnx.scan."""
+
+  def __init__(self, rngs, dim=4, depth=3):
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return nnx.Linear(dim, dim, rngs=rngs)
+    self.layers = create(rngs)
+    self.out = nnx.Linear(dim, 3, rngs=rngs)
+
+  def __call__(self, x):
+    def step(x, layer):
+      return x + jnp.tanh(layer(x))
+    x = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+        x, self.layers)
+    return self.out(x)
+
+
 class RawTied(nnx.Module):
   """The embedding table also used outside Embed: a matmul by its value."""
 
@@ -185,6 +221,10 @@ def case(name, batch=8, seed=0):
     return (MHATransformer(rngs, stacked=name != "mha",
                            remat=name == "mha_remat"),
             next_token, labels(11, batch, 6), labels(11, batch, 6))
+  if name == "scan_rnn":
+    return ScanRNN(rngs), regression, normal(batch, 4, 3), normal(batch)
+  if name == "stacked_mlp":
+    return StackedMLP(rngs), classify, normal(batch, 3, 4), labels(3, batch, 3)
   if name == "rnn":
     return RNN(rngs), regression, normal(batch, 4, 3), normal(batch)
   if name == "raw_tied":
@@ -246,7 +286,7 @@ def assert_same(got, want, rtol=1e-5):
 
 @pytest.mark.parametrize(
     "name", ["mlp", "mlp_seq", "cnn", "transformer", "tied", "rnn",
-             "raw_tied", "mha"])
+             "raw_tied", "mha", "mha_stacked", "mha_remat"])
 @pytest.mark.slow
 def test_equals_vmap(name):
   model, loss, x, y = case(name)
@@ -309,7 +349,9 @@ def plan_paths(name):
           {paths[j] for j in plan.per_example})
 
 
-@pytest.mark.parametrize("name", ["mha"])
+@pytest.mark.parametrize("name", [
+    pytest.param("mha", marks=pytest.mark.slow), "mha_stacked",
+    pytest.param("mha_remat", marks=pytest.mark.slow)])
 def test_attention_layers_covered(name):
   """nnx.MultiHeadAttention's LinearGeneral projections get ghost norms,
   unstacked and stacked (nnx.vmap, nnx.scan, nnx.remat): only the
@@ -320,6 +362,19 @@ def test_attention_layers_covered(name):
       assert any(f"['attn']['{proj}']['{role}']" in p for p in ghost), (
           proj, role)
   assert copies and all("['norm" in p for p in copies), copies
+
+
+@pytest.mark.parametrize("name", ["stacked_mlp", "scan_rnn"])
+def test_scanned_layers(name):
+  """Weights scanned over (one matrix per iteration) and weights closed over
+  by a scan (one matrix, rows from every iteration): ghost norms, no
+  per-example copies, equal to vmap."""
+  ghost, copies = plan_paths(name)
+  assert not copies and ghost
+  model, loss, x, y = case(name, batch=4)
+  vmap, ghost_fn = both(model, loss)
+  c = float(np.median(vmap(x, y, math.inf)[1].norms))
+  assert_same(ghost_fn(x, y, c), vmap(x, y, c))
 
 
 @pytest.mark.slow
