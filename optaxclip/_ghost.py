@@ -719,7 +719,8 @@ class _Tape:
       for r, j in found:
         object.__setattr__(stand_in, r, roles[r].replace(f.dups[j]))
       y = original(stand_in, x, *args, **kwargs)
-      size, features = _matrix_shape(kind, module, y)
+      size, features = _matrix_shape(kind, module, y,
+                                     roles[found[0][0]].value)
       out = ((f.loop,) if f.loop else ()) + y.shape
       self.calls.append(_Call(
           kind, found, jax.ShapeDtypeStruct(out, y.dtype),
@@ -854,10 +855,12 @@ def _embed_roles(module, x):
   return {"embedding": module.embedding}
 
 
-_LOOPED = ("linear", "general")  # Kinds recorded inside a scan.
+_LOOPED = ("linear", "general", "lora_a", "lora_b")  # Kinds recorded inside a scan.
 _ROLES = {"linear": _linear_roles, "general": _general_roles,
           "conv": _conv_roles,
-          "embed": _embed_roles, "attend": _embed_roles}
+          "embed": _embed_roles, "attend": _embed_roles,
+          "lora_a": lambda m, x: {"lora_a": m.lora_a},
+          "lora_b": lambda m, x: {"lora_b": m.lora_b}}
 
 
 def _conv_padding(module):
@@ -880,12 +883,11 @@ def _conv_spec(module):
           fill(module.kernel_dilation))
 
 
-def _matrix_shape(kind, module, y):
+def _matrix_shape(kind, module, y, weight):
   """``(rows, columns)`` of the weight as a matrix ``x^T dy`` forms: an
   ``nnx.LinearGeneral`` kernel flattened to ``(prod(in), prod(out))``."""
   if kind == "general":
     return (math.prod(module.in_features), math.prod(module.out_features))
-  weight = module.embedding if kind in ("embed", "attend") else module.kernel
   return weight.shape[0], y.shape[-1]
 
 
@@ -895,6 +897,23 @@ def _general_rows(module, x):
                                 else (module.axis,))]
   moved = jnp.moveaxis(x, axes, range(x.ndim - len(axes), x.ndim))
   return moved.reshape(-1, math.prod(module.in_features))
+
+
+def _plain_lora(module, x) -> bool:
+  """Whether ``nnx.LoRA``'s dtype promotion changes nothing (then its two
+  products are intercepted one by one)."""
+  dtypes = {jnp.result_type(x), module.lora_a.value.dtype,
+            module.lora_b.value.dtype}
+  return (len(dtypes) == 1 and module.dtype in (None, *dtypes)
+          and (module.base_module is None or callable(module.base_module)))
+
+
+def _lora_a(module, x):
+  return x @ module.lora_a[...]
+
+
+def _lora_b(module, h):
+  return h @ module.lora_b[...]
 
 
 def _embed_ids(size, ids):
@@ -907,6 +926,8 @@ def _embed_ids(size, ids):
 _RECORD = {
     "linear": lambda m, x: x.reshape(-1, x.shape[-1]),
     "general": _general_rows,
+    "lora_a": lambda m, x: x.reshape(-1, x.shape[-1]),
+    "lora_b": lambda m, x: x.reshape(-1, x.shape[-1]),
     "attend": lambda m, x: x.reshape(-1, x.shape[-1]),
     "embed": lambda m, x: _embed_ids(m.num_embeddings, x.reshape(-1)),
     "conv": lambda m, x: x.reshape(
@@ -919,7 +940,7 @@ def _methods():
           ("general", nnx.LinearGeneral, "__call__"),
           ("conv", nnx.Conv, "__call__"),
           ("embed", nnx.Embed, "__call__"), ("attend", nnx.Embed, "attend"),
-          ("scan", jax.lax, "scan"), ("checkpoint", jax, "checkpoint")}
+          ("lora", nnx.LoRA, "__call__"), ("scan", jax.lax, "scan"), ("checkpoint", jax, "checkpoint")}
 
 
 def _intercepting(kind, original):
@@ -929,6 +950,17 @@ def _intercepting(kind, original):
       if tape is None:
         return original(f, init, xs, length=length, **kw)
       return _scan(tape, original, f, init, xs, length, kw)
+  elif kind == "lora":
+    def method(self, x, **kwargs):  # type: ignore[misc]
+      tape = getattr(_local, "tape", None)
+      if tape is None or not _plain_lora(self, x):
+        return original(self, x, **kwargs)
+      # x @ lora_a @ lora_b as two matrix calls, in the same order.
+      h = tape.call("lora_a", _lora_a, self, x, (), {})
+      out = tape.call("lora_b", _lora_b, self, h, (), {})
+      if self.base_module is not None:
+        out += self.base_module(x, **kwargs)
+      return out
   elif kind == "checkpoint":
     def method(fun=None, **kw):  # type: ignore[misc]
       tape = getattr(_local, "tape", None)

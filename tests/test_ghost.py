@@ -377,6 +377,47 @@ def test_scanned_layers(name):
   assert_same(ghost_fn(x, y, c), vmap(x, y, c))
 
 
+class LoRAMLP(nnx.Module):
+  """nnx.LoRALinear, then nnx.LoRA around a frozen nnx.Linear."""
+
+  def __init__(self, rngs):
+    self.hidden = nnx.LoRALinear(6, 16, lora_rank=2, rngs=rngs)
+    self.out = nnx.LoRA(16, 2, 3, base_module=nnx.Linear(16, 3, rngs=rngs),
+                        rngs=rngs)
+    for lora in (self.hidden.lora, self.out):  # lora_b starts at 0.
+      lora.lora_b.value = jax.random.normal(rngs.params(),
+                                            lora.lora_b.value.shape)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.hidden(x)))
+
+
+@pytest.mark.parametrize("seq", [False, True])
+def test_lora_adapters_only(seq):
+  """Only the adapters trained (the nnx.LoRAParam state passed, the rest
+  merged in): ghost norms of lora_a and lora_b, equal to vmap."""
+  model = LoRAMLP(nnx.Rngs(1))
+  graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+  loss = lambda p, x, y: classify(nnx.merge(graphdef, p, rest), x, y)  # noqa: E731
+  rng = np.random.default_rng(2)
+  shape = (4, 3, 6) if seq else (4, 6)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, shape[:-1]))
+  args, leaves, _, clip = _ghost.prepare(
+      loss, (lora, x, y), {}, grad_nums=(0,), batch_nums=(1, 2),
+      has_aux=False, keep_batch_dim=True, argnums_is_int=True)
+  calls, used = clip.__self__.discover(args, leaves)
+  plan = _ghost._plan(calls, used, len(leaves))
+  assert len(leaves) == 4 and sorted(plan.ghost) == [0, 1, 2, 3]
+  opts = dict(batch_argnums=(1, 2), return_norms=True)
+  c = float(np.median(oc.clipped_grad(loss, max_norm=1e9, **opts)(
+      lora, x, y)[1].norms))
+  got = fast_jit(oc.clipped_grad(loss, max_norm=c, method="ghost", **opts))(
+      lora, x, y)
+  want = fast_jit(oc.clipped_grad(loss, max_norm=c, **opts))(lora, x, y)
+  assert_same(got, want)
+
+
 @pytest.mark.slow
 def test_numpy_float64_reference():
   """One Linear on (batch, seq, d), squared loss: per-example grads by hand."""
