@@ -338,8 +338,10 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
     if j in explicit:
       sums.append(_example_clip.weighted_sum(explicit[j], weights[j], keep))
     elif j in matrices:
-      sums.append(_stacked_sum(matrices[j], _stack(calls, plan.ghost[j]),
-                               weights[j], keep, acc).reshape(x.shape))
+      stack = _stack(calls, plan.ghost[j])
+      sums.append(_as_leaf(
+          _stacked_sum(matrices[j], stack, weights[j], keep, acc), x.shape,
+          calls[plan.ghost[j][0][0]].spec, stack))
     elif j in convs:
       sums.append(_conv_sum(convs[j], weights[j], keep, x.shape, acc))
     else:  # Not used by the loss.
@@ -351,6 +353,18 @@ def _stack(calls, uses) -> int:
   """The iterations of a weight scanned over (one slice each), or 0."""
   call = calls[uses[0][0]]
   return call.loop if call.sliced else 0
+
+
+def _as_leaf(matrix, shape, perm, stack) -> jax.Array:
+  """A weight's ``(V, F)`` (or ``(stack, V, F)``) matrix in the weight's
+  shape; an ``nnx.Einsum`` kernel's axes were permuted by ``perm``."""
+  if perm is None:
+    return matrix.reshape(shape)
+  lead = shape[:1] if stack else ()
+  core = shape[len(lead):]
+  moved = matrix.reshape(lead + tuple(core[a] for a in perm))
+  return jnp.transpose(moved, tuple(range(len(lead))) + tuple(
+      len(lead) + int(a) for a in np.argsort(perm)))
 
 
 def _rows(call, batch) -> tuple[int, ...]:
@@ -699,7 +713,7 @@ class _Tape:
   def saved(self) -> list[jax.Array]:
     return self.frame.saved
 
-  def call(self, kind, original, module, x, args, kwargs):
+  def call(self, kind, original, module, x, args, kwargs, layout=None):
     f = self.frame
     roles = None if f.suspended or (f.loop and kind not in _LOOPED) else (
         _ROLES[kind](module, x))
@@ -719,13 +733,18 @@ class _Tape:
       for r, j in found:
         object.__setattr__(stand_in, r, roles[r].replace(f.dups[j]))
       y = original(stand_in, x, *args, **kwargs)
-      size, features = _matrix_shape(kind, module, y,
-                                     roles[found[0][0]].value)
-      out = ((f.loop,) if f.loop else ()) + y.shape
+      if layout is None:
+        size, features = _matrix_shape(kind, module, y,
+                                       roles[found[0][0]].value)
+        spec = _conv_spec(module) if kind == "conv" else None
+        shape = y.shape
+      else:  # The rows, then the output axes, as the probe is laid out.
+        size, features, spec = layout.size, layout.features, layout.kernel
+        shape = tuple(y.shape[a] for a in layout.y)
+      out = ((f.loop,) if f.loop else ()) + shape
       self.calls.append(_Call(
-          kind, found, jax.ShapeDtypeStruct(out, y.dtype),
-          _conv_spec(module) if kind == "conv" else None, size, features,
-          f.loop, sliced))
+          kind, found, jax.ShapeDtypeStruct(out, y.dtype), spec, size,
+          features, f.loop, sliced))
       return y
     want = self.calls[c] if c < len(self.calls) else None
     if want is None or (want.kind, want.roles, want.loop, want.sliced) != (
@@ -734,8 +753,13 @@ class _Tape:
                          " traces; its calls must depend only on shapes.")
     y = original(module, x, *args, **kwargs)
     if c in f.probes:
-      f.saved.append(_RECORD[kind](module, x))
-      y = y + f.probes[c]
+      if layout is None:
+        f.saved.append(_RECORD[kind](module, x))
+        y = y + f.probes[c]
+      else:
+        f.saved.append(jnp.transpose(x, layout.x).reshape(-1, layout.size))
+        y = y + jnp.transpose(f.probes[c],
+                              tuple(np.argsort(layout.y).tolist()))
     return y
 
   def subtrace(self, run, inputs, loop):
@@ -855,10 +879,11 @@ def _embed_roles(module, x):
   return {"embedding": module.embedding}
 
 
-_LOOPED = ("linear", "general", "lora_a", "lora_b")  # Kinds recorded inside a scan.
+_LOOPED = ("linear", "general", "einsum", "lora_a", "lora_b")  # Kinds recorded inside a scan.
 _ROLES = {"linear": _linear_roles, "general": _general_roles,
           "conv": _conv_roles,
           "embed": _embed_roles, "attend": _embed_roles,
+          "einsum": lambda m, x: _kernel_roles(m),
           "lora_a": lambda m, x: {"lora_a": m.lora_a},
           "lora_b": lambda m, x: {"lora_b": m.lora_b}}
 
@@ -897,6 +922,49 @@ def _general_rows(module, x):
                                 else (module.axis,))]
   moved = jnp.moveaxis(x, axes, range(x.ndim - len(axes), x.ndim))
   return moved.reshape(-1, math.prod(module.in_features))
+
+
+class _Layout(NamedTuple):
+  """An ``nnx.Einsum`` call as a matrix product ``x K``: the axes of ``x``,
+  ``y`` and the kernel, each put as rows (``x``, ``y``) then contracted
+  (``x``, kernel) or output (``y``, kernel) axes; the matrix's shape."""
+  x: tuple[int, ...]
+  y: tuple[int, ...]
+  kernel: tuple[int, ...]
+  size: int
+  features: int
+
+
+def _einsum_layout(module, x, args, kwargs) -> _Layout | None:
+  """The layout of an ``nnx.Einsum`` call, or ``None`` where its equation
+  is not a matrix product (a kernel axis shared with the output and the
+  input, an input axis summed alone, a repeated axis, ...)."""
+  if module.einsum_op is not jnp.einsum or len(args) > 1:
+    return None
+  eq = args[0] if args else kwargs.get("einsum_str")
+  eq = module.einsum_str if eq is None else eq
+  if eq is None:
+    return None
+  kernel = module.kernel.value
+  try:
+    import opt_einsum  # type: ignore[import-untyped]  # Flax needs it.
+    ins, out, _ = opt_einsum.parser.parse_einsum_input(
+        (eq.replace(" ", ""), x, kernel))
+    lhs, rhs = ins.split(",")
+  except Exception:  # noqa: BLE001 - Flax raises its own error.
+    return None
+  rows = [c for c in out if c not in rhs]
+  contracted = [c for c in lhs if c in rhs]
+  outs = [c for c in out if c in rhs]
+  if (any(len(set(t)) != len(t) for t in (lhs, rhs, out))
+      or set(rhs) != set(contracted) | set(outs) or set(contracted) & set(out)
+      or set(lhs) != set(rows) | set(contracted)):
+    return None
+  k = [rhs.index(c) for c in contracted + outs]
+  return _Layout(tuple(lhs.index(c) for c in rows + contracted),
+                 tuple(out.index(c) for c in rows + outs), tuple(k),
+                 math.prod(kernel.shape[a] for a in k[:len(contracted)]),
+                 math.prod(kernel.shape[a] for a in k[len(contracted):]))
 
 
 def _plain_lora(module, x) -> bool:
@@ -940,7 +1008,7 @@ def _methods():
           ("general", nnx.LinearGeneral, "__call__"),
           ("conv", nnx.Conv, "__call__"),
           ("embed", nnx.Embed, "__call__"), ("attend", nnx.Embed, "attend"),
-          ("lora", nnx.LoRA, "__call__"), ("scan", jax.lax, "scan"), ("checkpoint", jax, "checkpoint")}
+          ("einsum", nnx.Einsum, "__call__"), ("lora", nnx.LoRA, "__call__"), ("scan", jax.lax, "scan"), ("checkpoint", jax, "checkpoint")}
 
 
 def _intercepting(kind, original):
@@ -950,6 +1018,13 @@ def _intercepting(kind, original):
       if tape is None:
         return original(f, init, xs, length=length, **kw)
       return _scan(tape, original, f, init, xs, length, kw)
+  elif kind == "einsum":
+    def method(self, x, *args, **kwargs):  # type: ignore[misc]
+      tape = getattr(_local, "tape", None)
+      layout = None if tape is None else _einsum_layout(self, x, args, kwargs)
+      if tape is None or layout is None:
+        return original(self, x, *args, **kwargs)
+      return tape.call(kind, original, self, x, args, kwargs, layout)
   elif kind == "lora":
     def method(self, x, **kwargs):  # type: ignore[misc]
       tape = getattr(_local, "tape", None)

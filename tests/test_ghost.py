@@ -126,6 +126,20 @@ class StackedMLP(nnx.Module):
     return self.out(x)
 
 
+class Einsums(nnx.Module):
+  """nnx.Einsum layers whose kernels are matrices only after a permutation
+  of their axes; one equation given again at the call, with an ellipsis."""
+
+  def __init__(self, rngs):
+    self.heads = nnx.Einsum("btd,hdk->bthk", (2, 4, 3), (2, 3), rngs=rngs)
+    self.merge = nnx.Einsum("bthk,keh->bte", (3, 5, 2), (5,), rngs=rngs)
+    self.out = nnx.Einsum("bte,ec->btc", (5, 3), None, rngs=rngs)
+
+  def __call__(self, x):
+    h = jnp.tanh(self.heads(x))
+    return self.out(jnp.tanh(self.merge(h, "...hk,keh->...e")))
+
+
 class RawTied(nnx.Module):
   """The embedding table also used outside Embed: a matmul by its value."""
 
@@ -223,6 +237,8 @@ def case(name, batch=8, seed=0):
             next_token, labels(11, batch, 6), labels(11, batch, 6))
   if name == "scan_rnn":
     return ScanRNN(rngs), regression, normal(batch, 4, 3), normal(batch)
+  if name == "einsum":
+    return Einsums(rngs), classify, normal(batch, 3, 4), labels(3, batch, 3)
   if name == "stacked_mlp":
     return StackedMLP(rngs), classify, normal(batch, 3, 4), labels(3, batch, 3)
   if name == "rnn":
@@ -364,11 +380,11 @@ def test_attention_layers_covered(name):
   assert copies and all("['norm" in p for p in copies), copies
 
 
-@pytest.mark.parametrize("name", ["stacked_mlp", "scan_rnn"])
-def test_scanned_layers(name):
-  """Weights scanned over (one matrix per iteration) and weights closed over
-  by a scan (one matrix, rows from every iteration): ghost norms, no
-  per-example copies, equal to vmap."""
+@pytest.mark.parametrize("name", ["stacked_mlp", "scan_rnn", "einsum"])
+def test_scanned_layers_and_einsum(name):
+  """Weights scanned over (one matrix per iteration), weights closed over
+  by a scan (one matrix, rows from every iteration), nnx.Einsum kernels:
+  ghost norms, no per-example copies, equal to vmap."""
   ghost, copies = plan_paths(name)
   assert not copies and ghost
   model, loss, x, y = case(name, batch=4)
