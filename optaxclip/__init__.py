@@ -51,7 +51,7 @@ from optaxclip._example_clip import PerExampleInfo
 from optaxclip._norms import AxisName, Ord, global_norm
 from optaxclip._per_example import clipped_grad, per_example_clip
 from optaxclip._quantile import ClipByQuantileState, clip_by_quantile
-from optaxclip._skip import SkipStepState, SkipStepStats, skip_step
+from optaxclip._skip import SkipStepState, SkipStepStats, SpikeWindow, skip_step
 from optaxclip._spikes import ClipSpikesState, SpikeClippedState, SpikeStats, clip_spikes
 from optaxclip._stats import clip_stats, register_state
 from optaxclip._thresholds import Threshold
@@ -94,6 +94,7 @@ __all__ = [
     "QuantileNorm",
     "SkipStepState",
     "SkipStepStats",
+    "SpikeWindow",
     "Threshold",
     "ZClipState",
     "adaptive_grad_clip",
