@@ -426,6 +426,7 @@ def _window_update(rule: SpikeWindow, state: SkipStepState, loss: jax.Array,
   values = jnp.stack([loss, norm])
   watched = jnp.asarray(_WATCH[rule.watch])
   hist, count = state.history, state.history_count
+  assert hist is not None and count is not None  # Made by _window_init.
   dtype = hist.dtype
   n = jnp.minimum(count, window)
   mask = jnp.arange(window) < n[:, None]
@@ -444,7 +445,7 @@ def _window_update(rule: SpikeWindow, state: SkipStepState, loss: jax.Array,
   spiked = jnp.any(watched & (~finite | (ready & out)))
   bound = jnp.where(ready & watched, mean + k * std, jnp.inf)
   enter = finite & watched
-  slot = (count % window)[:, None] == jnp.arange(window)
+  slot = jnp.expand_dims(count % window, 1) == jnp.arange(window)
   new_count = count + 1
   new_count = jnp.where(new_count >= 2 * window, new_count - window, new_count)
   fields = dict(
