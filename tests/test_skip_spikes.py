@@ -190,6 +190,25 @@ def test_matches_olmo_core_and_maxtext(kind):
   assert ref.any() and not ref.all()
 
 
+def test_sample_or_population_deviation():
+  # 16 losses alternating 0 and 1: mean 0.5, population deviation 0.5,
+  # sample deviation 0.5 * sqrt(16 / 15) = 0.516. With 2 deviations the
+  # bounds are 1.5 and 1.533: a loss of 1.52 is skipped by levanter's rule
+  # and taken by OLMo-core's and MaxText's.
+  losses = np.array([0.0, 1.0] * 8 + [1.52], np.float32)
+  norms = np.ones(17, np.float32)
+  olmo = olmo_core_skips(losses, norms, 16, 2.0)
+  np.testing.assert_array_equal(maxtext_skips(losses, norms, 16, 2.0), olmo)
+  lev = levanter_skips(losses, norms, 16, 2.0)
+  assert not olmo[-1] and lev[-1]
+  for ddof, ref in ((1, olmo), (0, lev)):
+    rule = oc.SpikeWindow(window=16, num_std=2.0, ddof=ddof, min_history=7,
+                          std_floor=0.0)
+    (skipped, *_), _ = _run(oc.skip_step(optax.sgd(0.1), spike_window=rule),
+                            losses, norms)
+    np.testing.assert_array_equal(skipped[8:], ref[8:])
+
+
 @pytest.mark.parametrize("kind", ["spikes", "level"])
 def test_matches_levanter(kind):
   # levanter: population deviation from window // 2 earlier values. Its
