@@ -21,13 +21,44 @@ class SpikeWindow(NamedTuple):
 
   A step is skipped when its loss, or the global norm of its gradients, lies
   more than ``num_std`` standard deviations above the mean of the last
-  ``window`` values, once ``min_history`` values are in the window: the rule
-  of OLMo-core's ``SkipStepOptimizer``, levanter's ``SkipStepConfig`` and
-  MaxText's ``skip_step_on_spikes``.
+  ``window`` values before it, once ``min_history`` values are in the
+  window: the rule of OLMo-core's ``SkipStepOptimizer``, levanter's
+  ``SkipStepConfig`` and MaxText's ``skip_step_on_spikes``. All three are
+  one-sided (a loss that drops is never skipped), test the loss and the
+  norm both, and put every step's values in the window, skipped steps'
+  included, so that a lasting change of level becomes the new baseline
+  within a few steps (where a moving average of the steps taken alone, as
+  ``spike_factor``'s, never catches up). They differ in the deviation and
+  the warm-up:
 
-  Every finite value enters the window, skipped steps' included, so that a
-  lasting change of level becomes the new baseline within a window; a NaN or
-  an infinite value skips its step and stays out of the window.
+  ==========  ========================================  ===================
+  rule        deviation                                 judged from
+  ==========  ========================================  ===================
+  levanter    population (``jnp.std``), at least 1e-6   ``window // 2``
+                                                        earlier values
+  OLMo-core   sample (``torch.std_mean``: Bessel)       ``window // 2 - 1``
+  MaxText     sample (Bessel), as OLMo-core             ``window // 2 - 1``
+  ==========  ========================================  ===================
+
+  The default is levanter's rule (``ddof=0``, ``min_history = window //
+  2``), the JAX one whose ``update(..., loss=loss)`` this follows; with
+  ``window=128`` the two deviations differ by 0.4%. ``SpikeWindow(ddof=1,
+  min_history=63, std_floor=0.0)`` is OLMo-core's and MaxText's rule.
+
+  Edge cases, where optaxclip chooses:
+
+  - Empty or short window: before ``min_history`` finite values are in it,
+    no finite value is skipped, however large (the bounds read ``inf``).
+  - Equal values (deviation 0): the deviation used is at least
+    ``std_floor * |mean|`` (default 1e-3), so a window of losses of exactly
+    2.0 lets 2.0002 through and skips 2.02. In the references, without a
+    floor (OLMo-core, MaxText) or with an absolute 1e-6 (levanter), any rise
+    above a constant window is skipped. A window of zeros has no floor.
+  - NaN or infinite loss or norm (watched): the step is skipped, in the
+    warm-up too, and the value stays out of the window. In the references
+    it enters the window, whose mean then reads NaN, and every step is
+    skipped until it has left (``window`` steps).
+  - A value equal to the bound is taken (``<=``, as in the references).
 
   Attributes:
     window: how many earlier values the mean and the deviation are taken
@@ -36,17 +67,31 @@ class SpikeWindow(NamedTuple):
       (> 0).
     min_history: how many earlier values must be in the window before the
       rule skips anything (2 to ``window``); ``None`` for
-      ``max(2, window // 2)``. Before that, every finite value is taken.
+      ``max(2, window // 2)``.
     watch: ``"both"`` (skip when either spikes), ``"loss"`` or
-      ``"grad_norm"``. The loss comes as ``update(..., loss=loss)``.
+      ``"grad_norm"``. The loss comes as ``update(..., loss=loss)``: the
+      batch's mean loss, a scalar; with ``axis_name``, averaged over it.
     two_sided: also skip values more than ``num_std`` deviations *below* the
-      mean (a sudden drop of the loss, e.g. a batch of padding).
+      mean (e.g. a batch of padding whose loss drops to near zero). None of
+      the references does.
     ddof: 0 for the population deviation (levanter), 1 for the sample
-      deviation with Bessel's correction (OLMo-core's ``torch.std_mean``,
-      MaxText).
-    std_floor: the deviation used is at least ``std_floor * |mean|``, so
-      that a window of equal values (deviation 0) does not turn a rise in
-      the last float digit into an infinite z-score; 0 for none.
+      deviation with Bessel's correction (OLMo-core, MaxText).
+    std_floor: the deviation used is at least ``std_floor * |mean|``; 0 for
+      none.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaxclip as oc
+    >>> opt = oc.skip_step(optax.sgd(0.1),
+    ...                    spike_window=oc.SpikeWindow(window=8))
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = opt.init(params)
+    >>> grads = {"w": jnp.ones(2)}
+    >>> for loss in [2.0, 2.1, 1.9, 2.0, 2.1, 1.9, 2.0, 9.0]:
+    ...   _, state = opt.update(grads, state, params, loss=loss)
+    >>> print(state.skipped, state.loss_threshold)
+    True 2.4536
   """
 
   window: int = 128
@@ -154,7 +199,13 @@ def skip_step(
   - the norm exceeds ``max_norm``;
   - ``spike_factor`` is given, at least ``spike_warmup`` steps have been
     taken, and the norm exceeds ``spike_factor`` times the moving average of
-    the norms of the steps taken (a loss spike).
+    the norms of the steps taken (a loss spike);
+  - ``spike_window`` is given (a :class:`SpikeWindow`) and the loss passed
+    as ``update(grads, state, params, loss=loss)``, or the norm, lies more
+    than ``num_std`` standard deviations above the mean of the last
+    ``window`` values (OLMo-core's, levanter's and MaxText's rule), or is
+    NaN or infinite. Every finite value enters that window, skipped steps'
+    included.
 
   A skipped step emits an update of zeros (each leaf's dtype kept) and
   returns the wrapped transformation's state unchanged: Adam's moments and
@@ -173,9 +224,19 @@ def skip_step(
   With gradient accumulation, nest ``skip_step(optax.MultiSteps(opt, k))``:
   a bad micro-batch is dropped alone (the accumulator, the micro-step counter
   and ``opt``'s state are left as they were) and the rules apply to each
-  micro-batch's norm. ``optax.MultiSteps(skip_step(opt), k)`` with
-  ``nonfinite=True`` raises a ``TypeError`` when traced: there a NaN would
-  stay in MultiSteps' accumulator.
+  micro-batch's norm, and loss: pass each micro-batch's mean loss, and
+  ``spike_window`` judges it against a window of micro-batch values (its
+  ``window`` counts micro-batches; a micro-batch's loss scatters more than
+  the mean of ``k``, so the bounds are wider). ``optax.MultiSteps(skip_step(opt),
+  k)`` with ``nonfinite=True``, or with a ``spike_window`` that watches the
+  loss, raises a ``TypeError`` when traced: there a NaN would stay in
+  MultiSteps' accumulator, and MultiSteps forwards the last micro-batch's
+  loss alone. With ``nonfinite=False`` and ``SpikeWindow(watch="grad_norm")``
+  it judges the accumulated gradients' norm once per step.
+
+  ``updates`` whose tree structure or leaf shapes differ from those of the
+  tree given to ``init`` raise a ``ValueError`` naming the first
+  differences.
 
   Args:
     inner: the transformation to guard, or an ``optax.MultiSteps``; extra
@@ -194,6 +255,9 @@ def skip_step(
       norms from the first step taken.
     spike_warmup: how many steps must have been taken before the spike rule
       applies (at least 1).
+    spike_window: the rolling rule on the loss and the norm, a
+      :class:`SpikeWindow`; ``None`` (default) disables it. Its window, the
+      last loss and the loss bound are kept in the state.
     ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or tuple of names) to reduce the norm over, so that every device
@@ -208,7 +272,10 @@ def skip_step(
   References:
     Chowdhery et al., `PaLM: Scaling Language Modeling with Pathways
     <https://arxiv.org/abs/2204.02311>`_, 2022 (skipping batches around loss
-    spikes); ``optax.apply_if_finite``.
+    spikes); ``optax.apply_if_finite``; OLMo-core's ``SkipStepOptimizer``
+    (``olmo_core/optim/skip_step_optimizer.py``), levanter's
+    ``SkipStepConfig`` (``levanter/optim/skip_step.py``) and MaxText's
+    ``skip_step_on_spikes`` (``optimizers.py``).
 
   Example:
     >>> import jax.numpy as jnp
