@@ -295,7 +295,7 @@ def skip_step(
   inner = _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
                    spike_warmup, leaf_norms, spike_window)
   p = _validate.canonical_ord(ord)
-  trees: list[tuple[Any, list[tuple[str, tuple[int, ...]]]]] = []
+  trees: list[list[tuple[str, tuple[int, ...]]]] = []
 
   def init_fn(params):
     _remember_tree(trees, params)
@@ -523,11 +523,21 @@ def _window_update(rule: SpikeWindow, state: SkipStepState, loss: jax.Array,
   return spiked, jnp.minimum(threshold, bound[1]), fields
 
 
+def _signature(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
+  """Each leaf of ``tree`` as ``(path, shape)``, the path made of its dict
+  keys and sequence indices alone: attribute steps are left out, so that
+  Flax NNX's ``Param`` wrappers (``['kernel'].value``, as ``init`` sees
+  them) match the bare gradients (``['kernel']``)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(jax.tree_util.keystr(tuple(
+      k for k in path if isinstance(k, (jax.tree_util.DictKey,
+                                        jax.tree_util.SequenceKey)))),
+           tuple(jnp.shape(x))) for path, x in flat]
+
+
 def _remember_tree(trees: list, params: Any) -> None:
-  """Records the structure and leaf shapes of a tree given to ``init``."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  entry = (treedef, [(jax.tree_util.keystr(k), tuple(jnp.shape(x)))
-                     for k, x in flat])
+  """Records the leaf paths and shapes of a tree given to ``init``."""
+  entry = _signature(params)
   if entry not in trees:
     trees.append(entry)
 
@@ -538,22 +548,23 @@ def _check_tree(trees: list, updates: Any) -> None:
   ``shard_map`` axis are local blocks: their shapes are not compared."""
   if not trees:
     return
-  flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-  got = [(jax.tree_util.keystr(k), tuple(jnp.shape(x))) for k, x in flat]
-  local = [bool(getattr(jax.typeof(x), "vma", ())) for _, x in flat]
-  for ref_def, ref in trees:
-    if ref_def == treedef and all(
-        lo or a == b for lo, a, b in zip(local, got, ref)):
+  got = _signature(updates)
+  local = [bool(getattr(jax.typeof(x), "vma", ()))
+           for x in jax.tree_util.tree_leaves(updates)]
+  for ref in trees:
+    if len(ref) == len(got) and all(
+        a[0] == b[0] and (lo or a[1] == b[1])
+        for lo, a, b in zip(local, got, ref)):
       return
-  ref_def, ref = trees[-1]
-  if ref_def != treedef:
-    paths, ref_paths = [p for p, _ in got], [p for p, _ in ref]
+  ref = trees[-1]
+  paths, ref_paths = [p for p, _ in got], [p for p, _ in ref]
+  if paths != ref_paths:
     extra = [p for p in paths if p not in ref_paths][:3]
     missing = [p for p in ref_paths if p not in paths][:3]
     what = (f"its tree structure differs (leaves not in init's tree:"
             f" {', '.join(extra) or 'none'}; leaves missing:"
-            f" {', '.join(missing) or 'none'}; updates {treedef}, init"
-            f" {ref_def})")
+            f" {', '.join(missing) or 'none'}; {len(paths)} leaves, init's"
+            f" tree had {len(ref_paths)})")
   else:
     what = "; ".join(f"leaf {p} has shape {s}, init's had {r}"
                      for (p, s), (_, r) in zip(got, ref) if s != r)

@@ -523,3 +523,28 @@ def test_clip_stats_keys():
   assert set(stats) == keys | {"skip_step/loss", "skip_step/loss_threshold"}
   assert float(stats["skip_step/loss"]) == 2.5
   assert "skip_step/history" in oc.clip_stats(state)
+
+
+def test_flax_nnx_optimizer_passes_the_loss():
+  # nnx.Optimizer gives init the Param-wrapped state and update the bare
+  # gradients: the tree check sees the same leaves; the loss reaches the
+  # rule as an extra argument of nnx.Optimizer.update.
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, oc.skip_step(
+      optax.sgd(0.1), spike_window=oc.SpikeWindow(window=4, min_history=2)),
+      wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, scale):
+    def loss_fn(m):
+      return scale * jnp.mean(m(jnp.ones((4, 3))) ** 2)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads, loss=loss)
+    return loss
+
+  for scale in (1.0, 1.01, 0.99, 1.0, 50.0):
+    loss = step(model, opt, scale)
+  stats = oc.clip_stats(opt.opt_state, scalars=True)
+  assert float(stats["skip_step/loss"]) == pytest.approx(float(loss))
+  assert bool(stats["skip_step/skipped"])
