@@ -156,7 +156,7 @@ _IN_MULTISTEPS = (
     " following steps. Nest it the other way round,"
     " oc.skip_step(optax.MultiSteps(opt, k)), to drop a bad micro-batch"
     " alone; or, to judge the accumulated gradients, pass nonfinite=False"
-    " with max_norm or spike_factor and give MultiSteps"
+    " with max_norm, spike_factor or spike_window and give MultiSteps"
     " should_skip_update_fn=optax.skip_not_finite.")
 
 
