@@ -18,6 +18,7 @@ Transforms, each module with its state types:
   _per_example   per_example_clip, clipped_grad (vmap; ghost via _ghost)
   _ghost         ghost norms of Flax NNX layers
   _dp            dp_aggregate, dp_noise, quantile_norm
+  _layers        layer_axes: the layer_axis tree of a Flax NNX model
 Shared, below them:
   _transform     the Optax transformation a factory returns, fast without jit
   _example_clip  per-example weights, the weighted sum, PerExampleInfo
@@ -48,6 +49,7 @@ from optaxclip._clipping import (
 )
 from optaxclip._dp import DPState, QuantileNorm, dp_aggregate, dp_noise, quantile_norm
 from optaxclip._example_clip import PerExampleInfo
+from optaxclip._layers import layer_axes
 from optaxclip._norms import AxisName, Ord, global_norm
 from optaxclip._per_example import clipped_grad, per_example_clip
 from optaxclip._quantile import ClipByQuantileState, clip_by_quantile
@@ -59,9 +61,10 @@ from optaxclip._tree import Axis
 from optaxclip._zclip import ZClipState, zclip
 
 register_state(ClipByGlobalNormState, "clip_by_global_norm")
-register_state(ClipByNormState, "clip_by_norm")
+register_state(ClipByNormState, "clip_by_norm", unit_norms=True)
 register_state(ClipByValueState, "clip_by_value")
-register_state(AdaptiveGradClipState, "adaptive_grad_clip")
+register_state(AdaptiveGradClipState, "adaptive_grad_clip",
+               unit_norms=True)
 register_state(ClipByQuantileState, "clip_by_quantile")
 register_state(ZClipState, "zclip")
 register_state(SkipStepState, "skip_step")
@@ -107,6 +110,7 @@ __all__ = [
     "dp_aggregate",
     "dp_noise",
     "global_norm",
+    "layer_axes",
     "per_example_clip",
     "quantile_norm",
     "register_state",

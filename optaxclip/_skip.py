@@ -74,6 +74,7 @@ def skip_step(
     ord: Ord = 2,
     axis_name: AxisName = None,
     leaf_norms: bool = False,
+    layer_axis: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips bad steps: zero update, and the wrapped state left as it was.
 
@@ -134,6 +135,11 @@ def skip_step(
       takes the same decision.
     leaf_norms: also keep each leaf's norm in the state, as
       :func:`clip_by_global_norm` does (no extra pass).
+    layer_axis: for leaves that stack layers (Flax ``nnx.vmap`` /
+      ``nnx.scan``), the axis that stacks them (an int, or a pytree prefix
+      of the updates holding ints and ``None``): a stacked leaf's
+      ``leaf_norms`` entry is then one norm per layer, shape
+      ``(num_layers,)``, as for :func:`clip_by_global_norm`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -160,7 +166,7 @@ def skip_step(
     1 0.0
   """
   inner = _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
-                   spike_warmup, leaf_norms)
+                   spike_warmup, leaf_norms, layer_axis)
   p = _validate.canonical_ord(ord)
 
   def init_fn(params):
@@ -172,7 +178,7 @@ def skip_step(
                    else _thresholds.resolve(max_norm, count, dtype)),
         scale=jnp.ones((), dtype), skipped=jnp.zeros((), bool),
         num_skipped=jnp.zeros((), jnp.int32), norm_ema=jnp.zeros((), dtype),
-        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None,
+        leaf_norms=_norms.zero_leaf_norms(params, layer_axis, "skip_step") if leaf_norms else None,
         inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -189,7 +195,7 @@ def skip_step(
     seen = updates if axis_name is not None else (
         jax.lax.optimization_barrier(updates))
     parts, each = _norms.global_and_leaf_norms(
-        seen, p, axis_name=axis_name, leaves=leaf_norms)
+        seen, p, axis_name=axis_name, leaves=leaf_norms, layer_axis=layer_axis, where="skip_step")
     norm = parts.value().astype(dtype)
     threshold = jnp.full((), jnp.inf, dtype)
     if max_norm is not None:
@@ -222,7 +228,7 @@ def skip_step(
 
 
 def _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
-             spike_warmup, leaf_norms):
+             spike_warmup, leaf_norms, layer_axis=None):
   """``inner`` as an ``ExtraArgs`` transformation, once every argument is
   checked."""
   where = "skip_step"
@@ -247,6 +253,7 @@ def _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
         f"{where}: with nonfinite=False, give max_norm or spike_factor;"
         " otherwise no step is ever skipped.")
   _validate.check_bool(leaf_norms, "leaf_norms", where)
+  _validate.check_layer_axis(layer_axis, where)
   return optax.with_extra_args_support(inner)
 
 
