@@ -126,8 +126,16 @@ def restack_units(norms, at):
           "head": norms["head"]}
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+# The fast tier runs these; the whole suite runs every transform in both.
+FAST = {("clip_by_norm", jnp.float32), ("clip_by_norm", jnp.bfloat16),
+        ("clip_by_global_norm", jnp.float32), ("adagc", jnp.float32)}
+CASES = [pytest.param(name, dtype, id=f"{name}-{jnp.dtype(dtype).name}",
+                      marks=() if (name, dtype) in FAST else pytest.mark.slow)
+         for name in sorted(TRANSFORMS) for dtype in (jnp.float32,
+                                                      jnp.bfloat16)]
+
+
+@pytest.mark.parametrize("name, dtype", CASES)
 def test_stacked_is_unstacked(name, dtype):
   check_same(name, 3, (4, 5), 0, dtype)
 
@@ -169,6 +177,7 @@ def test_clip_by_norm_clips_each_layer_alone():
   assert float(state.frac_clipped) == 0.5
 
 
+@pytest.mark.slow
 def test_agc_units_of_a_stacked_kernel():
   # (layers, in, out): the units of each (in, out) slice, per layer.
   rng = np.random.default_rng(0)
@@ -221,6 +230,7 @@ def test_clip_stats_names_layers_by_index():
               "clip_by_global_norm/leaf_norms/head"}
 
 
+@pytest.mark.slow
 def test_sharded_jit_with_the_stack_split_along_another_axis():
   devices = np.array(jax.devices())
   mesh = jax.sharding.Mesh(devices, ("model",))
@@ -320,8 +330,14 @@ def test_layer_axes_of_an_nnx_model():
   assert flat == {"blocks/linear/bias": 0, "blocks/linear/kernel": 0,
                   "blocks/norm/bias": 0, "blocks/norm/scale": 0,
                   "head/bias": None, "head/kernel": None}
-  # In an nnx.Optimizer: per-layer norms of the scanned blocks.
-  tx = oc.clip_by_global_norm(1.0, leaf_norms=True, layer_axis=axes)
+
+
+@pytest.mark.slow
+def test_layer_axes_in_an_nnx_optimizer():
+  # Per-layer norms of the scanned blocks, keyed by layer.
+  model = Stacked(nnx.Rngs(0))
+  tx = oc.clip_by_global_norm(1.0, leaf_norms=True,
+                              layer_axis=oc.layer_axes(model))
   optimizer = nnx.Optimizer(model, optax.chain(tx, optax.sgd(0.1)),
                             wrt=nnx.Param)
   x = jnp.ones((2, 4))
