@@ -67,7 +67,8 @@ def register_state(state_type: type, name: str, *,
 
   Raises:
     TypeError: ``state_type`` is not a ``NamedTuple`` class (an instance, a
-      plain class), or ``name`` is not a string.
+      plain class), ``name`` is not a string, or ``unit_norms`` is not a
+      bool.
     ValueError: ``name`` is empty or holds ``/`` or ``#`` (they separate
       keys), or another type is registered under it, or ``state_type`` is
       registered under another name.
@@ -80,6 +81,9 @@ def register_state(state_type: type, name: str, *,
         f" {state_type!r}; pass the class itself, not an instance.")
   if not isinstance(name, str):
     raise TypeError(f"{where}: name must be a string, got {name!r}.")
+  if not isinstance(unit_norms, (bool, np.bool_)):
+    raise TypeError(f"{where}: unit_norms must be True or False, got"
+                    f" {unit_norms!r}.")
   if not name or "/" in name or "#" in name:
     raise ValueError(f"{where}: name={name!r} cannot be a key prefix; give"
                      " a non-empty name without '/' or '#'.")

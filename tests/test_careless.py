@@ -288,6 +288,9 @@ def test_raise_if_nonfinite_needs_a_check_finite_state():
 def test_register_state_arguments(state_type, name, error):
   with pytest.raises(error):
     oc.register_state(state_type, name)
+  with pytest.raises(TypeError, match="unit_norms"):
+    oc.register_state(oc.ClipByGlobalNormState, "clip_by_global_norm",
+                      unit_norms="yes")
   stats = oc.clip_stats(oc.clip_by_global_norm(1.0).init(G))
   assert "clip_by_global_norm/grad_norm" in stats
 

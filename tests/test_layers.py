@@ -83,21 +83,28 @@ FIELDS = {"adagc": ("grad_norm", "threshold", "scale", "gamma"),
           "clip_by_quantile(per_leaf)": ("grad_norm", "threshold", "scale")}
 
 
-def run(name, tree, params, layer_axis):
+def run(name, trees, params, layer_axis):
+  """Runs the transform over ``trees``, one per step."""
   tx = TRANSFORMS[name](layer_axis)
   state = tx.init(params)
   update = jax.jit(tx.update)
-  for s in STEPS:
-    g = jax.tree_util.tree_map(lambda x, s=s: (x * s).astype(x.dtype), tree)
+  for g in trees:
     updates, state = update(g, state, params)
   return updates, state
 
 
 def check_same(name, layers, shape, at, dtype, seed=0):
-  tree = stacked_tree(layers, shape, at, dtype, seed)
+  # Each step its own gradients, every layer scaled its own way, so that
+  # layers differ in what the statistics make of them.
+  trees = [jax.tree_util.tree_map(
+      lambda x, s=s: (x * s).astype(x.dtype),
+      stacked_tree(layers, shape, at, dtype, seed + 2 + i))
+           for i, s in enumerate(STEPS)]
   params = stacked_tree(layers, shape, at, dtype, seed + 1)
-  got, got_state = run(name, tree, params, {"blocks": at, "head": None})
-  want, want_state = run(name, unstack(tree, at), unstack(params, at), None)
+  got, got_state = run(name, trees, params,
+                       {"blocks": {"w": at, "b": 0}, "head": None})
+  want, want_state = run(name, [unstack(t, at) for t in trees],
+                         unstack(params, at), None)
   tol = dict(rtol=2e-2, atol=1e-6) if dtype == jnp.bfloat16 else dict(
       rtol=2e-5, atol=1e-7)
   for a, b in zip(jax.tree_util.tree_leaves(got),
