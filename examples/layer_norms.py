@@ -1,28 +1,36 @@
-"""Per-layer gradient norms over a run, as a heatmap: where an explosion starts.
+"""Per-layer gradient norms of a scanned transformer, as a heatmap.
 
-A deep MLP (20 -> 5 x 64 ReLU -> 1, He-uniform init) regresses the targets
-of scikit-learn's ``make_regression`` (divided by 20) with SGD (learning rate
-0.003, momentum 0.9). Two runs share the initialisation and the batches:
+A small transformer regresses the targets of scikit-learn's
+``make_regression`` (20 features, read as a sequence of 20 tokens; targets
+divided by 20) with SGD (learning rate 0.003, momentum 0.9). Its ``DEPTH``
+blocks (``nnx.MultiHeadAttention`` and a ReLU MLP, each residual) are made
+by ``nnx.vmap`` and run by ``nnx.scan``, as large models are written: each
+block parameter is one leaf holding every layer along a leading axis.
+``layer_axis`` makes each layer's slice a tensor of its own, so the
+heatmap has one row per layer of the scanned model. Two runs share the
+initialisation and the batches:
 
-- ``clip_by_global_norm(inf, leaf_norms=True)`` never clips, but records
-  each leaf's gradient norm: the run explodes, and the heatmap shows which
-  layers blow up first and when;
-- ``clip_by_global_norm(1.0, leaf_norms=True)`` clips, and stays finite.
+- ``clip_by_global_norm(inf, leaf_norms=True, layer_axis=...)`` never
+  clips, but records each layer's gradient norm: the run explodes, and the
+  heatmap shows which layers blow up first and when;
+- ``clip_by_global_norm(1.0, ...)`` clips, and stays finite.
 
 The per-layer norms are the partial sums the clipper adds up for the global
 norm anyway (no extra pass over the gradients); the jitted step reads them
-with ``oc.clip_stats(opt_state, scalars=True)``, keyed by each leaf's path.
+with ``oc.clip_stats(opt_state, scalars=True)``, one key per leaf and layer
+(``blocks/attn/query/kernel[3]``), and a layer's row is the norm of all its
+leaves together.
 
 Run from the repository root::
 
   python examples/layer_norms.py             # 60 steps
   python examples/layer_norms.py --steps 20  # smoke test
 """
-
 from __future__ import annotations
 
 import argparse
 import math
+import re
 
 import _common
 import jax
@@ -35,30 +43,64 @@ from sklearn.datasets import make_regression
 import optaxclip as oc
 
 BATCH = 32
-WIDTH = 64
-DEPTH = 5
-SCALE = 20.0  # Targets scaled down: the run diverges after a few dozen steps.
+WIDTH = 32
+HEADS = 4
+DEPTH = 6
+TOKENS = 20
+SCALE = 20.0  # Targets scaled down: unclipped, the run diverges in ~10 steps.
 RUNS = {
     "unclipped": math.inf,  # Records the norms, never clips.
     "clip_by_global_norm(1.0)": 1.0,
 }
 PREFIX = "clip_by_global_norm/leaf_norms/"
+# The layer axis of each leaf: the blocks stack their layers along axis 0
+# (nnx.vmap's default); the other leaves are not stacked. A model whose
+# parameters carry sharding metadata, stacked by nnx.vmap(...,
+# transform_metadata={nnx.PARTITION_NAME: "layers"}), can have this tree
+# read off it: oc.layer_axes(model).
+LAYER_AXIS = nnx.State({"embed": None, "position": None, "blocks": 0,
+                        "head": None})
 
 
-class MLP(nnx.Module):
-  """``DEPTH`` ReLU layers of ``WIDTH`` units, then one linear output."""
+class Block(nnx.Module):
+  """Self-attention and a ReLU MLP, each behind a LayerNorm and added to the
+  residual stream (a pre-LN block)."""
 
   def __init__(self, rngs: nnx.Rngs):
-    sizes = [20] + [WIDTH] * DEPTH
-    init = nnx.initializers.he_uniform()
-    self.layers = nnx.List([nnx.Linear(a, b, kernel_init=init, rngs=rngs)
-                            for a, b in zip(sizes[:-1], sizes[1:])])
-    self.out = nnx.Linear(WIDTH, 1, kernel_init=init, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(WIDTH, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(HEADS, WIDTH, decode=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(WIDTH, rngs=rngs)
+    self.hidden = nnx.Linear(WIDTH, 2 * WIDTH, rngs=rngs)
+    self.out = nnx.Linear(2 * WIDTH, WIDTH, rngs=rngs)
 
   def __call__(self, x):
-    for layer in self.layers:
-      x = jax.nn.relu(layer(x))
-    return self.out(x)[:, 0]
+    x = x + self.attn(self.norm1(x))
+    return x + self.out(jax.nn.relu(self.hidden(self.norm2(x))))
+
+
+class Transformer(nnx.Module):
+  """Token embedding, ``DEPTH`` scanned blocks, a mean-pooled linear head."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.embed = nnx.Linear(1, WIDTH, rngs=rngs)
+    self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(),
+                                                       (TOKENS, WIDTH)))
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def blocks(key):
+      return Block(nnx.Rngs(key))
+
+    self.blocks = blocks(jax.random.split(rngs.params(), DEPTH))
+    self.head = nnx.Linear(WIDTH, 1, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.embed(x[..., None]) + self.position[...]
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def through(h, block):
+      return block(h)
+
+    return self.head(jnp.mean(through(h, self.blocks), axis=1))[:, 0]
 
 
 def mse(model, x, y):
@@ -67,9 +109,10 @@ def mse(model, x, y):
 
 def run(threshold: float, x: np.ndarray, y: np.ndarray, steps: int
         ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """Trains a fresh model; per-step losses and per-leaf pre-clip norms."""
-  model = MLP(nnx.Rngs(0))
-  tx = optax.chain(oc.clip_by_global_norm(threshold, leaf_norms=True),
+  """Trains a fresh model; per-step losses and per-layer pre-clip norms."""
+  model = Transformer(nnx.Rngs(0))
+  tx = optax.chain(oc.clip_by_global_norm(threshold, leaf_norms=True,
+                                          layer_axis=LAYER_AXIS),
                    optax.sgd(0.003, momentum=0.9))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   order = np.random.default_rng(1).integers(0, len(x), (steps, BATCH))
@@ -90,14 +133,26 @@ def run(threshold: float, x: np.ndarray, y: np.ndarray, steps: int
 
   losses, norms = train(model, optimizer, jnp.asarray(x[order]),
                         jnp.asarray(y[order]))
-  return np.asarray(losses), {k: np.asarray(v) for k, v in norms.items()}
+  return np.asarray(losses), by_layer({k: np.asarray(v)
+                                       for k, v in norms.items()})
 
 
-def layer_order(name: str) -> tuple[int, str]:
-  """Input layer first, the output layer last; kernel before bias."""
-  parts = name.split("/")
-  index = int(parts[1]) if parts[0] == "layers" else DEPTH
-  return index, parts[-1] != "kernel"
+def by_layer(norms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """One row per layer: the norm of all leaves of layer ``i`` of the blocks
+  (keys ``blocks/...[i]``), and of the embedding and head."""
+  rows: dict[str, list[np.ndarray]] = {}
+  for key, v in norms.items():
+    match = re.fullmatch(r"blocks/.*\[(\d+)\]", key)
+    name = f"block {int(match[1])}" if match else key.split("/")[0]
+    rows.setdefault(name, []).append(np.square(v.astype(np.float64)))
+  return {name: np.sqrt(sum(v)) for name, v in rows.items()}
+
+
+def layer_order(name: str) -> int:
+  """Embedding first, the blocks in order, the head last."""
+  if name.startswith("block "):
+    return 2 + int(name.split()[1])
+  return {"embed": 0, "position": 1}.get(name, 2 + DEPTH)
 
 
 def plot(results: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]) -> str:
@@ -119,7 +174,8 @@ def plot(results: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]) -> str:
     ax.set_xlabel("step")
     ax.set_title(label)
   fig.colorbar(image, ax=axes, label="log10 gradient norm (blue: NaN/inf)")
-  fig.suptitle("Per-layer gradient norms, from oc.clip_stats(scalars=True)")
+  fig.suptitle("Per-layer gradient norms of a scanned transformer,"
+               " from oc.clip_stats(scalars=True)")
   return _common.save(fig, "layer_norms")
 
 
@@ -141,7 +197,7 @@ def main(argv=None) -> None:
     rows.append([label, "-" if first is None else first, peak,
                  float(np.nanmax(norms[peak][:upto])), float(losses[-1])])
   print(f"{args.steps} SGD steps, batch {BATCH}, per-layer norms from"
-        " clip_by_global_norm(leaf_norms=True):")
+        " clip_by_global_norm(leaf_norms=True, layer_axis=...):")
   _common.print_table(["run", "first non-finite step", "largest layer",
                        "its largest finite norm", "final loss"], rows)
   plot(results)

@@ -20,6 +20,7 @@ Transforms, each module with its state types:
   _ghost         ghost norms of Flax NNX layers
   _dp            dp_aggregate, dp_noise, quantile_norm
   _qk_clip       qk_clip (Kimi K2's QK-Clip), max_logit_attention, gather_max_logits
+  _layers        layer_axes: the layer_axis tree of a Flax NNX model
 Shared, below them:
   _transform     the Optax transformation a factory returns, fast without jit
   _example_clip  per-example weights, the weighted sum, PerExampleInfo
@@ -50,6 +51,7 @@ from optaxclip._clipping import (
 )
 from optaxclip._dp import DPState, QuantileNorm, dp_aggregate, dp_noise, quantile_norm
 from optaxclip._example_clip import PerExampleInfo
+from optaxclip._layers import layer_axes
 from optaxclip._norms import AxisName, Ord, global_norm
 from optaxclip._per_example import clipped_grad, per_example_clip
 from optaxclip._qk_clip import (
@@ -74,9 +76,10 @@ from optaxclip._update_clip import (
 from optaxclip._zclip import ZClipState, zclip
 
 register_state(ClipByGlobalNormState, "clip_by_global_norm")
-register_state(ClipByNormState, "clip_by_norm")
+register_state(ClipByNormState, "clip_by_norm", unit_norms=True)
 register_state(ClipByValueState, "clip_by_value")
-register_state(AdaptiveGradClipState, "adaptive_grad_clip")
+register_state(AdaptiveGradClipState, "adaptive_grad_clip",
+               unit_norms=True)
 register_state(ClipByQuantileState, "clip_by_quantile")
 register_state(ZClipState, "zclip")
 register_state(SkipStepState, "skip_step")
@@ -134,6 +137,7 @@ __all__ = [
     "gather_max_logits",
     "global_norm",
     "max_logit_attention",
+    "layer_axes",
     "per_example_clip",
     "qk_clip",
     "quantile_norm",

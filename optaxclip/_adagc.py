@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _norms, _numerics, _stats, _thresholds, _transform, _tree, _validate
+from optaxclip import _apply, _norms, _numerics, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName
 from optaxclip._thresholds import Threshold
 
@@ -19,7 +19,8 @@ class AdaGCState(NamedTuple):
   """State of :func:`adagc`.
 
   Every tree below has the structure of the updates, one scalar per tensor
-  (``optax.MaskedNode`` where the updates have one).
+  (``optax.MaskedNode`` where the updates have one); with ``layer_axis``, a
+  stacked leaf holds one value per layer, shape ``(num_layers,)``.
 
   Attributes:
     count: updates seen so far (int32); warm-up while ``count <
@@ -57,6 +58,7 @@ def adagc(
     *,
     eps: float = 0.0,
     axis_name: AxisName = None,
+    layer_axis: Any = None,
 ) -> optax.GradientTransformation:
   r"""AdaGC: clips each tensor relative to an EMA of its own clipped norms.
 
@@ -110,6 +112,12 @@ def adagc(
       (the default) is the paper's formula.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or names) to reduce the norms over.
+    layer_axis: for leaves that stack layers (Flax ``nnx.vmap`` /
+      ``nnx.scan``), the axis that stacks them: an int for every leaf, or a
+      pytree prefix of the updates holding ints and ``None`` (not
+      stacked). Each layer's slice is then a tensor of its own, with its
+      own ``gamma``, threshold and scale (arrays of shape
+      ``(num_layers,)`` in the state), as if each layer were a leaf.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -136,24 +144,28 @@ def adagc(
   """
   where = "adagc"
   _check(lambda_rel, beta, warmup_steps, lambda_abs, eps)
+  _validate.check_layer_axis(layer_axis, where)
 
   def init_fn(params):
     dtype = _tree.tree_acc_dtype(params)
-    zeros = _tree.map_arrays(lambda _: jnp.zeros((), dtype), params)
+    leaves, rebuild = _tree.live_leaves(params, where)
+    shapes = [_tree.tensor_shape(x, k) for (_, x), k in zip(
+        leaves, _thresholds.leaf_layers(layer_axis, params, where))]
+
+    def full(value):
+      return rebuild([jnp.full(s, value, dtype) for s in shapes])
+
     return AdaGCState(
-        **_stats.counters(frac=True), grad_norm=zeros,
-        global_norm=jnp.zeros((), dtype),
-        threshold=_tree.map_arrays(
-            lambda _: jnp.full((), jnp.inf, dtype), params),
-        scale=_tree.map_arrays(lambda _: jnp.ones((), dtype), params),
-        gamma=_tree.map_arrays(
-            lambda _: jnp.full((), jnp.inf, dtype), params))
+        **_stats.counters(frac=True), grad_norm=full(0),
+        global_norm=jnp.zeros((), dtype), threshold=full(jnp.inf),
+        scale=full(1), gamma=full(jnp.inf))
 
   def update_fn(updates, state, params=None):
     del params
     dtype = state.global_norm.dtype
     count = state.count
-    parts, rebuild = _tensor_norms(updates, axis_name, dtype)
+    layers = _thresholds.leaf_layers(layer_axis, updates, where)
+    parts, rebuild = _tensor_norms(updates, axis_name, dtype, layers)
     total = _norms.combine(parts)  # Exact beyond overflow, as each part.
     warm = count < warmup_steps
     rel = _thresholds.resolve(lambda_rel, count, dtype)
@@ -167,11 +179,13 @@ def adagc(
            zip(parts, _tree.float_leaves(state.gamma, where))]
     threshold, scale, gamma = (rebuild([o[i] for o in out]) for i in range(3))
     factors = [o[1] for o in out]
-    updates = rebuild([_numerics.scale_leaf(g, o[3]) for g, o in zip(
-        _tree.float_leaves(updates, where), out)])
-    num = sum((s < 1).astype(jnp.int32) for s in factors)
+    updates = rebuild([_apply.scale_tensor(g, o[3], k) for g, o, k in zip(
+        _tree.float_leaves(updates, where), out, layers)])
+    num = sum((jnp.sum(s < 1, dtype=jnp.int32) for s in factors),
+              jnp.zeros((), jnp.int32))
     return updates, AdaGCState(
-        **_stats.tally(state, jnp.asarray(num) > 0, num=num, of=len(factors)),
+        **_stats.tally(state, jnp.asarray(num) > 0, num=num,
+                       of=sum(s.size for s in factors)),
         grad_norm=rebuild([n.value().astype(dtype) for n in parts]),
         global_norm=total.value().astype(dtype), threshold=threshold,
         scale=scale, gamma=gamma)
@@ -179,17 +193,16 @@ def adagc(
   return _transform.transformation(init_fn, update_fn)
 
 
-def _tensor_norms(updates: Any, axis_name: AxisName, dtype: Any
+def _tensor_norms(updates: Any, axis_name: AxisName, dtype: Any,
+                  layers: list[int | None]
                   ) -> tuple[list[_numerics.Norm], Any]:
-  """Each tensor's 2-norm as a :class:`Norm` pair of scalars of ``dtype``,
-  and the function that rebuilds a tree like ``updates`` from leaves."""
+  """Each tensor's 2-norm as a :class:`Norm` pair of ``dtype`` (scalars, or
+  one per layer of a stacked leaf), and the function that rebuilds a tree
+  like ``updates`` from leaves."""
   leaves, rebuild = _tree.live_leaves(updates, "adagc")
-  xs = [x for _, x in leaves]
-  if axis_name is None:
-    parts = _norms.leaf_norm_parts(xs, 2, [tuple(range(x.ndim)) for x in xs])
-  else:
-    parts = [_norms.global_norm_parts(x, axis_name=axis_name) for x in xs]
-  return [_numerics.Norm(*(jnp.reshape(v, ()).astype(dtype) for v in n))
+  parts = _norms.tensor_norm_parts([x for _, x in leaves], 2, layers,
+                                   axis_name)
+  return [_numerics.Norm(*(v.astype(dtype) for v in n))
           for n in parts], rebuild
 
 

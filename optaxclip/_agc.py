@@ -51,6 +51,7 @@ class AdaptiveGradClipState(NamedTuple):
 def adaptive_grad_clip(
     clipping: Threshold, eps: Threshold = 1e-3, axis: Axis = None, *,
     axis_name: AxisName = None, leaf_norms: bool = False,
+    layer_axis: Any = None,
 ) -> optax.GradientTransformation:
   """Clips each unit's update norm to ``clipping`` times its parameters' norm.
 
@@ -91,6 +92,14 @@ def adaptive_grad_clip(
     leaf_norms: also keep every unit's update norm in the state, as a tree
       (:class:`AdaptiveGradClipState`); off by default, as a tree output
       per leaf costs compile time.
+    layer_axis: for leaves that stack layers (Flax ``nnx.vmap`` /
+      ``nnx.scan``), the axis that stacks them: an int for every leaf, or a
+      pytree prefix of the updates holding ints and ``None`` (not
+      stacked). Each layer's slice is then a tensor of its own: with
+      ``axis=None`` the per-shape rules above apply to the slice (a stacked
+      ``(layers, in, out)`` kernel has the units of an ``(in, out)`` one, a
+      stacked bias is one unit per layer); an ``axis`` counts in the
+      stacked leaf and must not name the layer axis (a ValueError).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -116,16 +125,13 @@ def adaptive_grad_clip(
   _validate.check_threshold(clipping, "clipping", where)
   _validate.check_threshold(eps, "eps", where)
   _validate.check_bool(leaf_norms, "leaf_norms", where)
+  _validate.check_layer_axis(layer_axis, where)
 
   def init_fn(params):
-    leaves, rebuild = _tree.live_leaves(params, where)
-    for path, x in leaves:
-      _unit_axes(path, x, axis)  # A clear error for a leaf with no units.
-    norms = None
-    if leaf_norms:
-      norms = rebuild([
-          jnp.zeros(_tree.kept_shape(x.shape, _unit_axes(path, x, axis)),
-                    _tree.acc_dtype(x.dtype)) for path, x in leaves])
+    leaves, rebuild, axes = _units(params, axis, layer_axis)
+    norms = rebuild([
+        jnp.zeros(_tree.kept_shape(x.shape, a), _tree.acc_dtype(x.dtype))
+        for (_, x), a in zip(leaves, axes)]) if leaf_norms else None
     dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
     return AdaptiveGradClipState(
@@ -136,10 +142,9 @@ def adaptive_grad_clip(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(_NO_PARAMS)
-    leaves, rebuild = _tree.live_leaves(updates, where)
+    leaves, rebuild, axes = _units(updates, axis, layer_axis)
     p_leaves = _param_leaves(updates, params, leaves)
     g_leaves = [g for _, g in leaves]
-    axes = [_unit_axes(path, g, axis) for path, g in leaves]
     groups, g_norms = _norms.grouped_leaf_norms(g_leaves, 2.0, axes,
                                                 axis_name=axis_name)
     _, p_norms = _norms.grouped_leaf_norms(list(p_leaves), 2.0, axes, groups,
@@ -172,6 +177,16 @@ def adaptive_grad_clip(
   return _transform.transformation(init_fn, update_fn)
 
 
+def _units(tree: Any, axis: Axis, layer_axis: Any
+           ) -> tuple[list[tuple[Any, jax.Array]], Any, list[tuple[int, ...]]]:
+  """The live leaves, their rebuilder, and the axes each leaf's units span
+  (a clear error for a leaf with no units or a bad layer axis)."""
+  leaves, rebuild = _tree.live_leaves(tree, "adaptive_grad_clip")
+  layers = _thresholds.leaf_layers(layer_axis, tree, "adaptive_grad_clip")
+  return leaves, rebuild, [_unit_axes(path, x, axis, k)
+                           for (path, x), k in zip(leaves, layers)]
+
+
 def _param_leaves(updates: Any, params: Any,
                   leaves: list[tuple[Any, jax.Array]]) -> list[jax.Array]:
   """The parameter of each live update leaf, checked to match its shape."""
@@ -194,8 +209,10 @@ def _param_leaves(updates: Any, params: Any,
   return p_leaves
 
 
-def _unit_axes(path: Any, x: jax.Array, axis: Axis) -> tuple[int, ...]:
-  """The axes a unit spans: ``axis`` if given, else optax's per-shape rule."""
+def _unit_axes(path: Any, x: jax.Array, axis: Axis,
+               layer: int | None = None) -> tuple[int, ...]:
+  """The axes a unit spans: ``axis`` if given, else optax's per-shape rule
+  (applied to each layer's slice of a leaf stacked along ``layer``)."""
   if axis is not None:
     if isinstance(axis, (jax.Array, np.ndarray)):
       if not _validate.is_concrete(axis):
@@ -203,17 +220,25 @@ def _unit_axes(path: Any, x: jax.Array, axis: Axis) -> tuple[int, ...]:
             "adaptive_grad_clip: axis must be static; with"
             " optax.inject_hyperparams pass static_args=('axis',).")
       axis = tuple(int(a) for a in np.atleast_1d(np.asarray(axis)))
-    return _tree.leaf_axes(path, x, axis)
-  shape = jnp.shape(x)
+    return _tree.leaf_axes(path, x, axis, layer)
+  shape = list(jnp.shape(x))
+  if layer is not None:
+    del shape[layer]  # The rule reads one layer's slice.
   ndim = len(shape)
   if sum(d != 1 for d in shape) <= 1:
-    return tuple(range(ndim))
-  if ndim in (2, 3):
-    return (0,)
-  if ndim in (4, 5):
-    return tuple(range(ndim - 1))
+    slice_axes = tuple(range(ndim))
+  elif ndim in (2, 3):
+    slice_axes = (0,)
+  elif ndim in (4, 5):
+    slice_axes = tuple(range(ndim - 1))
+  else:
+    slice_axes = None
+  if slice_axes is not None:
+    return tuple(a + int(layer is not None and a >= layer)
+                 for a in slice_axes)
   raise ValueError(
       f"adaptive_grad_clip: no default units for the leaf at"
-      f" {jax.tree_util.keystr(path) or 'root'} of shape {shape}; pass axis="
+      f" {jax.tree_util.keystr(path) or 'root'} of shape {jnp.shape(x)}"
+      + ("" if layer is None else f" (layer axis {layer})") + "; pass axis="
       " (the axes one unit spans) or clip that leaf with another"
       " transformation (optax.multi_transform).")

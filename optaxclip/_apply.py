@@ -6,6 +6,11 @@ Per-leaf clippers (:func:`optaxclip.clip_by_norm`,
 :func:`optaxclip._norms.grouped_leaf_norms`, stacked by group of leaves of one
 type, and apply the scale rule once per group here; each leaf then takes its
 own factor.
+
+A leaf that stacks layers (``layer_axis``) holds one tensor per layer: its
+per-tensor values have shape ``(num_layers,)`` and :func:`along_layer`
+broadcasts them along the layer axis (:func:`scale_tensor` applies a
+factor so).
 """
 
 from __future__ import annotations
@@ -25,6 +30,38 @@ def clip_tree(updates: Any, norm: Norm | jax.Array, threshold: jax.Array
   factor (:func:`optaxclip._numerics.clip_factors`)."""
   scale = clip_factors(norm, threshold)
   return _tree.map_arrays(lambda g: scale_leaf(g, scale), updates), scale
+
+
+def along_layer(value: jax.Array, x: jax.Array,
+                layer: int | None) -> jax.Array:
+  """A per-tensor value of leaf ``x`` (shape ``()``, or ``(num_layers,)``
+  for a leaf stacked along axis ``layer``), shaped to broadcast against
+  ``x``: the layer axis kept, every other axis of size 1."""
+  if layer is None or jnp.ndim(value) == 0:
+    return value
+  shape = [1] * x.ndim
+  shape[layer] = x.shape[layer]
+  return jnp.reshape(value, shape)
+
+
+def scale_tensor(x: jax.Array, scale: Scale, layer: int | None) -> jax.Array:
+  """``x`` times its per-tensor factor (one per layer of a stacked leaf)."""
+  return scale_leaf(x, Scale(*(along_layer(v, x, layer) for v in scale)))
+
+
+def split_tensors(values: jax.Array, leaves: list[jax.Array],
+                  layers: list[int | None]) -> list[jax.Array]:
+  """One vector of per-tensor values, all leaves' tensors in order, as one
+  array per leaf: a scalar, or ``(num_layers,)`` for a stacked leaf."""
+  out, start = [], 0
+  for x, k in zip(leaves, layers):
+    if k is None:
+      out.append(values[start])
+      start += 1
+    else:
+      out.append(values[start:start + x.shape[k]])
+      start += x.shape[k]
+  return out
 
 
 def stack_scalars(values: list[jax.Array], ndim: int) -> jax.Array:

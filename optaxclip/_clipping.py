@@ -106,7 +106,7 @@ class ClipByValueState(NamedTuple):
 
 def clip_by_global_norm(
     max_norm: Threshold, *, ord: Ord = 2, axis_name: AxisName = None,
-    leaf_norms: bool = False, where: Any = None,
+    leaf_norms: bool = False, where: Any = None, layer_axis: Any = None,
 ) -> optax.GradientTransformation:
   """Scales the whole update so that its global norm is at most ``max_norm``.
 
@@ -151,6 +151,13 @@ def clip_by_global_norm(
       optax's masks take (e.g. ``lambda u: jax.tree.map(lambda x: x.ndim !=
       2, u)``: all but the matrices). The leaves of the tree are Python or
       NumPy bools, known when tracing.
+    layer_axis: for leaves that stack layers (Flax ``nnx.vmap`` /
+      ``nnx.scan``), the axis that stacks them: an int for every leaf, or a
+      pytree prefix of the updates holding ints and ``None`` (not
+      stacked), e.g. ``{"blocks": 0, "head": None}``
+      (:func:`optaxclip.layer_axes` reads it off a Flax NNX model). A
+      stacked leaf's ``leaf_norms`` entry is then one norm per layer,
+      shape ``(num_layers,)``. The clip itself is global either way.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -181,6 +188,7 @@ def clip_by_global_norm(
   _validate.check_threshold(max_norm, "max_norm", where)
   _validate.check_bool(leaf_norms, "leaf_norms", where)
   _check_chosen(chosen, where)
+  _validate.check_layer_axis(layer_axis, where)
   p = _validate.canonical_ord(ord)
 
   def init_fn(params):
@@ -190,13 +198,15 @@ def clip_by_global_norm(
         **_stats.counters(), grad_norm=zero,
         threshold=_thresholds.resolve(max_norm, jnp.zeros((), jnp.int32), dtype),
         scale=jnp.ones((), dtype),
-        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None)
+        leaf_norms=_norms.zero_leaf_norms(params, layer_axis, where)
+        if leaf_norms else None)
 
   def update_fn(updates, state, params=None):
     del params
     dtype = state.grad_norm.dtype
     norm, each = _norms.global_and_leaf_norms(
-        updates, p, axis_name=axis_name, leaves=leaf_norms)
+        updates, p, axis_name=axis_name, leaves=leaf_norms,
+        layer_axis=layer_axis, where=where)
     threshold = _thresholds.resolve(max_norm, state.count, dtype)
     updates, scale = _clip_chosen(updates, norm, threshold, chosen, where)
     grad_norm = norm.value().astype(dtype)
@@ -249,6 +259,7 @@ def _clip_chosen(updates: Any, norm: Any, threshold: jax.Array, chosen: Any,
 def clip_by_norm(
     max_norm: Any, *, ord: Ord = 2, axis: Axis = None,
     axis_name: AxisName = None, leaf_norms: bool = False,
+    layer_axis: Any = None,
 ) -> optax.GradientTransformation:
   """Scales each leaf (or each unit of a leaf) to a norm of at most ``max_norm``.
 
@@ -282,6 +293,15 @@ def clip_by_norm(
       (:class:`ClipByNormState`). Off by default: the norms are computed
       anyway, but a tree of them is one output per leaf, which costs compile
       time (see the benchmarks).
+    layer_axis: for leaves that stack layers (Flax ``nnx.vmap`` /
+      ``nnx.scan``), the axis that stacks them: an int for every leaf, or a
+      pytree prefix of the updates holding ints and ``None`` (not
+      stacked). Each layer's slice of a stacked leaf is then clipped as a
+      tensor of its own, by its own norm, and its ``leaf_norms`` entry has
+      shape ``(num_layers,)``. ``axis`` counts in the stacked leaf and
+      must not name the layer axis (a ValueError); with ``axis`` the units
+      are those of each layer, and ``leaf_norms`` keeps the layer axis
+      among the unit axes.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -304,6 +324,7 @@ def clip_by_norm(
   where = "clip_by_norm"
   _validate.check_threshold(max_norm, "max_norm", where, allow_tree=True)
   _validate.check_bool(leaf_norms, "leaf_norms", where)
+  _validate.check_layer_axis(layer_axis, where)
   p = _validate.canonical_ord(ord)
 
   def record(per_leaf, count, dtype):
@@ -313,17 +334,12 @@ def clip_by_norm(
     return _thresholds.resolve(max_norm, count, dtype)
 
   def init_fn(params):
-    leaves, rebuild = _tree.live_leaves(params, where)
-    for path, x in leaves:
-      _tree.leaf_axes(path, x, axis)  # A clear error for a bad axis.
+    leaves, rebuild, axes = _reduced(params, axis, layer_axis)
     dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
-    norms = None
-    if leaf_norms:
-      norms = rebuild([
-          jnp.zeros(_tree.kept_shape(x.shape,
-                                      _tree.leaf_axes(path, x, axis)),
-                    _tree.acc_dtype(x.dtype)) for path, x in leaves])
+    norms = rebuild([
+        jnp.zeros(_tree.kept_shape(x.shape, a), _tree.acc_dtype(x.dtype))
+        for (_, x), a in zip(leaves, axes)]) if leaf_norms else None
     return ClipByNormState(
         **_stats.counters(frac=True), grad_norm=jnp.zeros((), dtype),
         threshold=record(_thresholds.leaf_thresholds(
@@ -332,8 +348,7 @@ def clip_by_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    leaves, rebuild = _tree.live_leaves(updates, where)
-    axes = [_tree.leaf_axes(path, x, axis) for path, x in leaves]
+    leaves, rebuild, axes = _reduced(updates, axis, layer_axis)
     xs = [x for _, x in leaves]
     groups, norms = _norms.grouped_leaf_norms(xs, p, axes,
                                               axis_name=axis_name)
@@ -461,6 +476,17 @@ def clip_by_value(
     return out, new._replace(**_value_stats(updates, out, state, dtype))
 
   return _transform.transformation(init_fn, update_fn)
+
+
+def _reduced(tree: Any, axis: Axis, layer_axis: Any
+             ) -> tuple[list[tuple[Any, jax.Array]], Any, list[tuple[int, ...]]]:
+  """The live leaves, their rebuilder, and the axes each leaf's norm reduces
+  (every axis but its layer axis by default): a clear error for a bad axis
+  or layer axis."""
+  leaves, rebuild = _tree.live_leaves(tree, "clip_by_norm")
+  layers = _thresholds.leaf_layers(layer_axis, tree, "clip_by_norm")
+  return leaves, rebuild, [_tree.leaf_axes(path, x, axis, k)
+                           for (path, x), k in zip(leaves, layers)]
 
 
 def _value_stats(updates: Any, out: Any, state: ClipByValueState,

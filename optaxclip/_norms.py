@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaxclip import _tree, _validate
+from optaxclip import _thresholds, _tree, _validate
 from optaxclip._numerics import Norm, exponent, pow2
 from optaxclip._tree import Axis
 
@@ -106,7 +106,8 @@ def global_norm_parts(tree: Any, ord: Ord = 2, *,
 
 
 def global_and_leaf_norms(tree: Any, ord: Ord = 2, *,
-                          axis_name: AxisName = None, leaves: bool = False
+                          axis_name: AxisName = None, leaves: bool = False,
+                          layer_axis: Any = None, where: str = "global_norm"
                           ) -> tuple[Norm, Any]:
   """The global norm and, with ``leaves``, each leaf's norm as a tree.
 
@@ -116,31 +117,81 @@ def global_and_leaf_norms(tree: Any, ord: Ord = 2, *,
   ``sum |x| ** p`` overflows reads ``inf``, and one whose terms underflow
   reads low, where the global norm is exact. Without ``leaves`` the second
   result is ``None``.
+
+  ``layer_axis`` (``None``, an int, or a pytree prefix of ``tree`` holding
+  ints and ``None``; see :func:`optaxclip._thresholds.leaf_layers`) makes
+  the leaf norm of a stacked leaf one norm per layer, shape
+  ``(num_layers,)``: its partial sums are taken over every axis but the
+  layer axis. The global norm is the same either way. Inside ``shard_map``
+  a stacked leaf must not be split along its layer axis (the ``psum`` would
+  add different layers' sums).
   """
   p = _validate.canonical_ord(ord)
-  live, rebuild = _tree.live_leaves(tree, "global_norm")
+  live, rebuild = _tree.live_leaves(tree, where)
   xs = [x for _, x in live]
   dtype = _tree.common_acc_dtype(xs)
+  layers: list[int | None] = [None] * len(xs)
+  if leaves:
+    layers = _thresholds.leaf_layers(layer_axis, tree, where)
   if not xs:
     zero = jnp.zeros((), dtype)
     return Norm(jnp.ones((), dtype), zero), rebuild([]) if leaves else None
+  run = functools.partial(_global_norm, xs, axis_name=axis_name,
+                          dtype=dtype, each=leaves, layers=layers)
   if p == _RMS:
-    n, each = _global_norm(xs, 2.0, axis_name, dtype, leaves)
+    n, each = run(2.0)
     size = _global_size(xs, axis_name)
     root = jnp.sqrt(jnp.maximum(jnp.asarray(size, dtype), 1))
     if leaves:
-      each = [v / math.sqrt(max(_global_size([x], axis_name), 1))
-              for v, x in zip(each, xs)]
+      each = [v / math.sqrt(max(_global_size([x], axis_name) // (
+          1 if k is None else x.shape[k]), 1))
+              for v, x, k in zip(each, xs, layers)]
     n = Norm(n.power, n.scaled / root)
   elif isinstance(p, jax.Array):  # Traced, e.g. injected by inject_hyperparams.
     n, each = jax.lax.switch(_ord_index(p), [
-        lambda: _global_norm(xs, 2.0, axis_name, dtype, leaves),
-        lambda: _global_norm(xs, 1.0, axis_name, dtype, leaves),
-        lambda: _global_norm(xs, math.inf, axis_name, dtype, leaves),
-        lambda: _global_norm(xs, p.astype(dtype), axis_name, dtype, leaves)])
+        lambda: run(2.0), lambda: run(1.0), lambda: run(math.inf),
+        lambda: run(p.astype(dtype))])
   else:
-    n, each = _global_norm(xs, p, axis_name, dtype, leaves)
+    n, each = run(p)
   return n, rebuild(each) if leaves else None
+
+
+def zero_leaf_norms(params: Any, layer_axis: Any, where: str) -> Any:
+  """Zeros shaped like :func:`global_and_leaf_norms`' leaf norms: a scalar
+  per leaf, ``(num_layers,)`` for a leaf stacked by ``layer_axis``."""
+  return _tree.zero_leaf_norms(
+      params, _thresholds.leaf_layers(layer_axis, params, where))
+
+
+def tensor_norm_parts(leaves: list[jax.Array], ord: Ord,
+                      layers: Sequence[int | None],
+                      axis_name: AxisName = None) -> list[Norm]:
+  """The norm of each tensor: each leaf, or each layer of a stacked leaf.
+
+  ``layers[i]`` is leaf ``i``'s layer axis (non-negative) or ``None``. A
+  leaf's :class:`Norm` has shape ``()``, or ``(num_layers,)`` for a stacked
+  leaf, whose norms reduce every axis but the layer axis. With
+  ``axis_name`` (inside ``shard_map``), each leaf's sums are added over the
+  named axes it varies over (a stacked leaf must not be split along its
+  layer axis).
+  """
+  out: list[Any] = [None] * len(leaves)
+  rest = []
+  for i, (x, k) in enumerate(zip(leaves, layers)):
+    if axis_name is not None and k is None:
+      out[i] = global_norm_parts(x, ord, axis_name=axis_name)
+    else:
+      rest.append(i)
+  axes = [tuple(d for d in range(leaves[i].ndim) if d != layers[i])
+          for i in rest]
+  groups, norms = grouped_leaf_norms([leaves[i] for i in rest], ord, axes,
+                                     axis_name=axis_name)
+  for group, n in zip(groups, norms):
+    for j, r in enumerate(group):
+      i = rest[r]
+      shape = _tree.tensor_shape(leaves[i], layers[i])
+      out[i] = Norm(*(jnp.reshape(pick(v, j), shape) for v in n))
+  return out
 
 
 def leaf_norms(tree: Any, ord: Ord = 2, *, axis: Axis = None) -> Any:
@@ -180,12 +231,22 @@ def combine(parts: Sequence[Norm]) -> Norm:
 
   Each ``power`` is a power of two, so dividing by the largest is exact and
   each scaled norm stays below ``sqrt(size)``: the squares cannot overflow.
+  A part may hold several norms (one per layer): each counts.
   """
   if not parts:
     return Norm(jnp.ones(()), jnp.zeros(()))
-  top = functools.reduce(jnp.maximum, [n.power for n in parts])
-  total = jnp.sqrt(sum(jnp.square((n.power / top) * n.scaled) for n in parts))
+  top = functools.reduce(jnp.maximum, [_largest(n.power) for n in parts])
+  total = jnp.sqrt(sum(_total(jnp.square((n.power / top) * n.scaled))
+                       for n in parts))
   return Norm(top, total)
+
+
+def _largest(x: jax.Array) -> jax.Array:
+  return x if jnp.ndim(x) == 0 else jnp.max(x)
+
+
+def _total(x: jax.Array) -> jax.Array:
+  return x if jnp.ndim(x) == 0 else jnp.sum(x)
 
 
 def pick(stacked: jax.Array, j: int) -> jax.Array:
@@ -347,20 +408,26 @@ def example_norms(leaves: Sequence[jax.Array]
 
 
 def _global_norm(leaves: list[jax.Array], p: Any, axis_name: AxisName,
-                 dtype: Any, each: bool = False
+                 dtype: Any, each: bool = False,
+                 layers: Sequence[int | None] | None = None,
                  ) -> tuple[Norm, list[jax.Array] | None]:
-  """The global norm, and with ``each`` the per-leaf norms it is made of."""
+  """The global norm, and with ``each`` the per-leaf norms it is made of
+  (per layer, shape ``(num_layers,)``, where ``layers`` names an axis)."""
   one = jnp.ones((), dtype)
+  keep = [_kept(x, k) for x, k in zip(leaves, layers or [None] * len(leaves))]
   if isinstance(p, float) and p == math.inf:
-    maxes = [jnp.max(_abs(x), initial=0).astype(dtype) for x in leaves]
-    total = jnp.max(jnp.stack(maxes))
+    maxes = [jnp.max(_abs(x), axis=a, initial=0).astype(dtype)
+             for x, a in zip(leaves, keep)]
+    total = jnp.max(jnp.stack([_largest(m) for m in maxes]))
     if axis_name is not None and (
         axes := _split_axes(total, _axis_names(axis_name))):
       total = jax.lax.pmax(total, axes)
-      maxes = list(jax.lax.pmax(jnp.stack(maxes), axes)) if each else maxes
+      if each:
+        maxes = _unpack(jax.lax.pmax(_pack(maxes), axes), maxes)
     return Norm(one, total), maxes if each else None
-  partials = [jnp.sum(_abs_pow(x, p), dtype=dtype) for x in leaves]
-  s = _psum(partials, leaves, axis_name)
+  partials = [jnp.sum(_abs_pow(x, p), axis=a, dtype=dtype)
+              for x, a in zip(leaves, keep)]
+  s = _psum([_total(v) for v in partials], leaves, axis_name)
   per_leaf = None
   if each:
     sums = _psum_each(partials, leaves, axis_name)
@@ -526,7 +593,32 @@ def _psum_each(partials: list[jax.Array], leaves: list[jax.Array],
   for s, split in zip(partials, splits):
     copies = math.prod(_axis_size(n) for n in axes if n not in split)
     scaled.append(s if copies == 1 else s / copies)
-  return list(jax.lax.psum(jnp.stack(scaled), axes))
+  return _unpack(jax.lax.psum(_pack(scaled), axes), scaled)
+
+
+def _pack(values: list[jax.Array]) -> jax.Array:
+  """Scalars (and per-layer vectors) as one vector, for one collective."""
+  if all(jnp.ndim(v) == 0 for v in values):
+    return jnp.stack(values)
+  return jnp.concatenate([jnp.reshape(v, (-1,)) for v in values])
+
+
+def _unpack(packed: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
+  """:func:`_pack` undone: arrays shaped as ``like``."""
+  if all(jnp.ndim(v) == 0 for v in like):
+    return list(packed)
+  out, start = [], 0
+  for v in like:
+    out.append(jnp.reshape(packed[start:start + v.size], v.shape))
+    start += v.size
+  return out
+
+
+def _kept(x: jax.Array, layer: int | None) -> tuple[int, ...] | None:
+  """The axes a leaf's norm reduces: all (``None``), or all but its layer
+  axis."""
+  return None if layer is None else tuple(
+      d for d in range(x.ndim) if d != layer)
 
 
 def _global_size(leaves: list[jax.Array], axis_name: AxisName) -> int:

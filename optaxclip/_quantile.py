@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -64,6 +65,7 @@ def clip_by_quantile(
     per_leaf: bool = False,
     axis_name: AxisName = None,
     leaf_norms: bool = False,
+    layer_axis: Any = None,
 ) -> optax.GradientTransformation:
   """AutoClip: clips the norm to a quantile of the recent pre-clip norms.
 
@@ -114,6 +116,14 @@ def clip_by_quantile(
     leaf_norms: also keep each leaf's norm in the state, as
       :func:`clip_by_global_norm` does (not with ``per_leaf``, whose
       ``grad_norm`` is per leaf already).
+    layer_axis: for leaves that stack layers (Flax ``nnx.vmap`` /
+      ``nnx.scan``), the axis that stacks them (an int, or a pytree prefix
+      of the updates holding ints and ``None``). Each layer's slice is a
+      tensor of its own: with ``per_leaf=True`` it keeps its own history
+      and is clipped to its own quantile (``grad_norm``, ``threshold`` and
+      ``scale`` hold ``(num_layers,)`` arrays for a stacked leaf, and the
+      buffers one row per tensor); with ``leaf_norms=True`` a stacked
+      leaf's entry is one norm per layer.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -150,18 +160,20 @@ def clip_by_quantile(
     [2.] 2.0
   """
   where = "clip_by_quantile"
-  _check(quantile, history, leaf_norms, per_leaf, include_current)
+  _check(quantile, history, leaf_norms, per_leaf, include_current, layer_axis)
   p = _validate.canonical_ord(ord)
 
   def init_fn(params):
     dtype = _tree.tree_acc_dtype(params)
     size = _validate.static_size(history, "history", where)
     leaves, rebuild = _tree.live_leaves(params, where)
+    layers = _thresholds.leaf_layers(layer_axis, params, where)
+    shapes = [_tree.tensor_shape(x, k) for (_, x), k in zip(leaves, layers)]
     if per_leaf:
-      buf = jnp.zeros((len(leaves), size), dtype)
+      buf = jnp.zeros((sum(math.prod(s) for s in shapes), size), dtype)
 
       def full(value):
-        return rebuild([jnp.full((), value, dtype)] * len(leaves))
+        return rebuild([jnp.full(s, value, dtype) for s in shapes])
     else:
       buf = jnp.zeros((size,), dtype)
 
@@ -172,34 +184,30 @@ def clip_by_quantile(
         scale=full(1),
         norm_history=buf, sorted_norms=jnp.full_like(buf, jnp.inf),
         fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32),
-        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None)
+        leaf_norms=_tree.zero_leaf_norms(params, layers)
+        if leaf_norms else None)
 
   def update_fn(updates, state, params=None):
     del params
     dtype = state.norm_history.dtype
     leaves, rebuild = _tree.live_leaves(updates, where)
+    xs = [x for _, x in leaves]
     each = None
     if per_leaf:
-      _tree.check_same_tree(
-          updates, state.grad_norm, "clip_by_quantile(per_leaf=True)",
-          "It keeps one history per leaf: call init again with the new tree"
-          " (a fresh history), or use per_leaf=False.", shapes=False)
-      parts = _per_leaf_norms([x for _, x in leaves], p, axis_name, dtype)
+      layers = _thresholds.leaf_layers(layer_axis, updates, where)
+      _check_same_tree(updates, state.grad_norm, layers)
+      parts = _per_leaf_norms(xs, p, axis_name, dtype, layers)
     else:
       parts, each = _norms.global_and_leaf_norms(
-          updates, p, axis_name=axis_name, leaves=leaf_norms)
+          updates, p, axis_name=axis_name, leaves=leaf_norms,
+          layer_axis=layer_axis, where=where)
     norm = parts.value().astype(dtype)
     q = _thresholds.resolve(quantile, state.count, dtype, hi=1.0)
     threshold, recorded = _recorded(state, norm, q, include_current)
     clipped = jnp.any(norm > threshold)
     if per_leaf:
-      scale = _numerics.clip_factors(parts, threshold)
-      updates = rebuild([
-          _numerics.scale_leaf(x, _numerics.Scale(scale.a[i], scale.b[i],
-                                                scale.factor[i]))
-          for i, (_, x) in enumerate(leaves)])
-      norm, threshold, values = (rebuild(list(v)) for v in (
-          norm, threshold, scale.value().astype(dtype)))
+      updates, norm, threshold, values = (rebuild(v) for v in _clip_tensors(
+          xs, layers, parts, threshold, dtype))
     else:
       updates, scale = _apply.clip_tree(updates, parts, threshold)
       values = scale.value().astype(dtype)
@@ -252,18 +260,28 @@ def sorted_quantile(ordered: jax.Array, fill: jax.Array,
 
 
 def _per_leaf_norms(leaves: list[jax.Array], p: Any, axis_name: AxisName,
-                    dtype: Any) -> _numerics.Norm:
-  """One norm per leaf, as a :class:`Norm` of vectors of ``dtype``."""
+                    dtype: Any, layers: list[int | None]) -> _numerics.Norm:
+  """One norm per tensor (per leaf, per layer of a stacked leaf), as a
+  :class:`Norm` of vectors of ``dtype``."""
   if not leaves:
     return _numerics.Norm(jnp.ones((0,), dtype), jnp.zeros((0,), dtype))
-  if axis_name is not None:
-    norms = [_norms.global_norm_parts(x, p, axis_name=axis_name)
-             for x in leaves]
-  else:
-    norms = _norms.leaf_norm_parts(leaves, p, [tuple(range(x.ndim))
-                                               for x in leaves])
-  return _numerics.Norm(*(jnp.stack([jnp.reshape(v, ()).astype(dtype)
-                                  for v in vs]) for vs in zip(*norms)))
+  norms = _norms.tensor_norm_parts(leaves, p, layers, axis_name)
+  return _numerics.Norm(*(jnp.concatenate([
+      jnp.reshape(v, (-1,)).astype(dtype) for v in vs]) for vs in zip(*norms)))
+
+
+def _clip_tensors(leaves: list[jax.Array], layers: list[int | None],
+                  norms: _numerics.Norm, thresholds: jax.Array, dtype: Any
+                  ) -> tuple[list[jax.Array], ...]:
+  """Each tensor clipped to its own threshold (``norms`` and ``thresholds``
+  are vectors, one entry per tensor); per leaf, the clipped leaf and its
+  norms, thresholds and factors (scalars, or one per layer)."""
+  scale = _numerics.clip_factors(norms, thresholds)
+  per = [_apply.split_tensors(v, leaves, layers) for v in scale]
+  out = [_apply.scale_tensor(x, _numerics.Scale(*s), k)
+         for x, k, *s in zip(leaves, layers, *per)]
+  return (out, *(_apply.split_tensors(v, leaves, layers) for v in (
+      norms.value().astype(dtype), thresholds, scale.value().astype(dtype))))
 
 
 def _recorded(state, norm, q, include_current):
@@ -288,8 +306,28 @@ def _recorded(state, norm, q, include_current):
                         index=index)
 
 
-def _check(quantile, history, leaf_norms, per_leaf, include_current):
+def _check_same_tree(updates: Any, norms: Any,
+                     layers: list[int | None]) -> None:
+  """Per-leaf histories are the leaves' own: the tree (and each stacked
+  leaf's number of layers) may not change."""
+  got = jax.tree_util.tree_structure(updates, is_leaf=_tree.is_masked)
+  want = jax.tree_util.tree_structure(norms, is_leaf=_tree.is_masked)
+  shapes = [_tree.tensor_shape(x, k) for x, k in zip(
+      _tree.float_leaves(updates, "clip_by_quantile"), layers)]
+  if got != want or shapes != [  # type: ignore[operator]
+      jnp.shape(n) for n in _tree.float_leaves(norms, "clip_by_quantile")]:
+    raise ValueError(
+        "clip_by_quantile(per_leaf=True) keeps one history per leaf of the"
+        " tree init was given (one per layer of a stacked leaf), so the"
+        " updates must have that tree and those layers; got"
+        f" {got}, initialised with {want}. Call init again with the new"
+        " tree (a fresh history), or use per_leaf=False.")
+
+
+def _check(quantile, history, leaf_norms, per_leaf, include_current,
+           layer_axis):
   where = "clip_by_quantile"
+  _validate.check_layer_axis(layer_axis, where)
   _validate.check_range(quantile, "quantile", where, lo=0.0, hi=1.0)
   _validate.check_int(history, "history", where, lo=1)
   _validate.check_bool(leaf_norms, "leaf_norms", where)

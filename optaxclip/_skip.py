@@ -185,6 +185,7 @@ def skip_step(
     ord: Ord = 2,
     axis_name: AxisName = None,
     leaf_norms: bool = False,
+    layer_axis: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips bad steps: zero update, and the wrapped state left as it was.
 
@@ -264,6 +265,11 @@ def skip_step(
       takes the same decision.
     leaf_norms: also keep each leaf's norm in the state, as
       :func:`clip_by_global_norm` does (no extra pass).
+    layer_axis: for leaves that stack layers (Flax ``nnx.vmap`` /
+      ``nnx.scan``), the axis that stacks them (an int, or a pytree prefix
+      of the updates holding ints and ``None``): a stacked leaf's
+      ``leaf_norms`` entry is then one norm per layer, shape
+      ``(num_layers,)``, as for :func:`clip_by_global_norm`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -293,7 +299,7 @@ def skip_step(
     1 0.0
   """
   inner = _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
-                   spike_warmup, leaf_norms, spike_window)
+                   spike_warmup, leaf_norms, spike_window, layer_axis)
   p = _validate.canonical_ord(ord)
   trees: list[list[tuple[str, tuple[int, ...]]]] = []
 
@@ -307,7 +313,8 @@ def skip_step(
                    else _thresholds.resolve(max_norm, count, dtype)),
         scale=jnp.ones((), dtype), skipped=jnp.zeros((), bool),
         num_skipped=jnp.zeros((), jnp.int32), norm_ema=jnp.zeros((), dtype),
-        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None,
+        leaf_norms=(_norms.zero_leaf_norms(params, layer_axis, "skip_step")
+                    if leaf_norms else None),
         inner_state=inner.init(params),
         **_window_init(spike_window, dtype))
 
@@ -321,7 +328,7 @@ def skip_step(
     dtype = state.grad_norm.dtype
     taken = state.count - state.num_skipped
     norm, each, threshold = _norm_and_threshold(
-        updates, state, p, axis_name, leaf_norms, max_norm,
+        updates, state, p, axis_name, leaf_norms, layer_axis, max_norm,
         spike_factor if spike_factor is None else (spike_factor, spike_warmup))
     skip = norm > threshold
     if nonfinite:
@@ -351,8 +358,8 @@ def skip_step(
   return _transform.transformation(init_fn, update_fn, extra_args=True)
 
 
-def _norm_and_threshold(updates, state, p, axis_name, leaf_norms, max_norm,
-                        spike):
+def _norm_and_threshold(updates, state, p, axis_name, leaf_norms, layer_axis,
+                        max_norm, spike):
   """The global norm of ``updates`` (and each leaf's, with ``leaf_norms``),
   and the norm above which ``max_norm`` or the moving-average spike rule
   (``spike``: ``(factor, warmup)`` or ``None``) skips the step."""
@@ -366,7 +373,8 @@ def _norm_and_threshold(updates, state, p, axis_name, leaf_norms, max_norm,
   seen = updates if axis_name is not None else (
       jax.lax.optimization_barrier(updates))
   parts, each = _norms.global_and_leaf_norms(
-      seen, p, axis_name=axis_name, leaves=leaf_norms)
+      seen, p, axis_name=axis_name, leaves=leaf_norms, layer_axis=layer_axis,
+      where="skip_step")
   norm = parts.value().astype(dtype)
   threshold = jnp.full((), jnp.inf, dtype)
   if max_norm is not None:
@@ -381,7 +389,7 @@ def _norm_and_threshold(updates, state, p, axis_name, leaf_norms, max_norm,
 
 
 def _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
-             spike_warmup, leaf_norms, spike_window):
+             spike_warmup, leaf_norms, spike_window, layer_axis):
   """``inner`` as an ``ExtraArgs`` transformation, once every argument is
   checked."""
   where = "skip_step"
@@ -409,6 +417,7 @@ def _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
         f"{where}: with nonfinite=False, give max_norm, spike_factor or"
         " spike_window; otherwise no step is ever skipped.")
   _validate.check_bool(leaf_norms, "leaf_norms", where)
+  _validate.check_layer_axis(layer_axis, where)
   return optax.with_extra_args_support(inner)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 _REGISTRY: dict[type, str] = {}
+_UNIT_NORMS: set[type] = set()  # Types whose leaf_norms may be per unit.
 _INNER = "inner_state"  # A wrapper's field holding the wrapped state.
 
 
@@ -46,7 +47,8 @@ def tally(state: Any, clipped: jax.Array, *, num: jax.Array | None = None,
   return out
 
 
-def register_state(state_type: type, name: str) -> type:
+def register_state(state_type: type, name: str, *,
+                   unit_norms: bool = False) -> type:
   """Marks a NamedTuple state type as one whose fields :func:`clip_stats` reads.
 
   Its fields are reported as ``name/field``; a field named ``inner_state``
@@ -55,13 +57,18 @@ def register_state(state_type: type, name: str) -> type:
   Args:
     state_type: a ``NamedTuple`` class.
     name: the prefix of its keys, e.g. ``"my_clipper"``.
+    unit_norms: its ``leaf_norms`` field may hold per-unit norms (arrays
+      with an entry per unit), which ``clip_stats(scalars=True)`` leaves
+      out. Otherwise a one-dimensional ``leaf_norms`` entry is one norm per
+      layer of a stacked leaf, listed by layer index.
 
   Returns:
     ``state_type``, so that this can decorate the class.
 
   Raises:
     TypeError: ``state_type`` is not a ``NamedTuple`` class (an instance, a
-      plain class), or ``name`` is not a string.
+      plain class), ``name`` is not a string, or ``unit_norms`` is not a
+      bool.
     ValueError: ``name`` is empty or holds ``/`` or ``#`` (they separate
       keys), or another type is registered under it, or ``state_type`` is
       registered under another name.
@@ -74,6 +81,9 @@ def register_state(state_type: type, name: str) -> type:
         f" {state_type!r}; pass the class itself, not an instance.")
   if not isinstance(name, str):
     raise TypeError(f"{where}: name must be a string, got {name!r}.")
+  if not isinstance(unit_norms, (bool, np.bool_)):
+    raise TypeError(f"{where}: unit_norms must be True or False, got"
+                    f" {unit_norms!r}.")
   if not name or "/" in name or "#" in name:
     raise ValueError(f"{where}: name={name!r} cannot be a key prefix; give"
                      " a non-empty name without '/' or '#'.")
@@ -86,6 +96,8 @@ def register_state(state_type: type, name: str) -> type:
         f"{where}: {state_type.__name__} is registered as"
         f" {_REGISTRY[state_type]!r}; its keys do not change.")
   _REGISTRY[state_type] = name
+  if unit_norms:
+    _UNIT_NORMS.add(state_type)
   return state_type
 
 
@@ -110,7 +122,12 @@ def clip_stats(opt_state: Any, *, scalars: bool = False) -> dict[str, Any]:
   logger (TensorBoard, Weights & Biases, CLU): buffers such as ZClip's
   warm-up norms are dropped, and per-leaf norms (``leaf_norms=True`` on
   the clippers that offer it) come one key per leaf, named by the leaf's
-  path: ``"clip_by_global_norm/leaf_norms/dense/kernel"``.
+  path: ``"clip_by_global_norm/leaf_norms/dense/kernel"``. A leaf that
+  stacks layers (``layer_axis``) comes one key per layer, its index in
+  brackets: ``"clip_by_global_norm/leaf_norms/blocks/kernel[0]"``, ...
+  (not for :func:`optaxclip.clip_by_norm` and
+  :func:`optaxclip.adaptive_grad_clip`, whose arrays of norms may be per
+  unit: read those from ``leaf_norms`` without ``scalars``).
   ``jax.device_get`` turns the values into NumPy scalars.
 
   Args:
@@ -159,9 +176,8 @@ def clip_stats(opt_state: Any, *, scalars: bool = False) -> dict[str, Any]:
       if not scalars:
         out[f"{key}/{field}"] = value
       elif field == "leaf_norms":
-        for path, leaf in jax.tree_util.tree_leaves_with_path(value):
-          if np.ndim(leaf) == 0:
-            out[f"{key}/{field}/{_path_name(path)}"] = leaf
+        out.update(_leaf_scalars(f"{key}/{field}", value,
+                                 type(state) not in _UNIT_NORMS))
       elif _is_scalar(value):
         out[f"{key}/{field}"] = value
   return out
@@ -176,6 +192,19 @@ def _collect(tree: Any, out: list[Any]) -> None:
       inner = getattr(x, _INNER, None)
       if inner is not None:
         _collect(inner, out)
+
+
+def _leaf_scalars(prefix: str, norms: Any, layers: bool) -> dict[str, Any]:
+  """Per-leaf norms one key per leaf, by path; with ``layers``, a vector (a
+  stacked leaf's per-layer norms) one key per layer: ``path[i]``."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(norms):
+    name = f"{prefix}/{_path_name(path)}"
+    if np.ndim(leaf) == 0:
+      out[name] = leaf
+    elif layers and np.ndim(leaf) == 1:
+      out.update({f"{name}[{i}]": leaf[i] for i in range(leaf.shape[0])})
+  return out
 
 
 def _is_scalar(value: Any) -> bool:

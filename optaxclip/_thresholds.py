@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optaxclip import _tree, _validate
 
@@ -46,8 +47,12 @@ def resolve(value: Threshold, count: jax.Array, dtype: Any, *,
   return jnp.clip(v, lo, hi)
 
 
-def broadcast_prefix(prefix: Any, tree: Any, name: str, where: str) -> Any:
-  """Copies each leaf of ``prefix`` over the matching subtree of ``tree``."""
+def broadcast_prefix(prefix: Any, tree: Any, name: str, where: str, *,
+                     hint: str | None = None) -> Any:
+  """Copies each leaf of ``prefix`` over the matching subtree of ``tree``.
+
+  ``hint`` replaces the error's description of what a prefix holds.
+  """
   try:
     return jax.tree_util.tree_map(
         lambda t, sub: jax.tree_util.tree_map(lambda _: t, sub,
@@ -55,10 +60,11 @@ def broadcast_prefix(prefix: Any, tree: Any, name: str, where: str) -> Any:
         prefix, tree, is_leaf=_tree.is_masked)
   except (ValueError, TypeError, KeyError) as e:
     raise ValueError(
-        f"{where}: the {name} tree does not match the gradients. Give one"
-        " number, or a pytree prefix of the gradients (the same containers"
-        " and keys, with a number or schedule where a whole subtree shares"
-        f" a threshold). Threshold structure:"
+        f"{where}: the {name} tree does not match the gradients. "
+        + (hint or "Give one number, or a pytree prefix of the gradients"
+           " (the same containers and keys, with a number or schedule"
+           " where a whole subtree shares a threshold).")
+        + f" {name} structure:"
         f" {jax.tree_util.tree_structure(prefix)}; gradient structure:"
         f" {jax.tree_util.tree_structure(tree, is_leaf=_tree.is_masked)}."
     ) from e
@@ -78,6 +84,41 @@ def leaf_thresholds(value: Any, updates: Any, count: jax.Array, name: str,
   return _tree.map_arrays(
       lambda g, t: resolve(t, count, _tree.acc_dtype(g.dtype), **bounds),
       updates, full)
+
+
+_NOT_STACKED = object()  # None in a layer_axis tree, kept as a leaf.
+_LAYER_HINT = (
+    "Give one int, or a pytree prefix of the gradients with the same"
+    " containers and keys (for Flax NNX gradients an nnx.State, e.g."
+    " nnx.State({'blocks': 0, 'head': None}), or oc.layer_axes(model)),"
+    " with an int or None where a whole subtree shares a layer axis.")
+
+
+def leaf_layers(layer_axis: Any, tree: Any, where: str) -> list[int | None]:
+  """Each live leaf's layer axis (non-negative) or ``None``, in order.
+
+  ``layer_axis`` is ``None``, an int (every leaf), or a pytree prefix of
+  ``tree`` holding ints and ``None``, spread by :func:`broadcast_prefix`.
+  A ValueError names a leaf the int does not fit, or the mismatch.
+  """
+  leaves, _ = _tree.live_leaves(tree, where)
+  if layer_axis is None:
+    return [None] * len(leaves)
+  values: list[Any]
+  if isinstance(layer_axis, (int, np.integer)):
+    values = [layer_axis] * len(leaves)
+  else:
+    marked = jax.tree_util.tree_map(
+        lambda v: _NOT_STACKED if v is None else v, layer_axis,
+        is_leaf=lambda v: v is None)
+    full = broadcast_prefix(marked, tree, "layer_axis", where,
+                            hint=_LAYER_HINT)
+    flat = jax.tree_util.tree_leaves(full, is_leaf=_tree.is_masked)
+    kinds = jax.tree_util.tree_leaves(tree, is_leaf=_tree.is_masked)
+    values = [None if v is _NOT_STACKED else v
+              for v, x in zip(flat, kinds) if not _tree.is_masked(x)]
+  return [_tree.layer_index(path, x, k, where)
+          for (path, x), k in zip(leaves, values)]
 
 
 def layer_groups(per_layer: Any, max_norm: jax.Array, example: Any,

@@ -130,17 +130,51 @@ def tree_acc_dtype(tree: Any) -> np.dtype:
   return common_acc_dtype(float_leaves(tree, "optaxclip"))
 
 
-def zero_leaf_norms(params: Any) -> Any:
-  """Zeros shaped like a tree of per-leaf norms (one scalar per leaf)."""
+def zero_leaf_norms(params: Any,
+                    layers: Sequence[int | None] | None = None) -> Any:
+  """Zeros shaped like a tree of per-leaf norms: one scalar per leaf, or
+  one per layer (shape ``(num_layers,)``) for a leaf whose ``layers`` entry
+  (one per live leaf, see :func:`layer_index`) is its layer axis."""
   leaves, rebuild = live_leaves(params, "optaxclip")
-  return rebuild([jnp.zeros((), acc_dtype(x.dtype)) for _, x in leaves])
+  layers = layers or [None] * len(leaves)
+  return rebuild([jnp.zeros(tensor_shape(x, k), acc_dtype(x.dtype))
+                  for (_, x), k in zip(leaves, layers)])
 
 
-def leaf_axes(path: Any, x: Any, axis: Axis) -> tuple[int, ...]:
-  """The axes of ``x`` that ``axis`` names, non-negative and sorted."""
+def layer_index(path: Any, x: Any, layer: int | None, where: str
+                ) -> int | None:
+  """``layer`` (an int or None) as a non-negative axis of ``x``; a
+  ValueError naming the leaf when ``x`` has no such axis."""
+  if layer is None:
+    return None
+  ndim = jnp.ndim(x)
+  if not -ndim <= layer < ndim:
+    raise ValueError(
+        f"{where}: layer_axis={layer} does not fit the gradient leaf at"
+        f" {jax.tree_util.keystr(path) or 'root'} of shape {jnp.shape(x)}"
+        f" (it has {ndim} axes). Give each stacked leaf the axis that"
+        " stacks its layers, and None to the leaves that are not stacked"
+        " (layer_axis takes a pytree prefix of the gradients).")
+  return int(layer) % ndim
+
+
+def tensor_shape(x: Any, layer: int | None) -> tuple[int, ...]:
+  """The shape of a leaf's per-tensor statistics: ``()``, or
+  ``(num_layers,)`` for a leaf stacked along axis ``layer``."""
+  return () if layer is None else (jnp.shape(x)[layer],)
+
+
+def leaf_axes(path: Any, x: Any, axis: Axis,
+              layer: int | None = None) -> tuple[int, ...]:
+  """The axes of ``x`` that ``axis`` names, non-negative and sorted.
+
+  With ``layer`` (the leaf's layer axis, non-negative), ``axis=None``
+  names every axis but that one, and an ``axis`` that names it is an error:
+  each layer's slice is a tensor of its own.
+  """
   ndim = jnp.ndim(x)
   if axis is None:
-    return tuple(range(ndim))
+    return tuple(i for i in range(ndim) if i != layer)
   axes = (axis,) if isinstance(axis, (int, np.integer)) else (
       tuple(axis) if isinstance(axis, (tuple, list)) else None)
   if axes is None or not all(isinstance(a, (int, np.integer))
@@ -157,6 +191,13 @@ def leaf_axes(path: Any, x: Any, axis: Axis) -> tuple[int, ...]:
           " (optax.multi_transform)."
       )
     out.append(a % ndim if ndim else a)
+  if layer is not None and layer in out:
+    raise ValueError(
+        f"axis={axis!r} reduces axis {layer} of the gradient leaf at"
+        f" {jax.tree_util.keystr(path) or 'root'} of shape {jnp.shape(x)},"
+        " which is its layer axis (layer_axis): the layer axis indexes"
+        " tensors and is never reduced. Drop it from axis (axes count in"
+        " the stacked leaf).")
   return tuple(sorted(set(out)))
 
 

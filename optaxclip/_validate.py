@@ -114,6 +114,27 @@ def check_threshold(value: Any, name: str, where: str, *,
       )
 
 
+def check_layer_axis(value: Any, where: str) -> None:
+  """A TypeError unless ``layer_axis`` holds ints and ``None`` only.
+
+  ``layer_axis`` is ``None``, an int, or a pytree prefix of the gradients
+  whose leaves are ints or ``None``; whether each int fits its leaf is
+  checked when the gradients arrive (:func:`optaxclip._tree.layer_index`).
+  """
+  for path, v in jax.tree_util.tree_leaves_with_path(
+      value, is_leaf=lambda x: x is None):
+    if v is None:
+      continue
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+      at = jax.tree_util.keystr(path)
+      raise TypeError(
+          f"{where}: layer_axis{at} must be an int (the axis that stacks"
+          f" a leaf's layers) or None (a leaf that is not stacked), got"
+          f" {v!r}. Give one int for every leaf, or a pytree prefix of the"
+          " gradients holding ints and None, e.g. {'blocks': 0, 'head':"
+          " None}.")
+
+
 def check_bool(value: Any, name: str, where: str) -> None:
   """A TypeError naming ``name`` unless ``value`` is True or False."""
   if not isinstance(value, (bool, np.bool_)):

@@ -74,6 +74,7 @@ def zclip(
     ord: Ord = 2,
     axis_name: AxisName = None,
     leaf_norms: bool = False,
+    layer_axis: Any = None,
 ) -> optax.GradientTransformation:
   """ZClip: clips norm spikes detected by a z-score against EMA statistics.
 
@@ -132,6 +133,12 @@ def zclip(
       name (or names) to reduce the norm over.
     leaf_norms: also keep each leaf's norm in the state, as
       :func:`clip_by_global_norm` does (no extra pass).
+    layer_axis: for leaves that stack layers (Flax ``nnx.vmap`` /
+      ``nnx.scan``), the axis that stacks them (an int, or a pytree prefix
+      of the updates holding ints and ``None``): a stacked leaf's
+      ``leaf_norms`` entry is then one norm per layer, shape
+      ``(num_layers,)``, as for
+      :func:`optaxclip.clip_by_global_norm`.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ZClipState`.
@@ -153,6 +160,7 @@ def zclip(
   _check(alpha, z_thresh, warmup_steps, max_norm, mode, eps, leaf_norms)
   _validate.check_range(std_floor, "std_floor", "zclip", lo=0.0, hi=np.inf,
                         schedule=False)
+  _validate.check_layer_axis(layer_axis, "zclip")
   p = _validate.canonical_ord(ord)
 
   def init_fn(params):
@@ -165,13 +173,15 @@ def zclip(
         spike=jnp.zeros((), bool), z=zero, mean=zero, var=zero,
         warmup_norms=jnp.zeros((size,), dtype),
         fill=jnp.zeros((), jnp.int32),
-        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None)
+        leaf_norms=_norms.zero_leaf_norms(params, layer_axis, "zclip")
+        if leaf_norms else None)
 
   def update_fn(updates, state, params=None):
     del params
     dtype = state.grad_norm.dtype
     parts, each = _norms.global_and_leaf_norms(
-        updates, p, axis_name=axis_name, leaves=leaf_norms)
+        updates, p, axis_name=axis_name, leaves=leaf_norms,
+        layer_axis=layer_axis, where="zclip")
     g = parts.value().astype(dtype)
     a = _thresholds.resolve(alpha, state.count, dtype, hi=1.0)
     zt = _thresholds.resolve(z_thresh, state.count, dtype)

@@ -92,7 +92,8 @@ def test_the_tables_cover_every_public_function():
   functions = {n for n in oc.__all__ if n[0].islower()}
   covered = {k.split("/")[0] for k in THRESHOLDS} | set(FLAGS) | {
       "global_norm", "clip_stats", "register_state", "raise_if_nonfinite",
-      "dp_noise", "check_finite", "max_logit_attention", "gather_max_logits"}
+      "dp_noise", "check_finite", "max_logit_attention", "gather_max_logits",
+      "layer_axes"}
   assert functions <= covered, sorted(functions - covered)
 
 
@@ -207,6 +208,67 @@ def test_a_state_of_another_transformation(make, wrong):
 
 
 # ----------------------------------------------------------------------------
+# layer_axis: the axis that stacks a leaf's layers.
+
+STACKED = {"blocks": jnp.ones((3, 2, 2)), "head": jnp.ones(2)}
+LAYER_AXIS = {
+    "clip_by_global_norm": lambda v: oc.clip_by_global_norm(
+        1.0, leaf_norms=True, layer_axis=v),
+    "clip_by_norm": lambda v: oc.clip_by_norm(1.0, layer_axis=v),
+    "adaptive_grad_clip": lambda v: oc.adaptive_grad_clip(0.1, layer_axis=v),
+    "adagc": lambda v: oc.adagc(layer_axis=v),
+    "clip_by_quantile": lambda v: oc.clip_by_quantile(per_leaf=True,
+                                                      layer_axis=v),
+    "zclip": lambda v: oc.zclip(leaf_norms=True, layer_axis=v),
+    "skip_step": lambda v: oc.skip_step(optax.sgd(0.1), leaf_norms=True,
+                                        layer_axis=v),
+}
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    ("blocks", TypeError, "layer_axis"), (1.5, TypeError, "layer_axis"),
+    (True, TypeError, "layer_axis"), ({"blocks": "0"}, TypeError,
+                                      r"layer_axis\['blocks'\]"),
+    (jnp.zeros(()), TypeError, "layer_axis"),
+    (3, ValueError, r"layer_axis=3 does not fit .*\['blocks'\]"),
+    ({"blocks": 0, "head": -2}, ValueError, r"\['head'\] of shape \(2,\)"),
+    ({"blocks": 0}, ValueError, "layer_axis tree does not match"),
+    ({"blocks": 0, "head": None, "extra": 0}, ValueError,
+     "layer_axis tree does not match")])
+@pytest.mark.parametrize("name", sorted(LAYER_AXIS))
+def test_bad_layer_axis_is_named(name, bad, error, match):
+  with pytest.raises(error, match=match):
+    tx = LAYER_AXIS[name](bad)
+    tx.update(STACKED, tx.init(STACKED), STACKED)
+
+
+def test_clip_spikes_takes_no_layer_axis():
+  # Its rule is per element and its statistics are global: nothing to split.
+  with pytest.raises(TypeError, match="layer_axis"):
+    oc.clip_spikes(layer_axis=0)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: oc.clip_by_norm(1.0, axis=(0, 2), layer_axis=0),
+    lambda: oc.adaptive_grad_clip(0.1, axis=-3, layer_axis=0)])
+def test_a_unit_axis_that_is_the_layer_axis(make):
+  tx = make()
+  with pytest.raises(ValueError, match="layer axis"):
+    tx.update(STACKED, tx.init(STACKED), STACKED)
+
+
+def test_layer_axes_careless_inputs():
+  from flax import nnx
+  with pytest.raises(TypeError, match="Flax NNX Module"):
+    oc.layer_axes({"blocks": jnp.ones(3)})
+  layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="name"):
+    oc.layer_axes(layer, name=0)
+  with pytest.raises(ValueError, match="no sharding metadata.*bias"):
+    oc.layer_axes(layer)
+
+
+# ----------------------------------------------------------------------------
 # The cases that were silently wrong.
 
 
@@ -279,6 +341,9 @@ def test_raise_if_nonfinite_needs_a_check_finite_state():
 def test_register_state_arguments(state_type, name, error):
   with pytest.raises(error):
     oc.register_state(state_type, name)
+  with pytest.raises(TypeError, match="unit_norms"):
+    oc.register_state(oc.ClipByGlobalNormState, "clip_by_global_norm",
+                      unit_norms="yes")
   stats = oc.clip_stats(oc.clip_by_global_norm(1.0).init(G))
   assert "clip_by_global_norm/grad_norm" in stats
 
