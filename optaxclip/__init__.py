@@ -18,6 +18,7 @@ Transforms, each module with its state types:
   _per_example   per_example_clip, clipped_grad (vmap; ghost via _ghost)
   _ghost         ghost norms of Flax NNX layers
   _dp            dp_aggregate, dp_noise, quantile_norm
+  _qk_clip       qk_clip (Kimi K2's QK-Clip), max_logit_attention, gather_max_logits
 Shared, below them:
   _transform     the Optax transformation a factory returns, fast without jit
   _example_clip  per-example weights, the weighted sum, PerExampleInfo
@@ -50,6 +51,13 @@ from optaxclip._dp import DPState, QuantileNorm, dp_aggregate, dp_noise, quantil
 from optaxclip._example_clip import PerExampleInfo
 from optaxclip._norms import AxisName, Ord, global_norm
 from optaxclip._per_example import clipped_grad, per_example_clip
+from optaxclip._qk_clip import (
+    QKClipState,
+    QKLayout,
+    gather_max_logits,
+    max_logit_attention,
+    qk_clip,
+)
 from optaxclip._quantile import ClipByQuantileState, clip_by_quantile
 from optaxclip._skip import SkipStepState, SkipStepStats, skip_step
 from optaxclip._spikes import ClipSpikesState, SpikeClippedState, SpikeStats, clip_spikes
@@ -69,6 +77,7 @@ register_state(CheckFiniteState, "check_finite")
 register_state(DPState, "dp")
 register_state(AdaGCState, "adagc")
 register_state(SpikeStats, "clip_spikes")
+register_state(QKClipState, "qk_clip")
 
 __version__ = "0.1.0"
 
@@ -91,6 +100,8 @@ __all__ = [
     "NonFiniteGradientError",
     "Ord",
     "PerExampleInfo",
+    "QKClipState",
+    "QKLayout",
     "QuantileNorm",
     "SkipStepState",
     "SkipStepStats",
@@ -106,8 +117,11 @@ __all__ = [
     "clipped_grad",
     "dp_aggregate",
     "dp_noise",
+    "gather_max_logits",
     "global_norm",
+    "max_logit_attention",
     "per_example_clip",
+    "qk_clip",
     "quantile_norm",
     "register_state",
     "raise_if_nonfinite",

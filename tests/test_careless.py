@@ -45,6 +45,8 @@ THRESHOLDS = {
                                                max_norm=v), "max_norm"),
     "dp_aggregate": (lambda v: oc.dp_aggregate(v, 1.0, seed=0), "max_norm"),
     "quantile_norm": (lambda v: oc.quantile_norm(v), "initial"),
+    "qk_clip": (lambda v: oc.qk_clip(v), "tau"),
+    "qk_clip/alpha": (lambda v: oc.qk_clip(alpha=v), "alpha"),
 }
 
 FLAGS = {
@@ -70,7 +72,7 @@ def test_the_tables_cover_every_public_function():
   functions = {n for n in oc.__all__ if n[0].islower()}
   covered = {k.split("/")[0] for k in THRESHOLDS} | set(FLAGS) | {
       "global_norm", "clip_stats", "register_state", "raise_if_nonfinite",
-      "dp_noise", "check_finite"}
+      "dp_noise", "check_finite", "max_logit_attention", "gather_max_logits"}
   assert functions <= covered, sorted(functions - covered)
 
 
@@ -428,3 +430,22 @@ def test_dp_aggregate_without_a_batch_axis():
   params = {"b": jnp.ones(3), "w": jnp.ones(2)}
   with pytest.raises(ValueError, match="per-example gradients"):
     tx.update(params, tx.init(params), params)
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.0, jnp.float32(0.0)])
+def test_qk_clip_tau_of_zero(tau):
+  with pytest.raises(ValueError, match="tau=-?0.0 must be > 0"):
+    oc.qk_clip(tau)
+
+
+def test_qk_clip_without_max_logits_or_attention_modules():
+  tx = optax.chain(optax.sgd(0.1), oc.qk_clip())
+  with pytest.raises(ValueError, match="max_logits="):
+    tx.update(G, tx.init(G), G)  # As _run would call it.
+  with pytest.raises(ValueError, match="no leaf under 'query'"):
+    tx.update(G, tx.init(G), G, max_logits=jnp.ones(2))
+
+
+def test_gather_max_logits_of_a_tree_without_them():
+  with pytest.raises(ValueError, match="no max logits"):
+    oc.gather_max_logits({"w": jnp.ones(2)})

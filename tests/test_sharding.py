@@ -96,9 +96,11 @@ TRANSFORMS: dict[str, tuple[Callable[[], Any], str]] = {
 
 def test_every_public_transform_is_covered():
   # Per-example clipping and DP take per-example gradients: tests/test_dp.py
-  # and tests/test_per_example.py run them on meshes.
+  # and tests/test_per_example.py run them on meshes; qk_clip reads per-head
+  # logits, tests/test_qk_clip.py runs it on a mesh.
   per_example = ("clipped_grad", "per_example_clip", "quantile_norm",
-                 "dp_aggregate", "dp_noise")
+                 "dp_aggregate", "dp_noise", "qk_clip", "max_logit_attention",
+                 "gather_max_logits")
   public = {name for name in oc.__all__ if name[0].islower()
             and name not in ("clip_stats", "global_norm", "raise_if_nonfinite",
                               "register_state",

@@ -1,0 +1,405 @@
+"""qk_clip: logits of nnx.MultiHeadAttention held at tau, the paper's rule in
+float64 NumPy, stacked layers, jit and meshes, edge cases and errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optaxclip as oc
+
+HEADS, IN, QKV = 4, 8, 16
+X = jax.random.normal(jax.random.key(1), (3, 5, IN))
+
+
+def attention(seed=0, big=(0, 1), factor=6.0):
+  """One nnx.MultiHeadAttention whose heads ``big`` have large logits, with
+  nonzero biases so that their scaling is exercised."""
+  attn = nnx.MultiHeadAttention(
+      num_heads=HEADS, in_features=IN, qkv_features=QKV, decode=False,
+      attention_fn=oc.max_logit_attention, rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  for proj in (attn.query, attn.key):
+    k = np.array(proj.kernel[...])
+    k[:, list(big), :] *= factor
+    proj.kernel[...] = jnp.asarray(k)
+    proj.bias[...] = jnp.asarray(0.3 * rng.standard_normal((HEADS, QKV // HEADS)),
+                                 jnp.float32)
+  return attn
+
+
+def logits_np(params, x):
+  """Per-head max of q . k / sqrt(d) in float64, from the weights alone."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(x, np.float64)
+  q = np.einsum("bsi,ihd->bshd", x, p["query"]["kernel"]) + p["query"]["bias"]
+  k = np.einsum("bsi,ihd->bshd", x, p["key"]["kernel"]) + p["key"]["bias"]
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+  return s.max(axis=(0, 2, 3))
+
+
+def recorded(model, x, **call):
+  forward = nnx.capture(lambda m, x: m(x, sow_weights=True, **call),
+                        nnx.Intermediate)
+  _, inter = forward(model, x)
+  return oc.gather_max_logits(inter)
+
+
+def params_of(model):
+  return nnx.as_pure(nnx.state(model, nnx.Param))
+
+
+@nnx.jit
+def train_step(model, optimizer, x):
+  """The documented step: the logits are recorded by the loss's own pass."""
+  def loss_fn(model):
+    return jnp.mean(model(x, sow_weights=True) ** 2)
+  grad_fn = nnx.value_and_grad(nnx.capture(loss_fn, nnx.Intermediate),
+                               has_aux=True)
+  (_, intermediates), grads = grad_fn(model)
+  max_logits = oc.gather_max_logits(intermediates)
+  optimizer.update(model, grads, max_logits=max_logits)
+  return max_logits
+
+
+# ----------------------------------------------------------------------------
+# nnx.MultiHeadAttention, end to end.
+
+
+def test_recorded_logits_are_the_max_logits_of_the_weights():
+  attn = attention()
+  s = recorded(attn, X)
+  assert list(s) == [""]
+  np.testing.assert_allclose(s[""], logits_np(params_of(attn), X), rtol=1e-5)
+
+
+@pytest.mark.parametrize("inner", ["sgd", pytest.param("adamw", marks=pytest.mark.slow)])
+def test_one_step_holds_the_clipped_heads_at_tau(inner):
+  attn = attention()
+  s = recorded(attn, X)[""]
+  tau = float(np.sort(s)[1]) + 1.0  # Heads 0 and 1 (big) exceed tau.
+  assert np.sum(s > tau) == 2 and s[0] > tau and s[1] > tau
+  opt = (optax.sgd(1e-3) if inner == "sgd" else optax.adamw(1e-3))
+  tx = optax.chain(opt, oc.qk_clip(tau))
+  optimizer = nnx.Optimizer(attn, tx, wrt=nnx.Param)
+  seen = train_step(attn, optimizer, X)
+  np.testing.assert_allclose(seen[""], s, rtol=1e-6)
+  unclipped = attention()  # The same step without the clip.
+  train_step(unclipped, nnx.Optimizer(unclipped, optax.chain(opt),
+                                      wrt=nnx.Param), X)
+  after = logits_np(params_of(attn), X)
+  free = logits_np(params_of(unclipped), X)
+  gamma = np.minimum(1.0, tau / np.asarray(s, np.float64))
+  # Bilinear: every logit of a clipped head shrinks by gamma exactly, so the
+  # step's max logit (before the update's own small change) is tau.
+  np.testing.assert_allclose(after, gamma * free, rtol=2e-5)
+  np.testing.assert_array_less(after[:2], tau * (1 + 2e-2))
+  assert np.all(after[2:] == free[2:])  # Heads below tau: bit for bit.
+  stats = oc.clip_stats(optimizer.opt_state)
+  assert int(stats["qk_clip/heads_clipped"]) == 2
+  np.testing.assert_allclose(stats["qk_clip/max_logit"], s.max())
+  np.testing.assert_allclose(stats["qk_clip/scale"], gamma.min(), rtol=1e-6)
+
+
+def test_without_an_update_the_max_logit_lands_on_tau():
+  attn = attention()
+  s = recorded(attn, X)[""]
+  tau = 0.5 * float(s.min())
+  params = params_of(attn)
+  tx = oc.qk_clip(tau)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  u, _ = tx.update(zero, tx.init(params), params, max_logits={"": s})
+  nnx.update(attn, optax.apply_updates(params, u))
+  np.testing.assert_allclose(logits_np(params_of(attn), X), tau, rtol=1e-5)
+  np.testing.assert_allclose(recorded(attn, X)[""], tau, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_stacked_layers_scanned():
+  layers = 3
+
+  class Stack(nnx.Module):
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make(rngs):
+        return nnx.MultiHeadAttention(
+            num_heads=HEADS, in_features=IN, qkv_features=QKV, decode=False,
+            attention_fn=oc.max_logit_attention, rngs=rngs)
+      self.layers = make(rngs)
+
+    def __call__(self, x, sow_weights=False):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def body(x, layer):
+        return layer(x, sow_weights=sow_weights)
+      return body(x, self.layers)
+
+  model = Stack(nnx.Rngs(0))
+  s = recorded(model, X)
+  assert list(s) == ["layers"] and s["layers"].shape == (layers, HEADS)
+  params = params_of(model)
+  tau = float(np.median(s["layers"]))
+  tx = oc.qk_clip(tau, alpha=0.3)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  u, state = tx.update(zero, tx.init(params), params, max_logits=s)
+  new = optax.apply_updates(params, u)
+  # Layer 0 sees X: its recorded logits are those of its weights.
+  first = jax.tree.map(lambda a: a[0], params["layers"])
+  np.testing.assert_allclose(logits_np(first, X), s["layers"][0], rtol=1e-5)
+  np.testing.assert_allclose(
+      logits_np(jax.tree.map(lambda a: a[0], new["layers"]), X),
+      np.minimum(s["layers"][0], tau), rtol=1e-5)
+  want = reference(params["layers"], zero["layers"], np.asarray(s["layers"]),
+                   tau, 0.3, lead=1)
+  for part in ("query", "key"):
+    for name in ("kernel", "bias"):
+      np.testing.assert_allclose(new["layers"][part][name], want[part][name],
+                                 rtol=1e-5, atol=1e-7)
+  assert int(state.heads_clipped) == int(np.sum(s["layers"] > tau))
+
+
+# ----------------------------------------------------------------------------
+# The rule, against a float64 NumPy transcription of Algorithm 1.
+
+
+def reference(w, u, s, tau, alpha, lead=0):
+  """New query and key weights: W + u, then each head h with S[h] > tau
+  times (tau / S[h]) ** alpha (query) or ** (1 - alpha) (key)."""
+  out = {}
+  for part, power in (("query", alpha), ("key", 1 - alpha)):
+    new = {}
+    for name in ("kernel", "bias"):
+      x = np.asarray(w[part][name], np.float64) + np.asarray(
+          u[part][name], np.float64)
+      x = np.moveaxis(x, -2, lead)  # Heads next to the layer axes.
+      for idx in np.ndindex(*np.shape(s)):
+        if s[idx] > tau:
+          x[idx] = x[idx] * (tau / s[idx]) ** power
+      new[name] = np.moveaxis(x, lead, -2)
+    out[part] = new
+  return out
+
+
+def random_attention(rng, lead=()):
+  def proj():
+    return {"kernel": rng.standard_normal((*lead, IN, HEADS, 2)),
+            "bias": rng.standard_normal((*lead, HEADS, 2))}
+  return {"query": proj(), "key": proj(), "value": proj()}
+
+
+@jax.jit
+def _rule(u, w, s, alpha):
+  """One step of qk_clip(100, alpha=alpha), alpha traced: one compilation
+  per tree structure."""
+  tx = oc.qk_clip(100.0, alpha=alpha)
+  return tx.update(u, tx.init(w), w, max_logits=s)[0]
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+       st.booleans())
+def test_the_rule_matches_numpy(seed, alpha, stacked):
+  rng = np.random.default_rng(seed)
+  lead = (2,) if stacked else ()
+  w = random_attention(rng, lead)
+  u = jax.tree.map(lambda a: 0.1 * a, random_attention(rng, lead))
+  s = rng.choice([0.0, -3.0, 50.0, 150.0, 1e4, 100.0], size=(*lead, HEADS))
+  wj, uj = (jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
+            for t in (w, u))
+  out = _rule(uj, wj, jnp.asarray(s, jnp.float32), jnp.float32(alpha))
+  new = optax.apply_updates(wj, out)
+  want = reference(w, u, s, 100.0, alpha, lead=len(lead))
+  for part in ("query", "key"):
+    for name in ("kernel", "bias"):
+      np.testing.assert_allclose(new[part][name], want[part][name],
+                                 rtol=1e-5, atol=1e-6)
+  # Leaves of no attention module and unclipped heads: u bit for bit.
+  np.testing.assert_array_equal(out["value"]["kernel"], uj["value"]["kernel"])
+  below = np.moveaxis(np.asarray(out["query"]["kernel"]), -2, len(lead))[s <= 100]
+  np.testing.assert_array_equal(
+      below, np.moveaxis(np.asarray(uj["query"]["kernel"]), -2, len(lead))[s <= 100])
+
+
+def test_layouts_by_module_path():
+  rng = np.random.default_rng(0)
+  params = {"enc": {"q": {"w": jnp.ones((IN, HEADS))},
+                    "k": {"w": jnp.ones((IN, HEADS))}},
+            "dec": random_attention(rng)}
+  params = jax.tree.map(jnp.asarray, params)
+  tx = oc.qk_clip(1.0, layout={"enc": oc.QKLayout("q", "k", head_axis=-1)})
+  s = {"enc": jnp.array([4.0, 1.0, 1.0, 1.0]), "dec": jnp.zeros(HEADS)}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  u, _ = tx.update(zero, tx.init(params), params, max_logits=s)
+  new = optax.apply_updates(params, u)
+  np.testing.assert_allclose(new["enc"]["q"]["w"][0], [0.5, 1, 1, 1])
+  np.testing.assert_allclose(new["enc"]["k"]["w"][0], [0.5, 1, 1, 1])
+
+
+def test_bfloat16_weights():
+  rng = np.random.default_rng(0)
+  w = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), random_attention(rng))
+  tx = oc.qk_clip(100.0)
+  zero = jax.tree.map(jnp.zeros_like, w)
+  s = jnp.array([400.0, 1.0, 1.0, 1.0], jnp.bfloat16)
+  u, state = tx.update(zero, tx.init(w), w, max_logits=s)
+  assert u["query"]["kernel"].dtype == jnp.bfloat16
+  new = optax.apply_updates(w, u)
+  np.testing.assert_allclose(
+      np.asarray(new["query"]["kernel"][:, 0], np.float32),
+      0.5 * np.asarray(w["query"]["kernel"][:, 0], np.float32), rtol=1e-2)
+  assert state.max_logit.dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------
+# Edge cases.
+
+
+def _one_step(s, tau=100.0, **kw):
+  rng = np.random.default_rng(0)
+  w = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), random_attention(rng))
+  u = jax.tree.map(lambda a: 0.01 * a, w)
+  tx = oc.qk_clip(tau, **kw)
+  out, state = tx.update(u, tx.init(w), w,
+                         max_logits=jnp.asarray(s, jnp.float32))
+  return u, out, state
+
+
+@pytest.mark.parametrize("s", [
+    [0.0, -5.0, -np.inf, 100.0], [np.nan, np.inf, 1.0, 2.0]])
+def test_heads_not_over_tau_or_not_finite_are_untouched(s):
+  u, out, state = _one_step(s)
+  jax.tree.map(np.testing.assert_array_equal, out, u)
+  assert not bool(state.clipped) and int(state.heads_clipped) == 0
+  assert float(state.scale) == 1.0
+  assert int(state.nonfinite) == int(np.sum(np.isnan(s) | (np.asarray(s) == np.inf)))
+  assert float(state.max_logit) == np.nanmax(s)
+
+
+def test_nan_next_to_a_clipped_head():
+  _, out, state = _one_step([np.nan, 400.0, 1.0, 1.0])
+  assert int(state.nonfinite) == 1 and int(state.heads_clipped) == 1
+  assert float(state.max_logit) == 400.0
+  assert np.all(np.isfinite(out["query"]["kernel"]))
+
+
+def test_infinite_tau_and_run_time_tau_that_is_not_positive():
+  s = [1e30, 400.0, 1.0, 1.0]
+  for tau in (math.inf, lambda n: 0.0, lambda n: -1.0, lambda n: math.nan):
+    u, out, state = _one_step(s, tau=tau)
+    jax.tree.map(np.testing.assert_array_equal, out, u)
+    assert float(state.threshold) == math.inf
+
+
+def test_jit_and_a_schedule():
+  rng = np.random.default_rng(0)
+  w = jax.tree.map(jnp.asarray, random_attention(rng))
+  tx = oc.qk_clip(optax.constant_schedule(100.0))
+  s = jnp.array([400.0, 1.0, 1.0, 1.0])
+  eager = tx.update(w, tx.init(w), w, max_logits=s)
+  jitted = jax.jit(tx.update)(w, tx.init(w), w, max_logits=s)
+  jax.tree.map(np.testing.assert_array_equal, eager, jitted)
+  injected = optax.inject_hyperparams(oc.qk_clip)(tau=100.0, alpha=0.5)
+  got = jax.jit(injected.update)(w, injected.init(w), w, max_logits=s)
+  jax.tree.map(np.testing.assert_array_equal, got[0], eager[0])
+
+
+def test_sharded_jit_matches_one_device():
+  rng = np.random.default_rng(0)
+  w = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), random_attention(rng))
+  u = jax.tree.map(lambda a: 0.01 * a, w)
+  s = jnp.array([400.0, 1.0, 150.0, 1.0])
+  tx = optax.chain(optax.sgd(0.1), oc.qk_clip(100.0))
+  want = jax.jit(tx.update)(u, tx.init(w), w, max_logits=s)
+  mesh = jax.make_mesh((len(jax.devices()),), ("d",))
+
+  def put(x):  # Kernels split along in_features, biases replicated.
+    spec = P("d") if x.ndim == 3 else P()
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+  ws, us = jax.tree.map(put, w), jax.tree.map(put, u)
+  got = jax.jit(tx.update)(us, tx.init(ws), ws, max_logits=s)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               got, want)
+  assert got[0]["query"]["kernel"].sharding.spec[0] == "d"
+
+
+def test_chain_forwards_other_extra_args():
+  rng = np.random.default_rng(0)
+  w = jax.tree.map(jnp.asarray, random_attention(rng))
+  tx = optax.chain(optax.sgd(0.1), oc.qk_clip(100.0))
+  tx.update(w, tx.init(w), w, max_logits=jnp.ones(HEADS), loss=jnp.ones(()))
+  guarded = oc.skip_step(tx)  # skip_step passes the extra arguments on.
+  s = jnp.array([400.0, 1.0, 1.0, 1.0])
+  u, state = guarded.update(w, guarded.init(w), w, max_logits=s)
+  stats = oc.clip_stats(state)
+  assert int(stats["qk_clip/heads_clipped"]) == 1
+  assert not bool(stats["skip_step/skipped"])
+
+
+# ----------------------------------------------------------------------------
+# Errors.
+
+
+def test_missing_max_logits_or_params():
+  w = jax.tree.map(jnp.asarray, random_attention(np.random.default_rng(0)))
+  tx = optax.chain(optax.sgd(0.1), oc.qk_clip())
+  with pytest.raises(ValueError, match="max_logits=.*max_logit_attention"):
+    tx.update(w, tx.init(w), w)
+  with pytest.raises(ValueError, match="needs params"):
+    oc.qk_clip().update(w, None, max_logits=jnp.ones(HEADS))
+  with pytest.raises(ValueError, match="no array"):
+    oc.qk_clip().update(w, oc.qk_clip().init(w), w, max_logits={})
+
+
+@pytest.mark.parametrize("s, match", [
+    ({"attn": jnp.ones(HEADS)}, "attn/query"),
+    (jnp.ones(HEADS + 1), "5 heads"),
+    (jnp.ones((2, HEADS)), "layer axes"),
+    (jnp.ones(HEADS, jnp.int32), "float"),
+])
+def test_max_logits_that_do_not_fit(s, match):
+  w = jax.tree.map(jnp.asarray, random_attention(np.random.default_rng(0)))
+  tx = oc.qk_clip()
+  with pytest.raises((ValueError, TypeError), match=match):
+    tx.update(w, tx.init(w), w, max_logits=s)
+
+
+def test_bad_layout_and_tau():
+  with pytest.raises(TypeError, match="layout"):
+    oc.qk_clip(layout={"attn": ("q", "k")})
+  with pytest.raises(TypeError, match="head_axis"):
+    oc.qk_clip(layout=oc.QKLayout(head_axis="-2"))
+  with pytest.raises(ValueError, match="tau"):
+    oc.qk_clip(0.0)
+
+
+def test_attention_without_sow_weights_records_nothing():
+  attn = attention()
+  plain = nnx.MultiHeadAttention(
+      num_heads=HEADS, in_features=IN, qkv_features=QKV, decode=False,
+      rngs=nnx.Rngs(0))
+  nnx.update(plain, nnx.state(attn, nnx.Param))
+  np.testing.assert_allclose(attn(X), plain(X), rtol=1e-5, atol=1e-6)
+  _, inter = nnx.capture(lambda m: m(X), nnx.Intermediate)(attn)
+  with pytest.raises(ValueError, match="no max logits.*sow_weights=True"):
+    oc.gather_max_logits(inter)
+
+
+def test_masked_positions_are_left_out():
+  attn = attention()
+  causal = recorded(attn, X, mask=nnx.make_causal_mask(X[..., 0]))[""]
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params_of(attn))
+  x = np.asarray(X, np.float64)
+  q = np.einsum("bsi,ihd->bshd", x, p["query"]["kernel"]) + p["query"]["bias"]
+  k = np.einsum("bsi,ihd->bshd", x, p["key"]["kernel"]) + p["key"]["bias"]
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+  s = np.where(np.tril(np.ones((5, 5), bool)), s, -np.inf)
+  np.testing.assert_allclose(causal, s.max(axis=(0, 2, 3)), rtol=1e-5)
