@@ -12,14 +12,15 @@ Muon gives each matrix an update of fixed spectral size, whatever the size
 of its gradient. At a high learning rate the query and key projections grow
 step after step, and with them the pre-softmax logits ``q . k / sqrt(d)``,
 which are bilinear in the two: the largest of them, measured every step,
-climbs without bound (Kimi K2's "exploding attention logits"). Three runs
+climbs without bound (Kimi K2's "exploding attention logits"). Four runs
 with the same initialisation and batches:
 
 (a) ``none``: Muon alone;
 (b) ``qk_clip``: the same, guarded: ``clip_by_global_norm(1.0)`` on the
-    AdamW leaves first, then Muon, then QK-Clip as the last link (after the
-    update, each head whose largest logit of the step exceeded ``tau`` has its
-    query and key kernels scaled by ``sqrt(tau / S_max)`` each);
+    AdamW leaves first, then Muon, then ``oc.qk_clip(tau)`` as the last link
+    (after the update, each head whose largest logit of the step exceeded
+    ``tau`` has its query and key kernels scaled by ``sqrt(tau / S_max)``
+    each);
 (c) ``bad batches``: run (b) with a bad batch planted every 50 steps from
     step 100, alternately one whose labels are wrong and whose loss is
     multiplied by 100, and one of random characters; once as it is and once
@@ -27,8 +28,10 @@ with the same initialisation and batches:
     when its loss lies more than 6 standard deviations above the mean of the
     last 32 losses).
 
-Every step records each head's largest logit through an ``attention_fn``
-that sows it (``nnx.sow``) during the loss's own forward pass. The table
+Every step records each head's largest logit through
+``oc.max_logit_attention``, an ``attention_fn`` that sows it (``nnx.sow``)
+during the loss's own forward pass; ``oc.gather_max_logits`` collects them
+for the update. The table
 gives, per run: the largest logit at the first step, the last step and over
 the run, the clean training loss of the last 20 steps, the held-out loss at
 the end, how many steps QK-Clip acted on and how many were skipped (and
@@ -38,7 +41,7 @@ and the skipped steps against the step.
 Run from the repository root::
 
   python examples/muon_stability.py             # 300 steps, ~4 minutes
-  python examples/muon_stability.py --steps 20  # smoke test
+  python examples/muon_stability.py --steps 30  # smoke test
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ SCALED_LOSS = 100.0
 SPIKE_WINDOW, SPIKE_STD = 32, 6.0
 
 
-# Two guards not yet in optaxclip: the loss-spike skip and the clip of the
-# AdamW leaves alone. Each is one call, to a reference implementation below.
+# The loss-spike skip and the clip of the AdamW leaves alone: one call each,
+# to the implementations at the end of this file.
 
 
 def skip_on_loss_spikes(
