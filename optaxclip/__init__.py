@@ -13,6 +13,7 @@ Transforms, each module with its state types:
   _zclip         zclip
   _adagc         adagc
   _spikes        clip_spikes (SPAM's rule)
+  _update_clip   clip_update_rms (StableAdamW), clip_update_by_history
   _skip          skip_step, the step guard
   _checks        check_finite, raise_if_nonfinite
   _per_example   per_example_clip, clipped_grad (vmap; ghost via _ghost)
@@ -64,6 +65,12 @@ from optaxclip._spikes import ClipSpikesState, SpikeClippedState, SpikeStats, cl
 from optaxclip._stats import clip_stats, register_state
 from optaxclip._thresholds import Threshold
 from optaxclip._tree import Axis
+from optaxclip._update_clip import (
+    ClipUpdateByHistoryState,
+    ClipUpdateRMSState,
+    clip_update_by_history,
+    clip_update_rms,
+)
 from optaxclip._zclip import ZClipState, zclip
 
 register_state(ClipByGlobalNormState, "clip_by_global_norm")
@@ -78,6 +85,8 @@ register_state(DPState, "dp")
 register_state(AdaGCState, "adagc")
 register_state(SpikeStats, "clip_spikes")
 register_state(QKClipState, "qk_clip")
+register_state(ClipUpdateRMSState, "clip_update_rms")
+register_state(ClipUpdateByHistoryState, "clip_update_by_history")
 
 __version__ = "0.1.0"
 
@@ -88,6 +97,10 @@ __all__ = [
     "SpikeClippedState",
     "SpikeStats",
     "clip_spikes",
+    "ClipUpdateByHistoryState",
+    "ClipUpdateRMSState",
+    "clip_update_by_history",
+    "clip_update_rms",
     "AdaptiveGradClipState",
     "Axis",
     "AxisName",

@@ -12,6 +12,7 @@ import optax
 
 from optaxclip import _apply, _norms, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName, Ord
+from optaxclip._numerics import Scale, clip_factors, scale_leaf
 from optaxclip._thresholds import Threshold
 from optaxclip._tree import Axis
 
@@ -105,7 +106,7 @@ class ClipByValueState(NamedTuple):
 
 def clip_by_global_norm(
     max_norm: Threshold, *, ord: Ord = 2, axis_name: AxisName = None,
-    leaf_norms: bool = False,
+    leaf_norms: bool = False, where: Any = None,
 ) -> optax.GradientTransformation:
   """Scales the whole update so that its global norm is at most ``max_norm``.
 
@@ -125,6 +126,14 @@ def clip_by_global_norm(
   gives an infinite norm and a zero factor. A norm beyond float32's range
   (entries near 3.4e38) is recorded as ``inf`` but clipped exactly.
 
+  With ``where``, the norm is still that of *all* leaves (and is what the
+  state records), but only the chosen leaves are multiplied by the factor;
+  the others come back bit for bit. This is the clip to put before an
+  optimizer that handles some leaves by orthogonalising them
+  (``optax.contrib.muon``): its matrix leaves ignore their input's scale,
+  so only the others (Adam's) are scaled; see the guide :doc:`/which_clipper`.
+  ``where=False`` (or a tree of ``False``) scales nothing and only records.
+
   Args:
     max_norm: the largest global norm allowed: a non-negative number, a JAX
       scalar, or an Optax schedule of the step count. ``inf`` disables
@@ -136,10 +145,17 @@ def clip_by_global_norm(
     leaf_norms: also keep each leaf's norm in the state (a tree): the
       partial sums of the global norm, at no extra pass over the update;
       :func:`optaxclip.clip_stats` with ``scalars=True`` lists them by path.
+    where: which leaves the factor is applied to: ``None`` (all), a pytree
+      prefix of the updates holding ``True`` or ``False`` (each value
+      covering its subtree), or a function of the updates returning one, as
+      optax's masks take (e.g. ``lambda u: jax.tree.map(lambda x: x.ndim !=
+      2, u)``: all but the matrices). The leaves of the tree are Python or
+      NumPy bools, known when tracing.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
-    :class:`ClipByGlobalNormState`.
+    :class:`ClipByGlobalNormState` (``scale`` and ``clipped`` describe the
+    factor, applied to the chosen leaves).
 
   References:
     Pascanu et al., `On the difficulty of training recurrent neural networks
@@ -154,10 +170,17 @@ def clip_by_global_norm(
     >>> updates, state = clip.update(grads, state)
     >>> print(updates["w"], state.grad_norm, state.clipped)
     [0.6 0.8] 5.0 True
+    >>> clip = oc.clip_by_global_norm(1.0, where={"w": False, "b": True})
+    >>> grads = {"w": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}
+    >>> updates, state = clip.update(grads, clip.init(grads))
+    >>> print(updates["w"], updates["b"], state.grad_norm)
+    [3. 0.] [0.8] 5.0
   """
+  chosen = where  # The leaves to scale; ``where`` names this function below.
   where = "clip_by_global_norm"
   _validate.check_threshold(max_norm, "max_norm", where)
   _validate.check_bool(leaf_norms, "leaf_norms", where)
+  _check_chosen(chosen, where)
   p = _validate.canonical_ord(ord)
 
   def init_fn(params):
@@ -175,7 +198,7 @@ def clip_by_global_norm(
     norm, each = _norms.global_and_leaf_norms(
         updates, p, axis_name=axis_name, leaves=leaf_norms)
     threshold = _thresholds.resolve(max_norm, state.count, dtype)
-    updates, scale = _apply.clip_tree(updates, norm, threshold)
+    updates, scale = _clip_chosen(updates, norm, threshold, chosen, where)
     grad_norm = norm.value().astype(dtype)
     return updates, ClipByGlobalNormState(
         **_stats.tally(state, grad_norm > threshold), grad_norm=grad_norm,
@@ -183,6 +206,44 @@ def clip_by_global_norm(
         leaf_norms=each)
 
   return _transform.transformation(init_fn, update_fn)
+
+
+def _check_chosen(chosen: Any, where: str) -> None:
+  """``where=`` of :func:`clip_by_global_norm`: None, a callable, or a tree
+  of bools."""
+  if chosen is None or callable(chosen):
+    return
+  leaves = jax.tree_util.tree_leaves(chosen)
+  bad = [x for x in leaves if not isinstance(x, (bool, np.bool_))]
+  if bad or not leaves:
+    raise TypeError(
+        f"{where}: where must be None, True or False, a pytree prefix of the"
+        " updates holding True/False (the leaves to scale), or a function of"
+        " the updates returning one; got"
+        f" {'an empty tree' if not leaves else repr(bad[0])}.")
+
+
+def _clip_chosen(updates: Any, norm: Any, threshold: jax.Array, chosen: Any,
+                 where: str) -> tuple[Any, Scale]:
+  """The leaves ``chosen`` selects times ``min(1, threshold / norm)``."""
+  if chosen is None:
+    return _apply.clip_tree(updates, norm, threshold)
+  if callable(chosen):
+    chosen = chosen(updates)
+    if chosen is None or callable(chosen):
+      raise TypeError(f"{where}: the where function returned {chosen!r};"
+                      " it must return a tree of True/False.")
+    _check_chosen(chosen, where)
+  try:
+    full = _thresholds.broadcast_prefix(chosen, updates, "where", where)
+  except ValueError as e:
+    raise ValueError(
+        f"{where}: the where tree is not a prefix of the updates; give the"
+        " updates' containers and keys with True or False where a whole"
+        f" subtree is or is not scaled. {e.__cause__}") from e
+  scale = clip_factors(norm, threshold)
+  return _tree.map_arrays(lambda g, m: scale_leaf(g, scale) if m else g,
+                          updates, full), scale
 
 
 def clip_by_norm(

@@ -139,6 +139,7 @@ def dp_aggregate(
     seed: int,
     per_layer: bool | Any = False,
     normalize: bool = False,
+    automatic: float | None = None,
     nan_safe: bool = True,
     batch_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -147,7 +148,8 @@ def dp_aggregate(
   The update must hold per-example gradients (a leading batch axis on every
   leaf, e.g. from ``jax.vmap(jax.grad(loss))``); the output has no batch axis:
   ``(per_example_clip(grads, C) + N(0, (noise_multiplier * S)^2)) / batch``,
-  with ``S`` the sensitivity (``C``; 1 with ``normalize``), the semantics of
+  with ``S`` the sensitivity (``C``, also with ``automatic``; 1 with
+  ``normalize``), the semantics of
   ``optax.contrib.differentially_private_aggregate`` plus per-layer and
   normalised clipping, NaN safety, a padding mask, an adaptive norm and
   statistics. Place it first in a chain: ``optax.chain(oc.dp_aggregate(...),
@@ -162,6 +164,8 @@ def dp_aggregate(
     seed: seeds the PRNG key kept in the state.
     per_layer: see :func:`optaxclip.per_example_clip`.
     normalize: see :func:`optaxclip.per_example_clip`.
+    automatic: ``gamma`` of automatic clipping (Bu et al. 2022), or ``None``;
+      see :func:`optaxclip.per_example_clip`.
     nan_safe: see :func:`optaxclip.per_example_clip`.
     batch_size: the divisor; ``None`` for the leading dimension of the
       update, padding included. Under Poisson sampling give the *expected*
@@ -191,7 +195,11 @@ def dp_aggregate(
   where = "dp_aggregate"
   _check_noise(noise_multiplier, batch_size, seed, where, max_norm)
   if not isinstance(max_norm, QuantileNorm):
-    _example_clip.check_options(max_norm, per_layer, normalize, where)
+    _example_clip.check_options(max_norm, per_layer, normalize, where,
+                                automatic)
+  elif automatic is not None:
+    _example_clip.check_options(max_norm.initial, per_layer, normalize,
+                                where, automatic)
 
   def init_fn(params):
     return _init_state(max_norm, seed, _tree.tree_acc_dtype(params))
@@ -200,7 +208,8 @@ def dp_aggregate(
     del params, extra
     total, info = _per_example.per_example_clip(
         updates, state.next_threshold, per_layer=per_layer,
-        normalize=normalize, nan_safe=nan_safe, example_mask=example_mask)
+        normalize=normalize, automatic=automatic, nan_safe=nan_safe,
+        example_mask=example_mask)
     return _noise_step(total, info, state, max_norm, noise_multiplier,
                        batch_size)
 

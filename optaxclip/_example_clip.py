@@ -31,14 +31,17 @@ class PerExampleInfo(NamedTuple):
       examples have theirs too, and are ignored by everything else).
     threshold: the clipping norm in force (``max_norm``).
     sensitivity: the most one example can change the clipped sum (in
-      2-norm): ``max_norm``; ``1`` with ``normalize=True``; the root sum of
-      squares of the per-layer thresholds with ``per_layer=True``.
+      2-norm): ``max_norm`` (with ``automatic`` too); ``1`` with
+      ``normalize=True``; the root sum of squares of the per-layer
+      thresholds with ``per_layer``.
     included: ``(batch,)``, the examples counted: not padding, finite norm.
     num_examples: how many are included (with ``nan_safe=False``, non-finite
       examples also enter the sum, which is then non-finite, but are not
       counted here).
     num_clipped: of those, how many were scaled down (norm above threshold;
-      with ``per_layer``, above the threshold of some layer).
+      with ``per_layer``, above the threshold of some layer). With
+      ``automatic``, which rescales every example, the same count: the
+      examples whose norm is above the threshold.
     num_nonfinite: non-padding examples with a non-finite norm. With
       ``nan_safe`` they were dropped; without, they made the sum non-finite.
     batch_size: the leading dimension of the batch, padding included.
@@ -55,46 +58,41 @@ class PerExampleInfo(NamedTuple):
 
 
 def clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
-              mask, where):
+              mask, where, automatic=None):
   """Sums of the clipped examples, one per leaf in the accumulation dtype."""
   leaf_norms, norms = _norms.example_norms(leaves)
   weights, keep, stats = clip_weights(
       leaf_norms, norms, treedef, max_norm, per_layer=per_layer,
-      normalize=normalize, nan_safe=nan_safe, mask=mask, where=where)
+      normalize=normalize, automatic=automatic, nan_safe=nan_safe, mask=mask,
+      where=where)
   return [weighted_sum(x, w, keep) for x, w in zip(leaves, weights)], stats
 
 
 def clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
-                  normalize, nan_safe, mask, where):
+                  normalize, nan_safe, mask, where, automatic=None):
   """Each example's weight per leaf (0 where dropped), the kept examples, stats.
 
   ``leaf_norms`` are the per-example norms of each leaf of the gradient tree
   ``treedef``, ``norms`` those of whole examples, all in the accumulation
-  dtype.
+  dtype. The weight is the clip factor ``min(1, t / n)``, or with
+  ``automatic=gamma`` :func:`automatic_weight` ``t / (n + gamma)``; with
+  ``normalize``, divided by the sensitivity.
   """
   dtype = norms.dtype
   t = jnp.asarray(max_norm, dtype)
   t = jnp.where(t >= 0, t, jnp.zeros((), dtype))  # NaN or negative: 0.
+  if automatic is None:
+    rule = clip_scale
+  else:
+    t = automatic_threshold(t, automatic)
+    rule = functools.partial(automatic_weight, gamma=automatic)
   if per_layer is False:
     sensitivity = t
     over = norms > t
-    scales = [clip_scale(norms, t)] * len(leaf_norms)
+    scales = [rule(norms, t)] * len(leaf_norms)
   else:
-    thresholds, layer = _thresholds.layer_groups(
-        per_layer, t, jax.tree_util.tree_unflatten(treedef, leaf_norms),
-        dtype, where)
-    sensitivity = jnp.sqrt(sum(jnp.square(x) for x in thresholds))
-    over = jnp.zeros(norms.shape, bool)
-    layer_scales: list[Any] = []
-    for k, tl in enumerate(thresholds):
-      members = [n for n, j in zip(leaf_norms, layer) if j == k]
-      if not members:  # A prefix leaf over an empty subtree.
-        layer_scales.append(None)
-        continue
-      n = _norms.example_norms([jnp.stack(members, axis=1)])[1]
-      over |= n > tl
-      layer_scales.append(clip_scale(n, tl))
-    scales = [layer_scales[j] for j in layer]
+    sensitivity, over, scales = _layer_scales(
+        leaf_norms, norms, treedef, t, per_layer, rule, automatic, where)
   if normalize:
     # A run-time threshold of 0 (or NaN, or inf) leaves nothing to divide
     # by: every weight is 0 and the sum is 0, of sensitivity 1 as always.
@@ -111,6 +109,55 @@ def clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
       included=counted, num_examples=count(counted),
       num_clipped=count(counted & over), num_nonfinite=count(mask & ~finite),
       batch_size=jnp.asarray(mask.shape[0], jnp.int32))
+
+
+def automatic_weight(norm: jax.Array, threshold: jax.Array, gamma: float
+                     ) -> jax.Array:
+  """Automatic clipping's weight ``threshold / (norm + gamma)`` (AUTO-S).
+
+  The weighted example has norm ``norm * threshold / (norm + gamma)``, below
+  ``threshold`` for every finite norm. The weight is at most
+  ``threshold / gamma``, finite for a threshold from
+  :func:`automatic_threshold`, so a zero example adds exactly 0. A NaN norm
+  gives a NaN weight, an infinite one 0 (as the clip factor does: without
+  ``nan_safe`` the sum is non-finite).
+  """
+  return threshold / (norm + jnp.asarray(gamma, norm.dtype))
+
+
+def automatic_threshold(t: jax.Array, gamma: float) -> jax.Array:
+  """A run-time threshold made safe for automatic clipping: NaN, negative
+  and infinite ones act as 0 (an infinite one would make every weight
+  infinite), and one above ``gamma`` times a quarter of the dtype's
+  largest number is lowered to that, so that no weight overflows."""
+  biggest = float(jnp.finfo(t.dtype).max)
+  top = jnp.asarray(min(gamma * biggest / 4, biggest), t.dtype)
+  ok = jnp.isfinite(t) & (t >= 0)
+  return jnp.minimum(jnp.where(ok, t, jnp.zeros((), t.dtype)), top)
+
+
+def _layer_scales(leaf_norms, norms, treedef, t, per_layer, rule, automatic,
+                  where):
+  """Per-layer clipping: the sensitivity, which examples had some layer
+  above its threshold, and each leaf's weights (its layer's)."""
+  dtype = norms.dtype
+  thresholds, layer = _thresholds.layer_groups(
+      per_layer, t, jax.tree_util.tree_unflatten(treedef, leaf_norms),
+      dtype, where)
+  if automatic is not None:
+    thresholds = [automatic_threshold(x, automatic) for x in thresholds]
+  sensitivity = jnp.sqrt(sum(jnp.square(x) for x in thresholds))
+  over = jnp.zeros(norms.shape, bool)
+  layer_scales: list[Any] = []
+  for k, tl in enumerate(thresholds):
+    members = [n for n, j in zip(leaf_norms, layer) if j == k]
+    if not members:  # A prefix leaf over an empty subtree.
+      layer_scales.append(None)
+      continue
+    n = _norms.example_norms([jnp.stack(members, axis=1)])[1]
+    over |= n > tl
+    layer_scales.append(rule(n, tl))
+  return sensitivity, over, [layer_scales[j] for j in layer]
 
 
 def weighted_sum(x, weights, keep):
@@ -190,7 +237,7 @@ def _merge(graphdef: Any, params: Any, *, rest: Any) -> Any:
 # Arguments.
 
 
-def check_options(max_norm, per_layer, normalize, where):
+def check_options(max_norm, per_layer, normalize, where, automatic=None):
   _validate.check_threshold(max_norm, "max_norm", where)
   if _validate.is_schedule(max_norm):
     raise TypeError(f"{where}: max_norm must be a number or a JAX scalar, not"
@@ -203,6 +250,41 @@ def check_options(max_norm, per_layer, normalize, where):
     if not 0 < v < math.inf:
       raise ValueError(f"{where}: normalize=True divides by max_norm, so it"
                        f" must be positive and finite; got {v}.")
+  if automatic is not None:
+    _check_automatic(automatic, max_norm, per_layer, where)
+
+
+def _check_automatic(gamma, max_norm, per_layer, where):
+  """``automatic`` is the stability constant gamma: a positive finite number,
+  with ``max_norm / gamma`` (the largest weight) finite in float32."""
+  if isinstance(gamma, (bool, np.bool_)) or not isinstance(
+      gamma, (int, float, np.integer, np.floating)):
+    raise TypeError(f"{where}: automatic is the stability constant gamma of"
+                    " automatic clipping, a positive number (0.01 in Bu et"
+                    f" al. 2022), or None to clip; got {gamma!r}.")
+  g = float(gamma)
+  tiny = float(np.finfo(np.float32).tiny)
+  if not tiny <= g < math.inf:
+    raise ValueError(f"{where}: automatic={g} is not a valid gamma; it must"
+                     f" be positive and finite (at least {tiny}, float32's"
+                     " smallest normal number), e.g. 0.01.")
+  big = float(np.finfo(np.float32).max) / 4
+  if per_layer is False or per_layer is True:
+    thresholds = [("max_norm", max_norm)]
+  else:
+    thresholds = [("per_layer", t) for t in jax.tree_util.tree_leaves(
+        per_layer)]
+  for name, t in thresholds:
+    if _validate.is_schedule(t) or not _validate.is_concrete(t):
+      continue
+    v = float(np.asarray(t))
+    if not v / g < big:
+      raise ValueError(
+          f"{where}: with automatic={g}, {name}={v} gives weights up to"
+          f" {name} / automatic = {v / g}; automatic clipping needs a"
+          f" finite {name} (inf does not mean 'no clip' here) with that"
+          f" ratio at most {big:.2g}, a quarter of float32's largest"
+          " number.")
 
 
 def is_number(x: Any) -> bool:

@@ -155,7 +155,7 @@ class _Model:
     return tape.calls, used
 
   def clip_chunk(self, args, mask, threshold, *, per_layer, normalize,
-                 nan_safe, where):
+                 nan_safe, where, automatic=None):
     """The clipped sum over one chunk of examples, as ``_clip_sum`` returns."""
     leaves = jax.tree_util.tree_leaves(
         [args[i] for i in self.grad_nums])
@@ -197,7 +197,7 @@ class _Model:
     return _clip_from_records(
         leaves, calls, plan, saved, dys, copy_grads, self.treedef, threshold,
         mask, per_layer=per_layer, normalize=normalize, nan_safe=nan_safe,
-        where=where) + (aux,)
+        where=where, automatic=automatic) + (aux,)
 
 
 def _batch_split(example):
@@ -270,7 +270,7 @@ def _term_kind(kind, role):
 
 def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
                        threshold, mask, *, per_layer, normalize, nan_safe,
-                       where):
+                       where, automatic=None):
   acc = _tree.common_acc_dtype(leaves)
   saved = dict(zip(plan.active, saved))
   batch = mask.shape[0]
@@ -308,7 +308,8 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
   norms = _norms.example_norms([jnp.stack(leaf_norms, axis=1)])[1]
   weights, keep, stats = _example_clip.clip_weights(
       leaf_norms, norms, treedef, threshold, per_layer=per_layer,
-      normalize=normalize, nan_safe=nan_safe, mask=mask, where=where)
+      normalize=normalize, nan_safe=nan_safe, mask=mask, where=where,
+      automatic=automatic)
   sums = []
   for j, x in enumerate(leaves):
     if j in explicit:

@@ -32,6 +32,7 @@ def per_example_clip(
     *,
     per_layer: bool = False,
     normalize: bool = False,
+    automatic: float | None = None,
     nan_safe: bool = True,
     example_mask: jax.Array | None = None,
 ) -> tuple[Any, PerExampleInfo]:
@@ -43,11 +44,35 @@ def per_example_clip(
   sum changes by at most ``max_norm`` (its *sensitivity*) when one example is
   added or removed, which is what DP-SGD (Abadi et al. 2016) needs.
 
+  Three rules for the weight ``w_i`` of example ``i`` (``C = max_norm``):
+
+  ======================  ============================  ===========
+  rule                    ``w_i``                       sensitivity
+  ======================  ============================  ===========
+  clip (default)          ``min(1, C / ||g_i||)``       ``C``
+  ``normalize=True``      ``min(1, C / ||g_i||) / C``   1
+  ``automatic=gamma``     ``C / (||g_i|| + gamma)``     ``C``
+  both                    ``1 / (||g_i|| + gamma)``     1
+  ======================  ============================  ===========
+
+  ``normalize`` keeps the clip and divides by ``C``: an example of norm at
+  least ``C`` comes out with norm exactly 1, a smaller one keeps its
+  direction with norm ``||g_i|| / C``. ``automatic`` rescales *every*
+  example, small ones up and large ones down, to norm
+  ``C ||g_i|| / (||g_i|| + gamma)``, just below ``C`` unless ``||g_i||`` is
+  comparable to ``gamma``: the per-example normalisation of Bu et al. 2022
+  (AUTO-S), whose ``gamma`` keeps the weight of a near-zero gradient bounded
+  by ``C / gamma``.
+
   Edge cases:
 
   ========================  ===============================================
-  ``||g_i|| = 0``           scale 1 (``g_i`` is zero and adds nothing)
-  ``max_norm = inf``        scale 1: the plain sum (``normalize`` refuses it)
+  ``||g_i|| = 0``           scale 1 (``g_i`` is zero and adds nothing);
+                            with ``automatic``, weight 0 (``C / gamma``
+                            times a zero gradient is 0 too)
+  ``max_norm = inf``        scale 1: the plain sum (``normalize`` and
+                            ``automatic`` refuse it; with ``automatic``, a
+                            run-time inf, NaN or negative value acts as 0)
   ``max_norm = 0``          scale 0: the sum is zero (``normalize`` refuses it)
   non-finite ``g_i``        ``nan_safe``: adds exactly 0 (it is never
                             multiplied, so NaN cannot leak) and counts in
@@ -73,8 +98,19 @@ def per_example_clip(
       sum of the squares of those thresholds.
     normalize: divide the result by the sensitivity, so that every clipped
       example has norm at most 1 and the sum has sensitivity 1
-      (jax-privacy's ``rescale_to_unit_norm``; Bu et al. 2022): the learning
-      rate no longer depends on ``max_norm``. Needs ``0 < max_norm < inf``.
+      (jax-privacy's ``rescale_to_unit_norm``): the learning rate no longer
+      depends on ``max_norm``. Examples below ``max_norm`` keep their
+      norm's share (``||g_i|| / max_norm``); they are not raised to norm 1.
+      Needs ``0 < max_norm < inf``.
+    automatic: ``None`` to clip; or ``gamma > 0``, the stability constant
+      of automatic clipping (Bu et al. 2022 use 0.01): every example is
+      weighted ``max_norm / (||g_i|| + gamma)``. The sensitivity stays
+      ``max_norm`` (1 with ``normalize``). ``num_clipped`` still counts the
+      examples whose norm is above ``max_norm``. With ``per_layer``, each
+      layer is weighted by its own threshold over its own norm plus
+      ``gamma``. Needs a finite ``max_norm`` with ``max_norm / gamma`` at
+      most 8.5e37 (a quarter of float32's largest number), so that no
+      weight overflows; a run-time ``max_norm`` above that is lowered to it.
     nan_safe: drop (and count) examples whose norm is not finite.
     example_mask: optional ``(batch,)`` booleans, ``False`` for padding
       examples, which then add nothing and are not counted.
@@ -90,7 +126,8 @@ def per_example_clip(
     McMahan et al., `Learning Differentially Private Recurrent Language Models
     <https://arxiv.org/abs/1710.06963>`_, 2018 (per-layer clipping);
     Bu et al., `Automatic Clipping: Differentially Private Deep Learning Made
-    Easier and Stronger <https://arxiv.org/abs/2206.07136>`_, 2022.
+    Easier and Stronger <https://arxiv.org/abs/2206.07136>`_, 2022
+    (``automatic``).
 
   Example:
     >>> import jax.numpy as jnp
@@ -99,17 +136,21 @@ def per_example_clip(
     >>> total, info = oc.per_example_clip(grads, 1.0)
     >>> print(total["w"], info.norms[:2], info.num_clipped, info.num_nonfinite)
     [0.90000004 1.2       ] [5.  0.5] 1 1
+    >>> total, _ = oc.per_example_clip(grads, 1.0, automatic=0.01)
+    >>> print(total["w"])  # 1/5.01 * [3, 4] + 1/0.51 * [0.3, 0.4]
+    [1.1870377 1.5827168]
   """
   where = "per_example_clip"
-  _example_clip.check_options(max_norm, per_layer, normalize, where)
+  _example_clip.check_options(max_norm, per_layer, normalize, where,
+                              automatic)
   leaves, treedef = _batched_leaves(grads, where)
   batch = leaves[0].shape[0]
   mask = _example_clip.check_mask(example_mask, batch, where)
   dtype = _tree.tree_acc_dtype(grads)
   t = jnp.asarray(max_norm, dtype) if _example_clip.is_number(max_norm) else max_norm
   sums, stats = _example_clip.clip_sum(leaves, treedef, t, per_layer=per_layer,
-                          normalize=normalize, nan_safe=nan_safe, mask=mask,
-                          where=where)
+                          normalize=normalize, automatic=automatic,
+                          nan_safe=nan_safe, mask=mask, where=where)
   out = [s.astype(x.dtype) for s, x in zip(sums, leaves)]
   return jax.tree_util.tree_unflatten(treedef, out), _example_clip.info(stats, batch)
 
@@ -127,6 +168,7 @@ def clipped_grad(
     batch_argnums: int | Sequence[int] = 1,
     per_layer: bool | Any = False,
     normalize: bool = False,
+    automatic: float | None = None,
     microbatch_size: int | None = None,
     nan_safe: bool = True,
     return_norms: bool = False,
@@ -170,6 +212,8 @@ def clipped_grad(
       the same leading dimension.
     per_layer: as in :func:`per_example_clip`.
     normalize: as in :func:`per_example_clip`.
+    automatic: as in :func:`per_example_clip`: ``gamma`` of automatic
+      clipping, or ``None``.
     microbatch_size: examples per chunk; ``None`` for the whole batch at once.
     nan_safe: as in :func:`per_example_clip`.
     return_norms: also return the :class:`PerExampleInfo` (per-example norms,
@@ -204,11 +248,11 @@ def clipped_grad(
   """
   where = "clipped_grad"
   grad_nums, batch_nums, microbatch_size = _checked(
-      method, max_norm, per_layer, normalize, microbatch_size, argnums,
-      batch_argnums)
+      method, max_norm, per_layer, normalize, automatic, microbatch_size,
+      argnums, batch_argnums)
   default_norm = max_norm
   options = dict(per_layer=per_layer, normalize=normalize, nan_safe=nan_safe,
-                 where=where)
+                 where=where, automatic=automatic)
 
   def clipped(*args, example_mask=None, max_norm=None, **kwargs):
     with _example_clip.no_state_updates(where):
@@ -289,8 +333,8 @@ def _vmap_prepare(fun, args, kwargs, *, grad_nums, batch_nums, has_aux,
   return args, leaves_shape, treedef, clip_chunk
 
 
-def _checked(method, max_norm, per_layer, normalize, microbatch_size,
-             argnums, batch_argnums):
+def _checked(method, max_norm, per_layer, normalize, automatic,
+             microbatch_size, argnums, batch_argnums):
   """``clipped_grad``'s checked arguments: the differentiated and the batch
   argument numbers, and the microbatch size."""
   where = "clipped_grad"
@@ -298,7 +342,8 @@ def _checked(method, max_norm, per_layer, normalize, microbatch_size,
     raise ValueError(f"{where}: method={method!r} is not available; use"
                      " 'vmap' (jax.vmap of jax.grad) or 'ghost' (ghost norms"
                      " of Flax NNX layers).")
-  _example_clip.check_options(max_norm, per_layer, normalize, where)
+  _example_clip.check_options(max_norm, per_layer, normalize, where,
+                              automatic)
   if microbatch_size is not None:
     _validate.check_int(microbatch_size, "microbatch_size", where, lo=1)
     microbatch_size = int(microbatch_size)

@@ -205,14 +205,15 @@ def _wrapper(theta: Threshold, inner: optax.GradientTransformationExtraArgs
   def init_fn(params):
     _tree.check_real(params, "clip_spikes")
     inner_state = inner.init(params)
-    find_nu(inner_state, params)  # A clear error now rather than later.
+    _tree.find_second_moment(inner_state, params, "clip_spikes")  # Fail now.
     return SpikeClippedState(stats=_init_stats(params),
                              inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
     t = _thresholds.resolve(theta, state.stats.count,
                         state.stats.grad_norm.dtype)
-    nu = find_nu(state.inner_state, updates, changed=True)
+    nu = _tree.find_second_moment(state.inner_state, updates, "clip_spikes",
+                                  changed=_FIX).nu
     _tree.check_same_tree(updates, nu, "clip_spikes", _FIX)
     clipped, stats = _clip(updates, nu, t, state.stats)
     new_updates, inner_state = inner.update(clipped, state.inner_state,
@@ -225,33 +226,6 @@ def _wrapper(theta: Threshold, inner: optax.GradientTransformationExtraArgs
 
 _FIX = ("Its second-moment estimates are kept leaf by leaf: call init again"
         " with the new tree (fresh estimates).")
-
-
-def find_nu(inner_state: Any, like: Any, *, changed: bool = False) -> Any:
-  """The first ``nu`` field in ``inner_state`` with the structure of ``like``.
-
-  ``changed``: at ``update``, where ``init`` already found one, a miss means
-  the updates' tree is not the one ``init`` was given.
-  """
-  want = jax.tree_util.tree_structure(like, is_leaf=_tree.is_masked)
-  nodes = jax.tree_util.tree_leaves(
-      inner_state, is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "nu"))
-  for node in nodes:
-    nu = getattr(node, "nu", None)
-    if nu is not None and isinstance(node, tuple) and str(
-        jax.tree_util.tree_structure(nu, is_leaf=_tree.is_masked)) == str(
-            want):
-      return nu
-  if changed:
-    raise ValueError(
-        "clip_spikes: the updates' tree differs from the tree init was given"
-        f" (no second moment `nu` of the inner state has its structure,"
-        f" {want}). {_FIX}")
-  raise ValueError(
-      "clip_spikes: the inner optimizer's state has no second moment `nu`"
-      " shaped like the gradients (as optax.adam, adamw, nadam or rmsprop"
-      " keep). Wrap such an optimizer, or use the standalone form"
-      " clip_spikes(theta) chained before yours.")
 
 
 def _init_stats(params: Any) -> SpikeStats:

@@ -168,3 +168,33 @@ def kept_shape(shape: Sequence[int], axes: tuple[int, ...]) -> tuple[int, ...]:
 def unit_size(x: jax.Array, axes: tuple[int, ...]) -> int:
   """How many elements one unit (the reduced ``axes``) of ``x`` holds."""
   return math.prod(x.shape[a] for a in axes)
+
+
+def find_second_moment(state: Any, like: Any, where: str, *,
+                       changed: str = "") -> Any:
+  """The first node of ``state`` with a ``nu`` field structured like ``like``.
+
+  The node (e.g. optax's ``ScaleByAdamState``, ``ScaleByRmsState``) found
+  first in tree order, inside ``chain``, ``inject_hyperparams``, ``masked``
+  or any other wrapper: its ``nu`` is the wrapped optimizer's second moment,
+  and its other fields (e.g. ``count``) come with it. A ValueError naming
+  ``where`` when there is none; at ``update``, where ``init`` found one,
+  pass ``changed`` (what to do): a miss means the updates' tree changed.
+  """
+  want = jax.tree_util.tree_structure(like, is_leaf=is_masked)
+  nodes = jax.tree_util.tree_leaves(
+      state, is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "nu"))
+  for node in nodes:
+    nu = getattr(node, "nu", None)
+    if nu is not None and isinstance(node, tuple) and str(
+        jax.tree_util.tree_structure(nu, is_leaf=is_masked)) == str(want):
+      return node
+  if changed:
+    raise ValueError(
+        f"{where}: the updates' tree differs from the tree init was given (no"
+        f" second moment `nu` of the inner state has its structure, {want})."
+        f" {changed}")
+  raise ValueError(
+      f"{where}: the inner optimizer's state has no second moment `nu`"
+      " shaped like the gradients (as optax.adam, adamw, nadam or rmsprop"
+      " keep); wrap such an optimizer.")

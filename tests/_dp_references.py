@@ -18,14 +18,17 @@ def example_norm(leaves: list[np.ndarray], i: int) -> float:
 
 
 def per_example_clip(leaves, max_norm, *, layer_thresholds=None, layers=None,
-                     normalize=False, mask=None, nan_safe=True):
+                     normalize=False, mask=None, nan_safe=True,
+                     automatic=None):
   """Sum over examples of the clipped gradients (Abadi et al. 2016).
 
   Returns ``(sums, norms, num_clipped, num_nonfinite)``; ``sums`` is a list of
   float64 arrays, one per leaf. ``layer_thresholds``, when given, clips each
   layer of each example to its own threshold (McMahan et al. 2018); a layer
   is one leaf, or with ``layers`` (each leaf's layer index) the leaves that
-  share an index, clipped by their joint norm.
+  share an index, clipped by their joint norm. With ``automatic=gamma``
+  each example (layer) is weighted ``C / (norm + gamma)`` instead, as
+  written in Bu et al. 2022 (AUTO-S), with no special case for norm 0.
   """
   leaves = [np.asarray(x, np.float64) for x in leaves]
   batch = leaves[0].shape[0]
@@ -47,7 +50,10 @@ def per_example_clip(leaves, max_norm, *, layer_thresholds=None, layers=None,
       if nan_safe:
         continue
     if layer_thresholds is None:
-      scales = [min(1.0, max_norm / n) if n > 0 else 1.0] * len(leaves)
+      if automatic is not None:
+        scales = [max_norm / (n + automatic)] * len(leaves)
+      else:
+        scales = [min(1.0, max_norm / n) if n > 0 else 1.0] * len(leaves)
       clipped = n > max_norm
     else:
       layer = list(range(len(leaves))) if layers is None else layers
@@ -55,7 +61,10 @@ def per_example_clip(leaves, max_norm, *, layer_thresholds=None, layers=None,
       for k, t in enumerate(layer_thresholds):
         ln = math.sqrt(sum(float(np.sum(x[i] ** 2))
                            for x, j in zip(leaves, layer) if j == k))
-        layer_scales.append(min(1.0, t / ln) if ln > 0 else 1.0)
+        if automatic is not None:
+          layer_scales.append(t / (ln + automatic))
+        else:
+          layer_scales.append(min(1.0, t / ln) if ln > 0 else 1.0)
         clipped |= ln > t
       scales = [layer_scales[j] for j in layer]
     num_clipped += int(clipped and math.isfinite(n))

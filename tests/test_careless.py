@@ -38,12 +38,28 @@ THRESHOLDS = {
     "zclip/max_norm": (lambda v: oc.zclip(max_norm=v), "max_norm"),
     "adagc": (lambda v: oc.adagc(v), "lambda_rel"),
     "clip_spikes": (lambda v: oc.clip_spikes(v), "theta"),
+    "clip_update_rms": (lambda v: oc.clip_update_rms(
+        optax.adam(0.1), b2=0.999, eps=v), "eps"),
+    "clip_update_rms/b2": (lambda v: oc.clip_update_rms(
+        optax.adam(0.1), b2=v), "b2"),
+    "clip_update_by_history": (lambda v: oc.clip_update_by_history(sigma=v),
+                               "sigma"),
+    "clip_update_by_history/min_std": (
+        lambda v: oc.clip_update_by_history(min_std=v), "min_std"),
     "skip_step": (lambda v: oc.skip_step(optax.sgd(0.1), max_norm=v),
                   "max_norm"),
     "per_example_clip": (lambda v: oc.per_example_clip(G, v), "max_norm"),
     "clipped_grad": (lambda v: oc.clipped_grad(lambda w, x: w * x,
                                                max_norm=v), "max_norm"),
     "dp_aggregate": (lambda v: oc.dp_aggregate(v, 1.0, seed=0), "max_norm"),
+    "per_example_clip/automatic": (
+        lambda v: oc.per_example_clip(G, 1.0, automatic=v), "automatic"),
+    "clipped_grad/automatic": (
+        lambda v: oc.clipped_grad(lambda w, x: w * x, max_norm=1.0,
+                                  automatic=v), "automatic"),
+    "dp_aggregate/automatic": (
+        lambda v: oc.dp_aggregate(1.0, 1.0, seed=0, automatic=v),
+        "automatic"),
     "quantile_norm": (lambda v: oc.quantile_norm(v), "initial"),
     "qk_clip": (lambda v: oc.qk_clip(v), "tau"),
     "qk_clip/alpha": (lambda v: oc.qk_clip(alpha=v), "alpha"),
@@ -56,6 +72,10 @@ FLAGS = {
     "adaptive_grad_clip": lambda v: oc.adaptive_grad_clip(0.1, leaf_norms=v),
     "clip_by_quantile": lambda v: oc.clip_by_quantile(leaf_norms=v),
     "zclip": lambda v: oc.zclip(leaf_norms=v),
+    "clip_update_rms": lambda v: oc.clip_update_rms(
+        optax.adam(0.1), b2=0.999, leaf_norms=v),
+    "clip_update_by_history": lambda v: oc.clip_update_by_history(
+        leaf_norms=v),
     "skip_step": lambda v: oc.skip_step(optax.sgd(0.1), nonfinite=v),
     "check_finite": lambda v: oc.check_finite(callback=v),
 }
@@ -83,9 +103,11 @@ def test_the_tables_cover_every_public_function():
 @pytest.mark.parametrize("name", sorted(THRESHOLDS))
 def test_bad_thresholds_name_the_argument(name, bad, error):
   build, arg = THRESHOLDS[name]
-  if bad is None and name in ("zclip/max_norm", "skip_step"):
-    _run(build(bad))  # None is documented there: no cap, no limit.
-    return
+  if bad is None and (name in ("zclip/max_norm", "skip_step",
+                               "clip_update_rms/b2")
+                      or name.endswith("/automatic")):
+    _run(build(bad))  # None is documented there: no cap, no limit, no bias
+    return            # correction, no automatic clipping.
   if isinstance(bad, list) and name == "clip_by_value":
     pytest.skip("a list is a pytree prefix of thresholds for clip_by_value")
   with pytest.raises((error, TypeError, ValueError)) as e:
@@ -129,7 +151,9 @@ def test_run_time_threshold_never_flips_or_poisons(value):
     lambda: oc.clip_by_global_norm(1.0), lambda: oc.clip_by_norm(1.0),
     lambda: oc.clip_by_value(1.0), lambda: oc.zclip(warmup_steps=1),
     lambda: oc.clip_by_quantile(history=4), lambda: oc.adagc(warmup_steps=1),
-    lambda: oc.skip_step(optax.sgd(1.0))])
+    lambda: oc.skip_step(optax.sgd(1.0)),
+    lambda: oc.clip_update_rms(optax.adam(1.0), b2=0.999),
+    lambda: oc.clip_update_by_history(2)])
 def test_a_python_number_as_the_gradient(make):
   tx = make()
   updates, _ = tx.update(5.0, tx.init(5.0), 5.0)
@@ -276,6 +300,39 @@ def test_clipped_grad_argument_numbers_are_checked():
   with pytest.raises(ValueError, match="batch_argnums"):
     oc.clipped_grad(lambda w, x: w * x, max_norm=1.0, batch_argnums=3)(
         1.0, jnp.ones(2))
+
+
+@pytest.mark.parametrize("bad", [1, "yes", jnp.array(True), {}, [1.0],
+                                 {"w": True, "b": None}])
+def test_global_clip_where_takes_bools(bad):
+  # {"w": True, "b": None}: None is an empty subtree, so it is no prefix of G.
+  with pytest.raises((TypeError, ValueError), match="where"):
+    _run(oc.clip_by_global_norm(1.0, where=bad))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1e-45, INF])
+def test_automatic_clipping_gamma_must_be_positive_and_finite(gamma):
+  with pytest.raises(ValueError, match="automatic"):
+    oc.per_example_clip(G, 1.0, automatic=gamma)
+
+
+@pytest.mark.parametrize("t, gamma", [(INF, 0.01), (1e37, 0.01),
+                                      (10.0, 2e-38)])
+def test_automatic_clipping_refuses_unbounded_weights(t, gamma):
+  # Automatic clipping scales every example by t / (norm + gamma): inf is
+  # not "no clipping" there, and t / gamma must stay within float32.
+  with pytest.raises(ValueError, match="max_norm"):
+    oc.clipped_grad(lambda w, x: w * x, max_norm=t, automatic=gamma)
+
+
+@pytest.mark.parametrize("t", [0.0, NAN, -1.0, INF])
+def test_automatic_clipping_with_a_bad_run_time_threshold_adds_nothing(t):
+  def loss(w, x):
+    return 0.5 * jnp.mean((x - w) ** 2)
+  g = oc.clipped_grad(loss, max_norm=2.0, automatic=0.01, return_norms=True)
+  total, info = g(3.0, jnp.array([0.0, 7.0, 3.0]), max_norm=jnp.float32(t))
+  assert float(total) == 0.0
+  assert float(info.sensitivity) == 0.0 and float(info.threshold) == 0.0
 
 
 @pytest.mark.parametrize("t", [0.0, NAN, -1.0])

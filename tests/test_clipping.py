@@ -228,6 +228,122 @@ class ClipByGlobalNormTest(chex.TestCase):
                            optax.adamw(1e-3))), base + 1)
 
 
+class ClipByGlobalNormWhereTest(chex.TestCase):
+  """clip_by_global_norm(..., where=...): the norm of all, scale the chosen."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_numpy_reference(self):
+    grads = grads_tree(scale=3.0)
+    where = {"dense": {"kernel": False, "bias": True}, "conv": True}
+    tx = oc.clip_by_global_norm(2.0, where=where)
+    updates, state = self.variant(tx.update)(grads, tx.init(grads))
+    norm = np_global_norm(grads)  # Of every leaf, chosen or not.
+    factor = 2.0 / norm
+    np.testing.assert_allclose(updates["dense"]["bias"],
+                               f64(grads)["dense"]["bias"] * factor, rtol=1e-6)
+    np.testing.assert_allclose(updates["conv"], f64(grads)["conv"] * factor,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(updates["dense"]["kernel"],
+                                  grads["dense"]["kernel"])
+    np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-6)
+    np.testing.assert_allclose(state.scale, factor, rtol=1e-6)
+    self.assertTrue(state.clipped)
+    # The chosen leaves are those of the clip without where, bit for bit.
+    full, _ = apply(oc.clip_by_global_norm(2.0), grads)
+    for path in (("dense", "bias"), ("conv",)):
+      got, want = updates, full
+      for k in path:
+        got, want = got[k], want[k]
+      np.testing.assert_array_equal(got, want)
+
+  def test_prefix_callable_none_and_masked_leaves(self):
+    grads = grads_tree(scale=3.0)
+    grads["skip"] = None
+    grads["masked"] = optax.MaskedNode()
+    full, _ = apply(oc.clip_by_global_norm(1.0), grads)
+    for where in ({"dense": True, "conv": False, "skip": True,
+                   "masked": True},
+                  lambda u: jax.tree.map(lambda x: x.ndim != 4, u)):
+      updates, _ = apply(oc.clip_by_global_norm(1.0, where=where), grads)
+      chex.assert_trees_all_equal(updates["dense"], full["dense"])
+      np.testing.assert_array_equal(updates["conv"], grads["conv"])
+      self.assertIsNone(updates["skip"])
+      self.assertIsInstance(updates["masked"], optax.MaskedNode)
+    for where, want in ((True, full), (False, grads)):
+      updates, state = apply(oc.clip_by_global_norm(1.0, where=where), grads)
+      chex.assert_trees_all_equal(updates, want)
+      np.testing.assert_allclose(state.grad_norm, np_global_norm(
+          {k: v for k, v in grads.items() if k in ("dense", "conv")}),
+                                 rtol=1e-6)
+
+  def test_muon_leaves_bit_for_bit(self):
+    # Before optax.contrib.muon: its matrix leaves are orthogonalised (their
+    # scale discarded), so only the Adam-handled leaves are scaled. Muon's
+    # leaves come out as without the clip, bit for bit, step after step; the
+    # state records the norm of all the gradients.
+    rng = np.random.default_rng(0)
+    params = {"w1": jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
+              "b1": jnp.zeros(16), "w2": jnp.asarray(
+                  rng.standard_normal((16, 4)), jnp.float32),
+              "b2": jnp.zeros(4), "scale": jnp.ones(())}
+    adam_leaves = lambda u: jax.tree.map(lambda x: x.ndim != 2, u)  # noqa: E731
+    clipped = optax.chain(oc.clip_by_global_norm(1.0, where=adam_leaves),
+                          optax.contrib.muon(0.02))
+    plain = optax.contrib.muon(0.02)
+    step_c, step_p = jax.jit(clipped.update), jax.jit(plain.update)
+    sc, sp = clipped.init(params), plain.init(params)
+    for i in range(3):
+      grads = jax.tree.map(lambda p, i=i: jnp.asarray(
+          rng.standard_normal(p.shape) * 10.0 ** i, jnp.float32), params)
+      uc, sc = step_c(grads, sc, params)
+      up, sp = step_p(grads, sp, params)
+      for k in ("w1", "w2"):
+        np.testing.assert_array_equal(uc[k], up[k])
+      np.testing.assert_allclose(sc[0].grad_norm, optax.global_norm(grads),
+                                 rtol=1e-6)
+      self.assertTrue(sc[0].clipped)
+    clip_out, _ = jax.jit(oc.clip_by_global_norm(1.0, where=adam_leaves)
+                          .update)(grads, oc.clip_by_global_norm(1.0).init(
+                              params))
+    n = np_global_norm(grads)
+    for k in ("b1", "b2", "scale"):
+      np.testing.assert_allclose(clip_out[k], f64(grads)[k] / n, rtol=1e-6)
+    for k in ("w1", "w2"):
+      np.testing.assert_array_equal(clip_out[k], grads[k])
+
+  def test_sharded_updates_match_one_device(self):
+    n = jax.device_count()
+    if n < 2:
+      pytest.skip("needs several devices (conftest gives 8 host devices)")
+    mesh = jax.make_mesh((n,), ("data",))
+    rng = np.random.default_rng(1)
+    grads = {"w": jnp.asarray(rng.standard_normal((2 * n, 3)), jnp.float32),
+             "b": jnp.asarray(rng.standard_normal(2 * n), jnp.float32)}
+    split = jax.sharding.NamedSharding(mesh, jax.P("data"))
+    tx = oc.clip_by_global_norm(1.0, where={"w": False, "b": True})
+    step = jax.jit(tx.update)
+    want, want_state = step(grads, tx.init(grads))
+    got, state = step(jax.device_put(grads, split), tx.init(grads))
+    np.testing.assert_array_equal(got["w"], grads["w"])
+    np.testing.assert_allclose(got["b"], want["b"], rtol=1e-6)
+    np.testing.assert_allclose(state.grad_norm, want_state.grad_norm,
+                               rtol=1e-6)
+
+  def test_errors(self):
+    grads = grads_tree()
+    with pytest.raises(TypeError, match="where"):
+      oc.clip_by_global_norm(1.0, where={"dense": 1, "conv": True})
+    with pytest.raises(TypeError, match="where"):
+      oc.clip_by_global_norm(1.0, where={})
+    with pytest.raises(TypeError, match="where"):
+      oc.clip_by_global_norm(1.0, where=jnp.array(True))
+    with pytest.raises(ValueError, match="where"):
+      apply(oc.clip_by_global_norm(1.0, where={"dense": True}), grads)
+    with pytest.raises(TypeError, match="where"):
+      apply(oc.clip_by_global_norm(1.0, where=lambda u: jax.tree.map(
+          lambda x: jnp.ndim(x) > 1, u) | {"conv": jnp.array(True)}), grads)
+
+
 class ClipByNormTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)

@@ -181,6 +181,33 @@ class DPNoiseTest(chex.TestCase):
     self.assertEqual(float(state.noise_std), 0.0)
     self.assertEqual(float(state.frac_clipped), 0.0)
 
+  def test_automatic_clipping_noise_and_sum(self):
+    # dp_aggregate (per-example gradients) with automatic clipping:
+    # sum_i g_i C / (||g_i|| + gamma) over the batch size; dp_noise after it
+    # adds noise of std z * C (z with normalize).
+    grads = per_example_tree(batch=6, scale=2.0)
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+    n = np.sqrt(sum(np.sum(x.reshape(6, -1) ** 2, axis=1) for x in leaves))
+    want = [np.tensordot(0.5 / (n + 0.01), x, axes=1) / 6 for x in leaves]
+    params = one_example(grads)
+    agg = oc.dp_aggregate(0.5, 0.0, seed=0, automatic=0.01)
+    out, _ = jax.jit(agg.update)(grads, agg.init(params))
+    for g, w in zip(jax.tree.leaves(out), want):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    tx = oc.dp_noise(2.0, seed=0)
+
+    @jax.jit
+    def noise_std(grads, state):
+      stds = []
+      for normalize in (False, True):
+        total, info = oc.per_example_clip(grads, 0.5, automatic=0.01,
+                                          normalize=normalize)
+        stds.append(tx.update(total, state, clip_info=info)[1].noise_std)
+      return stds
+
+    np.testing.assert_allclose(noise_std(grads, tx.init(params)), [1.0, 2.0],
+                               rtol=1e-6)
+
   def test_errors(self):
     tx = oc.dp_noise(1.0, seed=0)
     params = {"w": jnp.zeros(3)}

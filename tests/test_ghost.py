@@ -426,6 +426,8 @@ def test_nan_safe_false_propagates():
 
 @pytest.mark.parametrize("options", [
     dict(normalize=True),
+    dict(automatic=0.01),
+    dict(automatic=0.01, per_layer=True),
     dict(per_layer=True),
     dict(per_layer="tree"),
     dict(microbatch_size=3),

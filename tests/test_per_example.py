@@ -1,5 +1,6 @@
 """per_example_clip and clipped_grad: NumPy and optax references, properties."""
 
+import functools
 import math
 
 import chex
@@ -51,6 +52,19 @@ def _property_parts(grads, c, mask):
     return oc.global_norm(one)
   total, _ = oc.per_example_clip(grads, c)
   without, _ = oc.per_example_clip(grads, c, example_mask=mask)
+  return jax.vmap(alone)(grads), total, without
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _automatic_parts(grads, c, mask, gamma):
+  """As ``_property_parts``, with automatic clipping."""
+  def alone(g):
+    one, _ = oc.per_example_clip(jax.tree.map(lambda x: x[None], g), c,
+                                 automatic=gamma)
+    return oc.global_norm(one)
+  total, _ = oc.per_example_clip(grads, c, automatic=gamma)
+  without, _ = oc.per_example_clip(grads, c, automatic=gamma,
+                                   example_mask=mask)
   return jax.vmap(alone)(grads), total, without
 
 
@@ -469,3 +483,234 @@ def test_example_norms_exact_over_the_float32_range():
   nan = [x.at[1].set(jnp.nan).at[2, ..., 0].set(jnp.inf) for x in leaves]
   _, got = _norms.example_norms(nan)
   assert np.isnan(got[1]) and np.isinf(got[2]) and np.all(np.isfinite(got[3:]))
+
+
+# ----------------------------------------------------------------------------
+# Automatic clipping (Bu et al. 2022): weight C / (||g_i|| + gamma).
+
+
+def linear_case(batch=7, seed=3):
+  """Least squares on a linear model, with its per-example gradients
+  written out in float64 NumPy: ``r_i x_i`` and ``r_i``, ``r_i`` the
+  residual. Example 2 has a zero residual (a zero gradient)."""
+  rng = np.random.default_rng(seed)
+  w, b = rng.standard_normal(4), 0.3
+  x = rng.standard_normal((batch, 4)) * np.geomspace(0.01, 10, batch)[:, None]
+  y = x @ w + b + rng.standard_normal(batch)
+  y[2] = x[2] @ w + b
+  r = x @ w + b - y
+  grads = {"b": r, "w": r[:, None] * x}  # Leaf order: b, w.
+
+  def loss(p, x, y):
+    return 0.5 * jnp.sum((x @ p["w"] + p["b"] - y) ** 2)
+
+  params = {"b": jnp.float32(b), "w": jnp.asarray(w, jnp.float32)}
+  return loss, params, jnp.asarray(x, jnp.float32), jnp.asarray(
+      y, jnp.float32), [grads["b"], grads["w"]]
+
+
+def closed_form(leaves, c, gamma, *, normalize=False):
+  """sum_i g_i C / (||g_i|| + gamma), written out in float64."""
+  n = np.sqrt(sum(np.sum(x.reshape(len(x), -1) ** 2, axis=1) for x in leaves))
+  w = c / (n + gamma) / (c if normalize else 1.0)
+  return [np.tensordot(w, x, axes=1) for x in leaves], n
+
+
+def auto_clip(grads, *args, **kwargs):
+  """``per_example_clip`` under ``jit`` (eager calls are slow to test)."""
+  return jax.jit(lambda g: oc.per_example_clip(g, *args, **kwargs))(grads)
+
+
+class AutomaticClipTest(chex.TestCase):
+
+  def test_per_example_clip_matches_the_closed_form(self):
+    grads = per_example_tree(batch=8, scale=2.0)
+    for c, gamma in ((1.0, 0.01), (0.3, 0.5), (2.5, 1e-4)):
+      total, info = auto_clip(grads, c, automatic=gamma)
+      want, norms = closed_form(leaves64(grads), c, gamma)
+      assert_sums_close(total, want, rtol=1e-5)
+      self.assertEqual(float(info.sensitivity), np.float32(c))
+      self.assertEqual(int(info.num_clipped), int(np.sum(norms > c)))
+      ref_sums, *_ = ref.per_example_clip(leaves64(grads), c, automatic=gamma)
+      assert_sums_close(total, ref_sums, rtol=1e-5)
+
+  def test_normalize_and_automatic_divide_by_the_threshold(self):
+    grads = per_example_tree(batch=8, scale=2.0)
+    total, info = auto_clip(grads, 0.7, normalize=True, automatic=0.01)
+    want, _ = closed_form(leaves64(grads), 0.7, 0.01, normalize=True)
+    assert_sums_close(total, want, rtol=1e-5)
+    self.assertEqual(float(info.sensitivity), 1.0)
+
+  def test_differs_from_normalize(self):
+    # Norms 5 and 0.5, C = 1: normalize clips the first to norm 1 and keeps
+    # the second at 0.5 (divided by C = 1); automatic brings both near 1.
+    grads = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
+    norm, _ = auto_clip(grads, 1.0, normalize=True)
+    auto, _ = auto_clip(grads, 1.0, automatic=0.01)
+    np.testing.assert_allclose(norm["w"], [0.6 + 0.3, 0.8 + 0.4], rtol=1e-6)
+    np.testing.assert_allclose(
+        auto["w"], [3 / 5.01 + 0.3 / 0.51, 4 / 5.01 + 0.4 / 0.51], rtol=1e-6)
+
+  def test_per_layer(self):
+    grads = per_example_tree(batch=8, scale=2.0)
+    total, info = auto_clip(grads, 1.5, per_layer=True, automatic=0.01)
+    t = [1.5 / math.sqrt(3)] * 3
+    want, _, num, _ = ref.per_example_clip(leaves64(grads), 1.5,
+                                           layer_thresholds=t, automatic=0.01)
+    assert_sums_close(total, want, rtol=1e-5)
+    self.assertEqual(int(info.num_clipped), num)
+    np.testing.assert_allclose(info.sensitivity, 1.5, rtol=1e-6)
+    tree = {"dense": 0.5, "conv": 2.0}
+    total, info = auto_clip(grads, 1.0, per_layer=tree, automatic=0.1)
+    want, _, num, _ = ref.per_example_clip(
+        leaves64(grads), 1.0, layer_thresholds=[2.0, 0.5], layers=[0, 1, 1],
+        automatic=0.1)
+    assert_sums_close(total, want, rtol=1e-5)
+    np.testing.assert_allclose(info.sensitivity, math.sqrt(4.25), rtol=1e-6)
+
+  def test_each_example_below_the_threshold(self):
+    grads = per_example_tree(batch=8, scale=1e3)
+    c = 0.5
+
+    @jax.jit
+    def alone(g):
+      one, _ = oc.per_example_clip(jax.tree.map(lambda x: x[None], g), c,
+                                   automatic=0.01)
+      return oc.global_norm(one)
+
+    got = np.asarray(jax.vmap(alone)(grads), np.float64)
+    n = np.array([ref.example_norm(leaves64(grads), i) for i in range(8)])
+    np.testing.assert_allclose(got, c * n / (n + 0.01), rtol=1e-5)
+    self.assertTrue(np.all(got <= c))
+
+  @settings(max_examples=20, deadline=None)
+  @given(seed=st.integers(0, 2**16), c=st.floats(1e-3, 1e3),
+         log_scale=st.floats(-4, 4), gamma=st.sampled_from([0.01, 1.0]),
+         drop=st.integers(0, 4))
+  def test_properties_bounded_norm_and_sensitivity(self, seed, c, log_scale,
+                                                   gamma, drop):
+    grads = per_example_tree(batch=5, seed=seed, scale=10.0 ** log_scale)
+    singles, total, without = _automatic_parts(grads, jnp.float32(c),
+                                               jnp.arange(5) != drop, gamma)
+    n = np.array([ref.example_norm(leaves64(grads), i) for i in range(5)])
+    # Each example alone has norm c n / (n + gamma) < c ...
+    np.testing.assert_allclose(singles, c * n / (n + gamma), rtol=1e-5)
+    self.assertLessEqual(float(np.max(singles)), c * (1 + 1e-6))
+    # ... and removing one moves the sum by that much, at most c.
+    diff = [np.asarray(a, np.float64) - np.asarray(b, np.float64)
+            for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(without))]
+    moved = ref.example_norm([d[None] for d in diff], 0)
+    np.testing.assert_allclose(moved, c * n[drop] / (n[drop] + gamma),
+                               rtol=1e-4, atol=1e-6 * c)
+    self.assertLessEqual(moved, c * (1 + 1e-5))
+
+  def test_zero_nan_padding_and_run_time_thresholds(self):
+    grads = per_example_tree(batch=6)
+    grads = jax.tree.map(lambda x: x.at[1].set(0.0), grads)
+    fn = jax.jit(lambda g, c, **kw: oc.per_example_clip(
+        g, c, automatic=0.01, **kw))
+    total, _ = fn(grads, jnp.float32(1.0))
+    want, _ = closed_form(leaves64(grads), 1.0, 0.01)  # Example 1 adds 0.
+    assert_sums_close(total, want, rtol=1e-5)
+    self.assertTrue(all(np.all(np.isfinite(x)) for x in jax.tree.leaves(total)))
+    bad = jax.tree.map(lambda x: x.at[3].set(jnp.nan), grads)
+    mask = jnp.arange(6) != 4
+    total, info = fn(bad, jnp.float32(1.0), example_mask=mask)
+    keep = [i for i in range(6) if i not in (3, 4)]
+    want, _ = closed_form([x[keep] for x in leaves64(grads)], 1.0, 0.01)
+    assert_sums_close(total, want, rtol=1e-5)
+    self.assertEqual((int(info.num_nonfinite), int(info.num_examples)), (1, 4))
+    total, _ = auto_clip(bad, 1.0, automatic=0.01, nan_safe=False)
+    self.assertTrue(all(np.all(np.isnan(x)) for x in jax.tree.leaves(total)))
+    # A run-time threshold of inf, NaN or below 0 acts as 0.
+    for c in (math.inf, math.nan, -1.0, 0.0):
+      total, info = fn(grads, jnp.float32(c))
+      self.assertTrue(all(np.all(x == 0) for x in jax.tree.leaves(total)))
+      self.assertEqual(float(info.sensitivity), 0.0)
+
+  def test_errors(self):
+    grads = per_example_tree()
+    for bad in (0.0, -0.01, math.nan, math.inf, 1e-40):
+      with pytest.raises(ValueError, match="automatic"):
+        oc.per_example_clip(grads, 1.0, automatic=bad)
+    for bad in (True, "0.01", jnp.float32(0.01)):
+      with pytest.raises(TypeError, match="automatic"):
+        oc.per_example_clip(grads, 1.0, automatic=bad)
+    with pytest.raises(ValueError, match="max_norm"):
+      oc.per_example_clip(grads, math.inf, automatic=0.01)
+    with pytest.raises(ValueError, match="max_norm"):
+      oc.clipped_grad(lambda w, x: w * x, max_norm=1e37, automatic=0.01)
+    with pytest.raises(ValueError, match="per_layer"):
+      oc.dp_aggregate(1.0, 1.0, seed=0, per_layer={"w": math.inf},
+                      automatic=0.01)
+
+  def test_clipped_grad_vmap_and_microbatches(self):
+    loss, params, x, y, per_example = linear_case()
+    want, norms = closed_form(per_example, 1.0, 0.01)
+    self.assertEqual(norms[2], 0.0)
+    for size in (None, 3):
+      grad_fn = jax.jit(oc.clipped_grad(
+          loss, max_norm=1.0, automatic=0.01, batch_argnums=(1, 2),
+          microbatch_size=size, return_norms=True))
+      got, info = grad_fn(params, x, y)
+      assert_sums_close(got, want, rtol=2e-5, atol=1e-6)
+      np.testing.assert_allclose(info.norms, norms, rtol=1e-5, atol=1e-6)
+      self.assertEqual(float(info.sensitivity), 1.0)
+
+  def test_clipped_grad_ghost_matches_the_closed_form(self):
+    nnx = pytest.importorskip("flax.nnx")
+    rng = np.random.default_rng(5)
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    x = rng.standard_normal((6, 4)) * np.geomspace(0.01, 10, 6)[:, None]
+    y = rng.standard_normal((6, 3))
+    x[1] = 0.0
+    y[1] = np.asarray(model.bias[...])  # A zero gradient.
+
+    def loss(m, x, y):
+      return 0.5 * jnp.sum((m(x) - y) ** 2)
+
+    kernel = np.asarray(model.kernel[...], np.float64)
+    r = x @ kernel + np.asarray(model.bias[...], np.float64) - y
+    per_example = [r, x[:, :, None] * r[:, None, :]]  # d/db, d/dW (in, out)
+    want, norms = closed_form(per_example, 0.5, 0.01)  # Leaves: bias, kernel.
+    args = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    for method in ("ghost", "vmap"):
+      got, info = jax.jit(oc.clipped_grad(
+          loss, max_norm=0.5, automatic=0.01, batch_argnums=(1, 2),
+          method=method, return_norms=True))(model, *args)
+      assert_sums_close([got["bias"][...], got["kernel"][...]], want,
+                        rtol=2e-5, atol=1e-6)
+      np.testing.assert_allclose(info.norms, norms, rtol=1e-5, atol=1e-6)
+
+  def test_sharded_batch_matches_one_device(self):
+    n = jax.device_count()
+    if n < 2:
+      pytest.skip("needs several devices (conftest gives 8 host devices)")
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    mesh = jax.make_mesh((n,), ("data",))
+    split = NamedSharding(mesh, P("data"))
+    grads = per_example_tree(batch=2 * n, scale=2.0)
+    fn = jax.jit(lambda g: oc.per_example_clip(g, 1.0, automatic=0.01))
+    want, want_info = fn(grads)
+    got, info = fn(jax.device_put(grads, split))
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(info.norms, want_info.norms, rtol=1e-6)
+    loss, params, x, y, per_example = linear_case(batch=n)
+    grad_fn = jax.jit(oc.clipped_grad(loss, max_norm=1.0, automatic=0.01,
+                                      batch_argnums=(1, 2)))
+    got = grad_fn(params, jax.device_put(x, split), jax.device_put(y, split))
+    want, _ = closed_form(per_example, 1.0, 0.01)
+    assert_sums_close(got, want, rtol=2e-5, atol=1e-6)
+
+  def test_huge_run_time_threshold_keeps_weights_finite(self):
+    # max_norm / gamma beyond float32's range, known only at run time: the
+    # threshold is lowered to gamma * float32max / 4, a zero example adds 0
+    # (no inf * 0) and the others keep their direction.
+    grads = jax.tree.map(lambda x: x.at[1].set(0.0), per_example_tree())
+    fn = jax.jit(lambda g, c: oc.per_example_clip(g, c, automatic=0.01))
+    total, info = fn(grads, jnp.float32(3e38))
+    top = np.float32(0.01 * float(np.finfo(np.float32).max) / 4)
+    self.assertEqual(float(info.sensitivity), float(top))
+    want, _ = closed_form(leaves64(grads), float(top), 0.01)
+    assert_sums_close(total, want, rtol=1e-5, atol=0)

@@ -91,6 +91,11 @@ TRANSFORMS: dict[str, tuple[Callable[[], Any], str]] = {
     "skip_step": (
         lambda: oc.skip_step(oc.clip_by_global_norm(1.0), max_norm=20.0),
         "scalar"),
+    "clip_update_rms": (
+        lambda: oc.clip_update_rms(optax.adam(1e-2, b2=0.9), b2=0.9,
+                                   leaf_norms=True), "scalar"),
+    "clip_update_by_history": (
+        lambda: oc.clip_update_by_history(2, 0.5), "scalar"),
 }
 
 
@@ -375,6 +380,8 @@ AXIS_NAME_TRANSFORMS = {
     "zclip": lambda a: oc.zclip(warmup_steps=2, z_thresh=1.0, axis_name=a),
     "skip_step": lambda a: oc.skip_step(
         oc.clip_by_global_norm(1.0, axis_name=a), max_norm=20.0, axis_name=a),
+    "clip_update_by_history": lambda a: oc.clip_update_by_history(
+        2, 0.5, axis_name=a),
 }
 SHARD_MAP_AXES = {"fsdp": "data", "2d": ("data", "model")}
 OVERFLOW_NAMES = ["clip_by_global_norm", "clip_by_global_norm_ord1",
