@@ -16,8 +16,8 @@ climbs without bound (Kimi K2's "exploding attention logits"). Four runs
 with the same initialisation and batches:
 
 (a) ``none``: Muon alone;
-(b) ``qk_clip``: the same, guarded: ``clip_by_global_norm(1.0)`` on the
-    AdamW leaves first, then Muon, then ``oc.qk_clip(tau)`` as the last link
+(b) ``qk_clip``: the same, guarded: ``clip_by_global_norm(1.0, where=...)``
+    on the AdamW leaves first, then Muon, then ``oc.qk_clip(tau)`` as the last link
     (after the update, each head whose largest logit of the step exceeded
     ``tau`` has its query and key kernels scaled by ``sqrt(tau / S_max)``
     each);
@@ -67,8 +67,8 @@ SCALED_LOSS = 100.0
 SPIKE_WINDOW, SPIKE_STD = 32, 6.0
 
 
-# The loss-spike skip and the clip of the AdamW leaves alone: one call each,
-# to the implementations at the end of this file.
+# The loss-spike skip: one call, to the implementation at the end of this
+# file.
 
 
 def skip_on_loss_spikes(
@@ -77,13 +77,6 @@ def skip_on_loss_spikes(
   return reference_skip_on_loss(inner, SPIKE_WINDOW, SPIKE_STD)
   # oc.skip_step(inner, spike_window=oc.SpikeWindow(
   #     window=SPIKE_WINDOW, num_std=SPIKE_STD, watch="loss"))
-
-
-def clip_adamw_leaves(max_norm: float,
-                      where: Any) -> optax.GradientTransformation:
-  """Clips the leaves ``where`` selects by their global norm."""
-  return reference_clip_where(max_norm, where)
-  # oc.clip_by_global_norm(max_norm, where=where)
 
 
 def heads_clipped(opt_state: Any) -> jax.Array:
@@ -138,8 +131,10 @@ def optimizer(kind: str) -> optax.GradientTransformation:
       muon_weight_dimension_numbers=muon_dims)
   if kind == "none":
     return optax.chain(muon)  # A chain ignores the extra arguments.
-  guarded = optax.chain(clip_adamw_leaves(1.0, adamw_leaves), muon,
-                        oc.qk_clip(TAU))
+  # The global norm of all the gradients decides the factor; only the AdamW
+  # leaves are scaled, Muon's matrices get their gradients as they are.
+  guarded = optax.chain(oc.clip_by_global_norm(1.0, where=adamw_leaves),
+                        muon, oc.qk_clip(TAU))
   return skip_on_loss_spikes(guarded) if kind == "skip" else guarded
 
 
@@ -301,7 +296,8 @@ def find(tree: Any, kind: type) -> Any:
   return None
 
 
-# Reference implementations of the guards, used until optaxclip ships them.
+# The loss-spike skip, written out: the rolling rule of OLMo-core, levanter
+# and MaxText.
 
 
 class ReferenceSkipState(NamedTuple):
@@ -348,12 +344,6 @@ def reference_skip_on_loss(inner: optax.GradientTransformation, window: int,
     return out, ReferenceSkipState(history, state.count + finite, skip, keep)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def reference_clip_where(max_norm: float,
-                         where: Any) -> optax.GradientTransformation:
-  """``clip_by_global_norm(max_norm)`` on the leaves ``where`` selects."""
-  return optax.masked(oc.clip_by_global_norm(max_norm), where)
 
 
 # The table and the figure.
