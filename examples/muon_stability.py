@@ -185,12 +185,15 @@ class Block(nnx.Module):
   def __init__(self, dim: int, heads: int, rngs: nnx.Rngs):
     self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
     self.attn = nnx.MultiHeadAttention(
-        heads, dim, decode=False, attention_fn=oc.max_logit_attention, rngs=rngs)
+        heads, dim, decode=False, attention_fn=oc.max_logit_attention,
+        rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
     self.up = nnx.Linear(dim, 4 * dim, rngs=rngs)
     self.down = nnx.Linear(4 * dim, dim, rngs=rngs)
 
   def __call__(self, x, mask):
+    # sow_weights=True hands the module to oc.max_logit_attention, which sows
+    # each head's largest logit there (and not the attention weights).
     x = x + self.attn(self.norm1(x), mask=mask, sow_weights=True)
     return x + self.down(nnx.gelu(self.up(self.norm2(x))))
 

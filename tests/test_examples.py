@@ -134,7 +134,7 @@ def test_muon_stability(tmp_path):
   assert none["max logit, step 1"] > 3
   assert none["steps QK-clipped"] == 0 and qk["steps QK-clipped"] > 0
   assert qk["last step"] < none["last step"]
-  # Step 20 is planted (wrong labels, loss x 100): skipped, and only it.
+  # Step 20 (0-based) is planted (wrong labels, loss x 100): skipped, alone.
   assert none["skipped (planted)"] == "0 (0)"
   assert bad["skipped (planted)"] == "0 (0)"
   assert guarded["skipped (planted)"] == "1 (1)"
