@@ -93,6 +93,53 @@ class Transformer(nnx.Module):
     return self.head(self.norm(x))
 
 
+class MHABlock(nnx.Module):
+
+  def __init__(self, dim: int, heads: int, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.up = nnx.Linear(dim, 4 * dim, rngs=rngs)
+    self.down = nnx.Linear(4 * dim, dim, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.attn(self.norm1(x), mask=nnx.make_causal_mask(x[..., 0]))
+    return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+
+
+class MHATransformer(nnx.Module):
+  """Blocks of ``nnx.MultiHeadAttention`` as a list (``stacked=False``) or
+  stacked by ``nnx.vmap`` and run by ``nnx.scan`` (``stacked=True``)."""
+
+  def __init__(self, rngs: nnx.Rngs, depth: int, stacked: bool,
+               vocab: int = 256, dim: int = 256, heads: int = 4,
+               seq: int = 16):
+    self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+    self.pos = nnx.Embed(seq, dim, rngs=rngs)
+    self.stacked = stacked
+    if stacked:
+      @nnx.split_rngs(splits=depth)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def create(rngs):
+        return MHABlock(dim, heads, rngs)
+      self.blocks = create(rngs)
+    else:
+      self.blocks = nnx.List([MHABlock(dim, heads, rngs)
+                              for _ in range(depth)])
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.head = nnx.Linear(dim, vocab, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens) + self.pos(jnp.arange(tokens.shape[-1]))
+    if self.stacked:
+      x = nnx.scan(lambda x, block: block(x), in_axes=(nnx.Carry, 0),
+                   out_axes=nnx.Carry)(x, self.blocks)
+    else:
+      for block in self.blocks:
+        x = block(x)
+    return self.head(self.norm(x))
+
+
 class CNN(nnx.Module):
 
   def __init__(self, rngs: nnx.Rngs):
@@ -110,7 +157,13 @@ class CNN(nnx.Module):
 def case(model: str, batch: int, seq: int):
   """``(graphdef, params, loss, x, y)``: ``loss`` is the batch's mean."""
   rng = np.random.default_rng(0)
-  if model == "transformer":
+  if model.startswith("mha"):  # "mha3" or "mha3-stacked": 3 blocks.
+    depth = int(model[3:].split("-")[0])
+    net = MHATransformer(nnx.Rngs(0), depth, model.endswith("-stacked"),
+                         seq=seq)
+    x = jnp.asarray(rng.integers(0, 256, (batch, seq)), jnp.int32)
+    y = jnp.asarray(rng.integers(0, 256, (batch, seq)), jnp.int32)
+  elif model == "transformer":
     net = Transformer(nnx.Rngs(0), seq=seq)
     x = jnp.asarray(rng.integers(0, 256, (batch, seq)), jnp.int32)
     y = jnp.asarray(rng.integers(0, 256, (batch, seq)), jnp.int32)
@@ -202,8 +255,21 @@ def in_subprocess(args: dict[str, Any]) -> dict[str, Any]:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def plan(quick: bool) -> dict[str, list[tuple[str, int, int]]]:
-  """``{"memory": cases, "timed": cases}``; a case is (model, batch, seq)."""
+def plan(quick: bool, suite: str = "main"
+         ) -> dict[str, list[tuple[str, int, int]]]:
+  """``{"memory": cases, "timed": cases}``; a case is (model, batch, seq).
+
+  The ``attention`` suite: transformers of ``nnx.MultiHeadAttention``
+  blocks (width 256, 4 heads, sequence 16), as a list of 3 blocks and
+  stacked (``nnx.vmap``, ``nnx.scan``) with 3, 6 and 12 blocks.
+  """
+  if suite == "attention":
+    depths = (3,) if quick else (3, 6, 12)
+    memory = [("mha3", 64, 16)] + [(f"mha{d}-stacked", 64, 16)
+                                   for d in depths]
+    return {"memory": memory,
+            "timed": [] if quick else [("mha3", 64, 16),
+                                       ("mha3-stacked", 64, 16)]}
   if quick:
     return {"memory": [("transformer", 8, 32), ("transformer", 16, 32),
                        ("cnn", 16, 0)],
@@ -230,6 +296,9 @@ def main(argv: list[str] | None = None) -> list[str]:
   p = argparse.ArgumentParser(prog="python -m benchmarks.ghost",
                               description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="a smoke test")
+  p.add_argument("--suite", choices=("main", "attention"), default="main",
+                 help="the models: the main transformer and CNN, or the"
+                 " nnx.MultiHeadAttention transformers (list and stacked)")
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--out", default=RESULTS)
   p.add_argument("--figure", default=FIGURE)
@@ -239,9 +308,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     job = json.loads(args.worker)
     print(json.dumps(timed(**job)))
     return []
-  methods = [m for m in METHODS if available(m)]
+  methods = [m for m in METHODS if available(m) and (
+      args.suite == "main" or m in ("non-private", "ghost", "vmap"))]
   rows = []
-  todo = plan(args.quick)
+  todo = plan(args.quick, args.suite)
   for model, batch, seq in todo["memory"]:
     for method in methods:
       row = {"model": model, "batch": batch, "seq": seq, "method": method}
@@ -268,7 +338,8 @@ def main(argv: list[str] | None = None) -> list[str]:
               "%Y-%m-%d %H:%M:%S UTC"),
           "platform": backend, "device": device, "cpus": os.cpu_count(),
           "reps": args.reps, "versions": versions}
-  name = f"ghost-{backend}-{device}" + ("-quick" if args.quick else "")
+  suite = "" if args.suite == "main" else f"-{args.suite}"
+  name = f"ghost{suite}-{backend}-{device}" + ("-quick" if args.quick else "")
   os.makedirs(args.out, exist_ok=True)
   stem = os.path.join(args.out, name)
   with open(stem + ".json", "w") as f:
@@ -277,6 +348,8 @@ def main(argv: list[str] | None = None) -> list[str]:
   with open(stem + ".md", "w") as f:
     f.write(text)
   print(text)
+  if args.suite != "main":
+    return [stem + ".json", stem + ".md"]
   plot(rows, args.figure)
   return [stem + ".json", stem + ".md", args.figure]
 
@@ -302,7 +375,9 @@ def markdown(rows, meta, methods) -> str:
          "", "Ratios are to the non-private `jax.grad` step of the same case"
          " in this run. Compiled memory: XLA's `memory_analysis()` of the"
          " jitted step, temporaries plus arguments and outputs.", ""]
-  if "jax-privacy" not in methods:
+  if "jax-privacy" not in methods and available("jax-privacy"):
+    out += ["Methods: " + ", ".join(methods) + ".", ""]
+  elif "jax-privacy" not in methods:
     out += ["jax-privacy is not installed: its column is absent.", ""]
   out += ["## Compiled memory", "",
           "| model | params | batch | seq | method | MiB | vs non-private |"

@@ -60,7 +60,7 @@ from optaxclip._qk_clip import (
     qk_clip,
 )
 from optaxclip._quantile import ClipByQuantileState, clip_by_quantile
-from optaxclip._skip import SkipStepState, SkipStepStats, skip_step
+from optaxclip._skip import SkipStepState, SkipStepStats, SpikeWindow, skip_step
 from optaxclip._spikes import ClipSpikesState, SpikeClippedState, SpikeStats, clip_spikes
 from optaxclip._stats import clip_stats, register_state
 from optaxclip._thresholds import Threshold
@@ -118,6 +118,7 @@ __all__ = [
     "QuantileNorm",
     "SkipStepState",
     "SkipStepStats",
+    "SpikeWindow",
     "Threshold",
     "ZClipState",
     "adaptive_grad_clip",

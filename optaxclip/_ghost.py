@@ -32,7 +32,9 @@ Large Model at Small Cost, 2023.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -49,6 +51,11 @@ try:
   from flax.nnx.nn.linear import canonicalize_padding
 except ImportError:  # pragma: no cover - flax is an optional dependency.
   nnx = None
+
+try:
+  from jax._src.interpreters.partial_eval import dce_jaxpr as _dce
+except ImportError:  # pragma: no cover - moved in another JAX version.
+  _dce = None
 
 _WHERE = "clipped_grad(method='ghost')"
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -94,11 +101,14 @@ def prepare(fun: Callable[..., Any], args: tuple[Any, ...],
 
 class _Call(NamedTuple):
   """One intercepted layer call, as discovered: static facts only."""
-  kind: str                    # "linear", "conv", "embed" or "attend".
+  kind: str                    # "linear", "general", "conv", "embed", "attend".
   roles: tuple[tuple[str, int], ...]  # (role, leaf index), e.g. ("kernel", 3).
   out: jax.ShapeDtypeStruct    # One example's output.
   spec: Any                    # A convolution's strides, padding, dilations.
   size: int                    # Rows of the weight's matrix (d or V).
+  features: int                # Columns of ``dy``'s rows (p, or V for attend).
+  loop: int = 0                # Iterations of the enclosing scan, or 0.
+  sliced: bool = False         # Weights scanned over: one per iteration.
 
 
 class _Model:
@@ -152,6 +162,7 @@ class _Model:
     leaf_shapes = [shape(x) for x in leaves]
     jaxpr = jax.make_jaxpr(traced)(leaf_shapes, leaf_shapes, example).jaxpr
     used = _used_inputs(jaxpr)[:len(leaves)]
+    self.scopes = tape.scopes
     return tape.calls, used
 
   def clip_chunk(self, args, mask, threshold, *, per_layer, normalize,
@@ -163,7 +174,8 @@ class _Model:
     plan = _plan(calls, used, len(leaves))
     if not plan.active:
       raise ValueError(
-          f"{where}: no nnx.Linear, nnx.Embed or nnx.Conv call uses the"
+          f"{where}: no nnx.Linear, nnx.LinearGeneral, nnx.Embed or nnx.Conv"
+          " call uses the"
           " differentiated parameters, so there is nothing to compute ghost"
           " norms of; method='ghost' needs a Flax NNX model (pass the"
           " nnx.Module, or the nnx.State that fun merges into one), or use"
@@ -183,8 +195,8 @@ class _Model:
       mixed = list(leaves)
       for j, x in zip(per_copy, copies):
         mixed[j] = x
-      tape = _Tape("run", calls=calls,
-                   probes=dict(zip(plan.active, probes)))
+      tape = _Tape("run", calls=calls, probes=dict(zip(plan.active, probes)),
+                   scopes=self.scopes)
       tape.start(mixed)
       loss, aux = self.loss(tape, mixed, args, example)
       return loss, (tape.saved, aux)
@@ -224,7 +236,12 @@ def _batch_sharding(example):
 
 
 def _used_inputs(jaxpr) -> list[bool]:
-  """Which inputs of ``jaxpr`` its outputs (or effects) depend on."""
+  """Which inputs of ``jaxpr`` its outputs (or effects) depend on: JAX's
+  dead-code elimination, which looks into scans and checkpoints (where the
+  parameters that the layer calls in them use may be nothing else's), or
+  where it is missing, every input of a live equation."""
+  if _dce is not None:
+    return list(_dce(jaxpr, [True] * len(jaxpr.outvars))[1])
   live = {v for v in jaxpr.outvars if not hasattr(v, "val")}
   for eqn in reversed(jaxpr.eqns):
     if eqn.effects or any(v in live for v in eqn.outvars):
@@ -246,11 +263,13 @@ def _plan(calls, used, num_leaves) -> _Plan:
       uses.setdefault(j, []).append((c, role))
   ghost = {}
   for j, u in uses.items():
-    kinds = {(_term_kind(calls[c].kind, role), calls[c].spec) for c, role
-             in u}
+    kinds = {(_term_kind(calls[c].kind, role), calls[c].spec,
+              calls[c].sliced, calls[c].loop if calls[c].sliced else 0)
+             for c, role in u}
     if not used[j] and len(kinds) == 1:
       ghost[j] = u
-  per_example = [j for j in range(num_leaves) if used[j] and j not in ghost]
+  per_example = [j for j in range(num_leaves)
+                 if (used[j] or j in uses) and j not in ghost]
   active = sorted({c for u in ghost.values() for c, _ in u})
   return _Plan(ghost, per_example, active)
 
@@ -281,7 +300,8 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
     kind = _term_kind(calls[uses[0][0]].kind, uses[0][1])
     if kind == "vector":
       explicit[j] = functools.reduce(jnp.add, [
-          jnp.sum(dys[c].reshape(batch, -1, dys[c].shape[-1]), axis=1)
+          jnp.sum(dys[c].reshape(_rows(calls[c], batch) + (
+              calls[c].features,)), axis=-2)
           for c, _ in uses]).reshape((batch,) + leaves[j].shape)
     elif kind == "conv":
       parts = [(calls[c].spec, _conv_batch(saved[c], calls[c].spec),
@@ -301,7 +321,11 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
   for j, n in zip(order, expl_norms):
     leaf_norms[j] = n.astype(acc)
   for j, terms in matrices.items():
-    leaf_norms[j] = _matrix_norm(terms, acc)
+    n = _matrix_norm(terms, acc)
+    stack = _stack(calls, plan.ghost[j])
+    # A stacked weight: one matrix per iteration, its norm over all of them.
+    leaf_norms[j] = _norms.example_norms([n.reshape(batch, stack)])[1] if (
+        stack) else n
   for j, parts in convs.items():
     leaf_norms[j] = _conv_norm(parts, leaves[j].shape, acc)
   # The norm of all leaves, from theirs, without overflow.
@@ -315,13 +339,51 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
     if j in explicit:
       sums.append(_example_clip.weighted_sum(explicit[j], weights[j], keep))
     elif j in matrices:
-      sums.append(_matrix_sum(matrices[j], weights[j], keep, acc).reshape(
-          x.shape))
+      stack = _stack(calls, plan.ghost[j])
+      sums.append(_as_leaf(
+          _stacked_sum(matrices[j], stack, weights[j], keep, acc), x.shape,
+          calls[plan.ghost[j][0][0]].spec, stack))
     elif j in convs:
       sums.append(_conv_sum(convs[j], weights[j], keep, x.shape, acc))
     else:  # Not used by the loss.
       sums.append(jnp.zeros(x.shape, _tree.acc_dtype(x.dtype)))
   return sums, stats
+
+
+def _stack(calls, uses) -> int:
+  """The iterations of a weight scanned over (one slice each), or 0."""
+  call = calls[uses[0][0]]
+  return call.loop if call.sliced else 0
+
+
+def _as_leaf(matrix, shape, perm, stack) -> jax.Array:
+  """A weight's ``(V, F)`` (or ``(stack, V, F)``) matrix in the weight's
+  shape; an ``nnx.Einsum`` kernel's axes were permuted by ``perm``."""
+  if perm is None:
+    return matrix.reshape(shape)
+  lead = shape[:1] if stack else ()
+  core = shape[len(lead):]
+  moved = matrix.reshape(lead + tuple(core[a] for a in perm))
+  return jnp.transpose(moved, tuple(range(len(lead))) + tuple(
+      len(lead) + int(a) for a in np.argsort(perm)))
+
+
+def _rows(call, batch) -> tuple[int, ...]:
+  """The leading shape of a call's rows: ``(batch, T)``, or ``(batch,
+  iterations, T)`` for a weight scanned over (``T`` as -1)."""
+  return (batch, call.loop, -1) if call.sliced else (batch, -1)
+
+
+def _stacked_sum(terms, stack, weights, keep, acc) -> jax.Array:
+  """:func:`_matrix_sum`, of each iteration's slice of a weight scanned
+  over (``stack`` of them; the terms' examples are ``(batch, stack)``
+  flattened), or of an ordinary one (``stack`` 0)."""
+  if not stack:
+    return _matrix_sum(terms, weights, keep, acc)
+  unfold = lambda v: v.reshape((-1, stack) + v.shape[1:])  # noqa: E731
+  return jax.vmap(lambda pairs: _matrix_sum(
+      [t._replace(a=a, c=c) for t, (a, c) in zip(terms, pairs)], weights,
+      keep, acc), in_axes=1)([(unfold(t.a), unfold(t.c)) for t in terms])
 
 
 class _Term(NamedTuple):
@@ -341,8 +403,12 @@ def _terms(calls, uses, saved, dys, batch) -> list[_Term]:
   dense, onehot = [], []
   for c, _ in uses:
     call = calls[c]
-    x = saved[c].reshape((batch, -1) + saved[c].shape[2:])
-    dy = dys[c].reshape(batch, -1, dys[c].shape[-1])
+    # A weight scanned over: each (example, iteration) is a term's row;
+    # one shared by the iterations: they are rows of one example's term.
+    lead = (batch * call.loop, -1) if call.sliced else (batch, -1)
+    x = saved[c].reshape(lead + (saved[c].shape[-1:] if call.loop else
+                                 saved[c].shape[2:]))
+    dy = dys[c].reshape(lead + (call.features,))
     if call.kind == "embed":
       onehot.append((x, dy))
     elif call.kind == "attend":  # y = q @ E^T: E's gradient is dy^T q.
@@ -608,51 +674,178 @@ _lock = threading.Lock()
 _patched = [0]
 
 
-class _Tape:
-  """What one trace of ``fun`` records of its layer calls."""
+class _Frame(NamedTuple):
+  """The trace that the layer calls run in: ``fun``'s own, or the body of a
+  ``jax.lax.scan`` or ``jax.checkpoint`` inside it."""
+  index: dict[int, tuple[int, bool]]  # id(value) -> (leaf, a slice of it?)
+  dups: dict[int, Any]       # leaf -> its stand-in (discovery).
+  probes: dict[int, Any]     # call -> the probe added to its output.
+  saved: list[jax.Array]     # The records of this trace's calls.
+  loop: int                  # Iterations of the enclosing scan, 0 if none.
+  suspended: bool            # In a nested scan: nothing is intercepted.
 
-  def __init__(self, mode, calls=None, probes=None):
+
+class _Tape:
+  """What one trace of ``fun`` records of its layer calls.
+
+  A ``jax.lax.scan`` or ``jax.checkpoint`` inside ``fun`` traces its body
+  apart: :meth:`subtrace` passes the probes of the body's calls in (and in
+  discovery the stand-ins of its parameters), and the records out, as extra
+  inputs and outputs, so a scan stacks them over its iterations. A
+  parameter scanned over (``nnx.scan`` over modules stacked by ``nnx.vmap``)
+  is found in the body as a slice: each iteration's weights are a matrix of
+  their own.
+  """
+
+  def __init__(self, mode, calls=None, probes=None, scopes=None):
     self.mode = mode
     self.calls: list[_Call] = [] if calls is None else calls
-    self.probes = probes or {}
-    self.saved: list[jax.Array] = []
+    self.scopes: list[tuple[int, int]] = [] if scopes is None else scopes
+    self.top_probes = probes or {}
 
   def start(self, leaves, dups=None):
-    self.index = {id(x): j for j, x in enumerate(leaves)}
-    self.dups = dups
+    self.frame = _Frame({id(x): (j, False) for j, x in enumerate(leaves)},
+                        dict(enumerate(dups or ())), self.top_probes, [], 0,
+                        False)
     self.count = 0
+    self.serial = 0
 
-  def call(self, kind, original, module, x, args, kwargs):
-    roles = _ROLES[kind](module, x)
-    index = [self.index.get(id(v.value)) for v in (roles or {}).values()]
-    if roles is None or None in index:
+  @property
+  def saved(self) -> list[jax.Array]:
+    return self.frame.saved
+
+  def call(self, kind, original, module, x, args, kwargs, layout=None):
+    f = self.frame
+    roles = None if f.suspended or (f.loop and kind not in _LOOPED) else (
+        _ROLES[kind](module, x))
+    hits = [f.index.get(id(v.value)) for v in (roles or {}).values()]
+    if (roles is None or None in hits
+        or len({s for _, s in hits}) != 1):  # type: ignore[misc]
       return original(module, x, *args, **kwargs)
-    found = tuple((r, j) for r, j in zip(roles, index) if j is not None)
+    found = tuple((r, h[0]) for r, h in zip(roles, hits))  # type: ignore[index]
+    sliced = bool(hits[0][1])  # type: ignore[index]
     c = self.count
     self.count += 1
     if self.mode == "discover":
-      old = {r: v.value for r, v in roles.items()}
-      try:
-        for (r, j) in found:
-          roles[r].value = self.dups[j]
-        y = original(module, x, *args, **kwargs)
-      finally:
-        for r, v in roles.items():
-          v.value = old[r]
+      # The call reads the stand-ins: a use of the parameter found in the
+      # traced program is a use outside the calls. A shallow copy of the
+      # module holds them, so no Variable of another trace is mutated.
+      stand_in = copy.copy(module)
+      for r, j in found:
+        object.__setattr__(stand_in, r, roles[r].replace(f.dups[j]))
+      y = original(stand_in, x, *args, **kwargs)
+      if layout is None:
+        size, features = _matrix_shape(kind, module, y,
+                                       roles[found[0][0]].value)
+        spec = _conv_spec(module) if kind == "conv" else None
+        shape = y.shape
+      else:  # The rows, then the output axes, as the probe is laid out.
+        size, features, spec = layout.size, layout.features, layout.kernel
+        shape = tuple(y.shape[a] for a in layout.y)
+      out = ((f.loop,) if f.loop else ()) + shape
       self.calls.append(_Call(
-          kind, found, jax.ShapeDtypeStruct(y.shape, y.dtype),
-          _conv_spec(module) if kind == "conv" else None,
-          roles[found[0][0]].value.shape[0]))
+          kind, found, jax.ShapeDtypeStruct(out, y.dtype), spec, size,
+          features, f.loop, sliced))
       return y
     want = self.calls[c] if c < len(self.calls) else None
-    if want is None or want.kind != kind or want.roles != found:
+    if want is None or (want.kind, want.roles, want.loop, want.sliced) != (
+        kind, found, f.loop, sliced):
       raise RuntimeError(f"{_WHERE}: fun made different layer calls on two"
                          " traces; its calls must depend only on shapes.")
     y = original(module, x, *args, **kwargs)
-    if c in self.probes:
-      self.saved.append(_RECORD[kind](module, x))
-      y = y + self.probes[c]
+    if c in f.probes:
+      if layout is None:
+        f.saved.append(_RECORD[kind](module, x))
+        y = y + f.probes[c]
+      else:
+        f.saved.append(jnp.transpose(x, layout.x).reshape(-1, layout.size))
+        y = y + jnp.transpose(f.probes[c],
+                              tuple(np.argsort(layout.y).tolist()))
     return y
+
+  def subtrace(self, run, inputs, loop):
+    """``run(within, extra)`` traces a body apart: a scan's over ``loop``
+    iterations of ``inputs`` (sliced), or a checkpoint's (``loop`` 0).
+
+    The body calls ``within(inner, extra_inner, fn)``, where ``inner`` are
+    the body's own values of ``inputs``, ``extra_inner`` of ``extra`` (in
+    discovery the stand-ins of the parameters in ``inputs``, else the
+    probes of the body's calls): it runs ``fn()`` with the calls recorded in
+    the body's frame and returns ``(fn(), records)``. ``run`` returns
+    ``(out, records)`` where its body returned them; this returns ``out``.
+    """
+    parent = self.frame
+    flat = jax.tree_util.tree_leaves(inputs)
+    matched = {k: parent.index[id(x)] for k, x in enumerate(flat)
+               if id(x) in parent.index}
+    serial, start = self.serial, self.count
+    self.serial += 1
+    nested = bool(parent.suspended or (loop and parent.loop))
+    discover = self.mode == "discover"
+    if discover:
+      extra = {j: parent.dups[j] for j, _ in matched.values()}
+    else:
+      first, last = self.scopes[serial]
+      extra = {c: p for c, p in parent.probes.items() if first <= c < last}
+
+    def within(inner, extra, fn):
+      flat = jax.tree_util.tree_leaves(inner)
+      index = dict(parent.index)  # Closed over: the same in every iteration.
+      index.update({id(flat[k]): (j, s or bool(loop))
+                    for k, (j, s) in matched.items()})
+      frame = _Frame(index, {**parent.dups, **extra} if discover else {},
+                     {} if discover else extra, [], loop or parent.loop,
+                     nested)
+      # A retrace (jax.lax.scan's, for weak types) starts again.
+      self.count, self.serial = start, serial + 1
+      if discover:
+        del self.calls[start:]
+        del self.scopes[serial:]
+        self.scopes.append((start, start))
+      self.frame = frame
+      try:
+        out = fn()
+      finally:
+        self.frame = parent
+        if discover:
+          self.scopes[serial] = (start, self.count)
+      return out, frame.saved
+
+    out, saved = run(within, extra)
+    parent.saved.extend(saved)
+    return out
+
+
+def _scan(tape, original, f, init, xs, length, kw):
+  """``jax.lax.scan(f, init, xs, length, **kw)`` with ``f`` traced under
+  ``tape``: the records of its calls come out stacked over the iterations."""
+  flat = jax.tree_util.tree_leaves(xs)
+  loop = length if length is not None else flat[0].shape[0]
+
+  def run(within, extra):
+    def body(carry, both):
+      x, e = both
+      (carry, ys), saved = within(x, e, lambda: f(carry, x))
+      return carry, (ys, saved)
+
+    carry, (ys, saved) = original(body, init, (xs, extra), length=length,
+                                  **kw)
+    return (carry, ys), saved
+
+  return tape.subtrace(run, xs, loop)
+
+
+def _checkpointed(tape, original, fun, kw, args, kwargs):
+  """``jax.checkpoint(fun, **kw)(*args, **kwargs)`` with ``fun`` traced
+  under ``tape``: the records of its calls are outputs (kept, not
+  recomputed: the norms need them)."""
+
+  def run(within, extra):
+    def inner(a, k, e):
+      return within((a, k), e, lambda: fun(*a, **k))
+    return original(inner, **kw)(args, kwargs, extra)
+
+  return tape.subtrace(run, (args, kwargs), 0)
 
 
 def _kernel_roles(module):
@@ -664,6 +857,13 @@ def _kernel_roles(module):
 
 def _linear_roles(module, x):
   if module.dot_general is not jax.lax.dot_general:
+    return None
+  return _kernel_roles(module)
+
+
+def _general_roles(module, x):
+  if (module.batch_axis or module.dot_general_cls is not None
+      or module.dot_general not in (None, jax.lax.dot_general)):
     return None
   return _kernel_roles(module)
 
@@ -680,8 +880,13 @@ def _embed_roles(module, x):
   return {"embedding": module.embedding}
 
 
-_ROLES = {"linear": _linear_roles, "conv": _conv_roles,
-          "embed": _embed_roles, "attend": _embed_roles}
+_LOOPED = ("linear", "general", "einsum", "lora_a", "lora_b")  # Kinds recorded inside a scan.
+_ROLES = {"linear": _linear_roles, "general": _general_roles,
+          "conv": _conv_roles,
+          "embed": _embed_roles, "attend": _embed_roles,
+          "einsum": lambda m, x: _kernel_roles(m),
+          "lora_a": lambda m, x: {"lora_a": m.lora_a},
+          "lora_b": lambda m, x: {"lora_b": m.lora_b}}
 
 
 def _conv_padding(module):
@@ -704,6 +909,82 @@ def _conv_spec(module):
           fill(module.kernel_dilation))
 
 
+def _matrix_shape(kind, module, y, weight):
+  """``(rows, columns)`` of the weight as a matrix ``x^T dy`` forms: an
+  ``nnx.LinearGeneral`` kernel flattened to ``(prod(in), prod(out))``."""
+  if kind == "general":
+    return (math.prod(module.in_features), math.prod(module.out_features))
+  return weight.shape[0], y.shape[-1]
+
+
+def _general_rows(module, x):
+  """``x`` with ``nnx.LinearGeneral``'s contracting axes last, flattened."""
+  axes = [a % x.ndim for a in (module.axis if isinstance(module.axis, Sequence)
+                                else (module.axis,))]
+  moved = jnp.moveaxis(x, axes, range(x.ndim - len(axes), x.ndim))
+  return moved.reshape(-1, math.prod(module.in_features))
+
+
+class _Layout(NamedTuple):
+  """An ``nnx.Einsum`` call as a matrix product ``x K``: the axes of ``x``,
+  ``y`` and the kernel, each put as rows (``x``, ``y``) then contracted
+  (``x``, kernel) or output (``y``, kernel) axes; the matrix's shape."""
+  x: tuple[int, ...]
+  y: tuple[int, ...]
+  kernel: tuple[int, ...]
+  size: int
+  features: int
+
+
+def _einsum_layout(module, x, args, kwargs) -> _Layout | None:
+  """The layout of an ``nnx.Einsum`` call, or ``None`` where its equation
+  is not a matrix product (a kernel axis shared with the output and the
+  input, an input axis summed alone, a repeated axis, ...)."""
+  if module.einsum_op is not jnp.einsum or len(args) > 1:
+    return None
+  eq = args[0] if args else kwargs.get("einsum_str")
+  eq = module.einsum_str if eq is None else eq
+  if eq is None:
+    return None
+  kernel = module.kernel.value
+  try:
+    import opt_einsum  # type: ignore[import-untyped]  # Flax needs it.
+    ins, out, _ = opt_einsum.parser.parse_einsum_input(
+        (eq.replace(" ", ""), x, kernel))
+    lhs, rhs = ins.split(",")
+  except Exception:  # noqa: BLE001 - Flax raises its own error.
+    return None
+  rows = [c for c in out if c not in rhs]
+  contracted = [c for c in lhs if c in rhs]
+  outs = [c for c in out if c in rhs]
+  if (any(len(set(t)) != len(t) for t in (lhs, rhs, out))
+      or set(rhs) != set(contracted) | set(outs) or set(contracted) & set(out)
+      or set(lhs) != set(rows) | set(contracted)):
+    return None
+  k = [rhs.index(c) for c in contracted + outs]
+  return _Layout(tuple(lhs.index(c) for c in rows + contracted),
+                 tuple(out.index(c) for c in rows + outs), tuple(k),
+                 math.prod(kernel.shape[a] for a in k[:len(contracted)]),
+                 math.prod(kernel.shape[a] for a in k[len(contracted):]))
+
+
+def _plain_lora(module, x) -> bool:
+  """Whether ``nnx.LoRA``'s dtype promotion changes nothing (then its two
+  products are intercepted one by one)."""
+  dtypes = {jnp.result_type(x), module.lora_a.value.dtype,
+            module.lora_b.value.dtype}
+  return (len(dtypes) == 1 and module.dtype in (None, *dtypes)
+          and (module.base_module is None or callable(module.base_module)))
+
+
+def _lora_a(module, x):
+  return x @ module.lora_a[...]
+
+
+def _lora_b(module, h):
+  return h @ module.lora_b[...]
+
+
 def _embed_ids(size, ids):
   """The rows ``jnp.take`` reads: negative ids count from the end."""
   if size == 1:  # nnx.Embed broadcasts its one row.
@@ -713,6 +994,9 @@ def _embed_ids(size, ids):
 
 _RECORD = {
     "linear": lambda m, x: x.reshape(-1, x.shape[-1]),
+    "general": _general_rows,
+    "lora_a": lambda m, x: x.reshape(-1, x.shape[-1]),
+    "lora_b": lambda m, x: x.reshape(-1, x.shape[-1]),
     "attend": lambda m, x: x.reshape(-1, x.shape[-1]),
     "embed": lambda m, x: _embed_ids(m.num_embeddings, x.reshape(-1)),
     "conv": lambda m, x: x.reshape(
@@ -721,17 +1005,54 @@ _RECORD = {
 
 
 def _methods():
-  return {("linear", nnx.Linear, "__call__"), ("conv", nnx.Conv, "__call__"),
-          ("embed", nnx.Embed, "__call__"), ("attend", nnx.Embed, "attend")}
+  return {("linear", nnx.Linear, "__call__"),
+          ("general", nnx.LinearGeneral, "__call__"),
+          ("conv", nnx.Conv, "__call__"),
+          ("embed", nnx.Embed, "__call__"), ("attend", nnx.Embed, "attend"),
+          ("einsum", nnx.Einsum, "__call__"), ("lora", nnx.LoRA, "__call__"), ("scan", jax.lax, "scan"), ("checkpoint", jax, "checkpoint")}
 
 
 def _intercepting(kind, original):
-  @functools.wraps(original)
-  def method(self, x, *args, **kwargs):
-    tape = getattr(_local, "tape", None)
-    if tape is None:
-      return original(self, x, *args, **kwargs)
-    return tape.call(kind, original, self, x, args, kwargs)
+  if kind == "scan":
+    def method(f, init, xs=None, length=None, **kw):
+      tape = getattr(_local, "tape", None)
+      if tape is None:
+        return original(f, init, xs, length=length, **kw)
+      return _scan(tape, original, f, init, xs, length, kw)
+  elif kind == "einsum":
+    def method(self, x, *args, **kwargs):  # type: ignore[misc]
+      tape = getattr(_local, "tape", None)
+      layout = None if tape is None else _einsum_layout(self, x, args, kwargs)
+      if tape is None or layout is None:
+        return original(self, x, *args, **kwargs)
+      return tape.call(kind, original, self, x, args, kwargs, layout)
+  elif kind == "lora":
+    def method(self, x, **kwargs):  # type: ignore[misc]
+      tape = getattr(_local, "tape", None)
+      if tape is None or not _plain_lora(self, x):
+        return original(self, x, **kwargs)
+      # x @ lora_a @ lora_b as two matrix calls, in the same order.
+      h = tape.call("lora_a", _lora_a, self, x, (), {})
+      out = tape.call("lora_b", _lora_b, self, h, (), {})
+      if self.base_module is not None:
+        out += self.base_module(x, **kwargs)
+      return out
+  elif kind == "checkpoint":
+    def method(fun=None, **kw):  # type: ignore[misc]
+      tape = getattr(_local, "tape", None)
+      if fun is None:
+        return functools.partial(method, **kw)
+      if tape is None or kw.get("static_argnums"):
+        return original(fun, **kw)
+      return lambda *args, **kwargs: _checkpointed(
+          tape, original, fun, kw, args, kwargs)
+  else:
+    def method(self, x, *args, **kwargs):  # type: ignore[misc]
+      tape = getattr(_local, "tape", None)
+      if tape is None:
+        return original(self, x, *args, **kwargs)
+      return tape.call(kind, original, self, x, args, kwargs)
+  method = functools.wraps(original)(method)
   method._ghost_original = original  # type: ignore[attr-defined]
   return method
 

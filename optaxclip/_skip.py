@@ -16,6 +16,93 @@ from optaxclip._norms import AxisName, Ord
 from optaxclip._thresholds import Threshold
 
 
+class SpikeWindow(NamedTuple):
+  """The rolling spike rule of :func:`skip_step` (``spike_window=``).
+
+  A step is skipped when its loss, or the global norm of its gradients, lies
+  more than ``num_std`` standard deviations above the mean of the last
+  ``window`` values before it, once ``min_history`` values are in the
+  window: the rule of OLMo-core's ``SkipStepOptimizer``, levanter's
+  ``SkipStepConfig`` and MaxText's ``skip_step_on_spikes``. All three are
+  one-sided (a loss that drops is never skipped), test the loss and the
+  norm both, and put every step's values in the window, skipped steps'
+  included, so that a lasting change of level becomes the new baseline
+  within a few steps (where a moving average of the steps taken alone, as
+  ``spike_factor``'s, never catches up). They differ in the deviation and
+  the warm-up:
+
+  ==========  ========================================  ===================
+  rule        deviation                                 judged from
+  ==========  ========================================  ===================
+  levanter    population (``jnp.std``), at least 1e-6   ``window // 2``
+                                                        earlier values
+  OLMo-core   sample (``torch.std_mean``: Bessel)       ``window // 2 - 1``
+  MaxText     sample (Bessel), as OLMo-core             ``window // 2 - 1``
+  ==========  ========================================  ===================
+
+  The default is levanter's rule (``ddof=0``, ``min_history = window //
+  2``), the JAX one whose ``update(..., loss=loss)`` this follows; with
+  ``window=128`` the two deviations differ by 0.4%. ``SpikeWindow(ddof=1,
+  min_history=63, std_floor=0.0)`` is OLMo-core's and MaxText's rule.
+
+  Edge cases, where optaxclip chooses:
+
+  - Empty or short window: before ``min_history`` finite values are in it,
+    no finite value is skipped, however large (the bounds read ``inf``).
+  - Equal values (deviation 0): the deviation used is at least
+    ``std_floor * |mean|`` (default 1e-3), so a window of losses of exactly
+    2.0 lets 2.0002 through and skips 2.02. In the references, without a
+    floor (OLMo-core, MaxText) or with an absolute 1e-6 (levanter), any rise
+    above a constant window is skipped. A window of zeros has no floor.
+  - NaN or infinite loss or norm (watched): the step is skipped, in the
+    warm-up too, and the value stays out of the window. In the references
+    it enters the window, whose mean then reads NaN, and every step is
+    skipped until it has left (``window`` steps).
+  - A value equal to the bound is taken (``<=``, as in the references).
+
+  Attributes:
+    window: how many earlier values the mean and the deviation are taken
+      over (at least 2).
+    num_std: how many standard deviations above the mean a value may lie
+      (> 0).
+    min_history: how many earlier values must be in the window before the
+      rule skips anything (2 to ``window``); ``None`` for
+      ``max(2, window // 2)``.
+    watch: ``"both"`` (skip when either spikes), ``"loss"`` or
+      ``"grad_norm"``. The loss comes as ``update(..., loss=loss)``: the
+      batch's mean loss, a scalar; with ``axis_name``, averaged over it.
+    two_sided: also skip values more than ``num_std`` deviations *below* the
+      mean (e.g. a batch of padding whose loss drops to near zero). None of
+      the references does.
+    ddof: 0 for the population deviation (levanter), 1 for the sample
+      deviation with Bessel's correction (OLMo-core, MaxText).
+    std_floor: the deviation used is at least ``std_floor * |mean|``; 0 for
+      none.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaxclip as oc
+    >>> opt = oc.skip_step(optax.sgd(0.1),
+    ...                    spike_window=oc.SpikeWindow(window=8))
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = opt.init(params)
+    >>> grads = {"w": jnp.ones(2)}
+    >>> for loss in [2.0, 2.1, 1.9, 2.0, 2.1, 1.9, 2.0, 9.0]:
+    ...   _, state = opt.update(grads, state, params, loss=loss)
+    >>> print(state.skipped, state.loss_threshold)
+    True 2.4536
+  """
+
+  window: int = 128
+  num_std: float = 6.0
+  min_history: int | None = None
+  watch: str = "both"
+  two_sided: bool = False
+  ddof: int = 0
+  std_floor: float = 1e-3
+
+
 class SkipStepState(NamedTuple):
   """State of :func:`skip_step`.
 
@@ -34,6 +121,16 @@ class SkipStepState(NamedTuple):
     leaf_norms: (``leaf_norms=True``) each leaf's norm of the last incoming
       update, a tree like the updates, from the same partial sums as
       ``grad_norm``; ``None`` otherwise.
+    loss: (``spike_window`` watching the loss) the loss of the last step,
+      as passed to ``update``; ``None`` otherwise.
+    loss_threshold: (idem) the loss above which the last step was or would
+      have been skipped by the rolling rule (``inf`` before ``min_history``
+      losses were in the window).
+    history: (``spike_window``) the rolling window, ``(2, window)``: row 0
+      the losses, row 1 the gradient norms, oldest overwritten first;
+      ``None`` otherwise.
+    history_count: (``spike_window``) how many values of each row have
+      entered the window (int32, ``(2,)``; kept below ``2 * window``).
     inner_state: the state of the wrapped transformation, as it was after the
       last step that was taken.
   """
@@ -47,6 +144,10 @@ class SkipStepState(NamedTuple):
   norm_ema: jax.Array
   leaf_norms: Any
   inner_state: Any
+  loss: jax.Array | None = None
+  loss_threshold: jax.Array | None = None
+  history: jax.Array | None = None
+  history_count: jax.Array | None = None
 
 
 _IN_MULTISTEPS = (
@@ -55,8 +156,17 @@ _IN_MULTISTEPS = (
     " following steps. Nest it the other way round,"
     " oc.skip_step(optax.MultiSteps(opt, k)), to drop a bad micro-batch"
     " alone; or, to judge the accumulated gradients, pass nonfinite=False"
-    " with max_norm or spike_factor and give MultiSteps"
+    " with max_norm, spike_factor or spike_window and give MultiSteps"
     " should_skip_update_fn=optax.skip_not_finite.")
+
+
+_LOSS_IN_MULTISTEPS = (
+    "skip_step: wrapped in optax.MultiSteps, spike_window would judge the"
+    " loss passed with the last micro-batch of each step alone (MultiSteps"
+    " forwards that one). Nest it the other way round,"
+    " oc.skip_step(optax.MultiSteps(opt, k), spike_window=...), to judge"
+    " each micro-batch's loss and norm; or watch the accumulated gradients'"
+    " norm alone: oc.SpikeWindow(watch='grad_norm').")
 
 
 SkipStepStats = SkipStepState
@@ -71,6 +181,7 @@ def skip_step(
     spike_factor: float | None = None,
     spike_decay: float = 0.99,
     spike_warmup: int = 20,
+    spike_window: SpikeWindow | None = None,
     ord: Ord = 2,
     axis_name: AxisName = None,
     leaf_norms: bool = False,
@@ -88,7 +199,13 @@ def skip_step(
   - the norm exceeds ``max_norm``;
   - ``spike_factor`` is given, at least ``spike_warmup`` steps have been
     taken, and the norm exceeds ``spike_factor`` times the moving average of
-    the norms of the steps taken (a loss spike).
+    the norms of the steps taken (a loss spike);
+  - ``spike_window`` is given (a :class:`SpikeWindow`) and the loss passed
+    as ``update(grads, state, params, loss=loss)``, or the norm, lies more
+    than ``num_std`` standard deviations above the mean of the last
+    ``window`` values (OLMo-core's, levanter's and MaxText's rule), or is
+    NaN or infinite. Every finite value enters that window, skipped steps'
+    included.
 
   A skipped step emits an update of zeros (each leaf's dtype kept) and
   returns the wrapped transformation's state unchanged: Adam's moments and
@@ -107,9 +224,19 @@ def skip_step(
   With gradient accumulation, nest ``skip_step(optax.MultiSteps(opt, k))``:
   a bad micro-batch is dropped alone (the accumulator, the micro-step counter
   and ``opt``'s state are left as they were) and the rules apply to each
-  micro-batch's norm. ``optax.MultiSteps(skip_step(opt), k)`` with
-  ``nonfinite=True`` raises a ``TypeError`` when traced: there a NaN would
-  stay in MultiSteps' accumulator.
+  micro-batch's norm, and loss: pass each micro-batch's mean loss, and
+  ``spike_window`` judges it against a window of micro-batch values (its
+  ``window`` counts micro-batches; a micro-batch's loss scatters more than
+  the mean of ``k``, so the bounds are wider). ``optax.MultiSteps(skip_step(opt),
+  k)`` with ``nonfinite=True``, or with a ``spike_window`` that watches the
+  loss, raises a ``TypeError`` when traced: there a NaN would stay in
+  MultiSteps' accumulator, and MultiSteps forwards the last micro-batch's
+  loss alone. With ``nonfinite=False`` and ``SpikeWindow(watch="grad_norm")``
+  it judges the accumulated gradients' norm once per step.
+
+  ``updates`` whose tree structure or leaf shapes differ from those of the
+  tree given to ``init`` raise a ``ValueError`` naming the first
+  differences.
 
   Args:
     inner: the transformation to guard, or an ``optax.MultiSteps``; extra
@@ -128,6 +255,9 @@ def skip_step(
       norms from the first step taken.
     spike_warmup: how many steps must have been taken before the spike rule
       applies (at least 1).
+    spike_window: the rolling rule on the loss and the norm, a
+      :class:`SpikeWindow`; ``None`` (default) disables it. Its window, the
+      last loss and the loss bound are kept in the state.
     ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or tuple of names) to reduce the norm over, so that every device
@@ -142,7 +272,10 @@ def skip_step(
   References:
     Chowdhery et al., `PaLM: Scaling Language Modeling with Pathways
     <https://arxiv.org/abs/2204.02311>`_, 2022 (skipping batches around loss
-    spikes); ``optax.apply_if_finite``.
+    spikes); ``optax.apply_if_finite``; OLMo-core's ``SkipStepOptimizer``
+    (``olmo_core/optim/skip_step_optimizer.py``), levanter's
+    ``SkipStepConfig`` (``levanter/optim/skip_step.py``) and MaxText's
+    ``skip_step_on_spikes`` (``optimizers.py``).
 
   Example:
     >>> import jax.numpy as jnp
@@ -160,10 +293,12 @@ def skip_step(
     1 0.0
   """
   inner = _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
-                   spike_warmup, leaf_norms)
+                   spike_warmup, leaf_norms, spike_window)
   p = _validate.canonical_ord(ord)
+  trees: list[list[tuple[str, tuple[int, ...]]]] = []
 
   def init_fn(params):
+    _remember_tree(trees, params)
     dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
     return SkipStepState(
@@ -173,35 +308,30 @@ def skip_step(
         scale=jnp.ones((), dtype), skipped=jnp.zeros((), bool),
         num_skipped=jnp.zeros((), jnp.int32), norm_ema=jnp.zeros((), dtype),
         leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None,
-        inner_state=inner.init(params))
+        inner_state=inner.init(params),
+        **_window_init(spike_window, dtype))
 
   def update_fn(updates, state, params=None, **extra_args):
     _check_state(state)
+    _check_tree(trees, updates)
     if nonfinite and _called_by_multisteps():
       raise TypeError(_IN_MULTISTEPS)
+    if _watches_loss(spike_window) and _called_by_multisteps():
+      raise TypeError(_LOSS_IN_MULTISTEPS)
     dtype = state.grad_norm.dtype
-    # The barrier keeps XLA from sharing the squares of this norm with an
-    # inner optimizer's squares of the same gradients (Adam's second
-    # moment): shared, they are written out as a temporary as large as the
-    # gradients, where a fused reduction reads them once. Inside shard_map
-    # (axis_name given) it is left out: its outputs lose the record of which
-    # leaves vary across devices, which the norm needs.
-    seen = updates if axis_name is not None else (
-        jax.lax.optimization_barrier(updates))
-    parts, each = _norms.global_and_leaf_norms(
-        seen, p, axis_name=axis_name, leaves=leaf_norms)
-    norm = parts.value().astype(dtype)
-    threshold = jnp.full((), jnp.inf, dtype)
-    if max_norm is not None:
-      threshold = _thresholds.resolve(max_norm, state.count, dtype)
     taken = state.count - state.num_skipped
-    if spike_factor is not None:
-      spike = jnp.asarray(spike_factor, dtype) * state.norm_ema
-      threshold = jnp.where(taken >= spike_warmup,
-                            jnp.minimum(threshold, spike), threshold)
+    norm, each, threshold = _norm_and_threshold(
+        updates, state, p, axis_name, leaf_norms, max_norm,
+        spike_factor if spike_factor is None else (spike_factor, spike_warmup))
     skip = norm > threshold
     if nonfinite:
       skip |= ~jnp.isfinite(norm)
+    window = {}
+    if spike_window is not None:
+      loss = _loss_arg(extra_args, spike_window, dtype, axis_name)
+      spiked, threshold, window = _window_update(spike_window, state, loss,
+                                                 norm, threshold)
+      skip |= spiked
 
     new_updates, new_inner = _update_keeping_state(
         skip, inner.update, updates, state.inner_state, params, extra_args)
@@ -216,13 +346,42 @@ def skip_step(
         threshold=threshold, scale=jnp.where(skip, 0, 1).astype(dtype),
         skipped=skip, num_skipped=state.num_skipped + skip.astype(jnp.int32),
         norm_ema=jnp.where(use, ema, state.norm_ema), leaf_norms=each,
-        inner_state=new_inner)
+        inner_state=new_inner, **window)
 
   return _transform.transformation(init_fn, update_fn, extra_args=True)
 
 
+def _norm_and_threshold(updates, state, p, axis_name, leaf_norms, max_norm,
+                        spike):
+  """The global norm of ``updates`` (and each leaf's, with ``leaf_norms``),
+  and the norm above which ``max_norm`` or the moving-average spike rule
+  (``spike``: ``(factor, warmup)`` or ``None``) skips the step."""
+  dtype = state.grad_norm.dtype
+  # The barrier keeps XLA from sharing the squares of this norm with an
+  # inner optimizer's squares of the same gradients (Adam's second
+  # moment): shared, they are written out as a temporary as large as the
+  # gradients, where a fused reduction reads them once. Inside shard_map
+  # (axis_name given) it is left out: its outputs lose the record of which
+  # leaves vary across devices, which the norm needs.
+  seen = updates if axis_name is not None else (
+      jax.lax.optimization_barrier(updates))
+  parts, each = _norms.global_and_leaf_norms(
+      seen, p, axis_name=axis_name, leaves=leaf_norms)
+  norm = parts.value().astype(dtype)
+  threshold = jnp.full((), jnp.inf, dtype)
+  if max_norm is not None:
+    threshold = _thresholds.resolve(max_norm, state.count, dtype)
+  if spike is not None:
+    factor, warmup = spike
+    taken = state.count - state.num_skipped
+    bound = jnp.asarray(factor, dtype) * state.norm_ema
+    threshold = jnp.where(taken >= warmup, jnp.minimum(threshold, bound),
+                          threshold)
+  return norm, each, threshold
+
+
 def _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
-             spike_warmup, leaf_norms):
+             spike_warmup, leaf_norms, spike_window):
   """``inner`` as an ``ExtraArgs`` transformation, once every argument is
   checked."""
   where = "skip_step"
@@ -242,12 +401,178 @@ def _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
   _validate.check_range(spike_decay, "spike_decay", where, lo=0.0, hi=1.0,
                       open_hi=True, schedule=False)
   _validate.check_int(spike_warmup, "spike_warmup", where, lo=1)
-  if not nonfinite and max_norm is None and spike_factor is None:
+  if spike_window is not None:
+    _check_window(spike_window)
+  if (not nonfinite and max_norm is None and spike_factor is None
+      and spike_window is None):
     raise ValueError(
-        f"{where}: with nonfinite=False, give max_norm or spike_factor;"
-        " otherwise no step is ever skipped.")
+        f"{where}: with nonfinite=False, give max_norm, spike_factor or"
+        " spike_window; otherwise no step is ever skipped.")
   _validate.check_bool(leaf_norms, "leaf_norms", where)
   return optax.with_extra_args_support(inner)
+
+
+def _check_window(rule: Any) -> None:
+  """Raises unless ``rule`` is a :class:`SpikeWindow` of sound fields."""
+  where = "skip_step"
+  if not isinstance(rule, SpikeWindow):
+    raise TypeError(
+        f"{where}: spike_window must be an oc.SpikeWindow (e.g."
+        f" oc.SpikeWindow(window=128, num_std=6.0)) or None, got"
+        f" {type(rule).__name__}.")
+  where = "skip_step: spike_window"
+  _validate.check_int(rule.window, "window", where, lo=2)
+  _validate.check_range(rule.num_std, "num_std", where, lo=0.0, hi=math.inf,
+                        open_lo=True, schedule=False)
+  if rule.min_history is not None:
+    _validate.check_int(rule.min_history, "min_history", where, lo=2)
+    if rule.min_history > rule.window:
+      raise ValueError(
+          f"{where}: min_history={rule.min_history} exceeds window="
+          f"{rule.window}, so the rule would never apply; give at most"
+          " window.")
+  if rule.watch not in _WATCH:
+    raise ValueError(f"{where}: watch={rule.watch!r} is not one of"
+                     f" {sorted(_WATCH)}.")
+  _validate.check_bool(rule.two_sided, "two_sided", where)
+  if isinstance(rule.ddof, bool) or rule.ddof not in (0, 1):
+    raise ValueError(f"{where}: ddof={rule.ddof!r} must be 0 (population"
+                     " deviation) or 1 (sample deviation).")
+  _validate.check_range(rule.std_floor, "std_floor", where, lo=0.0,
+                        hi=math.inf, open_hi=True, schedule=False)
+
+
+_WATCH = {"both": (True, True), "loss": (True, False),
+          "grad_norm": (False, True)}
+
+
+def _watches_loss(rule: SpikeWindow | None) -> bool:
+  return rule is not None and _WATCH[rule.watch][0]
+
+
+def _window_init(rule: SpikeWindow | None, dtype: Any) -> dict[str, Any]:
+  """The rolling rule's fields of a fresh :class:`SkipStepState`."""
+  if rule is None:
+    return {}
+  loss = _watches_loss(rule)
+  return dict(
+      loss=jnp.zeros((), dtype) if loss else None,
+      loss_threshold=jnp.full((), jnp.inf, dtype) if loss else None,
+      history=jnp.zeros((2, rule.window), dtype),
+      history_count=jnp.zeros((2,), jnp.int32))
+
+
+def _loss_arg(extra_args: dict[str, Any], rule: SpikeWindow, dtype: Any,
+              axis_name: AxisName) -> jax.Array:
+  """The ``loss`` extra argument as a scalar of ``dtype`` (0 when the rule
+  does not watch it), averaged over ``axis_name``."""
+  if not _watches_loss(rule):
+    return jnp.zeros((), dtype)
+  loss = extra_args.get("loss")
+  if loss is None:
+    raise ValueError(
+        "skip_step: spike_window watches the loss, but update was called"
+        " without it; pass it as opt.update(grads, state, params,"
+        " loss=loss), or watch the gradient norm alone with"
+        " oc.SpikeWindow(watch='grad_norm').")
+  if jnp.size(loss) != 1:
+    raise ValueError(
+        f"skip_step: loss must be a scalar, got shape {jnp.shape(loss)};"
+        " pass the batch's mean loss.")
+  loss = jnp.reshape(jnp.asarray(loss), ()).astype(dtype)
+  return loss if axis_name is None else jax.lax.pmean(loss, axis_name)
+
+
+def _window_update(rule: SpikeWindow, state: SkipStepState, loss: jax.Array,
+                   norm: jax.Array, threshold: jax.Array):
+  """The rolling rule's decision on ``(loss, norm)``, the norm threshold
+  lowered to its own bound, and the rule's new state fields."""
+  window = rule.window
+  min_history = (max(2, window // 2) if rule.min_history is None
+                 else rule.min_history)
+  values = jnp.stack([loss, norm])
+  watched = jnp.asarray(_WATCH[rule.watch])
+  hist, count = state.history, state.history_count
+  assert hist is not None and count is not None  # Made by _window_init.
+  dtype = hist.dtype
+  n = jnp.minimum(count, window)
+  mask = jnp.arange(window) < n[:, None]
+  nf = n.astype(dtype)
+  mean = jnp.sum(jnp.where(mask, hist, 0), axis=1) / jnp.maximum(nf, 1)
+  dev = jnp.where(mask, hist - mean[:, None], 0)
+  var = jnp.sum(dev * dev, axis=1) / jnp.maximum(nf - rule.ddof, 1)
+  std = jnp.maximum(jnp.sqrt(var),
+                    jnp.asarray(rule.std_floor, dtype) * jnp.abs(mean))
+  k = jnp.asarray(rule.num_std, dtype)
+  ready = n >= min_history
+  out = values > mean + k * std
+  if rule.two_sided:
+    out |= values < mean - k * std
+  finite = jnp.isfinite(values)
+  spiked = jnp.any(watched & (~finite | (ready & out)))
+  bound = jnp.where(ready & watched, mean + k * std, jnp.inf)
+  enter = finite & watched
+  slot = jnp.expand_dims(count % window, 1) == jnp.arange(window)
+  new_count = count + 1
+  new_count = jnp.where(new_count >= 2 * window, new_count - window, new_count)
+  fields = dict(
+      history=jnp.where(enter[:, None] & slot, values[:, None], hist),
+      history_count=jnp.where(enter, new_count, count))
+  if _watches_loss(rule):
+    fields.update(loss=loss, loss_threshold=bound[0])
+  return spiked, jnp.minimum(threshold, bound[1]), fields
+
+
+def _signature(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
+  """Each leaf of ``tree`` as ``(path, shape)``, the path made of its dict
+  keys and sequence indices alone: attribute steps are left out, so that
+  Flax NNX's ``Param`` wrappers (``['kernel'].value``, as ``init`` sees
+  them) match the bare gradients (``['kernel']``)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(jax.tree_util.keystr(tuple(
+      k for k in path if isinstance(k, (jax.tree_util.DictKey,
+                                        jax.tree_util.SequenceKey)))),
+           tuple(jnp.shape(x))) for path, x in flat]
+
+
+def _remember_tree(trees: list, params: Any) -> None:
+  """Records the leaf paths and shapes of a tree given to ``init``."""
+  entry = _signature(params)
+  if entry not in trees:
+    trees.append(entry)
+
+
+def _check_tree(trees: list, updates: Any) -> None:
+  """Raises when ``updates`` matches none of the trees given to ``init``
+  (no check when ``init`` ran elsewhere). Leaves that vary across a
+  ``shard_map`` axis are local blocks: their shapes are not compared."""
+  if not trees:
+    return
+  got = _signature(updates)
+  local = [bool(getattr(jax.typeof(x), "vma", ()))
+           for x in jax.tree_util.tree_leaves(updates)]
+  for ref in trees:
+    if len(ref) == len(got) and all(
+        a[0] == b[0] and (lo or a[1] == b[1])
+        for lo, a, b in zip(local, got, ref)):
+      return
+  ref = trees[-1]
+  paths, ref_paths = [p for p, _ in got], [p for p, _ in ref]
+  if paths != ref_paths:
+    extra = [p for p in paths if p not in ref_paths][:3]
+    missing = [p for p in ref_paths if p not in paths][:3]
+    what = (f"its tree structure differs (leaves not in init's tree:"
+            f" {', '.join(extra) or 'none'}; leaves missing:"
+            f" {', '.join(missing) or 'none'}; {len(paths)} leaves, init's"
+            f" tree had {len(ref_paths)})")
+  else:
+    what = "; ".join(f"leaf {p} has shape {s}, init's had {r}"
+                     for (p, s), (_, r) in zip(got, ref) if s != r)
+  raise ValueError(
+      f"skip_step: the updates do not match the tree given to init: {what}."
+      " Pass gradients of the very params the optimizer was initialised"
+      " with (same keys, same shapes), or call init again on the new"
+      " params.")
 
 
 def _check_state(state: Any) -> None:

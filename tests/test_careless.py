@@ -482,6 +482,23 @@ def test_skip_step_given_the_inner_state():
     opt.update(params, optax.adam(0.1).init(params), params)
 
 
+@pytest.mark.parametrize("updates, match", [
+    ({"w": jnp.ones(3), "b": jnp.ones(2)}, r"leaf \['w'\] has shape \(3,\), init's had \(2,\)"),
+    ({"w": jnp.ones(2)}, r"leaves missing: \['b'\]"),
+    ({"w": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(1)},
+     r"leaves not in init's tree: \['c'\]"),
+])
+def test_skip_step_given_updates_unlike_the_params(updates, match):
+  # Issue 20: gradients of another tree than the one given to init are
+  # named, with the fix, before the inner optimizer fails on them.
+  opt = oc.skip_step(optax.adam(0.1))
+  params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+  state = opt.init(params)
+  for update in (opt.update, jax.jit(opt.update)):
+    with pytest.raises(ValueError, match=match + ".*call init again"):
+      update(updates, state, params)
+
+
 def test_dp_aggregate_without_a_batch_axis():
   tx = oc.dp_aggregate(1.0, 0.0, seed=0)
   params = {"b": jnp.ones(3), "w": jnp.ones(2)}

@@ -2,7 +2,7 @@
 
 The continued run must equal the uninterrupted one bit for bit: ZClip's EMA
 and warm-up buffer, AutoClip's ring buffer, the step guard's counters and
-AdamW's moments all survive the round trip.
+rolling window, and AdamW's moments all survive the round trip.
 
 Both runs happen in fresh processes, this file run as a script:
 ``python tests/test_checkpoint.py reference|continue CKPT_DIR OUT.pkl``.
@@ -37,7 +37,10 @@ def make_optimizer() -> optax.GradientTransformation:
   guarded = oc.skip_step(optax.chain(
       oc.zclip(warmup_steps=3),
       oc.clip_by_quantile(0.9, history=4),  # Wraps around before the save.
-      optax.adamw(1e-2)), spike_factor=50.0, spike_warmup=2)
+      optax.adamw(1e-2)), spike_factor=50.0, spike_warmup=2,
+      # The rolling rule's window wraps around before the save; so high a
+      # bound skips no finite step.
+      spike_window=oc.SpikeWindow(window=4, num_std=1e3, min_history=2))
   return optax.chain(oc.clip_by_value(100.0), guarded)
 
 
@@ -65,8 +68,8 @@ def train(params, opt_state, first, last):
 
   @jax.jit
   def step(params, opt_state, i):
-    grads = jax.grad(loss_fn)(params, i)
-    updates, opt_state = opt.update(grads, opt_state, params)
+    loss, grads = jax.value_and_grad(loss_fn)(params, i)
+    updates, opt_state = opt.update(grads, opt_state, params, loss=loss)
     return optax.apply_updates(params, updates), opt_state
 
   for i in range(first, last):
@@ -140,6 +143,7 @@ def test_restore_in_fresh_process_continues_bit_identically(tmp_path):
   assert int(stats["clip_by_quantile/count"]) == STEPS - len(BAD_STEPS)
   assert int(stats["clip_by_quantile/fill"]) == 4
   assert int(stats["zclip/num_clipped"]) > 0
+  assert np.isfinite(stats["skip_step/loss_threshold"])
 
   want, got = reference["leaves"], continued["leaves"]
   assert sorted(got) == sorted(want)

@@ -1,4 +1,5 @@
-"""Smoke test: examples/dp_sgd.py --small runs and makes its point."""
+"""Smoke tests: examples/dp_sgd.py and dp_transformer.py --small run and make
+their point."""
 
 import math
 import os
@@ -62,3 +63,27 @@ def test_dp_sgd_small(tmp_path):
     assert eps["sigma=1"] == eps["sigma=1 adaptive"], out
   png = (tmp_path / "dp_sgd.png").stat()
   assert png.st_size > 10_000 and png.st_mtime >= start - 1
+
+
+def test_dp_transformer_small(tmp_path):
+  """The stacked nnx.MultiHeadAttention model: both runs learn, and ghost's
+  compiled memory stays near the non-private step's, far below vmap's."""
+  env = dict(os.environ, OPTAXCLIP_EXAMPLES_OUTPUT=str(tmp_path),
+             MPLBACKEND="Agg", PYTHONPATH=os.pathsep.join(
+                 [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "examples" / "dp_transformer.py"),
+       "--small"], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = proc.stdout
+  lines = [[c.strip() for c in line.strip().strip("|").split("|")]
+           for line in out.splitlines() if line.startswith("| ")]
+  runs = {c[0]: c[1:] for c in lines if len(c) == 4 and c[0] != "run"}
+  for run in ("non-private", "DP-SGD, ghost"):
+    assert float(runs[run][1]) < float(runs[run][0]), out
+  memory = [c for c in lines if len(c) == 6 and c[0].startswith("batch")]
+  assert len(memory) == 2, out
+  for _, _, ghost, vmap, ratio, _ in memory:
+    assert float(ratio) < 1.6 and float(vmap) > 2 * float(ghost), out

@@ -90,6 +90,56 @@ class RNN(nnx.Module):
     return self.out(h)[..., 0]
 
 
+class ScanRNN(nnx.Module):
+  """One nnx.Linear cell closed over by a jax.lax.scan over time steps."""
+
+  def __init__(self, rngs, dim=3, hidden=5):
+    self.cell = nnx.Linear(dim + hidden, hidden, rngs=rngs)
+    self.out = nnx.Linear(hidden, 1, rngs=rngs)
+    self.hidden = hidden
+
+  def __call__(self, x):
+    def step(h, x_t):
+      h = jnp.tanh(self.cell(jnp.concatenate([x_t, h], -1)))
+      return h, None
+    h0 = jnp.zeros(x.shape[:-2] + (self.hidden,))
+    h, _ = jax.lax.scan(step, h0, jnp.moveaxis(x, -2, 0))
+    return self.out(h)[..., 0]
+
+
+class StackedMLP(nnx.Module):
+  """Residual nnx.Linear layers stacked by nnx.vmap, run by nnx.scan."""
+
+  def __init__(self, rngs, dim=4, depth=3):
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return nnx.Linear(dim, dim, rngs=rngs)
+    self.layers = create(rngs)
+    self.out = nnx.Linear(dim, 3, rngs=rngs)
+
+  def __call__(self, x):
+    def step(x, layer):
+      return x + jnp.tanh(layer(x))
+    x = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+        x, self.layers)
+    return self.out(x)
+
+
+class Einsums(nnx.Module):
+  """nnx.Einsum layers whose kernels are matrices only after a permutation
+  of their axes; one equation given again at the call, with an ellipsis."""
+
+  def __init__(self, rngs):
+    self.heads = nnx.Einsum("btd,hdk->bthk", (2, 4, 3), (2, 3), rngs=rngs)
+    self.merge = nnx.Einsum("bthk,keh->bte", (3, 5, 2), (5,), rngs=rngs)
+    self.out = nnx.Einsum("bte,ec->btc", (5, 3), None, rngs=rngs)
+
+  def __call__(self, x):
+    h = jnp.tanh(self.heads(x))
+    return self.out(jnp.tanh(self.merge(h, "...hk,keh->...e")))
+
+
 class RawTied(nnx.Module):
   """The embedding table also used outside Embed: a matmul by its value."""
 
@@ -99,6 +149,56 @@ class RawTied(nnx.Module):
 
   def __call__(self, tokens):
     return self.mix(self.embed(tokens)) @ self.embed.embedding[...].T
+
+
+class MHABlock(nnx.Module):
+  """Pre-norm block: nnx.MultiHeadAttention (LinearGeneral) and an MLP."""
+
+  def __init__(self, dim, rngs):
+    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(2, dim, decode=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.up = nnx.Linear(dim, 2 * dim, rngs=rngs)
+    self.down = nnx.Linear(2 * dim, dim, rngs=rngs)
+
+  def __call__(self, x):
+    causal = nnx.make_causal_mask(x[..., 0])
+    x = x + self.attn(self.norm1(x), mask=causal)
+    return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+
+
+class MHATransformer(nnx.Module):
+  """Blocks of nnx.MultiHeadAttention: a list of modules (``stacked=False``),
+  or one module stacked by nnx.vmap and run by nnx.scan (``stacked=True``),
+  optionally under nnx.remat."""
+
+  def __init__(self, rngs, vocab=11, dim=8, depth=2, stacked=False,
+               remat=False):
+    self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+    self.stacked, self.remat = stacked, remat
+    if stacked:
+      @nnx.split_rngs(splits=depth)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def create(rngs):
+        return MHABlock(dim, rngs)
+      self.blocks = create(rngs)
+    else:
+      self.blocks = nnx.List([MHABlock(dim, rngs) for _ in range(depth)])
+    self.head = nnx.Linear(dim, vocab, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    if self.stacked:
+      def step(x, block):
+        return block(x)
+      if self.remat:
+        step = nnx.remat(step)
+      x = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+          x, self.blocks)
+    else:
+      for block in self.blocks:
+        x = block(x)
+    return self.head(x)
 
 
 def classify(model, x, y):
@@ -131,6 +231,16 @@ def case(name, batch=8, seed=0):
   if name in ("transformer", "tied"):
     return (Transformer(rngs, tied=name == "tied"), next_token,
             labels(11, batch, 6), labels(11, batch, 6))
+  if name in ("mha", "mha_stacked", "mha_remat"):
+    return (MHATransformer(rngs, stacked=name != "mha",
+                           remat=name == "mha_remat"),
+            next_token, labels(11, batch, 6), labels(11, batch, 6))
+  if name == "scan_rnn":
+    return ScanRNN(rngs), regression, normal(batch, 4, 3), normal(batch)
+  if name == "einsum":
+    return Einsums(rngs), classify, normal(batch, 3, 4), labels(3, batch, 3)
+  if name == "stacked_mlp":
+    return StackedMLP(rngs), classify, normal(batch, 3, 4), labels(3, batch, 3)
   if name == "rnn":
     return RNN(rngs), regression, normal(batch, 4, 3), normal(batch)
   if name == "raw_tied":
@@ -192,7 +302,7 @@ def assert_same(got, want, rtol=1e-5):
 
 @pytest.mark.parametrize(
     "name", ["mlp", "mlp_seq", "cnn", "transformer", "tied", "rnn",
-             "raw_tied"])
+             "raw_tied", "mha", "mha_stacked", "mha_remat"])
 @pytest.mark.slow
 def test_equals_vmap(name):
   model, loss, x, y = case(name)
@@ -237,6 +347,91 @@ def test_layers_covered_and_fallback():
            jax.tree_util.tree_leaves_with_path(params)]
   assert {paths[j] for j in plan.per_example} == {
       "['embed']['embedding'].value"}
+
+
+def plan_paths(name):
+  """``(ghost, copies)``: the paths of the leaves with ghost norms and of
+  those with per-example copies, for ``case(name)``."""
+  model, loss, x, y = case(name)
+  args, leaves, _, clip = _ghost.prepare(
+      loss, (model, x, y), {}, grad_nums=(0,), batch_nums=(1, 2),
+      has_aux=False, keep_batch_dim=True, argnums_is_int=True)
+  calls, used = clip.__self__.discover(args, leaves)
+  plan = _ghost._plan(calls, used, len(leaves))
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(params)]
+  return ({paths[j] for j in plan.ghost},
+          {paths[j] for j in plan.per_example})
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("mha", marks=pytest.mark.slow), "mha_stacked",
+    pytest.param("mha_remat", marks=pytest.mark.slow)])
+def test_attention_layers_covered(name):
+  """nnx.MultiHeadAttention's LinearGeneral projections get ghost norms,
+  unstacked and stacked (nnx.vmap, nnx.scan, nnx.remat): only the
+  LayerNorm parameters get per-example copies."""
+  ghost, copies = plan_paths(name)
+  for proj in ("query", "key", "value", "out"):
+    for role in ("kernel", "bias"):
+      assert any(f"['attn']['{proj}']['{role}']" in p for p in ghost), (
+          proj, role)
+  assert copies and all("['norm" in p for p in copies), copies
+
+
+@pytest.mark.parametrize("name", ["stacked_mlp", "scan_rnn", "einsum"])
+def test_scanned_layers_and_einsum(name):
+  """Weights scanned over (one matrix per iteration), weights closed over
+  by a scan (one matrix, rows from every iteration), nnx.Einsum kernels:
+  ghost norms, no per-example copies, equal to vmap."""
+  ghost, copies = plan_paths(name)
+  assert not copies and ghost
+  model, loss, x, y = case(name, batch=4)
+  vmap, ghost_fn = both(model, loss)
+  c = float(np.median(vmap(x, y, math.inf)[1].norms))
+  assert_same(ghost_fn(x, y, c), vmap(x, y, c))
+
+
+class LoRAMLP(nnx.Module):
+  """nnx.LoRALinear, then nnx.LoRA around a frozen nnx.Linear."""
+
+  def __init__(self, rngs):
+    self.hidden = nnx.LoRALinear(6, 16, lora_rank=2, rngs=rngs)
+    self.out = nnx.LoRA(16, 2, 3, base_module=nnx.Linear(16, 3, rngs=rngs),
+                        rngs=rngs)
+    for lora in (self.hidden.lora, self.out):  # lora_b starts at 0.
+      lora.lora_b.value = jax.random.normal(rngs.params(),
+                                            lora.lora_b.value.shape)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.hidden(x)))
+
+
+@pytest.mark.parametrize("seq", [False, True])
+def test_lora_adapters_only(seq):
+  """Only the adapters trained (the nnx.LoRAParam state passed, the rest
+  merged in): ghost norms of lora_a and lora_b, equal to vmap."""
+  model = LoRAMLP(nnx.Rngs(1))
+  graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+  loss = lambda p, x, y: classify(nnx.merge(graphdef, p, rest), x, y)  # noqa: E731
+  rng = np.random.default_rng(2)
+  shape = (4, 3, 6) if seq else (4, 6)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, shape[:-1]))
+  args, leaves, _, clip = _ghost.prepare(
+      loss, (lora, x, y), {}, grad_nums=(0,), batch_nums=(1, 2),
+      has_aux=False, keep_batch_dim=True, argnums_is_int=True)
+  calls, used = clip.__self__.discover(args, leaves)
+  plan = _ghost._plan(calls, used, len(leaves))
+  assert len(leaves) == 4 and sorted(plan.ghost) == [0, 1, 2, 3]
+  opts = dict(batch_argnums=(1, 2), return_norms=True)
+  c = float(np.median(oc.clipped_grad(loss, max_norm=1e9, **opts)(
+      lora, x, y)[1].norms))
+  got = fast_jit(oc.clipped_grad(loss, max_norm=c, method="ghost", **opts))(
+      lora, x, y)
+  want = fast_jit(oc.clipped_grad(loss, max_norm=c, **opts))(lora, x, y)
+  assert_same(got, want)
 
 
 @pytest.mark.slow

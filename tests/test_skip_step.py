@@ -425,7 +425,7 @@ def test_shard_map_axis_name_takes_the_global_decision():
     ({"spike_warmup": 0}, ValueError, "spike_warmup"),
     ({"spike_warmup": 2.5}, TypeError, "spike_warmup"),  # As history.
     ({"nonfinite": "yes"}, TypeError, "nonfinite"),
-    ({"nonfinite": False}, ValueError, "max_norm or spike_factor"),
+    ({"nonfinite": False}, ValueError, "max_norm, spike_factor or spike_window"),
     ({"ord": 0}, ValueError, "ord"),
 ])
 def test_bad_arguments(kwargs, error, match):
