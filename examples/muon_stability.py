@@ -24,9 +24,10 @@ with the same initialisation and batches:
 (c) ``bad batches``: run (b) with a bad batch planted every 50 steps from
     step 100, alternately one whose labels are wrong and whose loss is
     multiplied by 100, and one of random characters; once as it is and once
-    wrapped in ``skip_step`` with the rolling loss rule (a step is skipped
-    when its loss lies more than 6 standard deviations above the mean of the
-    last 32 losses).
+    wrapped in ``oc.skip_step`` with the rolling loss rule of OLMo-core,
+    levanter and MaxText (``oc.SpikeWindow``: a step is skipped when its
+    loss lies more than 6 standard deviations above the mean of the last 32
+    losses).
 
 Every step records each head's largest logit through
 ``oc.max_logit_attention``, an ``attention_fn`` that sows it (``nnx.sow``)
@@ -48,7 +49,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import _common
 import jax
@@ -67,16 +68,7 @@ SCALED_LOSS = 100.0
 SPIKE_WINDOW, SPIKE_STD = 32, 6.0
 
 
-# The loss-spike skip: one call, to the implementation at the end of this
-# file.
-
-
-def skip_on_loss_spikes(
-    inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """Skips a step whose loss spikes; ``update(..., loss=loss)``."""
-  return reference_skip_on_loss(inner, SPIKE_WINDOW, SPIKE_STD)
-  # oc.skip_step(inner, spike_window=oc.SpikeWindow(
-  #     window=SPIKE_WINDOW, num_std=SPIKE_STD, watch="loss"))
+# What the guards did, read from their states inside the jitted step.
 
 
 def heads_clipped(opt_state: Any) -> jax.Array:
@@ -87,7 +79,7 @@ def heads_clipped(opt_state: Any) -> jax.Array:
 
 def skipped(opt_state: Any) -> jax.Array:
   """Whether the guard skipped the last step (False without a guard)."""
-  s = find(opt_state, ReferenceSkipState)  # oc.SkipStepState
+  s = find(opt_state, oc.SkipStepState)
   return jnp.zeros((), bool) if s is None else s.skipped
 
 
@@ -135,7 +127,10 @@ def optimizer(kind: str) -> optax.GradientTransformation:
   # leaves are scaled, Muon's matrices get their gradients as they are.
   guarded = optax.chain(oc.clip_by_global_norm(1.0, where=adamw_leaves),
                         muon, oc.qk_clip(TAU))
-  return skip_on_loss_spikes(guarded) if kind == "skip" else guarded
+  if kind == "skip":  # The loss arrives as update(..., loss=loss).
+    return oc.skip_step(guarded, spike_window=oc.SpikeWindow(
+        window=SPIKE_WINDOW, num_std=SPIKE_STD, watch="loss"))
+  return guarded
 
 
 RUNS = ("none", "qk_clip", "bad batches", "bad batches + skip_step")
@@ -297,56 +292,6 @@ def find(tree: Any, kind: type) -> Any:
     if isinstance(x, kind):
       return x
   return None
-
-
-# The loss-spike skip, written out: the rolling rule of OLMo-core, levanter
-# and MaxText.
-
-
-class ReferenceSkipState(NamedTuple):
-  history: jax.Array  # The last ``window`` losses, oldest overwritten first.
-  count: jax.Array  # How many losses have entered it.
-  skipped: jax.Array
-  inner: Any
-
-
-def reference_skip_on_loss(inner: optax.GradientTransformation, window: int,
-                           num_std: float) -> optax.GradientTransformation:
-  """Skips a step whose loss exceeds the window's mean + ``num_std`` std.
-
-  The rolling rule of OLMo-core, levanter and MaxText: once ``window // 2``
-  losses are in the window, a loss above ``mean + num_std * std`` of the
-  last ``window`` (population deviation) skips its step: a zero update,
-  ``inner``'s state kept. Every finite loss enters the window.
-  """
-  inner = optax.with_extra_args_support(inner)
-
-  def init_fn(params):
-    return ReferenceSkipState(jnp.zeros(window, jnp.float32),
-                              jnp.zeros((), jnp.int32),
-                              jnp.zeros((), bool), inner.init(params))
-
-  def update_fn(updates, state, params=None, *, loss, **extra):
-    n = jnp.minimum(state.count, window)
-    seen = jnp.arange(window) < n
-    mean = jnp.sum(jnp.where(seen, state.history, 0)) / jnp.maximum(n, 1)
-    var = jnp.sum(jnp.where(seen, (state.history - mean) ** 2, 0)) / (
-        jnp.maximum(n, 1))
-    std = jnp.maximum(jnp.sqrt(var), 1e-3 * jnp.abs(mean))
-    spike = (n >= window // 2) & (loss > mean + num_std * std)
-    skip = spike | ~jnp.isfinite(loss)
-    new_updates, new_inner = inner.update(updates, state.inner, params,
-                                          loss=loss, **extra)
-    keep = jax.tree.map(lambda old, new: jnp.where(skip, old, new),
-                        state.inner, new_inner)
-    out = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u),
-                       new_updates)
-    finite = jnp.isfinite(loss)
-    history = jnp.where(finite, state.history.at[state.count % window].set(
-        loss.astype(jnp.float32)), state.history)
-    return out, ReferenceSkipState(history, state.count + finite, skip, keep)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # The table and the figure.
