@@ -93,10 +93,10 @@ def muon_dims(params: Any) -> Any:
   attention kernels are 3-D (``(in, heads, head_dim)`` for the query, key
   and value, ``(heads, head_dim, out)`` for the output) and are read as one
   matrix each; the MLP kernels are matrices already. The embeddings, the
-  position table and the output layer go to AdamW, as in Muon's papers.
+  position table and the output layer go to AdamW, as is usual with Muon.
   """
 
-  def dims(path, leaf):
+  def dims(path, _):
     names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
     if "blocks" not in names or names[-1] != "kernel":
       return None
@@ -122,7 +122,8 @@ def optimizer(kind: str) -> optax.GradientTransformation:
       LEARNING_RATE, adam_learning_rate=ADAM_LEARNING_RATE, adam_b2=0.95,
       muon_weight_dimension_numbers=muon_dims)
   if kind == "none":
-    return optax.chain(muon)  # A chain ignores the extra arguments.
+    # optax.chain hands max_logits= and loss= only to links that take them.
+    return optax.chain(muon)
   # The global norm of all the gradients decides the factor; only the AdamW
   # leaves are scaled, Muon's matrices get their gradients as they are.
   guarded = optax.chain(oc.clip_by_global_norm(1.0, where=adamw_leaves),
@@ -278,6 +279,7 @@ def train(run: str, args, vocab: int, data,
   out = {k: np.asarray(v) for k, v in jax.device_get(
       jax.tree.map(lambda *xs: jnp.stack(xs), *stats)).items()}
   test = jnp.asarray(test)
+  # The attention sows its logits here too: capture (and drop) them.
   evaluate = jax.jit(nnx.capture(cross_entropy, nnx.Intermediate))
   out["val"] = float(evaluate(nnx.merge(graphdef, params), test[:, :-1],
                               test[:, 1:])[0])
