@@ -123,3 +123,19 @@ def test_layer_norms(tmp_path):
   assert clipped["first non-finite step"] == "-"
   assert clipped["its largest finite norm"] < 1e4
   assert clipped["final loss"] < 1e3
+
+
+def test_muon_stability(tmp_path):
+  [table] = run_example("muon_stability", "--steps", "30", "--tau", "3",
+                        "--plant-from", "20", out=tmp_path)
+  none, qk = table["none"], table["qk_clip"]
+  bad, guarded = table["bad batches"], table["bad batches + skip_step"]
+  # The logits start above tau = 3; QK-Clip acts and holds them lower.
+  assert none["max logit, step 1"] > 3
+  assert none["steps QK-clipped"] == 0 and qk["steps QK-clipped"] > 0
+  assert qk["last step"] < none["last step"]
+  # Step 20 (0-based) is planted (wrong labels, loss x 100): skipped, alone.
+  assert none["skipped (planted)"] == "0 (0)"
+  assert bad["skipped (planted)"] == "0 (0)"
+  assert guarded["skipped (planted)"] == "1 (1)"
+  assert guarded["val loss"] < bad["val loss"]
