@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _chars import CharTransformer, find, load_text
 from flax import nnx
 
 import optaxclip as oc
@@ -102,14 +103,6 @@ def adamw() -> optax.GradientTransformation:
 # The text and the batches.
 
 
-def load_text() -> tuple[np.ndarray, int]:
-  from pydoc_data.topics import topics
-  text = "".join(topics[k] for k in sorted(topics))
-  chars = sorted(set(text))
-  lookup = {c: i for i, c in enumerate(chars)}
-  return np.array([lookup[c] for c in text], np.int32), len(chars)
-
-
 def make_data(args, ids: np.ndarray, vocab: int):
   """Per seed: the batches, with the planted ones, and held-out windows."""
   split = int(0.9 * len(ids))
@@ -141,42 +134,6 @@ def scaled_steps(steps: int) -> list[int]:
 
 def corrupt_steps(steps: int) -> list[int]:
   return [int(f * steps) for f in CORRUPT_AT]
-
-
-# The model: a small pre-norm causal transformer.
-
-
-class Block(nnx.Module):
-
-  def __init__(self, dim: int, heads: int, rngs: nnx.Rngs):
-    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-    self.up = nnx.Linear(dim, 4 * dim, rngs=rngs)
-    self.down = nnx.Linear(4 * dim, dim, rngs=rngs)
-
-  def __call__(self, x, mask):
-    x = x + self.attn(self.norm1(x), mask=mask)
-    return x + self.down(nnx.gelu(self.up(self.norm2(x))))
-
-
-class CharTransformer(nnx.Module):
-
-  def __init__(self, vocab: int, length: int, dim: int, heads: int,
-               layers: int, rngs: nnx.Rngs):
-    self.embed = nnx.Embed(vocab, dim, rngs=rngs)
-    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(),
-                                                  (length, dim)))
-    self.blocks = nnx.List([Block(dim, heads, rngs) for _ in range(layers)])
-    self.norm = nnx.LayerNorm(dim, rngs=rngs)
-    self.head = nnx.Linear(dim, vocab, rngs=rngs)
-
-  def __call__(self, tokens):
-    x = self.embed(tokens) + self.pos[: tokens.shape[-1]]
-    mask = nnx.make_causal_mask(tokens)
-    for block in self.blocks:
-      x = block(x, mask)
-    return self.head(self.norm(x))
 
 
 def cross_entropy(graphdef, params, tokens, labels):
@@ -234,15 +191,6 @@ def make_step(tx: optax.GradientTransformation):
             read_stats(opt_state, grads))
 
   return jax.jit(jax.vmap(step), donate_argnums=(1, 2))
-
-
-def find(tree: Any, kind: type) -> Any:
-  """The first state of type ``kind`` in an optimizer state, or None."""
-  for x in jax.tree_util.tree_leaves(tree,
-                                     is_leaf=lambda x: isinstance(x, kind)):
-    if isinstance(x, kind):
-      return x
-  return None
 
 
 def read_stats(opt_state: Any, grads: Any) -> dict[str, jax.Array]:

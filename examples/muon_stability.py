@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _chars import CharTransformer, find, load_text
 from flax import nnx
 
 import optaxclip as oc
@@ -140,14 +141,6 @@ RUNS = ("none", "qk_clip", "bad batches", "bad batches + skip_step")
 # The text and the batches.
 
 
-def load_text() -> tuple[np.ndarray, int]:
-  from pydoc_data.topics import topics
-  text = "".join(topics[k] for k in sorted(topics))
-  chars = sorted(set(text))
-  lookup = {c: i for i, c in enumerate(chars)}
-  return np.array([lookup[c] for c in text], np.int32), len(chars)
-
-
 def planted(steps: int) -> list[int]:
   return list(range(PLANT_FROM, steps, PLANT_EVERY))
 
@@ -170,47 +163,6 @@ def make_batches(args, ids: np.ndarray, vocab: int):
   test_starts = rng.integers(0, len(heldout) - window, 256)
   test = heldout[test_starts[:, None] + np.arange(window)]
   return clean, (bad, factor, wrong), test
-
-
-# The model: a small pre-norm causal transformer whose attention records
-# each head's largest logit.
-
-
-class Block(nnx.Module):
-
-  def __init__(self, dim: int, heads: int, rngs: nnx.Rngs):
-    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(
-        heads, dim, decode=False, attention_fn=oc.max_logit_attention,
-        rngs=rngs)
-    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-    self.up = nnx.Linear(dim, 4 * dim, rngs=rngs)
-    self.down = nnx.Linear(4 * dim, dim, rngs=rngs)
-
-  def __call__(self, x, mask):
-    # sow_weights=True hands the module to oc.max_logit_attention, which sows
-    # each head's largest logit there (and not the attention weights).
-    x = x + self.attn(self.norm1(x), mask=mask, sow_weights=True)
-    return x + self.down(nnx.gelu(self.up(self.norm2(x))))
-
-
-class CharTransformer(nnx.Module):
-
-  def __init__(self, vocab: int, length: int, dim: int, heads: int,
-               layers: int, rngs: nnx.Rngs):
-    self.embed = nnx.Embed(vocab, dim, rngs=rngs)
-    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(),
-                                                  (length, dim)))
-    self.blocks = nnx.List([Block(dim, heads, rngs) for _ in range(layers)])
-    self.norm = nnx.LayerNorm(dim, rngs=rngs)
-    self.head = nnx.Linear(dim, vocab, rngs=rngs)
-
-  def __call__(self, tokens):
-    x = self.embed(tokens) + self.pos[: tokens.shape[-1]]
-    mask = nnx.make_causal_mask(tokens)
-    for block in self.blocks:
-      x = block(x, mask)
-    return self.head(self.norm(x))
 
 
 def cross_entropy(model, tokens, labels):
@@ -260,7 +212,8 @@ def train(run: str, args, vocab: int, data,
   """One run; ``compiled`` keeps the steps of the optimizers seen so far."""
   clean, (bad, factor, wrong), test = data
   graphdef, state = nnx.split(CharTransformer(
-      vocab, args.length, args.dim, args.heads, args.layers, nnx.Rngs(0)))
+      vocab, args.length, args.dim, args.heads, args.layers, nnx.Rngs(0),
+      attention_fn=oc.max_logit_attention))
   params = nnx.as_pure(state)  # Arrays, keyed blocks/0/attn/query/kernel.
   kind = "none" if run == "none" else "skip" if "skip" in run else "guarded"
   if kind not in compiled:  # The two guarded runs share their step.
@@ -285,15 +238,6 @@ def train(run: str, args, vocab: int, data,
                               test[:, 1:])[0])
   out["seconds"] = time.perf_counter() - start
   return out
-
-
-def find(tree: Any, kind: type) -> Any:
-  """The first state of type ``kind`` in an optimizer state, or None."""
-  for x in jax.tree_util.tree_leaves(tree,
-                                     is_leaf=lambda x: isinstance(x, kind)):
-    if isinstance(x, kind):
-      return x
-  return None
 
 
 # The table and the figure.
