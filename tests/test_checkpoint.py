@@ -1,8 +1,8 @@
 """Checkpointing: save mid-run with Orbax, restore in a fresh process, go on.
 
 The continued run must equal the uninterrupted one bit for bit: ZClip's EMA
-and warm-up buffer, AutoClip's ring buffer, the step guard's counters and
-rolling window, and AdamW's moments all survive the round trip.
+and warm-up buffer, AutoClip's ring buffer, the historical update clip's
+window, the step guard's counters and rolling window, and AdamW's moments all survive the round trip.
 
 Both runs happen in fresh processes, this file run as a script:
 ``python tests/test_checkpoint.py reference|continue CKPT_DIR OUT.pkl``.
@@ -37,7 +37,9 @@ def make_optimizer() -> optax.GradientTransformation:
   guarded = oc.skip_step(optax.chain(
       oc.zclip(warmup_steps=3),
       oc.clip_by_quantile(0.9, history=4),  # Wraps around before the save.
-      optax.adamw(1e-2)), spike_factor=50.0, spike_warmup=2,
+      oc.clip_update_rms(optax.adamw(1e-2), b2=0.999),
+      oc.clip_update_by_history(window=4, min_history=2)),
+      spike_factor=50.0, spike_warmup=2,
       # The rolling rule's window wraps around before the save; so high a
       # bound skips no finite step.
       spike_window=oc.SpikeWindow(window=4, num_std=1e3, min_history=2))
@@ -144,6 +146,8 @@ def test_restore_in_fresh_process_continues_bit_identically(tmp_path):
   assert int(stats["clip_by_quantile/fill"]) == 4
   assert int(stats["zclip/num_clipped"]) > 0
   assert np.isfinite(stats["skip_step/loss_threshold"])
+  assert int(stats["clip_update_by_history/fill"]) == 4  # Wrapped around.
+  assert int(stats["clip_update_rms/count"]) == STEPS - len(BAD_STEPS)
 
   want, got = reference["leaves"], continued["leaves"]
   assert sorted(got) == sorted(want)
