@@ -79,6 +79,17 @@ def transforms():
       "quantile": oc.clip_by_quantile(0.5, history=3),
       "zclip": oc.zclip(warmup_steps=2),
       "skip": oc.skip_step(optax.sgd(0.1), max_norm=1e30),
+      "skip_window": oc.skip_step(
+          optax.sgd(0.1), spike_window=oc.SpikeWindow(
+              window=4, min_history=2, watch="grad_norm")),
+      "global_where": oc.clip_by_global_norm(
+          1.0, where={**{f"l{i}": i % 2 == 0 for i in range(5)},
+                      "h": True, "z": False}),
+      "norm_layers": oc.clip_by_norm(0.5, layer_axis={
+          **{f"l{i}": {"k": 0, "b": None} for i in range(5)},
+          "h": None, "z": 1}),
+      "update_rms": oc.clip_update_rms(optax.adam(0.1), b2=0.999),
+      "update_history": oc.clip_update_by_history(window=3, min_history=2),
   }
 
 def run():
