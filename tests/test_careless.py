@@ -490,6 +490,7 @@ def test_a_module_updating_its_own_state_is_explained(layer, method):
     fn(model, x)
 
 
+@pytest.mark.slow
 def test_dropout_with_one_key_per_example():
   from flax import nnx
   model = _Noisy.make(lambda r: nnx.Dropout(0.5))

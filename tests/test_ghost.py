@@ -408,7 +408,7 @@ class LoRAMLP(nnx.Module):
     return self.out(jnp.tanh(self.hidden(x)))
 
 
-@pytest.mark.parametrize("seq", [False, True])
+@pytest.mark.parametrize("seq", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_lora_adapters_only(seq):
   """Only the adapters trained (the nnx.LoRAParam state passed, the rest
   merged in): ghost norms of lora_a and lora_b, equal to vmap."""
@@ -482,6 +482,7 @@ def test_gram_and_direct_forms(form, monkeypatch):
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [True, False])
 def test_conv_kernels_both_forms(keep, monkeypatch):
   """Kept per-example kernel gradients, or norms and sums from the records
