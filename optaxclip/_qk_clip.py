@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from optaxclip import _stats, _thresholds, _transform, _tree, _validate
+from optaxclip._norms import AxisName
 from optaxclip._thresholds import Threshold
 
 _WHERE = "qk_clip"
@@ -85,6 +86,7 @@ class QKClipState(NamedTuple):
 def qk_clip(
     tau: Threshold = 100.0, *, alpha: float | jax.Array = 0.5,
     layout: QKLayout | Mapping[str, QKLayout] = _MHA,
+    axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Shrinks the query and key weights of heads whose logits exceed ``tau``.
 
@@ -134,6 +136,13 @@ def qk_clip(
     layout: where each attention module keeps its query and key: one
       :class:`QKLayout` for all, or a mapping from module paths (as in
       ``max_logits``) to layouts, others taking the default.
+    axis_name: inside ``shard_map``/``pmap`` with the batch split across
+      devices, the mesh axis (or axes) of that split: each device's
+      ``max_logits`` are then its own examples' and are reduced with
+      ``lax.pmax``, so every device clips by the batch's largest logits.
+      Not the axis of heads split across devices (tensor parallelism),
+      whose devices hold different heads. Plain ``jax.jit`` on sharded
+      arrays needs none: ``max_logits`` is then the batch's already.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -185,6 +194,8 @@ def qk_clip(
       raise ValueError(f"{_WHERE} needs params: call update(updates, state,"
                        " params, max_logits=...).")
     heads = _heads(max_logits)
+    if axis_name is not None:
+      heads = [(n, jax.lax.pmax(x, axis_name)) for n, x in heads]
     t = _thresholds.resolve(tau, state.count, jnp.float32, lo=0.0, nan=0.0)
     t = jnp.where(t > 0, t, jnp.inf)
     a = _thresholds.resolve(alpha, state.count, jnp.float32, lo=0.0, hi=1.0,

@@ -331,6 +331,37 @@ def test_sharded_jit_matches_one_device():
   assert got[0]["query"]["kernel"].sharding.spec[0] == "d"
 
 
+def test_shard_map_reduces_each_devices_logits():
+  # Data parallel: each device saw its own examples' logits; with axis_name
+  # every device clips by the batch's largest, as one device would.
+  rng = np.random.default_rng(1)
+  w = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), random_attention(rng))
+  u = jax.tree.map(lambda a: 0.01 * a, w)
+  n = len(jax.devices())
+  local = jnp.asarray(rng.uniform(0.0, 300.0, (n, 4)), jnp.float32)
+  local = local.at[n - 1, 0].set(500.0)  # One device saw the largest logit.
+  tx = oc.qk_clip(100.0)
+  want, want_state = tx.update(u, tx.init(w), w, max_logits=local.max(0))
+  mesh = jax.make_mesh((n,), ("data",))
+  sharded = oc.qk_clip(100.0, axis_name="data")
+
+  @jax.jit
+  @jax.shard_map(mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P())
+  def step(u, w, s):
+    return sharded.update(u, sharded.init(w), w, max_logits=s[0])
+
+  def put(x, spec):
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+  got, state = step(jax.tree.map(lambda x: put(x, P()), u),
+                    jax.tree.map(lambda x: put(x, P()), w),
+                    put(local, P("data")))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               got, want)
+  assert float(state.max_logit) == 500.0 == float(want_state.max_logit)
+  assert int(state.heads_clipped) == int(want_state.heads_clipped)
+
+
 def test_chain_forwards_other_extra_args():
   rng = np.random.default_rng(0)
   w = jax.tree.map(jnp.asarray, random_attention(rng))
@@ -403,3 +434,22 @@ def test_masked_positions_are_left_out():
   s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
   s = np.where(np.tril(np.ones((5, 5), bool)), s, -np.inf)
   np.testing.assert_allclose(causal, s.max(axis=(0, 2, 3)), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_state_round_trips_through_orbax(tmp_path):
+  import orbax.checkpoint as ocp
+  rng = np.random.default_rng(2)
+  w = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), random_attention(rng))
+  tx = oc.qk_clip(100.0)
+  _, state = tx.update(w, tx.init(w), w,
+                       max_logits=jnp.array([400.0, 1.0, jnp.nan, 150.0]))
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "ckpt", state)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tx.init(w))
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(tmp_path / "ckpt", abstract)
+  assert type(restored) is oc.QKClipState
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  assert int(restored.heads_clipped) == 2 and int(restored.nonfinite) == 1
