@@ -1,7 +1,10 @@
 """``python -m benchmarks.stability [--quick]``: learning-rate sensitivity.
 
 Which clipper, measured: every clipper of optaxclip, chained in front of each
-task's optimizer, trained over a log grid of learning rates and several
+task's optimizer, and the guards on the loss and the update (``skip_step``
+with ``SpikeWindow``, ``clip_update_by_history`` after the optimizer, and on
+the transformer ``clip_update_rms`` around AdamW and ``qk_clip`` after the
+learning-rate step), trained over a log grid of learning rates and several
 seeds, on three small tasks (``benchmarks/_stability_tasks.py``): a
 character-level transformer (AdamW, no QK-layernorm), the regression MLP with
 unscaled targets of ``examples/exploding_gradients.py`` and the LSTM through
@@ -57,10 +60,13 @@ seed) writes ``stability-<platform>-quick.*`` instead.
 Run from the repository root::
 
   python -m benchmarks.stability            # 7 learning rates x 2 seeds
-  python -m benchmarks.stability --quick    # smoke test, 36 compilations:
-                                            # 2.5 to 3.5 minutes on 2 shared cores
+  python -m benchmarks.stability --quick    # smoke test, 42 compilations:
+                                            # 3 to 4 minutes on 2 shared cores
   python -m benchmarks.stability --seeds 5 --steps 1000 \\
       --lrs transformer=1e-4,1e-3,1e-2,1e-1,1 --tasks transformer
+  # Some rows only (and `no clipping`), merged into the results already
+  # written by a run on the same grids, steps and seeds:
+  python -m benchmarks.stability --methods "qk_clip(),clip_update_rms()" --merge
 
 References:
   Wortsman et al., `Small-scale proxies for large-scale Transformer training
