@@ -301,19 +301,10 @@ def lstm(*, quick: bool = False) -> Task:
 
   def init(key):
     """As ``nnx.LSTMCell``: lecun-normal input kernels, orthogonal recurrent
-    ones (one per gate), zero biases; the four gates side by side.
-
-    The four QR factorizations (batched over the runs by ``jax.vmap``) run
-    one after the other: on a 2-core CPU, two of jaxlib's batched QR kernels
-    running side by side can each wait for the other's work on the 2-thread
-    pool, and the program then hangs (seen on the full run). The barrier
-    changes no value."""
+    ones (one per gate), zero biases; the four gates side by side."""
     k_in, k_rec, k_out = jax.random.split(key, 3)
-    rec = []
-    for k in jax.random.split(k_rec, 4):
-      if rec:  # One QR at a time (see above).
-        rec[-1], k = jax.lax.optimization_barrier((rec[-1], k))
-      rec.append(orthogonal(k, (hidden, hidden)))
+    rec = [orthogonal(k, (hidden, hidden))
+           for k in jax.random.split(k_rec, 4)]
     return {"cell": {"input": jnp.concatenate(
         [lecun(k, (2, hidden)) for k in jax.random.split(k_in, 4)], 1),
                      "recurrent": jnp.concatenate(rec, 1),
