@@ -366,6 +366,10 @@ def summarize(r: dict[str, Any], lrs: list[float]) -> dict[str, Any]:
       "diverged": diverged.sum(axis=1).tolist(),
       "num_diverged": int(diverged.sum()),
       "loss_spikes": spikes.tolist(),
+      # Per (lr, seed): the first step whose training loss is not finite.
+      "first_nonfinite_step": [
+          [int(np.argmax(~np.isfinite(x))) if not np.isfinite(x).all()
+           else None for x in row] for row in losses],
       "loss_spikes_per_run": float(spikes.mean()),
       "frac_clipped": (float(np.sum(clipped[0]) / (steps * clipped[0].size))
                        if clipped else None),
@@ -373,6 +377,8 @@ def summarize(r: dict[str, Any], lrs: list[float]) -> dict[str, Any]:
           (clipped[0].mean(axis=1) / steps).tolist() if clipped else None),
       "frac_skipped": (float(np.sum(skipped[0]) / (steps * skipped[0].size))
                        if skipped else None),
+      "frac_skipped_per_lr": (
+          (skipped[0].mean(axis=1) / steps).tolist() if skipped else None),
       "max_grad_norm": float(np.nanmax(np.where(
           np.isfinite(r["trace"]["grad_norm"]), r["trace"]["grad_norm"],
           np.nan))) if np.isfinite(r["trace"]["grad_norm"]).any() else None,
