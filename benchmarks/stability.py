@@ -524,7 +524,7 @@ def markdown(record: dict[str, Any]) -> str:
 
 # Sixteen distinguishable colours and a marker each, in the methods' order.
 COLORS = ["black", "C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9",
-          "#e6ab02", "C7", "#1b9e77", "#e7298a", "#66a61e", "#7570b3"]
+          "#e6ab02", "C7", "#1b9e77", "#e7298a", "#66a61e", "#a6761d"]
 MARKERS = "os^vD<>ph*XPd8H1"
 
 
