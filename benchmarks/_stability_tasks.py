@@ -8,7 +8,8 @@ seeds. The settings are those of the examples they come from:
   Python's help topics (``pydoc_data.topics``, as ``examples/loss_spikes.py``),
   pre-norm, no QK-layernorm, AdamW(b1=0.9, b2=0.95, weight decay 1e-4) with a
   linear warm-up then cosine decay; its forward pass also returns the largest
-  attention logit ``q . k / sqrt(d_head)``;
+  attention logit ``q . k / sqrt(d_head)``, overall and per head (for
+  ``oc.qk_clip``);
 - ``regression``: the MLP of ``examples/exploding_gradients.py`` (20 -> 25
   ReLU -> 1, He-uniform) on ``make_regression``'s unscaled targets, SGD with
   momentum 0.9, batch 32, shuffled epochs;
@@ -33,7 +34,12 @@ import numpy as np
 import optax
 
 Params = Any
-# loss(params, data, key, step) -> (loss, aux), aux a dict of scalars.
+# The key of a loss's aux that holds each attention head's largest logit of
+# the batch (a dict from attention module path to an array (heads,)): read by
+# the training loop for ``oc.qk_clip``, kept out of the recorded traces.
+MAX_LOGITS = "max_logits"
+# loss(params, data, key, step) -> (loss, aux), aux a dict of scalars (and,
+# for the transformer, MAX_LOGITS).
 LossFn = Callable[[Params, Any, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
@@ -148,28 +154,33 @@ def transformer(*, quick: bool = False) -> Task:
   causal = np.tril(np.ones((length, length), bool))
 
   def forward(params, tokens):
-    """Logits, and the largest attention logit over layers, heads, positions."""
+    """Logits, the largest attention logit over layers, heads, positions,
+    and each head's largest logit, keyed by the path of its attention
+    module (``blocks/<i>/attn``, as ``oc.qk_clip``'s ``max_logits``)."""
     x = params["embed"][tokens] + params["pos"]
     top = jnp.full((), -jnp.inf)
-    for b in params["blocks"]:
+    per_head = {}
+    for i, b in enumerate(params["blocks"]):
       a, h = b["attn"], layer_norm(b["norm1"], x)
       q = jnp.einsum("btd,dhk->bthk", h, a["q"])
       k = jnp.einsum("btd,dhk->bthk", h, a["k"])
       v = jnp.einsum("btd,dhk->bthk", h, a["v"])
       logits = jnp.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(head_dim)
       top = jnp.maximum(top, jnp.max(jnp.where(causal, logits, -jnp.inf)))
+      per_head[f"blocks/{i}/attn"] = jnp.max(
+          jnp.where(causal, logits, -jnp.inf), axis=(0, 2, 3))
       weights = jax.nn.softmax(jnp.where(causal, logits, -1e30), axis=-1)
       out = jnp.einsum("bhqs,bshk->bqhk", weights, v)
       x = x + jnp.einsum("bqhk,hkd->bqd", out, a["o"])
       x = x + jax.nn.gelu(layer_norm(b["norm2"], x) @ b["up"]) @ b["down"]
     x = layer_norm(params["norm"], x)
-    return x @ params["head"], top
+    return x @ params["head"], top, per_head
 
   def cross_entropy(params, windows):
-    logits, top = forward(params, windows[:, :-1])
+    logits, top, per_head = forward(params, windows[:, :-1])
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, windows[:, 1:]).mean()
-    return loss, {"attn_logit_max": top}
+    return loss, {"attn_logit_max": top, MAX_LOGITS: per_head}
 
   def loss(params, data, key, step):
     train = data["train"]
@@ -178,8 +189,10 @@ def transformer(*, quick: bool = False) -> Task:
     windows = train[starts[:, None] + jnp.arange(length + 1)]
     return cross_entropy(params, windows)
 
+  b2 = 0.95
+
   def optimizer():
-    return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.95),
+    return optax.chain(optax.scale_by_adam(b1=0.9, b2=b2),
                        optax.add_decayed_weights(1e-4))
 
   return Task(
@@ -193,7 +206,8 @@ def transformer(*, quick: bool = False) -> Task:
       data=data, optimizer=optimizer, schedule=warmup_cosine,
       lrs=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0), reference_lr=1e-2,
       steps=300,
-      settings={"clip_by_value": 0.01, "adaptive_grad_clip": 0.01},
+      settings={"clip_by_value": 0.01, "adaptive_grad_clip": 0.01,
+                "adam_b2": b2},
       margin=("+", 0.05),
       log_loss=False,
       note=(f"batches of {batch} x {length} characters drawn at random from"

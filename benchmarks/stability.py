@@ -1,7 +1,10 @@
 """``python -m benchmarks.stability [--quick]``: learning-rate sensitivity.
 
 Which clipper, measured: every clipper of optaxclip, chained in front of each
-task's optimizer, trained over a log grid of learning rates and several
+task's optimizer, and the guards on the loss and the update (``skip_step``
+with ``SpikeWindow``, ``clip_update_by_history`` after the optimizer, and on
+the transformer ``clip_update_rms`` around AdamW and ``qk_clip`` after the
+learning-rate step), trained over a log grid of learning rates and several
 seeds, on three small tasks (``benchmarks/_stability_tasks.py``): a
 character-level transformer (AdamW, no QK-layernorm), the regression MLP with
 unscaled targets of ``examples/exploding_gradients.py`` and the LSTM through
@@ -57,10 +60,13 @@ seed) writes ``stability-<platform>-quick.*`` instead.
 Run from the repository root::
 
   python -m benchmarks.stability            # 7 learning rates x 2 seeds
-  python -m benchmarks.stability --quick    # smoke test, 36 compilations:
-                                            # 2.5 to 3.5 minutes on 2 shared cores
+  python -m benchmarks.stability --quick    # smoke test, 42 compilations:
+                                            # 3 to 4 minutes on 2 shared cores
   python -m benchmarks.stability --seeds 5 --steps 1000 \\
       --lrs transformer=1e-4,1e-3,1e-2,1e-1,1 --tasks transformer
+  # Some rows only (and `no clipping`), merged into the results already
+  # written by a run on the same grids, steps and seeds:
+  python -m benchmarks.stability --methods "qk_clip(),clip_update_rms()" --merge
 
 References:
   Wortsman et al., `Small-scale proxies for large-scale Transformer training
@@ -79,7 +85,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,13 +103,43 @@ SKIP_FACTOR = 5.0  # skip_step's spike_factor, as examples/loss_spikes.py.
 # --quick checks the harness rather than measuring: it compiles without XLA's
 # backend optimizations, in about half the time.
 QUICK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+QK_TAU = 100.0  # qk_clip's default, Kimi K2's tau.
+# --quick leaves out, on the transformer (its compilations are the longest),
+# the guards that do not depend on the optimizer: the SGD tasks run them.
+QUICK_SKIP = {"transformer": ("skip_step(SpikeWindow())",
+                              "clip_update_by_history()")}
+
+class AfterLR(NamedTuple):
+  """A method whose last link acts on the step the learning rate scaled.
+
+  ``oc.qk_clip`` must be the last link of the chain: it returns
+  ``s * (W + u) - W`` for the query and key leaves, with ``u`` the step
+  that will be added to the parameters ``W``. The training loop scales the
+  optimizer's output by ``-lr * schedule``, so it runs ``inner`` (learning
+  rate 1), scales its output, then ``last`` on that step, with the
+  parameters and the batch's per-head max logits, and adds the result.
+  """
+
+  inner: optax.GradientTransformation
+  last: optax.GradientTransformationExtraArgs
+
+
+Method = optax.GradientTransformation | AfterLR
+
+
+def history_window(steps: int) -> int:
+  """The window of the rolling rules: their default 128, at most steps / 2."""
+  return min(128, max(steps // 2, 2))
+
 
 def methods(task: tasks_mod.Task, steps: int, tuned: float | None
-            ) -> dict[str, optax.GradientTransformation]:
+            ) -> dict[str, Method]:
   """Every method on ``task``: label -> optimizer (learning rate 1).
 
   ``tuned`` is the tuned global-norm threshold; None leaves that row out
-  (it is measured from the ``no clipping`` row).
+  (it is measured from the ``no clipping`` row). The update-clipping rows
+  that read Adam's second moment (``clip_update_rms``) or attention logits
+  (``qk_clip``) run on the transformer alone.
   """
   opt = task.optimizer
   adam = task.name == "transformer"
@@ -111,6 +147,7 @@ def methods(task: tasks_mod.Task, steps: int, tuned: float | None
   agc = task.settings["adaptive_grad_clip"]
   zclip_warmup = min(25, max(steps // 8, 1))
   adagc_warmup = min(100, max(steps // 4, 1))
+  window = history_window(steps)
 
   def chain(clipper):
     return optax.chain(clipper, opt())
@@ -134,6 +171,15 @@ def methods(task: tasks_mod.Task, steps: int, tuned: float | None
       "skip_step(zclip())": oc.skip_step(
           chain(oc.zclip(warmup_steps=zclip_warmup)),
           spike_factor=SKIP_FACTOR),
+      # The guards on the loss and on the update.
+      "skip_step(SpikeWindow())": oc.skip_step(
+          opt(), spike_window=oc.SpikeWindow(window=window)),
+      "clip_update_rms()": oc.clip_update_rms(
+          opt(), b2=task.settings["adam_b2"]) if adam else None,
+      "clip_update_by_history()": optax.chain(
+          opt(), oc.clip_update_by_history(window=window)),
+      "qk_clip()": AfterLR(opt(), oc.qk_clip(
+          QK_TAU, layout=oc.QKLayout(query="q", key="k"))) if adam else None,
   }
   return {k: v for k, v in rows.items() if v is not None}
 
@@ -144,47 +190,100 @@ def method_notes(task: tasks_mod.Task, steps: int) -> list[str]:
   spikes = ("`oc.clip_spikes(inner=...)` wraps AdamW and reads its `nu`"
             if task.name == "transformer" else
             "`oc.clip_spikes(beta2=0.999)` (standalone) before SGD")
-  return [f"`zclip(warmup_steps={zclip_warmup})`, "
-          f"`adagc(warmup_steps={adagc_warmup})`, other arguments their"
-          " defaults",
-          f"{spikes}",
-          "`skip_step(chain(zclip(), opt), spike_factor="
-          f"{SKIP_FACTOR:g})` (non-finite steps skipped too)"]
+  window = history_window(steps)
+  notes = [f"`zclip(warmup_steps={zclip_warmup})`, "
+           f"`adagc(warmup_steps={adagc_warmup})`, other arguments their"
+           " defaults",
+           f"{spikes}",
+           "`skip_step(chain(zclip(), opt), spike_factor="
+           f"{SKIP_FACTOR:g})` (non-finite steps skipped too)",
+           f"`skip_step(opt, spike_window=SpikeWindow(window={window}))`"
+           " (levanter's rule: loss or gradient norm more than 6 standard"
+           " deviations above the mean of the window, judged from"
+           f" {max(2, window // 2)} values; `update(..., loss=loss)` gets"
+           " the batch loss; no clipper)",
+           f"`chain(opt, clip_update_by_history(window={window}))`: the"
+           " optimizer's output clipped to mean + 3 std of its recent"
+           " norms, before the learning rate and its schedule scale it"]
+  if task.name == "transformer":
+    notes += [f"`clip_update_rms(adamw, b2={task.settings['adam_b2']:g})`"
+              " (StableAdamW's per-tensor rule, eps 1e-6 in the RMS; AdamW's"
+              " own eps stays 1e-8 as in the other rows)",
+              f"`qk_clip({QK_TAU:g})` (MuonClip's QK-Clip, alpha 0.5) after"
+              " AdamW on the learning-rate-scaled step: the loop adds"
+              " `-lr * schedule * adamw(g)` and then rescales each head's"
+              " query and key by the head's largest logit on the step's"
+              " batch"]
+  return notes
 
 
 # ---------------------------------------------------------------------------
 # Training: one program per (task, method), vmapped over (lr, seed).
 
 
-def make_train(task: tasks_mod.Task, tx: optax.GradientTransformation,
+def make_train(task: tasks_mod.Task, method: Method,
                steps: int) -> Callable:
-  """``(lrs, seeds, data) -> record``: every run of the grid at once."""
+  """``(lrs, seeds, data) -> record``: every run of the grid at once.
 
-  def one(lr, seed, data):
-    params = task.init(jax.random.fold_in(jax.random.key(0), seed))
+  Every method gets the batch loss as ``update(..., loss=loss)`` (read by
+  ``skip_step``'s ``spike_window``, ignored by the others); an
+  :class:`AfterLR` method's last link gets the learning-rate-scaled step and
+  the batch's per-head max logits.
+  """
+  after = method if isinstance(method, AfterLR) else None
+  tx = optax.with_extra_args_support(
+      after.inner if after is not None else method)
+
+  def one(lr, seed, params, data):
     data_key = jax.random.fold_in(jax.random.key(1), seed)
     state = tx.init(params)
+    if after is not None:
+      state = (state, after.last.init(params))
     initial, _ = task.evaluate(params, data)
     grad = jax.value_and_grad(task.loss, has_aux=True)
 
     def step(carry, t):
       params, state = carry
       (loss, aux), grads = grad(params, data, data_key, t)
-      updates, state = tx.update(grads, state, params)
+      max_logits = aux.pop(tasks_mod.MAX_LOGITS, None)
       factor = -lr * task.schedule(t, steps)
-      params = jax.tree.map(lambda p, u: p + factor * u, params, updates)
+      if after is None:
+        updates, state = tx.update(grads, state, params, loss=loss)
+        params = jax.tree.map(lambda p, u: p + factor * u, params, updates)
+      else:
+        updates, inner = tx.update(grads, state[0], params, loss=loss)
+        updates = jax.tree.map(lambda u: factor * u, updates)
+        updates, last = after.last.update(updates, state[1], params,
+                                          max_logits=max_logits)
+        state = (inner, last)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
       return (params, state), {"loss": loss, "grad_norm": oc.global_norm(grads),
                                **aux}
 
     (params, state), trace = jax.lax.scan(step, (params, state),
                                           jnp.arange(steps))
     final, aux = task.evaluate(params, data)
+    aux.pop(tasks_mod.MAX_LOGITS, None)
     counts = {k: v for k, v in _stats(state).items()
               if k.endswith(("/num_clipped", "/num_skipped"))}
     return {"initial": initial, "final": final, "counts": counts,
             "trace": trace, **{f"final_{k}": v for k, v in aux.items()}}
 
-  return jax.vmap(one, in_axes=(0, 0, None))
+  return jax.vmap(one, in_axes=(0, 0, 0, None))
+
+
+def initial_params(task: tasks_mod.Task, seed: jax.Array) -> Any:
+  """Each run's initial parameters, drawn op by op, outside the training
+  program.
+
+  Inside it, the LSTM's four orthogonal initializations (QR factorizations
+  batched over the runs) may run side by side, and on a 2-core CPU each of
+  jaxlib's batched QR kernels can then wait for work queued behind the
+  other on the 2-thread pool: the program hangs. Drawn here, one
+  operation at a time, the values are the same.
+  """
+  keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(0), s))(seed)
+  return jax.block_until_ready(jax.vmap(task.init)(keys))
 
 
 def _stats(state: Any) -> dict[str, jax.Array]:
@@ -194,18 +293,21 @@ def _stats(state: Any) -> dict[str, jax.Array]:
     return {}
 
 
-def train(task: tasks_mod.Task, tx: optax.GradientTransformation,
+def train(task: tasks_mod.Task, tx: Method,
           lrs: list[float], seeds: int, steps: int, quick: bool
           ) -> dict[str, Any]:
   """Trains every (lr, seed) pair; compile and run seconds; host arrays."""
   lr = jnp.repeat(jnp.asarray(lrs, jnp.float32), seeds)
   seed = jnp.tile(jnp.arange(seeds), len(lrs))
+  params = initial_params(task, seed)
   start = time.perf_counter()
-  lowered = jax.jit(make_train(task, tx, steps)).lower(lr, seed, task.data)
+  lowered = jax.jit(make_train(task, tx, steps)).lower(lr, seed, params,
+                                                       task.data)
   compiled = lowered.compile(QUICK_COMPILER_OPTIONS if quick else None)
   compile_s = time.perf_counter() - start
   start = time.perf_counter()
-  out = jax.device_get(jax.block_until_ready(compiled(lr, seed, task.data)))
+  out = jax.device_get(jax.block_until_ready(compiled(lr, seed, params,
+                                                      task.data)))
   run_s = time.perf_counter() - start
   shape = (len(lrs), seeds)
   return {"compile_s": compile_s, "run_s": run_s,
@@ -264,6 +366,10 @@ def summarize(r: dict[str, Any], lrs: list[float]) -> dict[str, Any]:
       "diverged": diverged.sum(axis=1).tolist(),
       "num_diverged": int(diverged.sum()),
       "loss_spikes": spikes.tolist(),
+      # Per (lr, seed): the first step whose training loss is not finite.
+      "first_nonfinite_step": [
+          [int(np.argmax(~np.isfinite(x))) if not np.isfinite(x).all()
+           else None for x in row] for row in losses],
       "loss_spikes_per_run": float(spikes.mean()),
       "frac_clipped": (float(np.sum(clipped[0]) / (steps * clipped[0].size))
                        if clipped else None),
@@ -271,6 +377,8 @@ def summarize(r: dict[str, Any], lrs: list[float]) -> dict[str, Any]:
           (clipped[0].mean(axis=1) / steps).tolist() if clipped else None),
       "frac_skipped": (float(np.sum(skipped[0]) / (steps * skipped[0].size))
                        if skipped else None),
+      "frac_skipped_per_lr": (
+          (skipped[0].mean(axis=1) / steps).tolist() if skipped else None),
       "max_grad_norm": float(np.nanmax(np.where(
           np.isfinite(r["trace"]["grad_norm"]), r["trace"]["grad_norm"],
           np.nan))) if np.isfinite(r["trace"]["grad_norm"]).any() else None,
@@ -339,12 +447,19 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 def markdown(record: dict[str, Any]) -> str:
   meta = record["meta"]
   parts = [f"# Learning-rate sensitivity of every clipper ({meta['platform']})",
-           "",
-           f"`{meta['command']}` on {meta['date_utc']} UTC; {meta['cpu']}"
-           f" ({meta['cpu_count']} CPUs); jax {meta['versions']['jax']},"
-           f" optax {meta['versions']['optax']}; {meta['seeds']} seed(s);"
-           f" wall time {meta['wall_s']:.0f} s, compilation included.",
            ""]
+  for run in meta.get("runs") or [meta]:
+    commit = f" at commit {run['commit']}" if run.get("commit") else ""
+    rows = run.get("rows")
+    parts += [f"`{run['command']}` on {run['date_utc']} UTC{commit};"
+              f" {meta['cpu']} ({meta['cpu_count']} CPUs); jax"
+              f" {meta['versions']['jax']}, optax"
+              f" {meta['versions']['optax']}; {meta['seeds']} seed(s); wall"
+              f" time {run['wall_s']:.0f} s, compilation included"
+              + (f"; the rows {', '.join(f'`{r}`' for r in rows)}"
+                 if rows else "") + ".", ""]
+    if run.get("note"):
+      parts += [run["note"], ""]
   if meta["quick"]:
     parts += ["**Quick mode**: tiny models, few steps, one seed: a smoke test"
               " of the harness, not a measurement.", ""]
@@ -407,10 +522,10 @@ def markdown(record: dict[str, Any]) -> str:
   return "\n".join(parts)
 
 
-# Twelve distinguishable colours and a marker each, in the methods' order.
+# Sixteen distinguishable colours and a marker each, in the methods' order.
 COLORS = ["black", "C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9",
-          "#e6ab02", "C7"]
-MARKERS = "os^vD<>ph*XP"
+          "#e6ab02", "C7", "#1b9e77", "#e7298a", "#66a61e", "#a6761d"]
+MARKERS = "os^vD<>ph*XPd8H1"
 
 
 def figure(path: str, name: str, t: dict[str, Any], seeds: int) -> None:
@@ -478,8 +593,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--lrs", action="append", default=[],
                  metavar="TASK=LR,LR,...", help="a task's learning-rate grid"
                  " (repeat for several tasks)")
-  p.add_argument("--only", help="comma-separated method labels to run"
+  p.add_argument("--only", "--methods", dest="only",
+                 help="comma-separated method labels to run"
                  " (`no clipping` always runs)")
+  p.add_argument("--merge", action="store_true",
+                 help="merge the rows measured (but `no clipping`) into the"
+                 " results already at --out/--name, measured on the same"
+                 " grids, steps and seeds; the other rows stay as they were"
+                 " measured, with their command, date and commit")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--no-plot", action="store_true")
   p.add_argument("--out", default=RESULTS, help="output folder")
@@ -535,6 +656,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         [task.lrs[0], task.reference_lr, task.lrs[-1]] if args.quick
         else list(task.lrs))
     labels = list(methods(task, steps, 1.0))
+    if args.quick:
+      labels = [k for k in labels if k not in QUICK_SKIP.get(task.name, ())]
     if args.only:
       keep = {"no clipping", *args.only.split(",")}
       labels = [k for k in labels if k in keep]
@@ -559,7 +682,72 @@ def main(argv: list[str] | None = None) -> list[str]:
     if bar is not None:
       bar.close()
   record["meta"] = metadata(argv, args, seeds, time.perf_counter() - wall)
+  if args.merge:
+    record = merge(record, os.path.join(args.out, stem(record, args)
+                                        + ".json"))
   return write(record, args)
+
+
+def stem(record: dict[str, Any], args: argparse.Namespace) -> str:
+  return args.name or (f"stability-{record['meta']['platform']}"
+                       + ("-quick" if args.quick else ""))
+
+
+def merge(record: dict[str, Any], path: str) -> dict[str, Any]:
+  """The record at ``path`` with ``record``'s rows, but ``no clipping``'s,
+  added or replaced.
+
+  Each task must have been measured on the same learning rates, steps and
+  seeds. ``no clipping``, which every run measures again, is kept as it
+  was; the largest difference of its mean final loss between the two runs
+  is recorded (``no_clipping_change``), a check that the rows compare.
+  Each row keeps the run it was measured in (``measured``: its index in
+  ``meta["runs"]``); the task's best loss and every row's largest good
+  learning rate are taken again over all rows.
+  """
+  with open(path) as f:
+    old = json.load(f)
+  meta = old["meta"]
+  runs = meta.get("runs") or [_run(meta, None)]
+  new_run = _run(record["meta"], [])
+  for name, t in record["tasks"].items():
+    o = old["tasks"].get(name)
+    if o is None:
+      raise SystemExit(f"--merge: {path} has no task {name!r}.")
+    for key in ("lrs", "steps", "seeds"):
+      if o[key] != t[key]:
+        raise SystemExit(f"--merge: {name}'s {key} is {t[key]} here but"
+                         f" {o[key]} in {path}; measure on the same.")
+    for m in o["methods"].values():
+      m.setdefault("measured", 0)
+    a = np.asarray(o["methods"]["no clipping"]["loss"])
+    b = np.asarray(t["methods"]["no clipping"]["loss"])
+    new_run["no_clipping_change"][name] = float(np.max(np.abs(a - b)))
+    for label, m in t["methods"].items():
+      if label == "no clipping":
+        continue
+      o["methods"][label] = {**m, "measured": len(runs)}
+      o["initial_runs"][label] = t["initial_runs"][label]
+      if label not in new_run["rows"]:
+        new_run["rows"].append(label)
+    o["method_notes"], o["settings"] = t["method_notes"], t["settings"]
+    o["best_loss"] = min(m["best_loss"] for m in o["methods"].values())
+    for m in o["methods"].values():
+      m["largest_good_lr"] = largest_good_lr(m, o["lrs"], o["best_loss"],
+                                             tuple(o["margin"]))
+  meta["runs"] = runs + [new_run]
+  meta["date_utc"] = record["meta"]["date_utc"]
+  meta["wall_s"] = sum(r["wall_s"] for r in meta["runs"])
+  return old
+
+
+def _run(meta: dict[str, Any], rows: list[str] | None) -> dict[str, Any]:
+  """One run's entry of ``meta["runs"]``."""
+  out = {k: meta.get(k) for k in ("command", "date_utc", "commit", "wall_s")}
+  out.update(rows=rows, note=meta.get("note"))
+  if rows is not None:
+    out["no_clipping_change"] = {}
+  return out
 
 
 def report_task(task: tasks_mod.Task, steps: int, lrs: list[float],
@@ -587,6 +775,7 @@ def metadata(argv: list[str], args: argparse.Namespace, seeds: int,
              wall_s: float) -> dict[str, Any]:
   from benchmarks import run
   return {"command": " ".join(["python -m benchmarks.stability", *argv]),
+          "commit": _commit(),
           "date_utc": datetime.datetime.now(datetime.UTC).strftime(
               "%Y-%m-%d %H:%M:%S"),
           "platform": jax.default_backend(), "cpu": run._cpu_model(),
@@ -598,15 +787,28 @@ def metadata(argv: list[str], args: argparse.Namespace, seeds: int,
                        "optaxclip": oc.__version__}}
 
 
+def _commit() -> str | None:
+  """The checkout's short commit, ``+`` appended when files differ from it."""
+  import subprocess
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    dirty = subprocess.run(["git", "status", "--porcelain",
+                            "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True, check=True)
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
 def write(record: dict[str, Any], args: argparse.Namespace) -> list[str]:
   meta = record["meta"]
-  stem = args.name or (f"stability-{meta['platform']}"
-                       + ("-quick" if args.quick else ""))
+  base = os.path.join(args.out, stem(record, args))
   os.makedirs(args.out, exist_ok=True)
   paths = []
   for name, t in record["tasks"].items():
     if not args.no_plot:
-      path = os.path.join(args.out, f"{stem}-{name}.png")
+      path = f"{base}-{name}.png"
       figure(path, name, t, meta["seeds"])
       t["figure"] = os.path.relpath(path, args.out)
       paths.append(path)
@@ -614,7 +816,6 @@ def write(record: dict[str, Any], args: argparse.Namespace) -> list[str]:
         shutil.copy(path, os.path.join(FIGURES, f"stability_{name}.png"))
   md = markdown(record)
   print(md)
-  base = os.path.join(args.out, stem)
   with open(base + ".json", "w") as f:
     json.dump(_finite_only(record), f, indent=1, default=_json_default)
     f.write("\n")
