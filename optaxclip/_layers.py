@@ -36,8 +36,9 @@ def layer_axes(model: Any, name: str = "layers") -> Any:
   Flax records nothing for a parameter without sharding metadata (by
   default, ``nnx.Linear``'s bias, ``nnx.LayerNorm``'s scale, ...), so such
   a parameter raises a ValueError naming it: annotate it (e.g.
-  ``bias_metadata={"out_sharding": (None,), "eager_sharding": False}``), or
-  write the tree by hand, e.g. ``nnx.State({"blocks": 0, "head": None})``.
+  ``bias_metadata={"out_sharding": (None,), "eager_sharding": False}``;
+  Flax before 0.12.4 spells the key ``"sharding_names"``), or write the
+  tree by hand, e.g. ``nnx.State({"blocks": 0, "head": None})``.
 
   Args:
     model: an ``nnx.Module``, whose ``nnx.Param`` variables are read, or an

@@ -419,7 +419,8 @@ def gather_max_logits(intermediates: Any) -> dict[str, jax.Array]:
   Args:
     intermediates: the ``nnx.Intermediate`` state of ``nnx.capture(model,
       nnx.Intermediate)``, or a model whose attention sowed outside
-      ``nnx.capture`` (its ``nnx.state(model, nnx.Intermediate)`` is read).
+      ``nnx.capture`` (its ``nnx.state(model, nnx.Intermediate)`` is read;
+      the way on Flax versions without ``nnx.capture``, such as 0.12.2).
 
   Returns:
     A dict from each attention module's ``/``-separated path (``"blocks/0/
@@ -447,7 +448,7 @@ def gather_max_logits(intermediates: Any) -> dict[str, jax.Array]:
 
   if isinstance(intermediates, nnx.Module):
     intermediates = nnx.state(intermediates, nnx.Intermediate)
-  tree = nnx.as_pure(intermediates)
+  tree = _pure(intermediates, nnx)
   out = {}
   for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if path and getattr(path[-1], "key", None) == _SOWN:
@@ -455,3 +456,16 @@ def gather_max_logits(intermediates: Any) -> dict[str, jax.Array]:
   if not out:
     raise ValueError("gather_max_logits: no max logits were recorded." + _HOW)
   return out
+
+
+def _pure(tree: Any, nnx: Any) -> Any:
+  """The arrays of a state of variables (``nnx.as_pure`` where Flax has it;
+  before, each variable's ``value``)."""
+  as_pure = getattr(nnx, "as_pure", None)
+  if as_pure is not None:
+    return as_pure(tree)
+  kinds = tuple(k for k in (getattr(nnx, "Variable", None),
+                            getattr(nnx, "VariableState", None)) if k)
+  return jax.tree_util.tree_map(
+      lambda v: v.value if isinstance(v, kinds) else v, tree,
+      is_leaf=lambda v: isinstance(v, kinds))

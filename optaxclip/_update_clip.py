@@ -117,8 +117,10 @@ def clip_update_rms(
   Edge cases: a zero gradient gives ``u = 0`` and passes unchanged; an
   element with ``g = 0`` counts 0 whatever ``v`` (so ``eps = 0`` with an
   all-zero tensor is defined); ``u <= 1`` leaves the tensor's update bit for
-  bit. At the first step ``v̂ = g ** 2``, so ``u = 1`` up to rounding (a
-  tensor may then count as clipped, by a factor within an ulp of 1).
+  bit. At the first step ``v̂ = g ** 2``, so ``u = 1`` up to rounding: the
+  tensor is then divided by a factor within an ulp of 1, and the counters
+  count a tensor as clipped only where ``u`` exceeds 1 by more than 16 ulps
+  of the accumulation dtype.
   A NaN gradient gives NaN ``u`` and a NaN update; an infinite one
   makes ``nu`` infinite and ``u`` NaN. A tensor whose ``u`` overflows float32
   (``g`` huge against ``eps``) is scaled exactly by the overflow-safe kernel.
@@ -200,8 +202,10 @@ def clip_update_rms(
     dtype = state.max_rms.dtype
     out, rms, scales, each, rebuild = _divide_by_rms(
         updates, out, nu, b2, count, eps, axis_name, where)
-    num = sum((jnp.sum(u > 1, dtype=jnp.int32) for u in rms),
-              jnp.zeros((), jnp.int32))
+    # Counted where u exceeds 1 by more than rounding: at the first step
+    # u = 1 up to an ulp, which jit and eager round differently.
+    num = sum((jnp.sum(u > 1 + 16 * jnp.finfo(u.dtype).eps, dtype=jnp.int32)
+               for u in rms), jnp.zeros((), jnp.int32))
     return out, ClipUpdateRMSState(
         **_stats.tally(state, num > 0, num=num, of=len(each)),
         max_rms=_apply.largest(rms, dtype),

@@ -25,7 +25,7 @@ def _steps(tx, call):
   return out
 
 
-def _assert_same(a, b, exact):
+def _assert_same(a, b, exact, rtol=1e-5):
   leaves_a, tree_a = jax.tree_util.tree_flatten(a)
   leaves_b, tree_b = jax.tree_util.tree_flatten(b)
   assert tree_a == tree_b
@@ -36,7 +36,7 @@ def _assert_same(a, b, exact):
       np.testing.assert_array_equal(x, y)
     else:
       np.testing.assert_allclose(x.astype(np.float64), y.astype(np.float64),
-                                 rtol=2e-2 if x.dtype.itemsize == 2 else 1e-5,
+                                 rtol=2e-2 if x.dtype.itemsize == 2 else rtol,
                                  atol=1e-6)
 
 
@@ -59,4 +59,9 @@ def test_update_under_disable_jit_agrees(name):
   tx = TRANSFORMS[name][0]()
   with jax.disable_jit():
     eager = _steps(tx, lambda f: f)
-  _assert_same(eager, _steps(tx, jax.jit), exact=False)
+  # clip_update_rms reads Adam's nu, which optax keeps in the leaf's dtype:
+  # for the bfloat16 leaf, op by op and compiled round it apart, and
+  # the float32 statistics built on it (max_rms, scale) differ at that
+  # rounding (4.9e-4 relative measured).
+  rtol = 2e-3 if name.startswith("clip_update_rms") else 1e-5
+  _assert_same(eager, _steps(tx, jax.jit), exact=False, rtol=rtol)

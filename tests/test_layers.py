@@ -9,7 +9,9 @@ and bfloat16, for any number of layers, layer-axis position and shapes
 """
 
 import functools
+import re
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -330,6 +332,10 @@ class Stacked(nnx.Module):
     return self.head(body(x, self.blocks))
 
 
+@pytest.mark.skipif(
+    tuple(int(re.match(r"\d*", p).group() or 0)
+          for p in flax.__version__.split(".")[:3]) < (0, 12, 4),
+    reason="Flax < 0.12.4 spells out_sharding as sharding_names")
 def test_layer_axes_of_an_nnx_model():
   model = Stacked(nnx.Rngs(0))
   axes = oc.layer_axes(model)
