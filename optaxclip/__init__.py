@@ -27,7 +27,7 @@ Shared, below them:
   _apply      the scale rule applied leaf by leaf, per group of leaves
   _norms         norm kernels, the one overflow-safe kernel, collectives
   _thresholds    hyper-parameters at run time: schedules, prefix trees
-  _stats         the counters every state keeps; clip_stats, register_state
+  _stats         ClipStats, the record every state holds; clip_stats
   _tree          live leaves, rebuilding, paths, accumulation dtypes
   _validate      every argument check
   _numerics      powers of two, Norm, Scale, the scale rule min(1, t/n)
@@ -50,7 +50,7 @@ from optaxclip._clipping import (
     clip_by_value,
 )
 from optaxclip._dp import DPState, QuantileNorm, dp_aggregate, dp_noise, quantile_norm
-from optaxclip._example_clip import PerExampleInfo
+from optaxclip._example_clip import ExampleClip, PerExampleInfo
 from optaxclip._layers import layer_axes
 from optaxclip._norms import AxisName, Ord, global_norm
 from optaxclip._per_example import clipped_grad, per_example_clip
@@ -62,9 +62,9 @@ from optaxclip._qk_clip import (
     qk_clip,
 )
 from optaxclip._quantile import ClipByQuantileState, clip_by_quantile
-from optaxclip._skip import SkipStepState, SkipStepStats, SpikeWindow, skip_step
-from optaxclip._spikes import ClipSpikesState, SpikeClippedState, SpikeStats, clip_spikes
-from optaxclip._stats import clip_stats, register_state
+from optaxclip._skip import SkipStepState, SpikeEMA, SpikeWindow, skip_step
+from optaxclip._spikes import ClipSpikesState, SpikeClippedState, clip_spikes, spike_clipped
+from optaxclip._stats import ClipStats, clip_stats
 from optaxclip._thresholds import Threshold
 from optaxclip._tree import Axis
 from optaxclip._update_clip import (
@@ -73,23 +73,7 @@ from optaxclip._update_clip import (
     clip_update_by_history,
     clip_update_rms,
 )
-from optaxclip._zclip import ZClipState, zclip
-
-register_state(ClipByGlobalNormState, "clip_by_global_norm")
-register_state(ClipByNormState, "clip_by_norm", unit_norms=True)
-register_state(ClipByValueState, "clip_by_value")
-register_state(AdaptiveGradClipState, "adaptive_grad_clip",
-               unit_norms=True)
-register_state(ClipByQuantileState, "clip_by_quantile")
-register_state(ZClipState, "zclip")
-register_state(SkipStepState, "skip_step")
-register_state(CheckFiniteState, "check_finite")
-register_state(DPState, "dp")
-register_state(AdaGCState, "adagc")
-register_state(SpikeStats, "clip_spikes")
-register_state(QKClipState, "qk_clip")
-register_state(ClipUpdateRMSState, "clip_update_rms")
-register_state(ClipUpdateByHistoryState, "clip_update_by_history")
+from optaxclip._zclip import ZClipState, ZScore, zclip
 
 __version__ = "0.1.0"
 
@@ -98,8 +82,8 @@ __all__ = [
     "adagc",
     "ClipSpikesState",
     "SpikeClippedState",
-    "SpikeStats",
     "clip_spikes",
+    "spike_clipped",
     "ClipUpdateByHistoryState",
     "ClipUpdateRMSState",
     "clip_update_by_history",
@@ -112,18 +96,21 @@ __all__ = [
     "ClipByNormState",
     "ClipByQuantileState",
     "ClipByValueState",
+    "ClipStats",
     "DPState",
     "NonFiniteGradientError",
     "Ord",
+    "ExampleClip",
     "PerExampleInfo",
     "QKClipState",
     "QKLayout",
     "QuantileNorm",
     "SkipStepState",
-    "SkipStepStats",
+    "SpikeEMA",
     "SpikeWindow",
     "Threshold",
     "ZClipState",
+    "ZScore",
     "adaptive_grad_clip",
     "check_finite",
     "clip_by_global_norm",
@@ -141,7 +128,6 @@ __all__ = [
     "per_example_clip",
     "qk_clip",
     "quantile_norm",
-    "register_state",
     "raise_if_nonfinite",
     "skip_step",
     "zclip",

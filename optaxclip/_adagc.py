@@ -5,57 +5,60 @@ from __future__ import annotations
 import functools
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from optaxclip import _apply, _norms, _numerics, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName
+from optaxclip._stats import ClipStats
 from optaxclip._thresholds import Threshold
 
 
+@_stats.named("adagc")
 class AdaGCState(NamedTuple):
   """State of :func:`adagc`.
 
-  Every tree below has the structure of the updates, one scalar per tensor
-  (``optax.MaskedNode`` where the updates have one); with ``layer_axis``, a
-  stacked leaf holds one value per layer, shape ``(num_layers,)``.
+  The per-tensor fields are trees with the structure of the updates, one
+  scalar per tensor (``optax.MaskedNode`` where the updates have one); with
+  ``layer_axis``, a stacked leaf holds one value per layer, shape
+  ``(num_layers,)``.
 
   Attributes:
-    count: updates seen so far (int32); warm-up while ``count <
-      warmup_steps``.
-    grad_norm: each tensor's 2-norm before clipping (a tree).
-    global_norm: the global 2-norm of the last update before clipping.
-    threshold: the norm each tensor was held to at the last update (a
-      tree): ``lambda_rel * gamma`` after warm-up; during warm-up the
-      global threshold ``lambda_abs`` (it bounds the global norm, not each
+    stats: a :class:`~optaxclip.ClipStats`: ``count`` (warm-up while
+      ``count < warmup_steps``); ``norm``, the global 2-norm of the last
+      incoming update, the norm the warm-up clip compares with
+      ``max_norm``; ``scale``, the smallest factor a tensor was multiplied
+      by at the last update; ``clipped``, whether any tensor of the last
+      update was scaled down; ``num_clipped``, how many updates have had a
+      tensor scaled down so far; ``frac_clipped``, the fraction of tensors
+      scaled down at the last update; ``leaf_norms``, each tensor's 2-norm
+      of the last incoming update, before clipping (a tree, always kept:
+      the rule needs it). Its ``threshold`` is ``None``: the thresholds are
+      per tensor (``leaf_thresholds``).
+    leaf_thresholds: the norm each tensor was held to at the last update
+      (a tree): ``max_ratio * gamma`` after warm-up; during warm-up the
+      global threshold ``max_norm`` (it bounds the global norm, not each
       tensor's).
-    scale: the factor each tensor was multiplied by (a tree).
-    clipped: whether any tensor of the last update was scaled down.
-    num_clipped: how many updates have had a tensor scaled down so far.
-    frac_clipped: the fraction of tensors scaled down at the last update.
+    leaf_scales: the factor each tensor was multiplied by at the last
+      update (a tree).
     gamma: each tensor's reference norm ``gamma_i`` after the last update
       (a tree; ``inf`` until a finite norm was seen).
   """
 
-  count: jax.Array
-  grad_norm: Any
-  global_norm: jax.Array
-  threshold: Any
-  scale: Any
-  clipped: jax.Array
-  num_clipped: jax.Array
-  frac_clipped: jax.Array
+  stats: ClipStats
+  leaf_thresholds: Any
+  leaf_scales: Any
   gamma: Any
 
 
+@_validate.renamed(lambda_rel="max_ratio", beta="decay", lambda_abs="max_norm")
 def adagc(
-    lambda_rel: Threshold = 1.05,
-    beta: Threshold = 0.98,
-    warmup_steps: int = 100,
-    lambda_abs: Threshold = 1.0,
+    max_ratio: Threshold = 1.05,
     *,
+    decay: Threshold = 0.98,
+    warmup_steps: int = 100,
+    max_norm: Threshold = 1.0,
     eps: float = 0.0,
     axis_name: AxisName = None,
     layer_axis: Any = None,
@@ -67,19 +70,21 @@ def adagc(
   from 1) and ``T = warmup_steps``:
 
   1. Warm-up, ``t <= T``: the whole update is clipped to global 2-norm
-     ``lambda_abs``, ``g_i <- min(1, lambda_abs / ||g||) * g_i``, and
+     ``max_norm``, ``g_i <- min(1, max_norm / ||g||) * g_i``, and
      ``gamma_i <- min(gamma_i, ||g_i||)`` with the clipped ``g_i``
      (``gamma_i`` starts at ``inf``, so at step 1 it is the first clipped
      norm).
   2. After warm-up, ``t > T``: each tensor is clipped on its own,
-     ``h_i = min(1, lambda_rel * gamma_i / ||g_i||) * g_i``, and
-     ``gamma_i <- beta * gamma_i + (1 - beta) * ||h_i||``.
+     ``h_i = min(1, max_ratio * gamma_i / ||g_i||) * g_i``, and
+     ``gamma_i <- decay * gamma_i + (1 - decay) * ||h_i||``.
 
   This is Algorithm 1 of the paper (its ``T_start`` is ``warmup_steps +
-  1``), computed on the device with per-tensor norms accumulated in float32
-  and a state of a few scalars per tensor; ``||h_i||`` is ``scale_i *
-  ||g_i||``, so no second pass over the gradients is made. Deviations,
-  each only where the paper's rule would produce a NaN or an Inf:
+  1``; its ``lambda_rel``, ``beta`` and ``lambda_abs`` are ``max_ratio``,
+  ``decay`` and ``max_norm``), computed on the device with per-tensor norms
+  accumulated in float32 and a state of a few scalars per tensor;
+  ``||h_i||`` is ``scale_i * ||g_i||``, so no second pass over the
+  gradients is made. Deviations, each only where the paper's rule would
+  produce a NaN or an Inf:
 
   - a warm-up step whose global norm is non-finite leaves every ``gamma``
     as it was (its clipped norms, ``0 * inf``, say nothing);
@@ -91,24 +96,25 @@ def adagc(
 
   Edge cases: a tensor whose gradient is exactly zero at any warm-up step
   gets ``gamma = 0`` and is then zeroed at every step (the paper's rule:
-  ``||h|| <= lambda_rel * gamma`` keeps it at 0); ``lambda_abs = inf``
+  ``||h|| <= max_ratio * gamma`` keeps it at 0); ``max_norm = inf``
   turns warm-up clipping off; a tensor whose ``gamma`` is still ``inf``
   after warm-up (every warm-up step non-finite) is never clipped. A zero
   norm gives scale 1 (0 where the threshold is 0 too: the update is 0
   either way); a NaN norm gives a NaN scale.
 
   Args:
-    lambda_rel: the relative threshold (> 0): each tensor's norm is held to
-      ``lambda_rel * gamma_i``. A number, JAX scalar or Optax schedule of the
+    max_ratio: the largest ratio of a tensor's norm to its reference norm
+      (> 0; AdaGC's ``lambda_rel``): each tensor's norm is held to
+      ``max_ratio * gamma_i``. A number, JAX scalar or Optax schedule of the
       step count.
-    beta: the EMA decay of ``gamma`` in ``[0, 1]`` (number, scalar or
-      schedule).
+    decay: the EMA decay of ``gamma`` in ``[0, 1]`` (AdaGC's ``beta``;
+      number, scalar or schedule).
     warmup_steps: how many steps (>= 1) use global clipping to
-      ``lambda_abs`` and set ``gamma`` to the running minimum.
-    lambda_abs: the global-norm threshold during warm-up (>= 0; number,
-      scalar or schedule).
+      ``max_norm`` and set ``gamma`` to the running minimum.
+    max_norm: the global-norm threshold during warm-up (>= 0; AdaGC's
+      ``lambda_abs``; number, scalar or schedule).
     eps: added to each tensor's norm in the scale's denominator after
-      warm-up, ``min(1, lambda_rel * gamma_i / (||g_i|| + eps))``, >= 0; 0
+      warm-up, ``min(1, max_ratio * gamma_i / (||g_i|| + eps))``, >= 0; 0
       (the default) is the paper's formula.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or names) to reduce the norms over.
@@ -130,65 +136,67 @@ def adagc(
   Example:
     >>> import jax.numpy as jnp
     >>> import optaxclip as oc
-    >>> clip = oc.adagc(lambda_rel=1.05, beta=0.98, warmup_steps=2,
-    ...                 lambda_abs=10.0)
+    >>> clip = oc.adagc(1.05, decay=0.98, warmup_steps=2, max_norm=10.0)
     >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0, 0.5])}
     >>> state = clip.init(g)
     >>> for s in [1.0, 0.8, 1.0]:  # Warm-up, then a step near the trend.
     ...   u, state = clip.update({k: s * v for k, v in g.items()}, state)
-    >>> print(state.gamma["a"], state.gamma["b"], state.threshold["a"])
+    >>> print(state.gamma["a"], state.gamma["b"],
+    ...       state.leaf_thresholds["a"])
     4.004 0.4004 4.2
     >>> u, state = clip.update({k: 10 * v for k, v in g.items()}, state)
-    >>> print(u["a"][1], state.scale["a"], state.clipped)  # A 10x spike.
+    >>> print(u["a"][1], state.leaf_scales["a"], state.stats.clipped)
     3.3634 0.084084 True
   """
-  where = "adagc"
-  _check(lambda_rel, beta, warmup_steps, lambda_abs, eps)
-  _validate.check_layer_axis(layer_axis, where)
+  caller = "adagc"
+  _check(max_ratio, decay, warmup_steps, max_norm, eps)
+  _validate.check_layer_axis(layer_axis, caller)
 
   def init_fn(params):
     dtype = _tree.tree_acc_dtype(params)
-    leaves, rebuild = _tree.live_leaves(params, where)
+    leaves, rebuild = _tree.live_leaves(params, caller)
     shapes = [_tree.tensor_shape(x, k) for (_, x), k in zip(
-        leaves, _thresholds.leaf_layers(layer_axis, params, where))]
+        leaves, _thresholds.leaf_layers(layer_axis, params, caller))]
 
     def full(value):
       return rebuild([jnp.full(s, value, dtype) for s in shapes])
 
     return AdaGCState(
-        **_stats.counters(frac=True), grad_norm=full(0),
-        global_norm=jnp.zeros((), dtype), threshold=full(jnp.inf),
-        scale=full(1), gamma=full(jnp.inf))
+        _stats.fresh(dtype, frac=True, leaf_norms=full(0)),
+        leaf_thresholds=full(jnp.inf), leaf_scales=full(1),
+        gamma=full(jnp.inf))
 
   def update_fn(updates, state, params=None):
     del params
-    dtype = state.global_norm.dtype
-    count = state.count
-    layers = _thresholds.leaf_layers(layer_axis, updates, where)
+    dtype = state.stats.norm.dtype
+    count = state.stats.count
+    layers = _thresholds.leaf_layers(layer_axis, updates, caller)
     parts, rebuild = _tensor_norms(updates, axis_name, dtype, layers)
     total = _norms.combine(parts)  # Exact beyond overflow, as each part.
     warm = count < warmup_steps
-    rel = _thresholds.resolve(lambda_rel, count, dtype)
-    b = _thresholds.resolve(beta, count, dtype)
-    t_abs = _thresholds.resolve(lambda_abs, count, dtype)
+    rel = _thresholds.resolve(max_ratio, count, dtype)
+    b = _thresholds.resolve(decay, count, dtype)
+    t_abs = _thresholds.resolve(max_norm, count, dtype)
     step = functools.partial(
-        _per_tensor, warm=warm, t_abs=t_abs, t_rel=rel, beta=b,
+        _per_tensor, warm=warm, t_abs=t_abs, t_rel=rel, decay=b,
         s_global=_numerics.clip_factors(total, t_abs),
         track_warm=warm & jnp.isfinite(total.value()), eps=eps, dtype=dtype)
     out = [step(n, gamma) for n, gamma in
-           zip(parts, _tree.float_leaves(state.gamma, where))]
+           zip(parts, _tree.float_leaves(state.gamma, caller))]
     threshold, scale, gamma = (rebuild([o[i] for o in out]) for i in range(3))
     factors = [o[1] for o in out]
     updates = rebuild([_apply.scale_tensor(g, o[3], k) for g, o, k in zip(
-        _tree.float_leaves(updates, where), out, layers)])
+        _tree.float_leaves(updates, caller), out, layers)])
     num = sum((jnp.sum(s < 1, dtype=jnp.int32) for s in factors),
               jnp.zeros((), jnp.int32))
     return updates, AdaGCState(
-        **_stats.tally(state, jnp.asarray(num) > 0, num=num,
-                       of=sum(s.size for s in factors)),
-        grad_norm=rebuild([n.value().astype(dtype) for n in parts]),
-        global_norm=total.value().astype(dtype), threshold=threshold,
-        scale=scale, gamma=gamma)
+        _stats.advance(state.stats, clipped=jnp.asarray(num) > 0, num=num,
+                       of=sum(s.size for s in factors),
+                       norm=total.value().astype(dtype),
+                       scale=_apply.smallest(factors, dtype),
+                       leaf_norms=rebuild([n.value().astype(dtype)
+                                           for n in parts])),
+        leaf_thresholds=threshold, leaf_scales=scale, gamma=gamma)
 
   return _transform.transformation(init_fn, update_fn)
 
@@ -206,7 +214,7 @@ def _tensor_norms(updates: Any, axis_name: AxisName, dtype: Any,
           for n in parts], rebuild
 
 
-def _per_tensor(n, gamma, *, warm, t_abs, t_rel, beta, s_global, track_warm,
+def _per_tensor(n, gamma, *, warm, t_abs, t_rel, decay, s_global, track_warm,
                 eps, dtype):
   """One tensor's threshold, recorded scale and new ``gamma`` (its EMA of
   clipped norms; during warm-up, the smallest norm seen), and the factor to
@@ -218,7 +226,7 @@ def _per_tensor(n, gamma, *, warm, t_abs, t_rel, beta, s_global, track_warm,
   # The clipped norm ||h_i|| (||g_i|| during warm-up), finite where the
   # norm overflows: the power of two meets the factor first.
   kept = ((n.power * s.a) * s.b) * n.scaled
-  ema = beta * gamma + (1 - beta) * kept
+  ema = decay * gamma + (1 - decay) * kept
   new_gamma = jnp.where(
       warm, jnp.where(track_warm, jnp.minimum(gamma, kept), gamma),
       jnp.where(jnp.isfinite(kept), ema, gamma))
@@ -226,12 +234,12 @@ def _per_tensor(n, gamma, *, warm, t_abs, t_rel, beta, s_global, track_warm,
           s)
 
 
-def _check(lambda_rel, beta, warmup_steps, lambda_abs, eps):
-  where = "adagc"
-  _validate.check_range(lambda_rel, "lambda_rel", where, lo=0.0, hi=np.inf,
-                      open_lo=True)
-  _validate.check_range(beta, "beta", where, lo=0.0, hi=1.0)
-  _validate.check_int(warmup_steps, "warmup_steps", where, lo=1)
-  _validate.check_threshold(lambda_abs, "lambda_abs", where)
-  _validate.check_range(eps, "eps", where, lo=0.0, hi=np.inf)
+def _check(max_ratio, decay, warmup_steps, max_norm, eps):
+  caller = "adagc"
+  _validate.check_range(max_ratio, "max_ratio", caller, lo=0.0, hi=np.inf,
+                        open_lo=True)
+  _validate.check_range(decay, "decay", caller, lo=0.0, hi=1.0)
+  _validate.check_int(warmup_steps, "warmup_steps", caller, lo=1)
+  _validate.check_threshold(max_norm, "max_norm", caller)
+  _validate.check_range(eps, "eps", caller, lo=0.0, hi=np.inf)
 

@@ -11,6 +11,7 @@ import optax
 
 from optaxclip import _apply, _norms, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName
+from optaxclip._stats import ClipStats
 from optaxclip._thresholds import Threshold
 from optaxclip._tree import Axis
 
@@ -18,34 +19,27 @@ _NO_PARAMS = ("adaptive_grad_clip needs params: call update(grads, state,"
               " params).")
 
 
+@_stats.named("adaptive_grad_clip", unit_norms=True)
 class AdaptiveGradClipState(NamedTuple):
   """State of :func:`adaptive_grad_clip`.
 
   Attributes:
-    count: updates seen so far (int32).
+    stats: a :class:`~optaxclip.ClipStats`: ``norm`` is ``None`` (the rule
+      compares ratios, in ``ratio``); ``threshold`` is ``clipping`` in force
+      at the last update (a ratio); ``scale`` the smallest factor applied
+      at the last update (1 when nothing was clipped); ``clipped`` whether
+      any unit was scaled down; ``frac_clipped`` the fraction of units
+      scaled down; ``leaf_norms`` (``leaf_norms=True``) per leaf, the
+      2-norm of each unit of the last incoming update, before clipping,
+      the reduced axes dropped (a scalar for a leaf that is one unit).
     ratio: the largest ratio, over the units of the last incoming update,
       of a unit's update norm to its clipping norm ``max(|w|, eps)``: the
       number compared with ``threshold`` (``inf`` for a nonzero update of a
       unit whose clipping norm is 0).
-    threshold: ``clipping`` in force at the last update.
-    scale: the smallest factor applied at the last update (1 when nothing
-      was clipped).
-    clipped: whether any unit was scaled down at the last update.
-    frac_clipped: the fraction of units scaled down at the last update.
-    num_clipped: how many updates have had a unit scaled down so far.
-    leaf_norms: (``leaf_norms=True``) per leaf, the 2-norm of each unit of
-      the last incoming update, before clipping, the reduced axes dropped (a
-      scalar for a leaf that is one unit); ``None`` otherwise.
   """
 
-  count: jax.Array
+  stats: ClipStats
   ratio: jax.Array
-  threshold: jax.Array
-  scale: jax.Array
-  clipped: jax.Array
-  frac_clipped: jax.Array
-  num_clipped: jax.Array
-  leaf_norms: Any = None
 
 
 def adaptive_grad_clip(
@@ -80,7 +74,8 @@ def adaptive_grad_clip(
       step count.
     eps: the smallest parameter norm used, so that zero-initialised units
       (biases) can move: a non-negative number, JAX scalar or schedule.
-    axis: ``None`` for the per-shape rules above, or the axes to reduce over.
+    axis: ``None`` for the per-shape rules above, or the axes to reduce
+      over (keyword-only).
     axis_name: inside ``shard_map``/``pmap``, the mesh axis name (or names)
       over which leaves are split, so that each shard is clipped by the norm
       of its whole unit, for the
@@ -117,15 +112,15 @@ def adaptive_grad_clip(
     >>> grads = {"w": jnp.array([[1.0, 0.0], [0.0, 0.05]])}  # unit norms 1, 0.05
     >>> state = clip.init(params)
     >>> updates, state = clip.update(grads, state, params)
-    >>> print(updates["w"], state.frac_clipped)
+    >>> print(updates["w"], state.stats.frac_clipped)
     [[0.5  0.  ]
      [0.   0.05]] 0.5
   """
-  where = "adaptive_grad_clip"
-  _validate.check_threshold(clipping, "clipping", where)
-  _validate.check_threshold(eps, "eps", where)
-  _validate.check_bool(leaf_norms, "leaf_norms", where)
-  _validate.check_layer_axis(layer_axis, where)
+  caller = "adaptive_grad_clip"
+  _validate.check_threshold(clipping, "clipping", caller)
+  _validate.check_threshold(eps, "eps", caller)
+  _validate.check_bool(leaf_norms, "leaf_norms", caller)
+  _validate.check_layer_axis(layer_axis, caller)
 
   def init_fn(params):
     leaves, rebuild, axes = _units(params, axis, layer_axis)
@@ -135,9 +130,10 @@ def adaptive_grad_clip(
     dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
     return AdaptiveGradClipState(
-        **_stats.counters(frac=True), ratio=jnp.zeros((), dtype),
-        threshold=_thresholds.resolve(clipping, count, dtype),
-        scale=jnp.ones((), dtype), leaf_norms=norms)
+        _stats.fresh(dtype, norm=False, frac=True,
+                     threshold=_thresholds.resolve(clipping, count, dtype),
+                     leaf_norms=norms),
+        ratio=jnp.zeros((), dtype))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -150,8 +146,9 @@ def adaptive_grad_clip(
     _, p_norms = _norms.grouped_leaf_norms(list(p_leaves), 2.0, axes, groups,
                                            axis_name=axis_name)
     dtype = _tree.tree_acc_dtype(updates)
-    c = _thresholds.resolve(clipping, state.count, dtype)
-    e = _thresholds.resolve(eps, state.count, dtype)
+    count = state.stats.count
+    c = _thresholds.resolve(clipping, count, dtype)
+    e = _thresholds.resolve(eps, count, dtype)
     floors = [jnp.maximum(pn.value().astype(gn.scaled.dtype), e.astype(
         gn.scaled.dtype)) for gn, pn in zip(g_norms, p_norms)]
     # A NaN parameter norm makes a NaN threshold, which acts as 0 (the unit
@@ -167,12 +164,13 @@ def adaptive_grad_clip(
                         jnp.where(v > 0, jnp.inf, v))
               for v, f in zip(values, floors)]
     return rebuild(out), AdaptiveGradClipState(
-        **_stats.tally(state, num_over > 0, num=num_over,
-                       of=sum(v.size for v in values)),
-        ratio=_apply.largest(ratios, dtype), threshold=c,
-        scale=_apply.smallest(scales, dtype),
-        leaf_norms=rebuild(_apply.ungroup(groups, values, g_leaves, axes))
-        if leaf_norms else None)
+        _stats.advance(
+            state.stats, clipped=num_over > 0, num=num_over,
+            of=sum(v.size for v in values), threshold=c,
+            scale=_apply.smallest(scales, dtype),
+            leaf_norms=rebuild(_apply.ungroup(groups, values, g_leaves, axes))
+            if leaf_norms else None),
+        ratio=_apply.largest(ratios, dtype))
 
   return _transform.transformation(init_fn, update_fn)
 
@@ -190,20 +188,20 @@ def _units(tree: Any, axis: Axis, layer_axis: Any
 def _param_leaves(updates: Any, params: Any,
                   leaves: list[tuple[Any, jax.Array]]) -> list[jax.Array]:
   """The parameter of each live update leaf, checked to match its shape."""
-  where = "adaptive_grad_clip"
+  caller = "adaptive_grad_clip"
   treedef = jax.tree_util.tree_structure(updates, is_leaf=_tree.is_masked)
   try:
     params_flat = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
   except (ValueError, TypeError) as e:
     raise ValueError(
-        f"{where}: params do not have the structure of the updates;"
+        f"{caller}: params do not have the structure of the updates;"
         " pass the parameters the updates are for.") from e
   p_leaves = [w for w, x in zip(params_flat, treedef.flatten_up_to(updates))  # type: ignore[attr-defined]
               if not _tree.is_masked(x)]
   for (path, g), w in zip(leaves, p_leaves):
     if jnp.shape(g) != jnp.shape(w):
       raise ValueError(
-          f"{where}: the update at {jax.tree_util.keystr(path) or 'root'}"
+          f"{caller}: the update at {jax.tree_util.keystr(path) or 'root'}"
           f" has shape {jnp.shape(g)} but its parameter has shape"
           f" {jnp.shape(w)}.")
   return p_leaves

@@ -10,20 +10,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip import _validate
+from optaxclip import _stats, _validate
+from optaxclip._stats import ClipStats
 
 
+@_stats.named("check_finite")
 class CheckFiniteState(NamedTuple):
   """State of :func:`check_finite`.
 
   Attributes:
-    count: updates seen so far (int32).
+    stats: a :class:`~optaxclip.ClipStats` holding ``count`` alone, the
+      updates seen so far (int32): the check neither clips nor takes a
+      norm.
     num_nonfinite: NaN and Inf entries in the last update (int32).
     first_bad_leaf: the index, in tree order (``None`` leaves left out), of
       the first leaf of the last update holding one; -1 when it was finite.
   """
 
-  count: jax.Array
+  stats: ClipStats
   num_nonfinite: jax.Array
   first_bad_leaf: jax.Array
 
@@ -79,18 +83,21 @@ def check_finite(*, callback: bool = True) -> optax.GradientTransformation:
 
   def init_fn(params):
     del params
-    return CheckFiniteState(count=jnp.zeros((), jnp.int32),
-                            num_nonfinite=jnp.zeros((), jnp.int32),
-                            first_bad_leaf=jnp.full((), -1, jnp.int32))
+    return CheckFiniteState(
+        stats=_stats.fresh(jnp.float32, norm=False, scale=False,
+                           clipped=False),
+        num_nonfinite=jnp.zeros((), jnp.int32),
+        first_bad_leaf=jnp.full((), -1, jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
     paths_leaves = jax.tree_util.tree_leaves_with_path(updates)
     names = [_name(path) for path, _ in paths_leaves]
     leaves = [x for _, x in paths_leaves]
-    count = optax.safe_increment(state.count)
+    stats = _stats.advance(state.stats)
+    count = stats.count
     if not leaves:
-      return updates, state._replace(count=count)
+      return updates, state._replace(stats=stats)
     bad = jnp.stack([jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
                      for x in leaves])
     total = jnp.sum(bad)
@@ -109,7 +116,7 @@ def check_finite(*, callback: bool = True) -> optax.GradientTransformation:
                            infs, count)
 
       jax.lax.cond(total > 0, report, lambda i, c: None, first, count)
-    return updates, CheckFiniteState(count=count, num_nonfinite=total,
+    return updates, CheckFiniteState(stats=stats, num_nonfinite=total,
                                      first_bad_leaf=first)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -144,7 +151,8 @@ def raise_if_nonfinite(opt_state: Any, tree: Any = None) -> None:
         " is nothing to read; chain oc.check_finite(callback=False) into the"
         " optimizer (e.g. optax.chain(oc.check_finite(callback=False), opt))"
         " and pass the state it returns.")
-  if any(isinstance(x, jax.core.Tracer) for s in found for x in s):
+  if any(isinstance(x, jax.core.Tracer)
+         for x in jax.tree_util.tree_leaves(found)):
     raise TypeError(
         "raise_if_nonfinite reads the state on the host, so it cannot run"
         " inside jax.jit; call it on the state a jitted step returned, or use"
@@ -154,13 +162,13 @@ def raise_if_nonfinite(opt_state: Any, tree: Any = None) -> None:
     names = [_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
   for state in found:
     total, first, count = (int(np.asarray(x)) for x in (
-        state.num_nonfinite, state.first_bad_leaf, state.count))
+        state.num_nonfinite, state.first_bad_leaf, state.stats.count))
     if total:
-      where = (names[first] if names is not None and first < len(names)
-               else f"leaf {first} (in tree order)")
+      leaf = (names[first] if names is not None and first < len(names)
+              else f"leaf {first} (in tree order)")
       raise NonFiniteGradientError(
           f"{total} NaN or Inf entries in the update at step {count}, the"
-          f" first in {where}.")
+          f" first in {leaf}.")
 
 
 def _name(path) -> str:

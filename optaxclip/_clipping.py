@@ -13,100 +13,70 @@ import optax
 from optaxclip import _apply, _norms, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName, Ord
 from optaxclip._numerics import Scale, clip_factors, scale_leaf
+from optaxclip._stats import ClipStats
 from optaxclip._thresholds import Threshold
 from optaxclip._tree import Axis
 
 
+@_stats.named("clip_by_global_norm")
 class ClipByGlobalNormState(NamedTuple):
   """State of :func:`clip_by_global_norm`.
 
   Attributes:
-    count: updates seen so far (int32).
-    grad_norm: the global norm of the last incoming update, before clipping.
-    threshold: the threshold in force at the last update.
-    scale: the factor the last update was multiplied by, ``min(1, t / n)``.
-    clipped: whether the last update was scaled down.
-    num_clipped: how many updates have been scaled down so far.
-    leaf_norms: (``leaf_norms=True``) each leaf's norm of the last incoming
-      update, a tree like the updates, from the same partial sums as
-      ``grad_norm`` (see :func:`optaxclip.global_norm`); ``None`` otherwise.
+    stats: a :class:`~optaxclip.ClipStats`: ``norm`` is the global norm of
+      the last incoming update, ``scale`` the factor ``min(1, t / norm)``
+      (applied to the leaves ``mask`` selects), ``leaf_norms``
+      (``leaf_norms=True``) each leaf's norm, from the same partial sums
+      as ``norm`` (see :func:`optaxclip.global_norm`).
   """
 
-  count: jax.Array
-  grad_norm: jax.Array
-  threshold: jax.Array
-  scale: jax.Array
-  clipped: jax.Array
-  num_clipped: jax.Array
-  leaf_norms: Any = None
+  stats: ClipStats
 
 
+@_stats.named("clip_by_norm", unit_norms=True)
 class ClipByNormState(NamedTuple):
   """State of :func:`clip_by_norm`.
 
   Attributes:
-    count: updates seen so far (int32).
-    grad_norm: the largest leaf (or unit) norm of the last incoming update,
-      before clipping: the norm the threshold was compared with.
-    threshold: the threshold in force at the last update (a tree of scalars
-      when ``max_norm`` is a tree).
-    scale: the smallest factor applied at the last update (1 when nothing
-      was clipped).
-    clipped: whether any leaf or unit was scaled down at the last update.
-    frac_clipped: the fraction of leaves (or units) scaled down at the last
-      update.
-    num_clipped: how many updates have had something scaled down so far.
-    leaf_norms: (``leaf_norms=True``) per leaf, the norm (per unit when
-      ``axis`` is given, reduced axes dropped) of the last incoming update;
-      ``None`` otherwise.
+    stats: a :class:`~optaxclip.ClipStats`: ``norm`` is the largest leaf
+      (or unit) norm of the last incoming update, the norm the threshold
+      was compared with; ``threshold`` a tree of scalars when ``max_norm``
+      is a tree; ``scale`` the smallest factor applied; ``frac_clipped``
+      the fraction of leaves (or units) scaled down; ``leaf_norms``
+      (``leaf_norms=True``) per leaf, the norm (per unit when ``axis`` is
+      given, reduced axes dropped).
   """
 
-  count: jax.Array
-  grad_norm: jax.Array
-  threshold: Any
-  scale: jax.Array
-  clipped: jax.Array
-  frac_clipped: jax.Array
-  num_clipped: jax.Array
-  leaf_norms: Any = None
+  stats: ClipStats
 
 
+@_stats.named("clip_by_value")
 class ClipByValueState(NamedTuple):
   """State of :func:`clip_by_value`.
 
-  Value clipping needs no reduction, so by default it keeps only what is
-  free; ``stats=True`` adds the fields marked below, at the cost of reading
-  the update again (see the benchmarks). Fields that are not kept are
-  ``None``.
+  Value clipping needs no reduction, so by default its record keeps only
+  what is free (``count`` and ``threshold``); ``full_stats=True`` adds the
+  rest, at the cost of reading the update again (see the benchmarks).
 
   Attributes:
-    count: updates seen so far (int32).
-    threshold: ``max_value`` in force at the last update (a scalar, or a tree
-      of scalars when ``max_value`` is a tree).
-    grad_norm: (``stats=True``) the global 2-norm of the last incoming
-      update, before clipping.
-    scale: (``stats=True``) ``norm(clipped update) / grad_norm``, the factor
-      by which clipping shrank the update as a whole (1 when nothing was
-      clipped or the update is zero).
-    clipped: (``stats=True``) whether any element of the last update was
-      changed (a NaN element counts as changed).
-    frac_clipped: (``stats=True``) the fraction of elements changed.
-    num_clipped: (``stats=True``) how many updates have had an element
-      changed so far.
+    stats: a :class:`~optaxclip.ClipStats`: ``threshold`` is ``max_value``
+      in force at the last update (a scalar, or a tree of scalars when
+      ``max_value`` is a tree). With ``full_stats=True`` also ``norm``, the
+      global 2-norm of the last incoming update; ``scale``,
+      ``norm(clipped update) / norm``, the factor by which clipping shrank
+      the update as a whole (1 when nothing was clipped or the update is
+      zero); ``clipped``, whether any element was changed (a NaN element
+      counts as changed); ``frac_clipped``, the fraction of elements
+      changed; and ``num_clipped``.
   """
 
-  count: jax.Array
-  threshold: Any
-  grad_norm: jax.Array | None = None
-  scale: jax.Array | None = None
-  clipped: jax.Array | None = None
-  frac_clipped: jax.Array | None = None
-  num_clipped: jax.Array | None = None
+  stats: ClipStats
 
 
+@_validate.renamed(where="mask")
 def clip_by_global_norm(
     max_norm: Threshold, *, ord: Ord = 2, axis_name: AxisName = None,
-    leaf_norms: bool = False, where: Any = None, layer_axis: Any = None,
+    leaf_norms: bool = False, mask: Any = None, layer_axis: Any = None,
 ) -> optax.GradientTransformation:
   """Scales the whole update so that its global norm is at most ``max_norm``.
 
@@ -126,13 +96,13 @@ def clip_by_global_norm(
   gives an infinite norm and a zero factor. A norm beyond float32's range
   (entries near 3.4e38) is recorded as ``inf`` but clipped exactly.
 
-  With ``where``, the norm is still that of *all* leaves (and is what the
+  With ``mask``, the norm is still that of *all* leaves (and is what the
   state records), but only the chosen leaves are multiplied by the factor;
   the others come back bit for bit. This is the clip to put before an
   optimizer that handles some leaves by orthogonalising them
   (``optax.contrib.muon``): its matrix leaves ignore their input's scale,
   so only the others (Adam's) are scaled; see the guide :doc:`/which_clipper`.
-  ``where=False`` (or a tree of ``False``) scales nothing and only records.
+  ``mask=False`` (or a tree of ``False``) scales nothing and only records.
 
   Args:
     max_norm: the largest global norm allowed: a non-negative number, a JAX
@@ -145,7 +115,8 @@ def clip_by_global_norm(
     leaf_norms: also keep each leaf's norm in the state (a tree): the
       partial sums of the global norm, at no extra pass over the update;
       :func:`optaxclip.clip_stats` with ``scalars=True`` lists them by path.
-    where: which leaves the factor is applied to: ``None`` (all), a pytree
+    mask: which leaves the factor is applied to (as ``optax.masked``'s
+      ``mask``): ``None`` (all), a pytree
       prefix of the updates holding ``True`` or ``False`` (each value
       covering its subtree), or a function of the updates returning one, as
       optax's masks take (e.g. ``lambda u: jax.tree.map(lambda x: x.ndim !=
@@ -175,80 +146,77 @@ def clip_by_global_norm(
     >>> grads = {"w": jnp.array([3.0, 4.0])}
     >>> state = clip.init(grads)
     >>> updates, state = clip.update(grads, state)
-    >>> print(updates["w"], state.grad_norm, state.clipped)
+    >>> print(updates["w"], state.stats.norm, state.stats.clipped)
     [0.6 0.8] 5.0 True
-    >>> clip = oc.clip_by_global_norm(1.0, where={"w": False, "b": True})
+    >>> clip = oc.clip_by_global_norm(1.0, mask={"w": False, "b": True})
     >>> grads = {"w": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}
     >>> updates, state = clip.update(grads, clip.init(grads))
-    >>> print(updates["w"], updates["b"], state.grad_norm)
+    >>> print(updates["w"], updates["b"], state.stats.norm)
     [3. 0.] [0.8] 5.0
   """
-  chosen = where  # The leaves to scale; ``where`` names this function below.
-  where = "clip_by_global_norm"
-  _validate.check_threshold(max_norm, "max_norm", where)
-  _validate.check_bool(leaf_norms, "leaf_norms", where)
-  _check_chosen(chosen, where)
-  _validate.check_layer_axis(layer_axis, where)
+  caller = "clip_by_global_norm"
+  _validate.check_threshold(max_norm, "max_norm", caller)
+  _validate.check_bool(leaf_norms, "leaf_norms", caller)
+  _check_mask(mask, caller)
+  _validate.check_layer_axis(layer_axis, caller)
   p = _validate.canonical_ord(ord)
 
   def init_fn(params):
     dtype = _tree.tree_acc_dtype(params)
-    zero = jnp.zeros((), dtype)
-    return ClipByGlobalNormState(
-        **_stats.counters(), grad_norm=zero,
-        threshold=_thresholds.resolve(max_norm, jnp.zeros((), jnp.int32), dtype),
-        scale=jnp.ones((), dtype),
-        leaf_norms=_norms.zero_leaf_norms(params, layer_axis, where)
-        if leaf_norms else None)
+    return ClipByGlobalNormState(_stats.fresh(
+        dtype, threshold=_thresholds.resolve(
+            max_norm, jnp.zeros((), jnp.int32), dtype),
+        leaf_norms=_norms.zero_leaf_norms(params, layer_axis, caller)
+        if leaf_norms else None))
 
   def update_fn(updates, state, params=None):
     del params
-    dtype = state.grad_norm.dtype
+    stats = state.stats
+    dtype = stats.norm.dtype
     norm, each = _norms.global_and_leaf_norms(
         updates, p, axis_name=axis_name, leaves=leaf_norms,
-        layer_axis=layer_axis, where=where)
-    threshold = _thresholds.resolve(max_norm, state.count, dtype)
-    updates, scale = _clip_chosen(updates, norm, threshold, chosen, where)
-    grad_norm = norm.value().astype(dtype)
-    return updates, ClipByGlobalNormState(
-        **_stats.tally(state, grad_norm > threshold), grad_norm=grad_norm,
-        threshold=threshold, scale=scale.value().astype(dtype),
-        leaf_norms=each)
+        layer_axis=layer_axis, caller=caller)
+    threshold = _thresholds.resolve(max_norm, stats.count, dtype)
+    updates, scale = _clip_masked(updates, norm, threshold, mask, caller)
+    value = norm.value().astype(dtype)
+    return updates, ClipByGlobalNormState(_stats.advance(
+        stats, clipped=value > threshold, norm=value, threshold=threshold,
+        scale=scale.value().astype(dtype), leaf_norms=each))
 
   return _transform.transformation(init_fn, update_fn)
 
 
-def _check_chosen(chosen: Any, where: str) -> None:
-  """``where=`` of :func:`clip_by_global_norm`: None, a callable, or a tree
+def _check_mask(mask: Any, caller: str) -> None:
+  """``mask=`` of :func:`clip_by_global_norm`: None, a callable, or a tree
   of bools."""
-  if chosen is None or callable(chosen):
+  if mask is None or callable(mask):
     return
-  leaves = jax.tree_util.tree_leaves(chosen)
+  leaves = jax.tree_util.tree_leaves(mask)
   bad = [x for x in leaves if not isinstance(x, (bool, np.bool_))]
   if bad or not leaves:
     raise TypeError(
-        f"{where}: where must be None, True or False, a pytree prefix of the"
+        f"{caller}: mask must be None, True or False, a pytree prefix of the"
         " updates holding True/False (the leaves to scale), or a function of"
         " the updates returning one; got"
         f" {'an empty tree' if not leaves else repr(bad[0])}.")
 
 
-def _clip_chosen(updates: Any, norm: Any, threshold: jax.Array, chosen: Any,
-                 where: str) -> tuple[Any, Scale]:
-  """The leaves ``chosen`` selects times ``min(1, threshold / norm)``."""
-  if chosen is None:
+def _clip_masked(updates: Any, norm: Any, threshold: jax.Array, mask: Any,
+                 caller: str) -> tuple[Any, Scale]:
+  """The leaves ``mask`` selects times ``min(1, threshold / norm)``."""
+  if mask is None:
     return _apply.clip_tree(updates, norm, threshold)
-  if callable(chosen):
-    chosen = chosen(updates)
-    if chosen is None or callable(chosen):
-      raise TypeError(f"{where}: the where function returned {chosen!r};"
+  if callable(mask):
+    mask = mask(updates)
+    if mask is None or callable(mask):
+      raise TypeError(f"{caller}: the mask function returned {mask!r};"
                       " it must return a tree of True/False.")
-    _check_chosen(chosen, where)
+    _check_mask(mask, caller)
   try:
-    full = _thresholds.broadcast_prefix(chosen, updates, "where", where)
+    full = _thresholds.broadcast_prefix(mask, updates, "mask", caller)
   except ValueError as e:
     raise ValueError(
-        f"{where}: the where tree is not a prefix of the updates; give the"
+        f"{caller}: the mask tree is not a prefix of the updates; give the"
         " updates' containers and keys with True or False where a whole"
         f" subtree is or is not scaled. {e.__cause__}") from e
   scale = clip_factors(norm, threshold)
@@ -318,13 +286,13 @@ def clip_by_norm(
     >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.5])}
     >>> state = clip.init(grads)
     >>> updates, state = clip.update(grads, state)
-    >>> print(updates["a"], updates["b"], state.frac_clipped)
+    >>> print(updates["a"], updates["b"], state.stats.frac_clipped)
     [0.6 0.8] [0.5] 0.5
   """
-  where = "clip_by_norm"
-  _validate.check_threshold(max_norm, "max_norm", where, allow_tree=True)
-  _validate.check_bool(leaf_norms, "leaf_norms", where)
-  _validate.check_layer_axis(layer_axis, where)
+  caller = "clip_by_norm"
+  _validate.check_threshold(max_norm, "max_norm", caller, allow_tree=True)
+  _validate.check_bool(leaf_norms, "leaf_norms", caller)
+  _validate.check_layer_axis(layer_axis, caller)
   p = _validate.canonical_ord(ord)
 
   def record(per_leaf, count, dtype):
@@ -340,11 +308,10 @@ def clip_by_norm(
     norms = rebuild([
         jnp.zeros(_tree.kept_shape(x.shape, a), _tree.acc_dtype(x.dtype))
         for (_, x), a in zip(leaves, axes)]) if leaf_norms else None
-    return ClipByNormState(
-        **_stats.counters(frac=True), grad_norm=jnp.zeros((), dtype),
-        threshold=record(_thresholds.leaf_thresholds(
-            max_norm, params, count, "max_norm", where), count, dtype),
-        scale=jnp.ones((), dtype), leaf_norms=norms)
+    return ClipByNormState(_stats.fresh(
+        dtype, frac=True, threshold=record(_thresholds.leaf_thresholds(
+            max_norm, params, count, "max_norm", caller), count, dtype),
+        leaf_norms=norms))
 
   def update_fn(updates, state, params=None):
     del params
@@ -352,30 +319,31 @@ def clip_by_norm(
     xs = [x for _, x in leaves]
     groups, norms = _norms.grouped_leaf_norms(xs, p, axes,
                                               axis_name=axis_name)
-    thresholds = _thresholds.leaf_thresholds(max_norm, updates, state.count,
-                                         "max_norm", where)
-    t_leaves = _tree.float_leaves(thresholds, where)
+    stats = state.stats
+    thresholds = _thresholds.leaf_thresholds(max_norm, updates, stats.count,
+                                             "max_norm", caller)
+    t_leaves = _tree.float_leaves(thresholds, caller)
     t_groups = [_apply.stack_scalars([t_leaves[i] for i in g], n.scaled.ndim)
                 for g, n in zip(groups, norms)]
     out, values, scales = _apply.apply_grouped(xs, groups, norms, t_groups)
     num_over = sum((jnp.sum(v > t, dtype=jnp.int32)
                     for v, t in zip(values, t_groups)),
                    jnp.zeros((), jnp.int32))
-    dtype = state.grad_norm.dtype
-    return rebuild(out), ClipByNormState(
-        **_stats.tally(state, num_over > 0, num=num_over,
-                       of=sum(v.size for v in values)),
-        grad_norm=_apply.largest(values, dtype),
-        threshold=record(thresholds, state.count, dtype),
+    dtype = stats.norm.dtype
+    return rebuild(out), ClipByNormState(_stats.advance(
+        stats, clipped=num_over > 0, num=num_over,
+        of=sum(v.size for v in values), norm=_apply.largest(values, dtype),
+        threshold=record(thresholds, stats.count, dtype),
         scale=_apply.smallest(scales, dtype),
         leaf_norms=rebuild(_apply.ungroup(groups, values, xs, axes))
-        if leaf_norms else None)
+        if leaf_norms else None))
 
   return _transform.transformation(init_fn, update_fn)
 
 
+@_validate.renamed(stats="full_stats")
 def clip_by_value(
-    max_value: Any, min_value: Any = None, *, stats: bool = False
+    max_value: Any, *, min_value: Any = None, full_stats: bool = False
 ) -> optax.GradientTransformation:
   """Clips every element of the update to ``[-max_value, max_value]``.
 
@@ -398,8 +366,8 @@ def clip_by_value(
       Must be non-negative when ``min_value`` is ``None``.
     min_value: the lower bound, in the same forms; must not exceed
       ``max_value``.
-    stats: also record the pre-clip norm, the fraction of elements changed
-      and the norm ratio (:class:`ClipByValueState`). This reads the update
+    full_stats: also record the pre-clip norm, the fraction of elements
+      changed and the norm ratio (:class:`ClipByValueState`). This reads the update
       twice more per step; without it the clip is a single elementwise pass,
       as ``optax.clip``.
 
@@ -414,28 +382,28 @@ def clip_by_value(
   Example:
     >>> import jax.numpy as jnp
     >>> import optaxclip as oc
-    >>> clip = oc.clip_by_value(1.0, stats=True)
+    >>> clip = oc.clip_by_value(1.0, full_stats=True)
     >>> grads = jnp.array([-3.0, 0.5, 2.0])
     >>> state = clip.init(grads)
     >>> updates, state = clip.update(grads, state)
-    >>> print(updates, state.frac_clipped)
+    >>> print(updates, state.stats.frac_clipped)
     [-1.   0.5  1. ] 0.6666667
   """
-  where = "clip_by_value"
+  caller = "clip_by_value"
   symmetric = min_value is None
-  _validate.check_threshold(max_value, "max_value", where, allow_tree=True,
+  _validate.check_threshold(max_value, "max_value", caller, allow_tree=True,
                           allow_negative=not symmetric)
   if not symmetric:
-    _validate.check_threshold(min_value, "min_value", where, allow_tree=True,
+    _validate.check_threshold(min_value, "min_value", caller, allow_tree=True,
                             allow_negative=True)
-    _check_order(min_value, max_value, where)
-  _validate.check_bool(stats, "stats", where)
+    _check_order(min_value, max_value, caller)
+  _validate.check_bool(full_stats, "full_stats", caller)
   tree_valued = _validate.is_tree_threshold(max_value)
 
   def bound(value, updates, count, name):
     if symmetric:
-      return _thresholds.leaf_thresholds(value, updates, count, name, where)
-    return _thresholds.leaf_thresholds(value, updates, count, name, where,
+      return _thresholds.leaf_thresholds(value, updates, count, name, caller)
+    return _thresholds.leaf_thresholds(value, updates, count, name, caller,
                                    lo=-math.inf, nan=0.0)
 
   def record(hi, updates, count, dtype):
@@ -446,34 +414,31 @@ def clip_by_value(
     return _thresholds.resolve(max_value, count, dtype, lo=-math.inf, nan=0.0)
 
   def init_fn(params):
-    _tree.check_real(params, where)
+    _tree.check_real(params, caller)
     dtype = _tree.tree_acc_dtype(params)
     count = jnp.zeros((), jnp.int32)
     hi = bound(max_value, params, count, "max_value")
-    state = ClipByValueState(count=count,
-                             threshold=record(hi, params, count, dtype))
-    if not stats:
-      return state
-    return state._replace(**_stats.counters(frac=True),
-                          grad_norm=jnp.zeros((), dtype),
-                          scale=jnp.ones((), dtype))
+    return ClipByValueState(_stats.fresh(
+        dtype, norm=full_stats, scale=full_stats, clipped=full_stats,
+        frac=full_stats, threshold=record(hi, params, count, dtype)))
 
   def update_fn(updates, state, params=None):
     del params
-    _tree.check_real(updates, where)
+    _tree.check_real(updates, caller)
     dtype = _tree.tree_acc_dtype(updates)
-    hi = bound(max_value, updates, state.count, "max_value")
+    stats = state.stats
+    hi = bound(max_value, updates, stats.count, "max_value")
     # jnp.clip gives max_value where a run-time min_value exceeds it.
     lo = (_tree.map_arrays(jnp.negative, hi) if symmetric else
-          bound(min_value, updates, state.count, "min_value"))
+          bound(min_value, updates, stats.count, "min_value"))
     out = _tree.map_arrays(
         lambda g, a, b: jnp.clip(g, a.astype(g.dtype), b.astype(g.dtype)),
         updates, lo, hi)
-    new = ClipByValueState(count=optax.safe_increment(state.count),
-                           threshold=record(hi, updates, state.count, dtype))
-    if not stats:
-      return out, new
-    return out, new._replace(**_value_stats(updates, out, state, dtype))
+    threshold = record(hi, updates, stats.count, dtype)
+    if not full_stats:
+      return out, ClipByValueState(_stats.advance(stats, threshold=threshold))
+    return out, ClipByValueState(_stats.advance(
+        stats, threshold=threshold, **_value_stats(updates, out, dtype)))
 
   return _transform.transformation(init_fn, update_fn)
 
@@ -489,10 +454,9 @@ def _reduced(tree: Any, axis: Axis, layer_axis: Any
                            for (path, x), k in zip(leaves, layers)]
 
 
-def _value_stats(updates: Any, out: Any, state: ClipByValueState,
-                 dtype: Any) -> dict[str, Any]:
-  """``clip_by_value(stats=True)``'s fields: the norm before, the norm ratio
-  after, and the counts of changed elements."""
+def _value_stats(updates: Any, out: Any, dtype: Any) -> dict[str, Any]:
+  """``clip_by_value(full_stats=True)``'s fields: the norm before, the norm
+  ratio after, and the counts of changed elements."""
   before = _norms.global_norm_parts(updates)
   after = _norms.global_norm_parts(out)
   leaves = _tree.float_leaves(updates, "clip_by_value")
@@ -503,13 +467,12 @@ def _value_stats(updates: Any, out: Any, state: ClipByValueState,
   ratio = (after.power / before.power) * (after.scaled / jnp.where(
       before.scaled > 0, before.scaled, 1))
   return dict(
-      **_stats.tally(state, clipped, num=changed,
-                     of=sum(x.size for x in leaves)),
-      grad_norm=before.value().astype(dtype),
+      clipped=clipped, num=changed, of=sum(x.size for x in leaves),
+      norm=before.value().astype(dtype),
       scale=jnp.where(clipped & (before.scaled > 0), ratio, 1).astype(dtype))
 
 
-def _check_order(min_value: Any, max_value: Any, where: str) -> None:
+def _check_order(min_value: Any, max_value: Any, caller: str) -> None:
   """Raises when both bounds are known numbers and ``min > max``.
 
   Trees of bounds are compared leaf by leaf where one is a prefix of the
@@ -536,7 +499,7 @@ def _check_order(min_value: Any, max_value: Any, where: str) -> None:
             min_value, max_value)
       except (ValueError, TypeError):
         raise ValueError(
-            f"{where}: min_value and max_value must have the same tree"
+            f"{caller}: min_value and max_value must have the same tree"
             " structure (or one of them be a single number).") from None
   else:
     pairs = [(min_value, max_value, "")]
@@ -544,5 +507,5 @@ def _check_order(min_value: Any, max_value: Any, where: str) -> None:
     if known(lo) and known(hi) and float(np.asarray(lo)) > float(
         np.asarray(hi)):
       raise ValueError(
-          f"{where}: min_value{path}={float(np.asarray(lo))} is above"
+          f"{caller}: min_value{path}={float(np.asarray(lo))} is above"
           f" max_value{path}={float(np.asarray(hi))}; swap them.")

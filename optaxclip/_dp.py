@@ -21,10 +21,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optaxclip import _example_clip, _per_example, _transform, _tree, _validate
-from optaxclip._example_clip import PerExampleInfo
+from optaxclip import _example_clip, _per_example, _stats, _transform, _tree, _validate
+from optaxclip._example_clip import ExampleClip, PerExampleInfo
+from optaxclip._stats import ClipStats
+
+_SEED = ("is now key= (a jax.random key; an int n stands for"
+         " jax.random.PRNGKey(n), so key=0 gives what seed=0 gave)")
 
 
 class QuantileNorm(NamedTuple):
@@ -38,14 +43,15 @@ class QuantileNorm(NamedTuple):
 
 def quantile_norm(
     initial: float = 1.0,
+    *,
     target_quantile: float = 0.5,
     learning_rate: float = 0.2,
-    *,
     count_noise_multiplier: float = 0.0,
 ) -> QuantileNorm:
   """A clipping norm that tracks a quantile of the per-example norms.
 
-  Pass it as ``max_norm`` to :func:`dp_aggregate` or :func:`dp_noise`. After
+  Pass it as ``clip`` (or an :class:`~optaxclip.ExampleClip`'s ``max_norm``)
+  to :func:`dp_aggregate`, or as ``adaptive_norm`` to :func:`dp_noise`. After
   each step, with ``b`` the fraction of the batch whose norm was at most the
   threshold ``C`` (noised: ``(#unclipped + N(0, s^2)) / batch_size`` with
   ``s = count_noise_multiplier``), the threshold becomes
@@ -72,84 +78,88 @@ def quantile_norm(
     <https://arxiv.org/abs/1905.03871>`_, NeurIPS 2021.
 
   Example:
+    >>> import jax
     >>> import jax.numpy as jnp
     >>> import optaxclip as oc
-    >>> dp = oc.dp_aggregate(oc.quantile_norm(1.0, 0.5, learning_rate=0.5),
-    ...                      noise_multiplier=0.0, seed=0)
+    >>> dp = oc.dp_aggregate(oc.quantile_norm(1.0, target_quantile=0.5, learning_rate=0.5),
+    ...                      noise_multiplier=0.0, key=jax.random.key(0))
     >>> grads = {"w": jnp.array([[3.0], [4.0], [5.0], [6.0]])}  # all clipped
     >>> state = dp.init({"w": jnp.zeros(1)})
     >>> _, state = dp.update(grads, state)
-    >>> print(state.threshold, state.next_threshold)  # exp(0.25): it grows
+    >>> print(state.stats.threshold, state.next_threshold)  # exp(0.25): grows
     1.0 1.2840254
   """
-  where = "quantile_norm"
-  _validate.check_range(initial, "initial", where, lo=0, hi=math.inf,
+  caller = "quantile_norm"
+  _validate.check_range(initial, "initial", caller, lo=0, hi=math.inf,
                       open_lo=True, open_hi=True)
-  _validate.check_range(target_quantile, "target_quantile", where, lo=0, hi=1)
-  _validate.check_range(learning_rate, "learning_rate", where, lo=0,
+  _validate.check_range(target_quantile, "target_quantile", caller, lo=0, hi=1)
+  _validate.check_range(learning_rate, "learning_rate", caller, lo=0,
                       hi=math.inf, open_hi=True)
-  _validate.check_range(count_noise_multiplier, "count_noise_multiplier", where,
+  _validate.check_range(count_noise_multiplier, "count_noise_multiplier", caller,
                       lo=0, hi=math.inf, open_hi=True)
   return QuantileNorm(initial, target_quantile, learning_rate,
                       count_noise_multiplier)
 
 
+@_stats.named("dp")
 class DPState(NamedTuple):
   """State of :func:`dp_aggregate` and :func:`dp_noise`.
 
   Attributes:
-    count: steps taken (int32).
-    key: the PRNG key for the next step's noise.
-    threshold: the clipping norm in force at the last step.
+    stats: a :class:`~optaxclip.ClipStats`: ``threshold`` is the clipping
+      norm in force at the last step (NaN before the first step of a
+      :func:`dp_noise` without ``adaptive_norm``: the norm comes with the
+      first ``clip_info``); ``clipped`` whether any example was clipped at
+      the last step, ``num_clipped`` how many steps clipped some example so
+      far, ``frac_clipped`` the fraction of the last step's counted examples
+      clipped. ``norm`` and ``scale`` are ``None``: each example has its
+      own (``mean_norm``, ``largest_norm``).
+    key: the PRNG key for the next step's noise (raw key data, as
+      ``jax.random.PRNGKey`` makes it, for a key of JAX's default
+      implementation).
     next_threshold: the clipping norm for the next step (the same as
       ``threshold`` unless adaptive; with :func:`dp_noise`, pass it to
       ``clipped_grad``'s function as ``max_norm``).
     noise_std: the standard deviation of the noise added to the clipped sum
       at the last step (before dividing by the batch size).
-    clipped: whether any example was clipped at the last step.
-    frac_clipped: the fraction of the last step's counted examples clipped.
-    num_clipped: how many steps have clipped some example so far.
     num_examples: examples counted at the last step (not padding, finite).
     num_nonfinite: non-finite examples dropped at the last step.
     mean_norm: the mean pre-clip norm of the last step's counted examples.
-    max_norm_seen: the largest pre-clip norm among them.
+    largest_norm: the largest pre-clip norm among them.
     frac_unclipped: the (noised, for the adaptive norm) fraction of the batch
       left unclipped, which drives :func:`quantile_norm`'s update.
   """
 
-  count: jax.Array
+  stats: ClipStats
   key: jax.Array
-  threshold: jax.Array
   next_threshold: jax.Array
   noise_std: jax.Array
-  clipped: jax.Array
-  frac_clipped: jax.Array
-  num_clipped: jax.Array
   num_examples: jax.Array
   num_nonfinite: jax.Array
   mean_norm: jax.Array
-  max_norm_seen: jax.Array
+  largest_norm: jax.Array
   frac_unclipped: jax.Array
 
 
+@_validate.renamed(
+    max_norm="is now clip= (a number, an oc.quantile_norm(...), or"
+    " oc.ExampleClip(max_norm, ...))",
+    **_example_clip.MOVED_INTO_RULE,
+    seed=_SEED)
 def dp_aggregate(
-    max_norm: float | jax.Array | QuantileNorm,
+    clip: float | jax.Array | QuantileNorm | ExampleClip,
     noise_multiplier: float,
     *,
-    seed: int,
-    per_layer: bool | Any = False,
-    normalize: bool = False,
-    automatic: float | None = None,
-    nan_safe: bool = True,
+    key: jax.Array | int,
     batch_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """DP-SGD's aggregation step on per-example gradients, chainable.
 
   The update must hold per-example gradients (a leading batch axis on every
   leaf, e.g. from ``jax.vmap(jax.grad(loss))``); the output has no batch axis:
-  ``(per_example_clip(grads, C) + N(0, (noise_multiplier * S)^2)) / batch``,
-  with ``S`` the sensitivity (``C``, also with ``automatic``; 1 with
-  ``normalize``), the semantics of
+  ``(per_example_clip(grads, clip) + N(0, (noise_multiplier * S)^2)) /
+  batch``, with ``S`` the sensitivity (the clipping norm ``C``, also with
+  ``automatic``; 1 with ``normalize``), the semantics of
   ``optax.contrib.differentially_private_aggregate`` plus per-layer and
   normalised clipping, NaN safety, a padding mask, an adaptive norm and
   statistics. Place it first in a chain: ``optax.chain(oc.dp_aggregate(...),
@@ -157,16 +167,15 @@ def dp_aggregate(
   (``(batch,)`` booleans, ``False`` for padding); ``optax.chain`` forwards it.
 
   Args:
-    max_norm: the per-example clipping norm (a number or JAX scalar), or a
-      :func:`quantile_norm` to adapt it.
+    clip: the per-example clipping norm (a number or JAX scalar), or a
+      :func:`quantile_norm` to adapt it; or an :class:`~optaxclip.ExampleClip`
+      whose ``max_norm`` is either (per-layer, normalised or automatic
+      clipping, NaN safety; see :func:`optaxclip.per_example_clip`).
     noise_multiplier: the noise standard deviation in units of the
       sensitivity (>= 0; 0 adds no noise).
-    seed: seeds the PRNG key kept in the state.
-    per_layer: see :func:`optaxclip.per_example_clip`.
-    normalize: see :func:`optaxclip.per_example_clip`.
-    automatic: ``gamma`` of automatic clipping (Bu et al. 2022), or ``None``;
-      see :func:`optaxclip.per_example_clip`.
-    nan_safe: see :func:`optaxclip.per_example_clip`.
+    key: the PRNG key of the noise (``jax.random.key(0)`` or
+      ``jax.random.PRNGKey(0)``), kept in the state; an int ``n`` stands for
+      ``jax.random.PRNGKey(n)``.
     batch_size: the divisor; ``None`` for the leading dimension of the
       update, padding included. Under Poisson sampling give the *expected*
       batch size: dividing by the number of real examples would leak it.
@@ -180,47 +189,46 @@ def dp_aggregate(
     <https://arxiv.org/abs/1607.00133>`_, 2016.
 
   Example:
+    >>> import jax
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optaxclip as oc
-    >>> opt = optax.chain(oc.dp_aggregate(1.0, noise_multiplier=0.0, seed=0),
-    ...                   optax.sgd(1.0))
+    >>> opt = optax.chain(
+    ...     oc.dp_aggregate(1.0, noise_multiplier=0.0, key=jax.random.key(0)),
+    ...     optax.sgd(1.0))
     >>> params = {"w": jnp.zeros(2)}
     >>> state = opt.init(params)
     >>> per_example = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
     >>> updates, state = opt.update(per_example, state, params)
-    >>> print(updates["w"], state[0].frac_clipped)
+    >>> print(updates["w"], state[0].stats.frac_clipped)
     [-0.45 -0.6 ] 0.5
   """
-  where = "dp_aggregate"
-  _check_noise(noise_multiplier, batch_size, seed, where, max_norm)
-  if not isinstance(max_norm, QuantileNorm):
-    _example_clip.check_options(max_norm, per_layer, normalize, where,
-                                automatic)
-  elif automatic is not None:
-    _example_clip.check_options(max_norm.initial, per_layer, normalize,
-                                where, automatic)
+  caller = "dp_aggregate"
+  norm = clip.max_norm if isinstance(clip, ExampleClip) else clip
+  adaptive = norm if isinstance(norm, QuantileNorm) else None
+  _check_noise(noise_multiplier, batch_size, key, caller, adaptive)
+  rule = _example_clip.as_rule(clip, caller, adaptive=(QuantileNorm,))
 
   def init_fn(params):
-    return _init_state(max_norm, seed, _tree.tree_acc_dtype(params))
+    return _init_state(rule.max_norm, key, _tree.tree_acc_dtype(params))
 
   def update_fn(updates, state, params=None, *, example_mask=None, **extra):
     del params, extra
     total, info = _per_example.per_example_clip(
-        updates, state.next_threshold, per_layer=per_layer,
-        normalize=normalize, automatic=automatic, nan_safe=nan_safe,
+        updates, rule._replace(max_norm=state.next_threshold),
         example_mask=example_mask)
-    return _noise_step(total, info, state, max_norm, noise_multiplier,
-                       batch_size)
+    return _noise_step(total, info, state, adaptive, noise_multiplier,
+                       batch_size, follow=False)
 
   return _transform.transformation(init_fn, update_fn, extra_args=True)
 
 
+@_validate.renamed(max_norm="adaptive_norm", seed=_SEED)
 def dp_noise(
     noise_multiplier: float,
     *,
-    seed: int,
-    max_norm: QuantileNorm | None = None,
+    key: jax.Array | int,
+    adaptive_norm: QuantileNorm | None = None,
     batch_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adds DP-SGD's noise to the output of :func:`optaxclip.clipped_grad`.
@@ -228,9 +236,9 @@ def dp_noise(
   ``update(clipped_sum, state, params, clip_info=info)`` returns
   ``(clipped_sum + N(0, (noise_multiplier * info.sensitivity)^2)) / batch``:
   the noise is calibrated from the :class:`optaxclip.PerExampleInfo` that
-  ``clipped_grad(..., return_norms=True)`` returned with the sum, so it always
-  matches the clipping that was done. ``optax.chain`` and
-  ``nnx.Optimizer.update`` forward ``clip_info`` to it.
+  ``clipped_grad``'s function returned with the sum, so it always matches
+  the clipping that was done. ``optax.chain`` and ``nnx.Optimizer.update``
+  forward ``clip_info`` to it.
 
   It must be the first link of the chain, before the learning rate and any
   other transformation: the sensitivity describes the clipped sum itself,
@@ -241,8 +249,10 @@ def dp_noise(
   Args:
     noise_multiplier: the noise standard deviation in units of the
       sensitivity (>= 0).
-    seed: seeds the PRNG key kept in the state.
-    max_norm: ``None`` (the clipping norm is ``clipped_grad``'s), or a
+    key: the PRNG key of the noise (``jax.random.key(0)`` or
+      ``jax.random.PRNGKey(0)``), kept in the state; an int ``n`` stands for
+      ``jax.random.PRNGKey(n)``.
+    adaptive_norm: ``None`` (the clipping norm is ``clipped_grad``'s), or a
       :func:`quantile_norm`: the state's ``next_threshold`` is then the norm
       to clip the next batch with (``grad_fn(..., max_norm=...)``).
     batch_size: the divisor; ``None`` for ``info.batch_size`` (the leading
@@ -254,36 +264,38 @@ def dp_noise(
     :class:`DPState`.
 
   Example:
+    >>> import jax
     >>> import jax.numpy as jnp
     >>> import optaxclip as oc
     >>> loss = lambda w, x: 0.5 * jnp.mean((x - w) ** 2)
-    >>> grad_fn = oc.clipped_grad(loss, max_norm=1.0, return_norms=True)
-    >>> noise = oc.dp_noise(noise_multiplier=1.0, seed=0)
+    >>> grad_fn = oc.clipped_grad(loss, clip=1.0)
+    >>> noise = oc.dp_noise(noise_multiplier=1.0, key=jax.random.key(0))
     >>> state = noise.init(jnp.zeros(()))
     >>> g, info = grad_fn(0.0, jnp.array([2.0, -0.5, 3.0, 1.0]))
     >>> update, state = noise.update(g, state, clip_info=info)
-    >>> print(state.noise_std, state.num_examples, state.frac_clipped)
+    >>> print(state.noise_std, state.num_examples, state.stats.frac_clipped)
     1.0 4 0.5
   """
-  where = "dp_noise"
-  _check_noise(noise_multiplier, batch_size, seed, where, max_norm)
-  if max_norm is not None and not isinstance(max_norm, QuantileNorm):
-    raise TypeError(f"{where}: max_norm is None (the norm clipped_grad used)"
-                    " or an oc.quantile_norm(...); a fixed norm belongs to"
-                    f" clipped_grad. Got {type(max_norm).__name__}.")
+  caller = "dp_noise"
+  if adaptive_norm is not None and not isinstance(adaptive_norm, QuantileNorm):
+    raise TypeError(f"{caller}: adaptive_norm is None (the norm clipped_grad"
+                    " used) or an oc.quantile_norm(...); a fixed norm belongs"
+                    f" to clipped_grad. Got {type(adaptive_norm).__name__}.")
+  _check_noise(noise_multiplier, batch_size, key, caller, adaptive_norm)
 
   def init_fn(params):
-    return _init_state(max_norm, seed, _tree.tree_acc_dtype(params))
+    return _init_state(adaptive_norm, key, _tree.tree_acc_dtype(params))
 
   def update_fn(updates, state, params=None, *, clip_info=None, **extra):
     del params, extra
     if not isinstance(clip_info, PerExampleInfo):
       raise TypeError(
-          f"{where}: update needs clip_info=, the PerExampleInfo that"
-          " oc.clipped_grad(..., return_norms=True) returns with the sum"
-          f" (got {type(clip_info).__name__}).")
-    return _noise_step(updates, clip_info, state, max_norm, noise_multiplier,
-                       batch_size)
+          f"{caller}: update needs clip_info=, the PerExampleInfo that"
+          " oc.clipped_grad's function returns with the sum (g, info ="
+          f" grad_fn(...)); got {type(clip_info).__name__}.")
+    return _noise_step(updates, clip_info, state, adaptive_norm,
+                       noise_multiplier, batch_size,
+                       follow=adaptive_norm is None)
 
   return _transform.transformation(init_fn, update_fn, extra_args=True)
 
@@ -291,17 +303,52 @@ def dp_noise(
 # ----------------------------------------------------------------------------
 
 
-def _check_noise(noise_multiplier, batch_size, seed, where, max_norm=None):
-  if isinstance(max_norm, QuantileNorm):  # Built by hand: check it as built.
-    quantile_norm(*max_norm[:3], count_noise_multiplier=max_norm[3])
-  _validate.check_range(noise_multiplier, "noise_multiplier", where, lo=0,
-                      hi=math.inf, open_hi=True)
+def _check_noise(noise_multiplier, batch_size, key, caller, adaptive=None):
+  if adaptive is not None:  # Built by hand: check it as built.
+    quantile_norm(adaptive[0], target_quantile=adaptive[1],
+                  learning_rate=adaptive[2], count_noise_multiplier=adaptive[3])
+  _validate.check_range(noise_multiplier, "noise_multiplier", caller, lo=0,
+                        hi=math.inf, open_hi=True)
   if batch_size is not None:
-    _validate.check_int(batch_size, "batch_size", where, lo=1)
-  _validate.check_int(seed, "seed", where, lo=-(2**63))
+    _validate.check_int(batch_size, "batch_size", caller, lo=1)
+  _check_key(key, caller)
 
 
-def _init_state(max_norm, seed, dtype):
+def _is_seed(key: Any) -> bool:
+  """An int (or integer scalar) seed rather than a PRNG key."""
+  return (isinstance(key, (int, np.integer)) and not isinstance(key, bool)
+          ) or (isinstance(key, (np.ndarray, jax.Array)) and key.ndim == 0
+                and jnp.issubdtype(key.dtype, jnp.integer))
+
+
+def _check_key(key: Any, caller: str) -> None:
+  """``key`` is a PRNG key (typed, or raw ``uint32`` data) or an int seed."""
+  if _is_seed(key):
+    _validate.check_int(key, "key", caller, lo=-(2**63))
+    return
+  if isinstance(key, (np.ndarray, jax.Array)) and (
+      (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 0)
+      or (key.dtype == jnp.uint32 and key.ndim == 1)):
+    return
+  raise TypeError(
+      f"{caller}: key must be a JAX PRNG key (jax.random.key(0) or"
+      " jax.random.PRNGKey(0)) or an int, which stands for"
+      f" jax.random.PRNGKey(int); got {key!r}.")
+
+
+def _state_key(key: Any) -> jax.Array:
+  """The key kept in the state: raw key data, as ``jax.random.PRNGKey``
+  makes it (the same random numbers), unless it is a typed key of another
+  implementation than JAX's default."""
+  if _is_seed(key):
+    return jax.random.PRNGKey(key)
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and str(
+      jax.random.key_impl(key)) == str(jax.random.key_impl(jax.random.key(0))):
+    return jax.random.key_data(key)
+  return key
+
+
+def _init_state(max_norm, key, dtype):
   if isinstance(max_norm, QuantileNorm):
     t = jnp.asarray(max_norm.initial, dtype)
   elif max_norm is None:
@@ -311,19 +358,23 @@ def _init_state(max_norm, seed, dtype):
   zero = jnp.zeros((), dtype)
   izero = jnp.zeros((), jnp.int32)
   return DPState(
-      count=izero, key=jax.random.PRNGKey(seed), threshold=t,
-      next_threshold=t, noise_std=zero, clipped=jnp.zeros((), bool),
-      frac_clipped=jnp.zeros((), jnp.float32), num_clipped=izero,
+      stats=_stats.fresh(dtype, norm=False, threshold=t, scale=False,
+                         frac=True),
+      key=_state_key(key), next_threshold=t, noise_std=zero,
       num_examples=izero, num_nonfinite=izero, mean_norm=zero,
-      max_norm_seen=zero, frac_unclipped=jnp.zeros((), jnp.float32))
+      largest_norm=zero, frac_unclipped=jnp.zeros((), jnp.float32))
 
 
-def _noise_step(total, info: PerExampleInfo, state: DPState, max_norm,
-                noise_multiplier, batch_size):
-  """Noise, divide by the batch size, update the threshold and statistics."""
-  dtype = state.threshold.dtype
-  adaptive = isinstance(max_norm, QuantileNorm)
-  z = _grad_noise_multiplier(noise_multiplier, max_norm)
+def _noise_step(total, info: PerExampleInfo, state: DPState,
+                adaptive: QuantileNorm | None, noise_multiplier, batch_size,
+                *, follow: bool):
+  """Noise, divide by the batch size, update the threshold and statistics.
+
+  The next threshold follows ``adaptive``'s update, or with ``follow`` the
+  norm ``info`` was clipped with; else it stays.
+  """
+  dtype = state.next_threshold.dtype
+  z = _grad_noise_multiplier(noise_multiplier, adaptive)
   denom = (jnp.asarray(batch_size, dtype) if batch_size is not None
            else info.batch_size.astype(dtype))
   key, grad_key, count_key = jax.random.split(state.key, 3)
@@ -340,38 +391,36 @@ def _noise_step(total, info: PerExampleInfo, state: DPState, max_norm,
 
   threshold = info.threshold.astype(dtype)
   n = info.num_examples
-  num_unclipped = (n - info.num_clipped).astype(jnp.float32)
-  if adaptive:
-    s = max_norm.count_noise_multiplier
+  num_unclipped = (n - info.num_examples_clipped).astype(jnp.float32)
+  if adaptive is not None:
+    s = adaptive.count_noise_multiplier
     noisy = num_unclipped + s * jax.random.normal(count_key, (), jnp.float32)
     frac_unclipped = noisy / denom.astype(jnp.float32)
-    step = -max_norm.learning_rate * (frac_unclipped
-                                      - max_norm.target_quantile)
+    step = -adaptive.learning_rate * (frac_unclipped
+                                      - adaptive.target_quantile)
     next_threshold = threshold * jnp.exp(step).astype(dtype)
   else:
     frac_unclipped = num_unclipped / jnp.maximum(n, 1)
-    next_threshold = state.next_threshold if max_norm is not None else threshold
+    next_threshold = threshold if follow else state.next_threshold
   counted = info.included
   norms = info.norms.astype(dtype)
   mean = jnp.sum(jnp.where(counted, norms, 0)) / jnp.maximum(n, 1).astype(
       dtype)
   biggest = jnp.max(jnp.where(counted, norms, 0), initial=0)
-  clipped = info.num_clipped > 0
   return jax.tree_util.tree_unflatten(treedef, out), DPState(
-      count=optax.safe_increment(state.count), key=key, threshold=threshold,
-      next_threshold=next_threshold, noise_std=std, clipped=clipped,
-      frac_clipped=info.num_clipped / jnp.maximum(n, 1).astype(jnp.float32),
-      num_clipped=state.num_clipped + clipped.astype(jnp.int32),
-      num_examples=n, num_nonfinite=info.num_nonfinite, mean_norm=mean,
-      max_norm_seen=biggest, frac_unclipped=frac_unclipped)
+      stats=_stats.advance(state.stats, clipped=info.num_examples_clipped > 0,
+                           num=info.num_examples_clipped, of=n,
+                           threshold=threshold),
+      key=key, next_threshold=next_threshold, noise_std=std, num_examples=n,
+      num_nonfinite=info.num_nonfinite, mean_norm=mean, largest_norm=biggest,
+      frac_unclipped=frac_unclipped)
 
 
-def _grad_noise_multiplier(z, max_norm):
+def _grad_noise_multiplier(z, adaptive):
   """The gradient noise multiplier: ``z``, or raised to pay for the count."""
-  if not isinstance(max_norm, QuantileNorm) or not (
-      max_norm.count_noise_multiplier > 0) or not z > 0:
+  if adaptive is None or not adaptive.count_noise_multiplier > 0 or not z > 0:
     return z
-  s = max_norm.count_noise_multiplier
+  s = adaptive.count_noise_multiplier
   if not s > z / 2:
     raise ValueError(
         f"quantile_norm: count_noise_multiplier={s} must exceed half the"

@@ -1,6 +1,7 @@
 """Per-example clipping shared by ``method="vmap"`` and ``method="ghost"``.
 
-From per-example norms (:func:`optaxclip._norms.example_norms`, or ghost
+The rule, :class:`ExampleClip` (checked by :func:`as_rule`); from per-example
+norms (:func:`optaxclip._norms.example_norms`, or ghost
 norms) to each example's weight (:func:`clip_weights`), and the weighted sum
 over examples (:func:`weighted_sum`); the :class:`PerExampleInfo` of a batch
 and the checks of per-example arguments.
@@ -12,7 +13,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,114 @@ from optaxclip import _norms, _thresholds, _tree, _validate
 from optaxclip._numerics import clip_scale
 
 
+class ExampleClip(NamedTuple):
+  """The per-example clipping rule of :func:`optaxclip.per_example_clip`,
+  :func:`optaxclip.clipped_grad` and :func:`optaxclip.dp_aggregate`.
+
+  Example ``i``'s gradient ``g_i`` (the ``i``-th slice along the leading
+  axis of every leaf) gets a weight ``w_i``, where ``||g_i||`` is its
+  2-norm over all leaves, and the weighted gradients are summed: the sum
+  changes by at most its *sensitivity* when one example is added or
+  removed, which is what DP-SGD (Abadi et al. 2016) needs. A number ``C``
+  given where a rule is expected is ``ExampleClip(C)``.
+
+  Three rules for ``w_i`` (``C = max_norm``):
+
+  ======================  ============================  ===========
+  rule                    ``w_i``                       sensitivity
+  ======================  ============================  ===========
+  clip (default)          ``min(1, C / ||g_i||)``       ``C``
+  ``normalize=True``      ``min(1, C / ||g_i||) / C``   1
+  ``automatic=gamma``     ``C / (||g_i|| + gamma)``     ``C``
+  both                    ``1 / (||g_i|| + gamma)``     1
+  ======================  ============================  ===========
+
+  ``normalize`` keeps the clip and divides by ``C``: an example of norm at
+  least ``C`` comes out with norm exactly 1, a smaller one keeps its
+  direction with norm ``||g_i|| / C``. ``automatic`` rescales *every*
+  example, small ones up and large ones down, to norm
+  ``C ||g_i|| / (||g_i|| + gamma)``, just below ``C`` unless ``||g_i||`` is
+  comparable to ``gamma``: the per-example normalisation of Bu et al. 2022
+  (AUTO-S), whose ``gamma`` keeps the weight of a near-zero gradient bounded
+  by ``C / gamma``.
+
+  Edge cases:
+
+  ========================  ===============================================
+  ``||g_i|| = 0``           scale 1 (``g_i`` is zero and adds nothing);
+                            with ``automatic``, weight 0 (``C / gamma``
+                            times a zero gradient is 0 too)
+  ``max_norm = inf``        scale 1: the plain sum (``normalize`` and
+                            ``automatic`` refuse it; with ``automatic``, a
+                            run-time inf, NaN or negative value acts as 0)
+  ``max_norm = 0``          scale 0: the sum is zero (``normalize`` refuses it)
+  non-finite ``g_i``        ``nan_safe``: adds exactly 0 (it is never
+                            multiplied, so NaN cannot leak) and counts in
+                            ``num_nonfinite``; else the sum is non-finite
+  ``||g_i||`` overflows     (finite entries, norm above the float32 range,
+                            ~3.4e38) treated as non-finite
+  padding example           (``example_mask`` False) adds exactly 0 and is
+                            counted nowhere
+  ========================  ===============================================
+
+  The fields are checked where the rule is used.
+
+  Attributes:
+    max_norm: the clipping norm ``C``: a non-negative number or JAX scalar
+      (traced values are allowed, e.g. an adaptive threshold); for
+      :func:`optaxclip.dp_aggregate` also a :func:`optaxclip.quantile_norm`.
+    per_layer: clip each layer of each example to its own threshold instead
+      of the whole example. ``True``: every one of the ``L`` leaves is a
+      layer, with ``max_norm / sqrt(L)`` (``optax.per_example_layer_norm_clip
+      (..., uniform=True)``), so the sensitivity stays ``max_norm``. Or a
+      pytree prefix of one example's gradient holding thresholds: each of its
+      leaves is a layer, the whole subtree below it clipped as one by its
+      joint norm (as jax-privacy clips a prefix); the sensitivity is the root
+      sum of the squares of those thresholds.
+    normalize: divide the result by the sensitivity, so that every clipped
+      example has norm at most 1 and the sum has sensitivity 1
+      (jax-privacy's ``rescale_to_unit_norm``): the learning rate no longer
+      depends on ``max_norm``. Examples below ``max_norm`` keep their
+      norm's share (``||g_i|| / max_norm``); they are not raised to norm 1.
+      Needs ``0 < max_norm < inf``.
+    automatic: ``None`` to clip; or ``gamma > 0``, the stability constant
+      of automatic clipping (Bu et al. 2022 use 0.01): every example is
+      weighted ``max_norm / (||g_i|| + gamma)``. The sensitivity stays
+      ``max_norm`` (1 with ``normalize``).
+      :attr:`PerExampleInfo.num_examples_clipped` still counts the examples
+      whose norm is above ``max_norm``. With ``per_layer``, each layer is
+      weighted by its own threshold over its own norm plus ``gamma``. Needs
+      a finite ``max_norm`` with ``max_norm / gamma`` at most 8.5e37 (a
+      quarter of float32's largest number), so that no weight overflows; a
+      run-time ``max_norm`` above that is lowered to it.
+    nan_safe: drop (and count) examples whose norm is not finite.
+
+  References:
+    Abadi et al., `Deep Learning with Differential Privacy
+    <https://arxiv.org/abs/1607.00133>`_, 2016;
+    McMahan et al., `Learning Differentially Private Recurrent Language Models
+    <https://arxiv.org/abs/1710.06963>`_, 2018 (per-layer clipping);
+    Bu et al., `Automatic Clipping: Differentially Private Deep Learning Made
+    Easier and Stronger <https://arxiv.org/abs/2206.07136>`_, 2022
+    (``automatic``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optaxclip as oc
+    >>> grads = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
+    >>> total, info = oc.per_example_clip(grads, oc.ExampleClip(1.0,
+    ...                                                         normalize=True))
+    >>> print(total["w"], info.sensitivity)
+    [0.90000004 1.2       ] 1.0
+  """
+
+  max_norm: Any
+  per_layer: Any = False
+  normalize: bool = False
+  automatic: float | None = None
+  nan_safe: bool = True
+
+
 class PerExampleInfo(NamedTuple):
   """What per-example clipping did to one batch.
 
@@ -29,18 +138,19 @@ class PerExampleInfo(NamedTuple):
     norms: ``(batch,)``, each example's global 2-norm before clipping, in the
       accumulation dtype (NaN or inf for a non-finite example; padding
       examples have theirs too, and are ignored by everything else).
-    threshold: the clipping norm in force (``max_norm``).
+    threshold: the clipping norm in force (the rule's ``max_norm``, or the
+      call's ``max_norm=`` override of :func:`optaxclip.clipped_grad`).
     sensitivity: the most one example can change the clipped sum (in
       2-norm): ``max_norm`` (with ``automatic`` too); ``1`` with
       ``normalize=True``; the root sum of squares of the per-layer
-      thresholds with ``per_layer``.
+      thresholds with ``per_layer`` (see :class:`ExampleClip`).
     included: ``(batch,)``, the examples counted: not padding, finite norm.
     num_examples: how many are included (with ``nan_safe=False``, non-finite
       examples also enter the sum, which is then non-finite, but are not
       counted here).
-    num_clipped: of those, how many were scaled down (norm above threshold;
-      with ``per_layer``, above the threshold of some layer). With
-      ``automatic``, which rescales every example, the same count: the
+    num_examples_clipped: of those, how many were scaled down (norm above
+      threshold; with ``per_layer``, above the threshold of some layer).
+      With ``automatic``, which rescales every example, the same count: the
       examples whose norm is above the threshold.
     num_nonfinite: non-padding examples with a non-finite norm. With
       ``nan_safe`` they were dropped; without, they made the sum non-finite.
@@ -52,24 +162,24 @@ class PerExampleInfo(NamedTuple):
   sensitivity: jax.Array
   included: jax.Array
   num_examples: jax.Array
-  num_clipped: jax.Array
+  num_examples_clipped: jax.Array
   num_nonfinite: jax.Array
   batch_size: jax.Array
 
 
 def clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,
-              mask, where, automatic=None):
+              mask, caller, automatic=None):
   """Sums of the clipped examples, one per leaf in the accumulation dtype."""
   leaf_norms, norms = _norms.example_norms(leaves)
   weights, keep, stats = clip_weights(
       leaf_norms, norms, treedef, max_norm, per_layer=per_layer,
       normalize=normalize, automatic=automatic, nan_safe=nan_safe, mask=mask,
-      where=where)
+      caller=caller)
   return [weighted_sum(x, w, keep) for x, w in zip(leaves, weights)], stats
 
 
 def clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
-                  normalize, nan_safe, mask, where, automatic=None):
+                  normalize, nan_safe, mask, caller, automatic=None):
   """Each example's weight per leaf (0 where dropped), the kept examples, stats.
 
   ``leaf_norms`` are the per-example norms of each leaf of the gradient tree
@@ -92,7 +202,7 @@ def clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
     scales = [rule(norms, t)] * len(leaf_norms)
   else:
     sensitivity, over, scales = _layer_scales(
-        leaf_norms, norms, treedef, t, per_layer, rule, automatic, where)
+        leaf_norms, norms, treedef, t, per_layer, rule, automatic, caller)
   if normalize:
     # A run-time threshold of 0 (or NaN, or inf) leaves nothing to divide
     # by: every weight is 0 and the sum is 0, of sensitivity 1 as always.
@@ -107,7 +217,7 @@ def clip_weights(leaf_norms, norms, treedef, max_norm, *, per_layer,
   return [jnp.where(keep, s, 0) for s in scales], keep, PerExampleInfo(
       norms=norms, threshold=t, sensitivity=jnp.asarray(sensitivity, dtype),
       included=counted, num_examples=count(counted),
-      num_clipped=count(counted & over), num_nonfinite=count(mask & ~finite),
+      num_examples_clipped=count(counted & over), num_nonfinite=count(mask & ~finite),
       batch_size=jnp.asarray(mask.shape[0], jnp.int32))
 
 
@@ -137,13 +247,13 @@ def automatic_threshold(t: jax.Array, gamma: float) -> jax.Array:
 
 
 def _layer_scales(leaf_norms, norms, treedef, t, per_layer, rule, automatic,
-                  where):
+                  caller):
   """Per-layer clipping: the sensitivity, which examples had some layer
   above its threshold, and each leaf's weights (its layer's)."""
   dtype = norms.dtype
   thresholds, layer = _thresholds.layer_groups(
       per_layer, t, jax.tree_util.tree_unflatten(treedef, leaf_norms),
-      dtype, where)
+      dtype, caller)
   if automatic is not None:
     thresholds = [automatic_threshold(x, automatic) for x in thresholds]
   sensitivity = jnp.sqrt(sum(jnp.square(x) for x in thresholds))
@@ -209,7 +319,7 @@ def split_modules(args: tuple[Any, ...], grad_nums: tuple[int, ...]
 
 
 @contextlib.contextmanager
-def no_state_updates(where: str) -> Iterator[None]:
+def no_state_updates(caller: str) -> Iterator[None]:
   """Explains Flax's error for a module that updates its own state (batch
   statistics, RNG counts) inside the per-example trace."""
   try:
@@ -218,7 +328,7 @@ def no_state_updates(where: str) -> Iterator[None]:
     if type(e).__name__ != "TraceContextError":
       raise
     raise ValueError(
-        f"{where}: fun updates a variable of an nnx.Module that is not"
+        f"{caller}: fun updates a variable of an nnx.Module that is not"
         f" differentiated ({e}). Each example runs in a trace of its own, whose"
         " state updates cannot come out, and a batch statistic or a shared"
         " random stream would mix examples. Call model.eval() (or"
@@ -237,35 +347,79 @@ def _merge(graphdef: Any, params: Any, *, rest: Any) -> Any:
 # Arguments.
 
 
-def check_options(max_norm, per_layer, normalize, where, automatic=None):
-  _validate.check_threshold(max_norm, "max_norm", where)
+MOVED_INTO_RULE = {
+    name: f"moved into the rule: clip=oc.ExampleClip(max_norm, {name}=...)"
+    for name in ("per_layer", "normalize", "automatic", "nan_safe")}
+"""The hints of :func:`optaxclip._validate.renamed` for the keywords that
+became :class:`ExampleClip`'s fields."""
+
+
+def as_rule(clip: Any, caller: str, *, adaptive: tuple[type, ...] = ()
+            ) -> ExampleClip:
+  """``clip`` (a number or JAX scalar, an :class:`ExampleClip`, or one of
+  the ``adaptive`` types) as a checked :class:`ExampleClip`."""
+  if isinstance(clip, adaptive) or (
+      not isinstance(clip, ExampleClip) and is_number(clip)):
+    clip = ExampleClip(clip)
+  if not isinstance(clip, ExampleClip):
+    raise TypeError(
+        f"{caller}: clip must be a number, a JAX scalar"
+        + (", an oc.quantile_norm(...)" if adaptive else "")
+        + " or an oc.ExampleClip(max_norm, ...) (a schedule has no step"
+        f" count here: pass the value in force); got {type(clip).__name__}.")
+  max_norm: Any = clip.max_norm
+  if isinstance(max_norm, adaptive):
+    max_norm = cast(Any, max_norm)[0]  # The initial norm, checked as fixed.
+  elif not (is_number(max_norm) or _validate.is_schedule(max_norm)):
+    raise TypeError(
+        f"{caller}: ExampleClip's max_norm must be a number or a JAX scalar"
+        + (" or an oc.quantile_norm(...)" if adaptive else
+           " (an adaptive oc.quantile_norm(...) belongs to oc.dp_aggregate,"
+           " or to oc.dp_noise(adaptive_norm=...) after clipped_grad)")
+        + f"; got {type(max_norm).__name__}.")
+  _validate.check_bool(clip.normalize, "normalize", caller)
+  _validate.check_bool(clip.nan_safe, "nan_safe", caller)
+  check_options(max_norm, clip.per_layer, clip.normalize, caller,
+                clip.automatic)
+  return clip
+
+
+def options(rule: ExampleClip, caller: str) -> dict[str, Any]:
+  """The keyword arguments of :func:`clip_sum` and :func:`clip_weights`
+  (all but the threshold) that ``rule`` sets."""
+  return dict(per_layer=rule.per_layer, normalize=rule.normalize,
+              automatic=rule.automatic, nan_safe=rule.nan_safe, caller=caller)
+
+
+def check_options(max_norm, per_layer, normalize, caller, automatic=None):
+  _validate.check_threshold(max_norm, "max_norm", caller)
   if _validate.is_schedule(max_norm):
-    raise TypeError(f"{where}: max_norm must be a number or a JAX scalar, not"
+    raise TypeError(f"{caller}: max_norm must be a number or a JAX scalar, not"
                     " a schedule (there is no step count here); pass the"
                     " value in force.")
   if per_layer is not False and per_layer is not True:
-    _validate.check_threshold(per_layer, "per_layer", where, allow_tree=True)
+    _validate.check_threshold(per_layer, "per_layer", caller, allow_tree=True)
   if normalize and _validate.is_concrete(max_norm):
     v = float(np.asarray(max_norm))
     if not 0 < v < math.inf:
-      raise ValueError(f"{where}: normalize=True divides by max_norm, so it"
+      raise ValueError(f"{caller}: normalize=True divides by max_norm, so it"
                        f" must be positive and finite; got {v}.")
   if automatic is not None:
-    _check_automatic(automatic, max_norm, per_layer, where)
+    _check_automatic(automatic, max_norm, per_layer, caller)
 
 
-def _check_automatic(gamma, max_norm, per_layer, where):
+def _check_automatic(gamma, max_norm, per_layer, caller):
   """``automatic`` is the stability constant gamma: a positive finite number,
   with ``max_norm / gamma`` (the largest weight) finite in float32."""
   if isinstance(gamma, (bool, np.bool_)) or not isinstance(
       gamma, (int, float, np.integer, np.floating)):
-    raise TypeError(f"{where}: automatic is the stability constant gamma of"
+    raise TypeError(f"{caller}: automatic is the stability constant gamma of"
                     " automatic clipping, a positive number (0.01 in Bu et"
                     f" al. 2022), or None to clip; got {gamma!r}.")
   g = float(gamma)
   tiny = float(np.finfo(np.float32).tiny)
   if not tiny <= g < math.inf:
-    raise ValueError(f"{where}: automatic={g} is not a valid gamma; it must"
+    raise ValueError(f"{caller}: automatic={g} is not a valid gamma; it must"
                      f" be positive and finite (at least {tiny}, float32's"
                      " smallest normal number), e.g. 0.01.")
   big = float(np.finfo(np.float32).max) / 4
@@ -280,7 +434,7 @@ def _check_automatic(gamma, max_norm, per_layer, where):
     v = float(np.asarray(t))
     if not v / g < big:
       raise ValueError(
-          f"{where}: with automatic={g}, {name}={v} gives weights up to"
+          f"{caller}: with automatic={g}, {name}={v} gives weights up to"
           f" {name} / automatic = {v / g}; automatic clipping needs a"
           f" finite {name} (inf does not mean 'no clip' here) with that"
           f" ratio at most {big:.2g}, a quarter of float32's largest"
@@ -291,22 +445,22 @@ def is_number(x: Any) -> bool:
   return isinstance(x, (int, float, np.number, np.ndarray, jax.Array))
 
 
-def check_float(leaves, where):
+def check_float(leaves, caller):
   for x in leaves:
     if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{where}: per-example clipping needs real"
+      raise TypeError(f"{caller}: per-example clipping needs real"
                       f" floating-point gradients; got a {x.dtype} leaf.")
 
 
-def check_mask(mask, batch, where):
+def check_mask(mask, batch, caller):
   if mask is None:
     return jnp.ones((batch,), bool)
   mask = jnp.asarray(mask)
   if mask.shape != (batch,):
-    raise ValueError(f"{where}: example_mask has shape {mask.shape}; it needs"
+    raise ValueError(f"{caller}: example_mask has shape {mask.shape}; it needs"
                      f" one entry per example, shape ({batch},).")
   if mask.dtype != jnp.bool_:
-    raise TypeError(f"{where}: example_mask must be boolean (True for real"
+    raise TypeError(f"{caller}: example_mask must be boolean (True for real"
                     f" examples, False for padding); got {mask.dtype}.")
   return mask
 

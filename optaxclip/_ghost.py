@@ -166,7 +166,7 @@ class _Model:
     return tape.calls, used
 
   def clip_chunk(self, args, mask, threshold, *, per_layer, normalize,
-                 nan_safe, where, automatic=None):
+                 nan_safe, caller, automatic=None):
     """The clipped sum over one chunk of examples, as ``_clip_sum`` returns."""
     leaves = jax.tree_util.tree_leaves(
         [args[i] for i in self.grad_nums])
@@ -174,7 +174,7 @@ class _Model:
     plan = _plan(calls, used, len(leaves))
     if not plan.active:
       raise ValueError(
-          f"{where}: no nnx.Linear, nnx.LinearGeneral, nnx.Embed or nnx.Conv"
+          f"{caller}: no nnx.Linear, nnx.LinearGeneral, nnx.Embed or nnx.Conv"
           " call uses the"
           " differentiated parameters, so there is nothing to compute ghost"
           " norms of; method='ghost' needs a Flax NNX model (pass the"
@@ -209,7 +209,7 @@ class _Model:
     return _clip_from_records(
         leaves, calls, plan, saved, dys, copy_grads, self.treedef, threshold,
         mask, per_layer=per_layer, normalize=normalize, nan_safe=nan_safe,
-        where=where, automatic=automatic) + (aux,)
+        caller=caller, automatic=automatic) + (aux,)
 
 
 def _batch_split(example):
@@ -289,7 +289,7 @@ def _term_kind(kind, role):
 
 def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
                        threshold, mask, *, per_layer, normalize, nan_safe,
-                       where, automatic=None):
+                       caller, automatic=None):
   acc = _tree.common_acc_dtype(leaves)
   saved = dict(zip(plan.active, saved))
   batch = mask.shape[0]
@@ -332,7 +332,7 @@ def _clip_from_records(leaves, calls, plan, saved, dys, copy_grads, treedef,
   norms = _norms.example_norms([jnp.stack(leaf_norms, axis=1)])[1]
   weights, keep, stats = _example_clip.clip_weights(
       leaf_norms, norms, treedef, threshold, per_layer=per_layer,
-      normalize=normalize, nan_safe=nan_safe, mask=mask, where=where,
+      normalize=normalize, nan_safe=nan_safe, mask=mask, caller=caller,
       automatic=automatic)
   sums = []
   for j, x in enumerate(leaves):

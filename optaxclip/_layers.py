@@ -22,7 +22,7 @@ from optaxclip import _validate
 _SHARDING = ("out_sharding", "sharding_names", "sharding")
 
 
-def layer_axes(model: Any, name: str = "layers") -> Any:
+def layer_axes(model: Any, *, name: str = "layers") -> Any:
   """The ``layer_axis`` tree of a Flax NNX model with stacked blocks.
 
   Reads each parameter's sharding metadata: a parameter whose sharding
@@ -69,14 +69,14 @@ def layer_axes(model: Any, name: str = "layers") -> Any:
     >>> print(dict(oc.layer_axes(model)))
     {'bias': 0, 'scale': 0}
   """
-  where = "layer_axes"
+  caller = "layer_axes"
   if not isinstance(name, str):
-    raise TypeError(f"{where}: name must be a string (the axis name given"
+    raise TypeError(f"{caller}: name must be a string (the axis name given"
                     f" as nnx.PARTITION_NAME), got {name!r}.")
   nnx = sys.modules.get("flax.nnx")
   if nnx is None or not isinstance(model, (nnx.Module, nnx.State)):
     raise TypeError(
-        f"{where}: model must be a Flax NNX Module or an nnx.State of its"
+        f"{caller}: model must be a Flax NNX Module or an nnx.State of its"
         f" variables, got {type(model).__name__}.")
   state = nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else (
       model)
@@ -89,7 +89,7 @@ def layer_axes(model: Any, name: str = "layers") -> Any:
       axis_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   if unknown:
     raise ValueError(
-        f"{where}: {len(unknown)} parameter(s) carry no sharding metadata,"
+        f"{caller}: {len(unknown)} parameter(s) carry no sharding metadata,"
         f" so Flax kept no record of a stacking axis: {', '.join(unknown[:5])}"
         + (", ..." if len(unknown) > 5 else "") + ". Give them sharding"
         " metadata (nnx.with_partitioning, or kernel_metadata= / bias_metadata"
@@ -97,7 +97,7 @@ def layer_axes(model: Any, name: str = "layers") -> Any:
         f" blocks with nnx.vmap(..., transform_metadata={{nnx.PARTITION_NAME:"
         f" {name!r}}}); or write layer_axis by hand, e.g."
         " nnx.State({'blocks': 0, 'head': None}).")
-  _validate.check_layer_axis(axes, where)
+  _validate.check_layer_axis(axes, caller)
   return axes
 
 
@@ -105,7 +105,7 @@ def _axis_of(path: Any, v: Any, name: str, nnx: Any,
              unknown: list[str]) -> int | None:
   """One variable's layer axis from its sharding names (``None`` if not
   stacked); a variable without sharding names is added to ``unknown``."""
-  where = "layer_axes"
+  caller = "layer_axes"
   at = jax.tree_util.keystr(path, simple=True, separator="/") or "root"
   metadata = v.get_metadata() if isinstance(v, nnx.Variable) else {}
   names = next((metadata[k] for k in _SHARDING if metadata.get(k)), None)
@@ -115,6 +115,6 @@ def _axis_of(path: Any, v: Any, name: str, nnx: Any,
   found = [i for i, n in enumerate(tuple(names)) if n == name]
   if len(found) > 1:
     raise ValueError(
-        f"{where}: the parameter {at} names {name!r} at axes {found} of its"
+        f"{caller}: the parameter {at} names {name!r} at axes {found} of its"
         f" sharding {tuple(names)}; a stacked parameter has one layer axis.")
   return found[0] if found else None

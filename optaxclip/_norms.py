@@ -107,7 +107,7 @@ def global_norm_parts(tree: Any, ord: Ord = 2, *,
 
 def global_and_leaf_norms(tree: Any, ord: Ord = 2, *,
                           axis_name: AxisName = None, leaves: bool = False,
-                          layer_axis: Any = None, where: str = "global_norm"
+                          layer_axis: Any = None, caller: str = "global_norm"
                           ) -> tuple[Norm, Any]:
   """The global norm and, with ``leaves``, each leaf's norm as a tree.
 
@@ -127,12 +127,12 @@ def global_and_leaf_norms(tree: Any, ord: Ord = 2, *,
   add different layers' sums).
   """
   p = _validate.canonical_ord(ord)
-  live, rebuild = _tree.live_leaves(tree, where)
+  live, rebuild = _tree.live_leaves(tree, caller)
   xs = [x for _, x in live]
   dtype = _tree.common_acc_dtype(xs)
   layers: list[int | None] = [None] * len(xs)
   if leaves:
-    layers = _thresholds.leaf_layers(layer_axis, tree, where)
+    layers = _thresholds.leaf_layers(layer_axis, tree, caller)
   if not xs:
     zero = jnp.zeros((), dtype)
     return Norm(jnp.ones((), dtype), zero), rebuild([]) if leaves else None
@@ -156,11 +156,11 @@ def global_and_leaf_norms(tree: Any, ord: Ord = 2, *,
   return n, rebuild(each) if leaves else None
 
 
-def zero_leaf_norms(params: Any, layer_axis: Any, where: str) -> Any:
+def zero_leaf_norms(params: Any, layer_axis: Any, caller: str) -> Any:
   """Zeros shaped like :func:`global_and_leaf_norms`' leaf norms: a scalar
   per leaf, ``(num_layers,)`` for a leaf stacked by ``layer_axis``."""
   return _tree.zero_leaf_norms(
-      params, _thresholds.leaf_layers(layer_axis, params, where))
+      params, _thresholds.leaf_layers(layer_axis, params, caller))
 
 
 def tensor_norm_parts(leaves: list[jax.Array], ord: Ord,

@@ -3,9 +3,9 @@
 :func:`qk_clip` is the last link of an optimizer chain; it reads each
 attention head's largest pre-softmax logit of the step (an extra argument of
 ``update``) and shrinks that head's query and key projections so that its
-logits shrink by ``tau / S_max``. :func:`max_logit_attention` records those
-logits in a Flax NNX ``nnx.MultiHeadAttention``; :func:`gather_max_logits`
-collects them into the tree :func:`qk_clip` reads.
+logits shrink by ``max_logit / S_max``. :func:`max_logit_attention` records
+those logits in a Flax NNX ``nnx.MultiHeadAttention``;
+:func:`gather_max_logits` collects them into the tree :func:`qk_clip` reads.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import optax
 
 from optaxclip import _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName
+from optaxclip._stats import ClipStats
 from optaxclip._thresholds import Threshold
 
 _WHERE = "qk_clip"
@@ -35,74 +36,73 @@ class QKLayout(NamedTuple):
   """Where an attention module keeps its query and key projections.
 
   Attributes:
-    query: the path of the query projection inside the attention module,
+    query_path: the path of the query projection inside the attention module,
       ``/``-separated (``"query"`` for ``nnx.MultiHeadAttention`` and linen's
       ``MultiHeadDotProductAttention``). Every leaf below it (kernel, bias)
       is scaled.
-    key: the same for the key projection.
+    key_path: the same for the key projection.
     head_axis: the axis of those leaves that indexes the heads: ``-2`` for
       ``LinearGeneral`` kernels ``(in_features, heads, head_dim)`` and their
       biases ``(heads, head_dim)``, with or without leading layer axes.
   """
 
-  query: str = "query"
-  key: str = "key"
+  query_path: str = "query"
+  key_path: str = "key"
   head_axis: int = -2
 
 
 _MHA = QKLayout()  # nnx.MultiHeadAttention's layout.
 
 
+@_stats.named("qk_clip")
 class QKClipState(NamedTuple):
   """State of :func:`qk_clip`.
 
   Attributes:
-    count: updates seen so far (int32).
-    max_logit: the largest per-head max logit of the last step, over every
-      head (NaN heads left out; ``-inf`` when all were NaN).
-    threshold: ``tau`` in force at the last update (``inf`` when a run-time
-      ``tau`` was not positive: nothing was clipped).
-    scale: the smallest factor ``gamma = min(1, tau / S_max)`` over the
-      heads of the last step (1 when none was clipped).
-    clipped: whether any head was clipped at the last update.
-    heads_clipped: how many heads were clipped at the last update (int32).
-    frac_clipped: ``heads_clipped`` over the number of heads.
-    nonfinite: how many heads had a NaN or ``+inf`` max logit at the last
+    stats: a :class:`~optaxclip.ClipStats`, in float32: ``threshold`` is
+      ``max_logit`` in force at the last update (``inf`` when a run-time
+      value was not positive: nothing was clipped); ``scale`` the smallest
+      factor ``gamma = min(1, max_logit / S_max)`` over the heads of the
+      last step (1 when none was clipped); ``clipped`` whether any head
+      was clipped; ``frac_clipped`` the fraction of heads clipped.
+      ``norm`` is ``None``: the rule reads logits, not the update.
+    largest_logit: the largest per-head max logit ``S_max`` of the last
+      step, over every head (NaN heads left out; ``-inf`` when all were
+      NaN).
+    num_heads_clipped: how many heads were clipped at the last update (int32).
+    num_nonfinite: how many heads had a NaN or ``+inf`` max logit at the last
       update; they were left untouched (int32).
-    num_clipped: how many updates have clipped a head so far.
   """
 
-  count: jax.Array
-  max_logit: jax.Array
-  threshold: jax.Array
-  scale: jax.Array
-  clipped: jax.Array
-  heads_clipped: jax.Array
-  frac_clipped: jax.Array
-  nonfinite: jax.Array
-  num_clipped: jax.Array
+  stats: ClipStats
+  largest_logit: jax.Array
+  num_heads_clipped: jax.Array
+  num_nonfinite: jax.Array
 
 
+@_validate.renamed(tau="max_logit", alpha="query_exponent")
 def qk_clip(
-    tau: Threshold = 100.0, *, alpha: float | jax.Array = 0.5,
+    max_logit: Threshold = 100.0, *,
+    query_exponent: float | jax.Array = 0.5,
     layout: QKLayout | Mapping[str, QKLayout] = _MHA,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Shrinks the query and key weights of heads whose logits exceed ``tau``.
+  """Shrinks the query and key weights of heads whose logits exceed ``max_logit``.
 
   The QK-Clip of Kimi K2's MuonClip. For each attention head ``h``, with
   ``S_max[h]`` the largest pre-softmax logit of the step (over the batch,
-  the query and the key positions), ``gamma[h] = min(1, tau / S_max[h])``;
-  after the update, that head's query projection is multiplied by
-  ``gamma**alpha`` and its key projection by ``gamma**(1 - alpha)``, so
-  that every logit ``q . k`` of the head shrinks by ``gamma`` against the
-  unclipped update's: the step's largest logit would land on ``tau`` but
-  for the update's own change of the weights (exactly on it with a zero
-  update), as in Kimi K2, where ``S_max`` also comes from the forward
-  pass before the update. Biases of the projections are scaled as the same head's kernel:
-  the logit is bilinear in ``(W_q x + b_q)`` and ``(W_k x + b_k)``, so it
-  still shrinks by exactly ``gamma``. Heads with ``S_max <= tau`` are
-  untouched, bit for bit.
+  the query and the key positions), ``gamma[h] = min(1, max_logit /
+  S_max[h])``; after the update, that head's query projection is
+  multiplied by ``gamma**query_exponent`` and its key projection by
+  ``gamma**(1 - query_exponent)``, so that every logit ``q . k`` of the
+  head shrinks by ``gamma`` against the unclipped update's: the step's
+  largest logit would land on ``max_logit`` but for the update's own
+  change of the weights (exactly on it with a zero update), as in Kimi K2,
+  where ``S_max`` also comes from the forward pass before the update.
+  Biases of the projections are scaled as the same head's kernel: the
+  logit is bilinear in ``(W_q x + b_q)`` and ``(W_k x + b_k)``, so it
+  still shrinks by exactly ``gamma``. Heads with ``S_max <= max_logit``
+  are untouched, bit for bit.
 
   It must be the **last** link of the chain: given the update ``u`` and
   the parameters ``W``, it returns ``gamma' * (W + u) - W`` for the query
@@ -117,22 +117,23 @@ def qk_clip(
   :func:`gather_max_logits` returns). ``optax.chain`` and
   ``nnx.Optimizer.update(model, grads, max_logits=...)`` forward it.
 
-  Edge cases: ``S_max`` of 0, negative or ``-inf`` is below ``tau`` (no
-  clip); a NaN or ``+inf`` ``S_max`` leaves its head untouched (a factor
-  of 0 would zero the query and key for good: their gradients vanish
-  together) and is counted in ``nonfinite``; pair with
-  :func:`optaxclip.skip_step` to skip such steps. ``tau = inf`` clips
-  nothing; a ``tau`` arriving at run time (a schedule) that is 0,
-  negative or NaN clips nothing either. Leaves in no attention module are
-  untouched. Not covered: MLA's split of the query/key heads into a shared
-  rotary part (Kimi K2 clips only the per-head parts there), grouped-query
-  attention (fewer key heads than query heads), and fused ``qkv`` kernels;
-  such layouts raise an error naming the leaf.
+  Edge cases: ``S_max`` of 0, negative or ``-inf`` is below ``max_logit``
+  (no clip); a NaN or ``+inf`` ``S_max`` leaves its head untouched (a
+  factor of 0 would zero the query and key for good: their gradients
+  vanish together) and is counted in ``num_nonfinite``; pair with
+  :func:`optaxclip.skip_step` to skip such steps. ``max_logit = inf``
+  clips nothing; a ``max_logit`` arriving at run time (a schedule) that
+  is 0, negative or NaN clips nothing either. Leaves in no attention
+  module are untouched. Not covered: MLA's split of the query/key heads
+  into a shared rotary part (Kimi K2 clips only the per-head parts
+  there), grouped-query attention (fewer key heads than query heads), and
+  fused ``qkv`` kernels; such layouts raise an error naming the leaf.
 
   Args:
-    tau: the largest logit allowed, > 0 (``inf`` disables): a number, JAX
-      scalar or Optax schedule of the step count.
-    alpha: the share of the factor given to the query, in ``[0, 1]``.
+    max_logit: Kimi K2's ``tau``, the largest logit allowed, > 0 (``inf``
+      disables): a number, JAX scalar or Optax schedule of the step count.
+    query_exponent: Kimi K2's ``alpha``, the share of the factor given to
+      the query (the key gets ``1 - query_exponent``), in ``[0, 1]``.
     layout: where each attention module keeps its query and key: one
       :class:`QKLayout` for all, or a mapping from module paths (as in
       ``max_logits``) to layouts, others taking the default.
@@ -166,27 +167,27 @@ def qk_clip(
     >>> new = optax.apply_updates(params, u)
     >>> print(new["attn"]["query"]["kernel"][0, :, 0])  # gamma**0.5 = 0.5, 1
     [0.5 1. ]
-    >>> print(oc.clip_stats(state)["qk_clip/heads_clipped"])
+    >>> print(oc.clip_stats(state)["qk_clip/num_heads_clipped"])
     1
   """
-  _validate.check_threshold(tau, "tau", _WHERE)
-  if not _validate.is_schedule(tau) and _validate.is_concrete(tau) and not (
-      float(np.asarray(tau)) > 0):
-    raise ValueError(f"{_WHERE}: tau={float(np.asarray(tau))} must be > 0"
-                     " (the largest logit allowed; inf disables clipping).")
-  _validate.check_range(alpha, "alpha", _WHERE, lo=0.0, hi=1.0,
-                        schedule=False)
+  _validate.check_threshold(max_logit, "max_logit", _WHERE)
+  if not _validate.is_schedule(max_logit) and _validate.is_concrete(
+      max_logit) and not float(np.asarray(max_logit)) > 0:
+    raise ValueError(
+        f"{_WHERE}: max_logit={float(np.asarray(max_logit))} must be > 0"
+        " (the largest logit allowed; inf disables clipping).")
+  _validate.check_range(query_exponent, "query_exponent", _WHERE, lo=0.0,
+                        hi=1.0, schedule=False)
   _check_layout(layout)
 
   def init_fn(params):
     del params
-    c = _stats.counters(frac=True)
     return QKClipState(
-        count=c["count"], max_logit=jnp.full((), -jnp.inf, jnp.float32),
-        threshold=jnp.zeros((), jnp.float32), scale=jnp.ones((), jnp.float32),
-        clipped=c["clipped"], heads_clipped=jnp.zeros((), jnp.int32),
-        frac_clipped=c["frac_clipped"], nonfinite=jnp.zeros((), jnp.int32),
-        num_clipped=c["num_clipped"])
+        stats=_stats.fresh(jnp.float32, norm=False, frac=True,
+                           threshold=jnp.zeros((), jnp.float32)),
+        largest_logit=jnp.full((), -jnp.inf, jnp.float32),
+        num_heads_clipped=jnp.zeros((), jnp.int32),
+        num_nonfinite=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, *, max_logits=None, **extra):
     del extra  # Meant for other links of the chain.
@@ -196,21 +197,24 @@ def qk_clip(
     heads = _heads(max_logits)
     if axis_name is not None:
       heads = [(n, jax.lax.pmax(x, axis_name)) for n, x in heads]
-    t = _thresholds.resolve(tau, state.count, jnp.float32, lo=0.0, nan=0.0)
+    count = state.stats.count
+    t = _thresholds.resolve(max_logit, count, jnp.float32, lo=0.0, nan=0.0)
     t = jnp.where(t > 0, t, jnp.inf)
-    a = _thresholds.resolve(alpha, state.count, jnp.float32, lo=0.0, hi=1.0,
-                            nan=0.5)
+    a = _thresholds.resolve(query_exponent, count, jnp.float32, lo=0.0,
+                            hi=1.0, nan=0.5)
     gammas = [_gamma(s, t) for _, s in heads]
     out = _scale_heads(updates, params, heads, gammas, a, layout)
     s = jnp.concatenate([s.reshape(-1) for _, s in heads])
     g = jnp.concatenate([g.reshape(-1) for g in gammas])
     n = jnp.sum(g < 1, dtype=jnp.int32)
     return out, QKClipState(
-        **_stats.tally(state, n > 0, num=n, of=g.size),
-        max_logit=jnp.max(jnp.where(jnp.isnan(s), -jnp.inf, s)).astype(
+        stats=_stats.advance(state.stats, clipped=n > 0, num=n, of=g.size,
+                             threshold=t,
+                             scale=jnp.min(g).astype(jnp.float32)),
+        largest_logit=jnp.max(jnp.where(jnp.isnan(s), -jnp.inf, s)).astype(
             jnp.float32),
-        threshold=t, scale=jnp.min(g).astype(jnp.float32), heads_clipped=n,
-        nonfinite=jnp.sum(jnp.isnan(s) | (s == jnp.inf), dtype=jnp.int32))
+        num_heads_clipped=n,
+        num_nonfinite=jnp.sum(jnp.isnan(s) | (s == jnp.inf), dtype=jnp.int32))
 
   return _transform.transformation(init_fn, update_fn, extra_args=True)
 
@@ -222,11 +226,11 @@ def _check_layout(layout: Any) -> None:
       raise TypeError(
           f"{_WHERE}: layout must be an oc.QKLayout or a mapping from"
           f" attention module paths to oc.QKLayout; got {one!r}.")
-    if not (isinstance(one.query, str) and isinstance(one.key, str)
+    if not (isinstance(one.query_path, str) and isinstance(one.key_path, str)
             and isinstance(one.head_axis, int)
             and not isinstance(one.head_axis, bool)):
       raise TypeError(
-          f"{_WHERE}: layout {one!r} must name query and key by a"
+          f"{_WHERE}: layout {one!r} must name query_path and key_path by a"
           " '/'-separated path (a string) and head_axis by an int.")
 
 
@@ -268,7 +272,7 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _scale_heads(updates: Any, params: Any, heads: list[tuple[str, Any]],
-                 gammas: list[jax.Array], alpha: jax.Array,
+                 gammas: list[jax.Array], query_exponent: jax.Array,
                  layout: Any) -> Any:
   """``updates`` with the query and key leaves of each module rescaled."""
   leaves, rebuild = _tree.live_leaves(updates, _WHERE)
@@ -278,15 +282,16 @@ def _scale_heads(updates: Any, params: Any, heads: list[tuple[str, Any]],
   for (module, s), gamma in zip(heads, gammas):
     one = layout.get(module, _MHA) if isinstance(layout, Mapping) \
         else layout
-    for part, power in ((one.query, alpha), (one.key, 1 - alpha)):
-      where = _join(module, part)
+    for part, power in ((one.query_path, query_exponent),
+                        (one.key_path, 1 - query_exponent)):
+      prefix = _join(module, part)
       found = [i for i, n in enumerate(names)
-               if n == where or n.startswith(where + "/")]
+               if n == prefix or n.startswith(prefix + "/")]
       if not found:
         raise ValueError(
             f"{_WHERE}: max_logits names the attention module"
             f" {module or 'at the root'!r}, but the updates hold no leaf"
-            f" under {where!r}. Pass max_logits keyed by the path of each"
+            f" under {prefix!r}. Pass max_logits keyed by the path of each"
             " attention module in params, or give layout=oc.QKLayout(...)"
             " naming its query and key.")
       for i in found:

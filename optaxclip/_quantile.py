@@ -11,55 +11,52 @@ import optax
 
 from optaxclip import _apply, _norms, _numerics, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName, Ord
+from optaxclip._stats import ClipStats
 from optaxclip._thresholds import Threshold
 
 
+@_stats.named("clip_by_quantile")
 class ClipByQuantileState(NamedTuple):
   """State of :func:`clip_by_quantile`.
 
   Attributes:
-    count: updates seen so far (int32).
-    grad_norm: the norm of the last incoming update, before clipping (with
-      ``per_leaf=True``, a tree holding one norm per leaf).
-    threshold: the threshold in force at the last update: the quantile of the
-      recorded norms, the last one included with ``include_current=True``
-      and excluded with ``False`` (a tree with ``per_leaf=True``).
-    scale: the factor the last update was multiplied by (a tree with
-      ``per_leaf=True``).
-    clipped: whether the last update (any leaf of it) was scaled down.
-    num_clipped: how many updates have been scaled down so far.
+    stats: a :class:`~optaxclip.ClipStats`: ``norm`` is the norm of the
+      last incoming update, before clipping (with ``per_leaf=True``, the
+      largest tensor norm); ``threshold`` the threshold in force at the
+      last update: the quantile of the recorded norms, the last one
+      included with ``include_current=True`` and excluded with ``False`` (a
+      tree with ``per_leaf=True``, one per tensor); ``scale`` the factor
+      the last update was multiplied by (the smallest, with
+      ``per_leaf=True``); ``frac_clipped`` (``per_leaf=True`` only) the
+      fraction of tensors scaled down; ``leaf_norms`` each leaf's norm of
+      the last incoming update, a tree like the updates: with
+      ``per_leaf=True`` always (the norms compared with ``threshold``), with
+      ``leaf_norms=True`` from the same partial sums as ``norm``, else
+      ``None``.
     norm_history: the ring buffer of recorded pre-clip norms, shape
-      ``(history,)``, or ``(num_leaves, history)`` with ``per_leaf=True``
-      (leaves in tree-flattening order). Only the first ``fill`` slots hold
-      norms.
+      ``(window,)``, or ``(num_tensors, window)`` with ``per_leaf=True``
+      (tensors in tree-flattening order). Only the first ``fill`` slots
+      hold norms.
     sorted_norms: the recorded norms in ascending order (same shape as
       ``norm_history``), padded with ``inf``; kept sorted by one insertion
       and one removal per step, so no step sorts the buffer.
     fill: how many slots of ``norm_history`` hold norms (int32, at most
-      ``history``).
+      ``window``).
     index: the slot the next norm is written to (int32).
-    leaf_norms: (``leaf_norms=True``) each leaf's norm of the last incoming
-      update, a tree like the updates, from the same partial sums as
-      ``grad_norm``; ``None`` otherwise.
   """
 
-  count: jax.Array
-  grad_norm: Any
-  threshold: Any
-  scale: Any
-  clipped: jax.Array
-  num_clipped: jax.Array
+  stats: ClipStats
   norm_history: jax.Array
   sorted_norms: jax.Array
   fill: jax.Array
   index: jax.Array
-  leaf_norms: Any = None
 
 
+@_validate.renamed(history="window")
 def clip_by_quantile(
     quantile: Threshold = 0.9,
-    history: int = 1000,
     *,
+    window: int = 1000,
     include_current: bool = True,
     ord: Ord = 2,
     per_leaf: bool = False,
@@ -70,7 +67,7 @@ def clip_by_quantile(
   """AutoClip: clips the norm to a quantile of the recent pre-clip norms.
 
   At every step the global norm of the incoming update is recorded in a ring
-  buffer holding the last ``history`` norms, then the update is scaled by
+  buffer holding the last ``window`` norms, then the update is scaled by
   ``min(1, t / norm)`` where ``t`` is the ``quantile`` of the recorded norms,
   the current one included (linear interpolation between order statistics,
   as ``numpy.quantile``'s default). The first update is therefore never
@@ -79,12 +76,12 @@ def clip_by_quantile(
 
   The buffer has a fixed size and the quantile is computed on the device
   from its filled part only, from a sorted copy of the buffer that each step
-  updates in ``O(history)`` work (drop the oldest norm, insert the newest);
+  updates in ``O(window)`` work (drop the oldest norm, insert the newest);
   the update is one compiled program from the first step on, with no host
   round-trip. Unlike
   the paper's code, which keeps every norm since the start, only the last
-  ``history`` norms count; and a non-finite norm is not recorded (one NaN
-  step would otherwise poison the threshold for ``history`` steps; with
+  ``window`` norms count; and a non-finite norm is not recorded (one NaN
+  step would otherwise poison the threshold for ``window`` steps; with
   ``per_leaf=True`` a step with any non-finite leaf norm records nothing);
   that step's update still carries its NaN or Inf unless it is dropped, e.g.
   by :func:`optaxclip.skip_step`.
@@ -104,25 +101,27 @@ def clip_by_quantile(
   Args:
     quantile: the quantile in ``[0, 1]`` (the paper's percentile / 100): a
       number, a JAX scalar or an Optax schedule of the step count.
-    history: how many recent norms to keep (the ring buffer's size), >= 1.
+    window: how many recent norms to keep (the ring buffer's size), >= 1
+      (AutoClip's history).
     ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
     include_current: take the quantile over the recorded norms with the
       current one (``True``, the paper's code) or over the previous ones
       only (``False``, the ``autoclip`` package's ``QuantileClip``).
     per_leaf: keep one history per leaf and clip each leaf to the quantile
-      of its own norms.
+      of its own norms (the state's ``threshold`` and ``leaf_norms`` are
+      then trees, one entry per tensor).
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or names) to reduce norms over.
     leaf_norms: also keep each leaf's norm in the state, as
-      :func:`clip_by_global_norm` does (not with ``per_leaf``, whose
-      ``grad_norm`` is per leaf already).
+      :func:`clip_by_global_norm` does (not with ``per_leaf``, which keeps
+      them already).
     layer_axis: for leaves that stack layers (Flax ``nnx.vmap`` /
       ``nnx.scan``), the axis that stacks them (an int, or a pytree prefix
       of the updates holding ints and ``None``). Each layer's slice is a
       tensor of its own: with ``per_leaf=True`` it keeps its own history
-      and is clipped to its own quantile (``grad_norm``, ``threshold`` and
-      ``scale`` hold ``(num_layers,)`` arrays for a stacked leaf, and the
-      buffers one row per tensor); with ``leaf_norms=True`` a stacked
+      and is clipped to its own quantile (``leaf_norms`` and ``threshold``
+      hold ``(num_layers,)`` arrays for a stacked leaf, and the buffers one
+      row per tensor); with ``leaf_norms=True`` a stacked
       leaf's entry is one norm per layer.
 
   Returns:
@@ -140,80 +139,80 @@ def clip_by_quantile(
   Example:
     >>> import jax.numpy as jnp
     >>> import optaxclip as oc
-    >>> clip = oc.clip_by_quantile(0.5, history=3)
+    >>> clip = oc.clip_by_quantile(0.5, window=3)
     >>> state = clip.init(jnp.zeros(1))
     >>> for g in [1.0, 3.0, 2.0, 10.0]:
     ...   updates, state = clip.update(jnp.array([g]), state)
-    ...   print(updates, state.threshold, state.fill)
+    ...   print(updates, state.stats.threshold, state.fill)
     [1.] 1.0 1
     [2.] 2.0 2
     [2.] 2.0 3
     [3.] 3.0 3
-    >>> clip = oc.clip_by_quantile(0.5, history=3, include_current=False)
+    >>> clip = oc.clip_by_quantile(0.5, window=3, include_current=False)
     >>> state = clip.init(jnp.zeros(1))
     >>> for g in [1.0, 3.0, 2.0, 10.0]:
     ...   updates, state = clip.update(jnp.array([g]), state)
-    ...   print(updates, state.threshold)
+    ...   print(updates, state.stats.threshold)
     [1.] inf
     [1.] 1.0
     [2.] 2.0
     [2.] 2.0
   """
-  where = "clip_by_quantile"
-  _check(quantile, history, leaf_norms, per_leaf, include_current, layer_axis)
+  caller = "clip_by_quantile"
+  _check(quantile, window, leaf_norms, per_leaf, include_current, layer_axis)
   p = _validate.canonical_ord(ord)
 
   def init_fn(params):
     dtype = _tree.tree_acc_dtype(params)
-    size = _validate.static_size(history, "history", where)
-    leaves, rebuild = _tree.live_leaves(params, where)
-    layers = _thresholds.leaf_layers(layer_axis, params, where)
+    size = _validate.static_size(window, "window", caller)
+    leaves, rebuild = _tree.live_leaves(params, caller)
+    layers = _thresholds.leaf_layers(layer_axis, params, caller)
     shapes = [_tree.tensor_shape(x, k) for (_, x), k in zip(leaves, layers)]
     if per_leaf:
       buf = jnp.zeros((sum(math.prod(s) for s in shapes), size), dtype)
-
-      def full(value):
-        return rebuild([jnp.full(s, value, dtype) for s in shapes])
+      stats = _per_leaf_stats(shapes, rebuild, dtype)
     else:
       buf = jnp.zeros((size,), dtype)
-
-      def full(value):
-        return jnp.full((), value, dtype)
+      stats = _stats.fresh(
+          dtype, threshold=jnp.full((), jnp.inf, dtype),
+          leaf_norms=_tree.zero_leaf_norms(params, layers)
+          if leaf_norms else None)
     return ClipByQuantileState(
-        **_stats.counters(), grad_norm=full(0), threshold=full(jnp.inf),
-        scale=full(1),
-        norm_history=buf, sorted_norms=jnp.full_like(buf, jnp.inf),
-        fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32),
-        leaf_norms=_tree.zero_leaf_norms(params, layers)
-        if leaf_norms else None)
+        stats, norm_history=buf, sorted_norms=jnp.full_like(buf, jnp.inf),
+        fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
+    stats = state.stats
     dtype = state.norm_history.dtype
-    leaves, rebuild = _tree.live_leaves(updates, where)
+    leaves, rebuild = _tree.live_leaves(updates, caller)
     xs = [x for _, x in leaves]
-    each = None
     if per_leaf:
-      layers = _thresholds.leaf_layers(layer_axis, updates, where)
-      _check_same_tree(updates, state.grad_norm, layers)
+      layers = _thresholds.leaf_layers(layer_axis, updates, caller)
+      _check_same_tree(updates, stats.leaf_norms, layers)
       parts = _per_leaf_norms(xs, p, axis_name, dtype, layers)
     else:
       parts, each = _norms.global_and_leaf_norms(
           updates, p, axis_name=axis_name, leaves=leaf_norms,
-          layer_axis=layer_axis, where=where)
+          layer_axis=layer_axis, caller=caller)
     norm = parts.value().astype(dtype)
-    q = _thresholds.resolve(quantile, state.count, dtype, hi=1.0)
+    q = _thresholds.resolve(quantile, stats.count, dtype, hi=1.0)
     threshold, recorded = _recorded(state, norm, q, include_current)
-    clipped = jnp.any(norm > threshold)
+    over = norm > threshold
     if per_leaf:
-      updates, norm, threshold, values = (rebuild(v) for v in _clip_tensors(
-          xs, layers, parts, threshold, dtype))
-    else:
-      updates, scale = _apply.clip_tree(updates, parts, threshold)
-      values = scale.value().astype(dtype)
-    return updates, ClipByQuantileState(
-        **_stats.tally(state, clipped), **recorded, grad_norm=norm,
-        threshold=threshold, scale=values, leaf_norms=each)
+      num = jnp.sum(over, dtype=jnp.int32)
+      out, norms, thresholds, scales = _clip_tensors(xs, layers, parts,
+                                                     threshold, dtype)
+      return rebuild(out), ClipByQuantileState(_stats.advance(
+          stats, clipped=num > 0, num=num, of=norm.size,
+          norm=_apply.largest(norms, dtype),
+          threshold=rebuild(thresholds),
+          scale=_apply.smallest(scales, dtype),
+          leaf_norms=rebuild(norms)), **recorded)
+    updates, scale = _apply.clip_tree(updates, parts, threshold)
+    return updates, ClipByQuantileState(_stats.advance(
+        stats, clipped=over, norm=norm, threshold=threshold,
+        scale=scale.value().astype(dtype), leaf_norms=each), **recorded)
 
   return _transform.transformation(init_fn, update_fn)
 
@@ -257,6 +256,17 @@ def sorted_quantile(ordered: jax.Array, fill: jax.Array,
   value = jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
   value = jnp.where(lo == hi, a, value)
   return jnp.where(fill > 0, value, jnp.inf).astype(dtype)
+
+
+def _per_leaf_stats(shapes: list[tuple[int, ...]], rebuild: Any,
+                    dtype: Any) -> ClipStats:
+  """The fresh record of ``per_leaf=True``: a threshold and a norm per
+  tensor."""
+  def full(value):
+    return rebuild([jnp.full(s, value, dtype) for s in shapes])
+
+  return _stats.fresh(dtype, frac=True, threshold=full(jnp.inf),
+                      leaf_norms=full(0))
 
 
 def _per_leaf_norms(leaves: list[jax.Array], p: Any, axis_name: AxisName,
@@ -324,14 +334,14 @@ def _check_same_tree(updates: Any, norms: Any,
         " tree (a fresh history), or use per_leaf=False.")
 
 
-def _check(quantile, history, leaf_norms, per_leaf, include_current,
+def _check(quantile, window, leaf_norms, per_leaf, include_current,
            layer_axis):
-  where = "clip_by_quantile"
-  _validate.check_layer_axis(layer_axis, where)
-  _validate.check_range(quantile, "quantile", where, lo=0.0, hi=1.0)
-  _validate.check_int(history, "history", where, lo=1)
-  _validate.check_bool(leaf_norms, "leaf_norms", where)
+  caller = "clip_by_quantile"
+  _validate.check_layer_axis(layer_axis, caller)
+  _validate.check_range(quantile, "quantile", caller, lo=0.0, hi=1.0)
+  _validate.check_int(window, "window", caller, lo=1)
+  _validate.check_bool(leaf_norms, "leaf_norms", caller)
   if leaf_norms and per_leaf:
-    raise ValueError(f"{where}: with per_leaf=True, grad_norm holds each"
-                     " leaf's norm already; drop leaf_norms=True.")
-  _validate.check_bool(include_current, "include_current", where)
+    raise ValueError(f"{caller}: with per_leaf=True, the state's leaf_norms"
+                     " hold each leaf's norm already; drop leaf_norms=True.")
+  _validate.check_bool(include_current, "include_current", caller)

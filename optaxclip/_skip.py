@@ -11,13 +11,60 @@ import jax.numpy as jnp
 import optax
 from jax.extend import core as jcore
 
-from optaxclip import _norms, _thresholds, _transform, _tree, _validate
+from optaxclip import _norms, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName, Ord
+from optaxclip._stats import ClipStats
 from optaxclip._thresholds import Threshold
 
 
+class SpikeEMA(NamedTuple):
+  """The moving-average spike rule of :func:`skip_step` (``rule=``).
+
+  Once ``warmup_steps`` steps have been taken, a step is skipped when the
+  global norm of its gradients exceeds ``max_ratio`` times the moving
+  average of the norms of the steps taken before it. The average is an
+  exponential one of decay ``decay``, bias-corrected (as Adam's moments
+  are), so it tracks the mean of the norms from the first step taken; the
+  state keeps it as ``norm_ema``.
+
+  Skipped steps stay out of the average, so a spike does not raise the
+  baseline it is judged against; but a lasting rise of the norm to more
+  than ``max_ratio`` times the old level is skipped step after step, as
+  the average never catches up. :class:`SpikeWindow`, whose window takes
+  in the skipped steps too, adopts such a level within a few steps.
+
+  Edge cases: a NaN or infinite norm is skipped by ``nonfinite`` (and
+  never enters the average); a norm equal to the bound is taken.
+
+  Attributes:
+    max_ratio: the largest ratio of a step's norm to the moving average of
+      the accepted norms (at least 1: below, it would skip ordinary steps,
+      whose norms scatter around that average).
+    decay: the decay of that moving average, in ``[0, 1)``.
+    warmup_steps: how many steps must have been taken before the rule
+      applies (at least 1).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optaxclip as oc
+    >>> opt = oc.skip_step(optax.sgd(0.1),
+    ...                    rule=oc.SpikeEMA(max_ratio=4.0, warmup_steps=3))
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = opt.init(params)
+    >>> for norm in [1.0, 1.2, 0.8, 1.0, 20.0]:
+    ...   _, state = opt.update({"w": jnp.array([norm, 0.0])}, state, params)
+    >>> print(state.skipped, state.stats.norm, state.stats.threshold)
+    True 20.0 3.998
+  """
+
+  max_ratio: float = 5.0
+  decay: float = 0.99
+  warmup_steps: int = 20
+
+
 class SpikeWindow(NamedTuple):
-  """The rolling spike rule of :func:`skip_step` (``spike_window=``).
+  """The rolling spike rule of :func:`skip_step` (``rule=``).
 
   A step is skipped when its loss, or the global norm of its gradients, lies
   more than ``num_std`` standard deviations above the mean of the last
@@ -28,7 +75,7 @@ class SpikeWindow(NamedTuple):
   norm both, and put every step's values in the window, skipped steps'
   included, so that a lasting change of level becomes the new baseline
   within a few steps (where a moving average of the steps taken alone, as
-  ``spike_factor``'s, never catches up). They differ in the deviation and
+  :class:`SpikeEMA`'s, never catches up). They differ in the deviation and
   the warm-up:
 
   ==========  ========================================  ===================
@@ -68,9 +115,10 @@ class SpikeWindow(NamedTuple):
     min_history: how many earlier values must be in the window before the
       rule skips anything (2 to ``window``); ``None`` for
       ``max(2, window // 2)``.
-    watch: ``"both"`` (skip when either spikes), ``"loss"`` or
-      ``"grad_norm"``. The loss comes as ``update(..., loss=loss)``: the
-      batch's mean loss, a scalar; with ``axis_name``, averaged over it.
+    watch: ``"both"`` (skip when either spikes), ``"loss"`` or ``"norm"``
+      (the global norm of the gradients). The loss comes as
+      ``update(..., loss=loss)``: the batch's mean loss, a scalar; with
+      ``axis_name``, averaged over it.
     two_sided: also skip values more than ``num_std`` deviations *below* the
       mean (e.g. a batch of padding whose loss drops to near zero). None of
       the references does.
@@ -83,8 +131,7 @@ class SpikeWindow(NamedTuple):
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optaxclip as oc
-    >>> opt = oc.skip_step(optax.sgd(0.1),
-    ...                    spike_window=oc.SpikeWindow(window=8))
+    >>> opt = oc.skip_step(optax.sgd(0.1), rule=oc.SpikeWindow(window=8))
     >>> params = {"w": jnp.zeros(2)}
     >>> state = opt.init(params)
     >>> grads = {"w": jnp.ones(2)}
@@ -103,51 +150,51 @@ class SpikeWindow(NamedTuple):
   std_floor: float = 1e-3
 
 
+@_stats.named("skip_step")
 class SkipStepState(NamedTuple):
   """State of :func:`skip_step`.
 
   Attributes:
-    count: steps seen so far, skipped ones included (int32).
-    grad_norm: the global norm of the last incoming update.
-    threshold: the norm above which the last step would have been skipped:
-      the smaller of ``max_norm`` and ``spike_factor * norm_ema`` (``inf``
-      when neither rule was in force).
-    scale: the factor applied to the wrapped update in the last step: 1 when
-      it was taken, 0 when it was skipped.
+    stats: a :class:`~optaxclip.ClipStats`: ``count`` counts every step,
+      skipped ones included; ``norm`` is the global norm of the last
+      incoming update; ``threshold`` the norm above which the last step
+      was or would have been skipped: the smallest of ``skip_norm``,
+      :class:`SpikeEMA`'s ``max_ratio * norm_ema`` and
+      :class:`SpikeWindow`'s norm bound (``inf`` when none was in force);
+      ``scale`` the factor applied to the wrapped update in the last step,
+      1 when it was taken, 0 when it was skipped; ``leaf_norms``
+      (``leaf_norms=True``) each leaf's norm of the last incoming update,
+      from the same partial sums as ``norm``. ``clipped`` and
+      ``num_clipped`` are ``None``: skipping is not clipping (see
+      ``skipped`` and ``num_skipped``).
     skipped: whether the last step was skipped.
     num_skipped: how many steps have been skipped so far.
     norm_ema: the bias-corrected exponential moving average of the norms of
-      the steps taken (0 before the first one); the spike rule's baseline.
-    leaf_norms: (``leaf_norms=True``) each leaf's norm of the last incoming
-      update, a tree like the updates, from the same partial sums as
-      ``grad_norm``; ``None`` otherwise.
-    loss: (``spike_window`` watching the loss) the loss of the last step,
-      as passed to ``update``; ``None`` otherwise.
+      the steps taken (0 before the first one), of :class:`SpikeEMA`'s
+      ``decay`` (0.99 without a :class:`SpikeEMA`); that rule's baseline.
+    loss: (a :class:`SpikeWindow` watching the loss) the loss of the last
+      step, as passed to ``update``; ``None`` otherwise.
     loss_threshold: (idem) the loss above which the last step was or would
       have been skipped by the rolling rule (``inf`` before ``min_history``
       losses were in the window).
-    history: (``spike_window``) the rolling window, ``(2, window)``: row 0
-      the losses, row 1 the gradient norms, oldest overwritten first;
+    history: (a :class:`SpikeWindow`) the rolling window, ``(2, window)``:
+      row 0 the losses, row 1 the gradient norms, oldest overwritten first;
       ``None`` otherwise.
-    history_count: (``spike_window``) how many values of each row have
-      entered the window (int32, ``(2,)``; kept below ``2 * window``).
+    history_count: (idem) how many values of each row have entered the
+      window (int32, ``(2,)``; kept below ``2 * window``).
     inner_state: the state of the wrapped transformation, as it was after the
       last step that was taken.
   """
 
-  count: jax.Array
-  grad_norm: jax.Array
-  threshold: jax.Array
-  scale: jax.Array
+  stats: ClipStats
   skipped: jax.Array
   num_skipped: jax.Array
   norm_ema: jax.Array
-  leaf_norms: Any
+  loss: jax.Array | None
+  loss_threshold: jax.Array | None
+  history: jax.Array | None
+  history_count: jax.Array | None
   inner_state: Any
-  loss: jax.Array | None = None
-  loss_threshold: jax.Array | None = None
-  history: jax.Array | None = None
-  history_count: jax.Array | None = None
 
 
 _IN_MULTISTEPS = (
@@ -156,32 +203,35 @@ _IN_MULTISTEPS = (
     " following steps. Nest it the other way round,"
     " oc.skip_step(optax.MultiSteps(opt, k)), to drop a bad micro-batch"
     " alone; or, to judge the accumulated gradients, pass nonfinite=False"
-    " with max_norm, spike_factor or spike_window and give MultiSteps"
+    " with skip_norm or rule and give MultiSteps"
     " should_skip_update_fn=optax.skip_not_finite.")
 
 
 _LOSS_IN_MULTISTEPS = (
-    "skip_step: wrapped in optax.MultiSteps, spike_window would judge the"
-    " loss passed with the last micro-batch of each step alone (MultiSteps"
-    " forwards that one). Nest it the other way round,"
-    " oc.skip_step(optax.MultiSteps(opt, k), spike_window=...), to judge"
-    " each micro-batch's loss and norm; or watch the accumulated gradients'"
-    " norm alone: oc.SpikeWindow(watch='grad_norm').")
+    "skip_step: wrapped in optax.MultiSteps, rule=oc.SpikeWindow(...) would"
+    " judge the loss passed with the last micro-batch of each step alone"
+    " (MultiSteps forwards that one). Nest it the other way round,"
+    " oc.skip_step(optax.MultiSteps(opt, k), rule=...), to judge each"
+    " micro-batch's loss and norm; or watch the accumulated gradients' norm"
+    " alone: oc.SpikeWindow(watch='norm').")
 
 
-SkipStepStats = SkipStepState
-"""Deprecated alias of :class:`SkipStepState`, whose fields it held."""
+def _moved(field: str) -> str:
+  """The hint of a keyword that became a field of :class:`SpikeEMA`."""
+  return (f"moved into oc.SpikeEMA({field}=...):"
+          " skip_step(opt, rule=oc.SpikeEMA(...))")
 
 
+@_validate.renamed(max_norm="skip_norm", spike_factor=_moved("max_ratio"),
+                   spike_decay=_moved("decay"),
+                   spike_warmup=_moved("warmup_steps"),
+                   spike_window="rule")
 def skip_step(
     inner: optax.GradientTransformation | optax.MultiSteps,
     *,
     nonfinite: bool = True,
-    max_norm: Threshold | None = None,
-    spike_factor: float | None = None,
-    spike_decay: float = 0.99,
-    spike_warmup: int = 20,
-    spike_window: SpikeWindow | None = None,
+    skip_norm: Threshold | None = None,
+    rule: SpikeWindow | SpikeEMA | None = None,
     ord: Ord = 2,
     axis_name: AxisName = None,
     leaf_norms: bool = False,
@@ -197,12 +247,12 @@ def skip_step(
 
   - ``nonfinite`` and the norm is NaN or infinite (the gradients hold a NaN or
     an Inf);
-  - the norm exceeds ``max_norm``;
-  - ``spike_factor`` is given, at least ``spike_warmup`` steps have been
-    taken, and the norm exceeds ``spike_factor`` times the moving average of
-    the norms of the steps taken (a loss spike);
-  - ``spike_window`` is given (a :class:`SpikeWindow`) and the loss passed
-    as ``update(grads, state, params, loss=loss)``, or the norm, lies more
+  - the norm exceeds ``skip_norm``;
+  - ``rule`` is a :class:`SpikeEMA`, at least its ``warmup_steps`` steps
+    have been taken, and the norm exceeds ``max_ratio`` times the moving
+    average of the norms of the steps taken (a loss spike);
+  - ``rule`` is a :class:`SpikeWindow` and the loss passed as
+    ``update(grads, state, params, loss=loss)``, or the norm, lies more
     than ``num_std`` standard deviations above the mean of the last
     ``window`` values (OLMo-core's, levanter's and MaxText's rule), or is
     NaN or infinite. Every finite value enters that window, skipped steps'
@@ -225,15 +275,15 @@ def skip_step(
   With gradient accumulation, nest ``skip_step(optax.MultiSteps(opt, k))``:
   a bad micro-batch is dropped alone (the accumulator, the micro-step counter
   and ``opt``'s state are left as they were) and the rules apply to each
-  micro-batch's norm, and loss: pass each micro-batch's mean loss, and
-  ``spike_window`` judges it against a window of micro-batch values (its
+  micro-batch's norm, and loss: pass each micro-batch's mean loss, and a
+  :class:`SpikeWindow` judges it against a window of micro-batch values (its
   ``window`` counts micro-batches; a micro-batch's loss scatters more than
   the mean of ``k``, so the bounds are wider). ``optax.MultiSteps(skip_step(opt),
-  k)`` with ``nonfinite=True``, or with a ``spike_window`` that watches the
-  loss, raises a ``TypeError`` when traced: there a NaN would stay in
+  k)`` with ``nonfinite=True``, or with a :class:`SpikeWindow` that watches
+  the loss, raises a ``TypeError`` when traced: there a NaN would stay in
   MultiSteps' accumulator, and MultiSteps forwards the last micro-batch's
-  loss alone. With ``nonfinite=False`` and ``SpikeWindow(watch="grad_norm")``
-  it judges the accumulated gradients' norm once per step.
+  loss alone. With ``nonfinite=False`` and ``SpikeWindow(watch="norm")`` it
+  judges the accumulated gradients' norm once per step.
 
   ``updates`` whose tree structure or leaf shapes differ from those of the
   tree given to ``init`` raise a ``ValueError`` naming the first
@@ -244,21 +294,14 @@ def skip_step(
       keyword arguments of a ``GradientTransformationExtraArgs`` (e.g.
       ``value`` for ``optax.contrib.reduce_on_plateau``) are passed through.
     nonfinite: skip steps whose gradients hold a NaN or an Inf.
-    max_norm: skip steps whose norm exceeds this: a non-negative number, a
+    skip_norm: skip steps whose norm exceeds this: a non-negative number, a
       JAX scalar, or an Optax schedule of the step count. ``None`` for no
       limit.
-    spike_factor: skip steps whose norm exceeds this multiple (>= 1) of the
-      moving average of the accepted norms; below 1 it would skip ordinary
-      steps, whose norms scatter around that average. ``None`` disables the
-      rule.
-    spike_decay: the decay of that moving average, in ``[0, 1)``; it is
-      bias-corrected (as Adam's moments are), so it tracks the mean of the
-      norms from the first step taken.
-    spike_warmup: how many steps must have been taken before the spike rule
-      applies (at least 1).
-    spike_window: the rolling rule on the loss and the norm, a
-      :class:`SpikeWindow`; ``None`` (default) disables it. Its window, the
-      last loss and the loss bound are kept in the state.
+    rule: the spike rule: a :class:`SpikeEMA` (the norm against a moving
+      average of the accepted norms), a :class:`SpikeWindow` (the loss and
+      the norm against a rolling window of recent values; its window, the
+      last loss and the loss bound are kept in the state), or ``None``
+      (default) for none.
     ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or tuple of names) to reduce the norm over, so that every device
@@ -295,49 +338,46 @@ def skip_step(
     >>> updates, state = opt.update(grads, state, params)
     >>> print(optax.apply_updates(params, updates)["w"], state.skipped)
     [1. 2.] True
-    >>> print(state.num_skipped, state.scale)
+    >>> print(state.num_skipped, state.stats.scale)
     1 0.0
   """
-  inner = _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
-                   spike_warmup, leaf_norms, spike_window, layer_axis)
+  inner = _checked(inner, nonfinite, skip_norm, rule, leaf_norms,
+                   layer_axis)
+  ema = rule if isinstance(rule, SpikeEMA) else None
+  window = rule if isinstance(rule, SpikeWindow) else None
+  decay = (ema if ema is not None else SpikeEMA()).decay
   p = _validate.canonical_ord(ord)
   trees: list[list[tuple[str, tuple[int, ...]]]] = []
 
   def init_fn(params):
     _remember_tree(trees, params)
     dtype = _tree.tree_acc_dtype(params)
-    count = jnp.zeros((), jnp.int32)
     return SkipStepState(
-        count=count, grad_norm=jnp.zeros((), dtype),
-        threshold=(jnp.full((), jnp.inf, dtype) if max_norm is None
-                   else _thresholds.resolve(max_norm, count, dtype)),
-        scale=jnp.ones((), dtype), skipped=jnp.zeros((), bool),
-        num_skipped=jnp.zeros((), jnp.int32), norm_ema=jnp.zeros((), dtype),
-        leaf_norms=(_norms.zero_leaf_norms(params, layer_axis, "skip_step")
-                    if leaf_norms else None),
-        inner_state=inner.init(params),
-        **_window_init(spike_window, dtype))
+        stats=_stats.fresh(
+            dtype, clipped=False,
+            threshold=(jnp.full((), jnp.inf, dtype) if skip_norm is None
+                       else _thresholds.resolve(
+                           skip_norm, jnp.zeros((), jnp.int32), dtype)),
+            leaf_norms=(_norms.zero_leaf_norms(params, layer_axis, "skip_step")
+                        if leaf_norms else None)),
+        skipped=jnp.zeros((), bool), num_skipped=jnp.zeros((), jnp.int32),
+        norm_ema=jnp.zeros((), dtype), **_window_init(window, dtype),
+        inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    _check_state(state)
-    _check_tree(trees, updates)
-    if nonfinite and _called_by_multisteps():
-      raise TypeError(_IN_MULTISTEPS)
-    if _watches_loss(spike_window) and _called_by_multisteps():
-      raise TypeError(_LOSS_IN_MULTISTEPS)
-    dtype = state.grad_norm.dtype
-    taken = state.count - state.num_skipped
+    _check_call(state, trees, updates, nonfinite, window)
+    dtype = state.stats.norm.dtype
+    taken = state.stats.count - state.num_skipped
     norm, each, threshold = _norm_and_threshold(
-        updates, state, p, axis_name, leaf_norms, layer_axis, max_norm,
-        spike_factor if spike_factor is None else (spike_factor, spike_warmup))
+        updates, state, p, axis_name, leaf_norms, layer_axis, skip_norm, ema)
     skip = norm > threshold
     if nonfinite:
       skip |= ~jnp.isfinite(norm)
-    window = {}
-    if spike_window is not None:
-      loss = _loss_arg(extra_args, spike_window, dtype, axis_name)
-      spiked, threshold, window = _window_update(spike_window, state, loss,
-                                                 norm, threshold)
+    fields = _window_init(None, dtype)
+    if window is not None:
+      loss = _loss_arg(extra_args, window, dtype, axis_name)
+      spiked, threshold, fields = _window_update(window, state, loss, norm,
+                                                 threshold)
       skip |= spiked
 
     new_updates, new_inner = _update_keeping_state(
@@ -346,24 +386,38 @@ def skip_step(
         lambda u: jnp.where(skip, jnp.negative(jnp.zeros_like(u)), u),
         new_updates)
 
-    ema = _norm_ema(state.norm_ema, norm, taken, spike_decay)
+    new_ema = _norm_ema(state.norm_ema, norm, taken, decay)
     use = ~skip & jnp.isfinite(norm)
     return new_updates, SkipStepState(
-        count=optax.safe_increment(state.count), grad_norm=norm,
-        threshold=threshold, scale=jnp.where(skip, 0, 1).astype(dtype),
+        stats=_stats.advance(
+            state.stats, norm=norm, threshold=threshold,
+            scale=jnp.where(skip, 0, 1).astype(dtype), leaf_norms=each),
         skipped=skip, num_skipped=state.num_skipped + skip.astype(jnp.int32),
-        norm_ema=jnp.where(use, ema, state.norm_ema), leaf_norms=each,
-        inner_state=new_inner, **window)
+        norm_ema=jnp.where(use, new_ema, state.norm_ema), **fields,
+        inner_state=new_inner)
 
   return _transform.transformation(init_fn, update_fn, extra_args=True)
 
 
+def _check_call(state: Any, trees: Any, updates: Any, nonfinite: bool,
+                window: SpikeWindow | None) -> None:
+  """Raises for a state or a tree ``init`` did not make, and inside
+  ``optax.MultiSteps`` where a NaN or the loss would be mishandled."""
+  _check_state(state)
+  _check_tree(trees, updates)
+  if nonfinite and _called_by_multisteps():
+    raise TypeError(_IN_MULTISTEPS)
+  if _watches_loss(window) and _called_by_multisteps():
+    raise TypeError(_LOSS_IN_MULTISTEPS)
+
+
 def _norm_and_threshold(updates, state, p, axis_name, leaf_norms, layer_axis,
-                        max_norm, spike):
+                        skip_norm, ema):
   """The global norm of ``updates`` (and each leaf's, with ``leaf_norms``),
-  and the norm above which ``max_norm`` or the moving-average spike rule
-  (``spike``: ``(factor, warmup)`` or ``None``) skips the step."""
-  dtype = state.grad_norm.dtype
+  and the norm above which ``skip_norm`` or the moving-average spike rule
+  (``ema``: a :class:`SpikeEMA` or ``None``) skips the step."""
+  stats = state.stats
+  dtype = stats.norm.dtype
   # The barrier keeps XLA from sharing the squares of this norm with an
   # inner optimizer's squares of the same gradients (Adam's second
   # moment): shared, they are written out as a temporary as large as the
@@ -374,85 +428,90 @@ def _norm_and_threshold(updates, state, p, axis_name, leaf_norms, layer_axis,
       jax.lax.optimization_barrier(updates))
   parts, each = _norms.global_and_leaf_norms(
       seen, p, axis_name=axis_name, leaves=leaf_norms, layer_axis=layer_axis,
-      where="skip_step")
+      caller="skip_step")
   norm = parts.value().astype(dtype)
   threshold = jnp.full((), jnp.inf, dtype)
-  if max_norm is not None:
-    threshold = _thresholds.resolve(max_norm, state.count, dtype)
-  if spike is not None:
-    factor, warmup = spike
-    taken = state.count - state.num_skipped
-    bound = jnp.asarray(factor, dtype) * state.norm_ema
-    threshold = jnp.where(taken >= warmup, jnp.minimum(threshold, bound),
-                          threshold)
+  if skip_norm is not None:
+    threshold = _thresholds.resolve(skip_norm, stats.count, dtype)
+  if ema is not None:
+    taken = stats.count - state.num_skipped
+    bound = jnp.asarray(ema.max_ratio, dtype) * state.norm_ema
+    threshold = jnp.where(taken >= ema.warmup_steps,
+                          jnp.minimum(threshold, bound), threshold)
   return norm, each, threshold
 
 
-def _checked(inner, nonfinite, max_norm, spike_factor, spike_decay,
-             spike_warmup, leaf_norms, spike_window, layer_axis):
+def _checked(inner, nonfinite, skip_norm, rule, leaf_norms, layer_axis):
   """``inner`` as an ``ExtraArgs`` transformation, once every argument is
   checked."""
-  where = "skip_step"
+  caller = "skip_step"
   if isinstance(inner, optax.MultiSteps):
     inner = optax.GradientTransformationExtraArgs(inner.init, inner.update)
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
-        f"{where}: inner must be an optax.GradientTransformation (e.g."
+        f"{caller}: inner must be an optax.GradientTransformation (e.g."
         f" optax.chain(clipper, optimizer)) or an optax.MultiSteps, got"
         f" {type(inner).__name__}.")
-  _validate.check_bool(nonfinite, "nonfinite", where)
-  if max_norm is not None:
-    _validate.check_threshold(max_norm, "max_norm", where)
-  if spike_factor is not None:
-    _validate.check_range(spike_factor, "spike_factor", where, lo=1.0,
-                          hi=math.inf, schedule=False)
-  _validate.check_range(spike_decay, "spike_decay", where, lo=0.0, hi=1.0,
-                      open_hi=True, schedule=False)
-  _validate.check_int(spike_warmup, "spike_warmup", where, lo=1)
-  if spike_window is not None:
-    _check_window(spike_window)
-  if (not nonfinite and max_norm is None and spike_factor is None
-      and spike_window is None):
+  _validate.check_bool(nonfinite, "nonfinite", caller)
+  if skip_norm is not None:
+    _validate.check_threshold(skip_norm, "skip_norm", caller)
+  if isinstance(rule, SpikeEMA):
+    _check_ema(rule)
+  elif isinstance(rule, SpikeWindow):
+    _check_window(rule)
+  elif rule is not None:
+    raise TypeError(
+        f"{caller}: rule must be an oc.SpikeWindow (e.g."
+        " oc.SpikeWindow(window=128, num_std=6.0)), an oc.SpikeEMA (e.g."
+        " oc.SpikeEMA(max_ratio=5.0)) or None, got"
+        f" {type(rule).__name__}.")
+  if not nonfinite and skip_norm is None and rule is None:
     raise ValueError(
-        f"{where}: with nonfinite=False, give max_norm, spike_factor or"
-        " spike_window; otherwise no step is ever skipped.")
-  _validate.check_bool(leaf_norms, "leaf_norms", where)
-  _validate.check_layer_axis(layer_axis, where)
+        f"{caller}: with nonfinite=False, give skip_norm or rule;"
+        " otherwise no step is ever skipped.")
+  _validate.check_bool(leaf_norms, "leaf_norms", caller)
+  _validate.check_layer_axis(layer_axis, caller)
   return optax.with_extra_args_support(inner)
 
 
-def _check_window(rule: Any) -> None:
-  """Raises unless ``rule`` is a :class:`SpikeWindow` of sound fields."""
-  where = "skip_step"
-  if not isinstance(rule, SpikeWindow):
-    raise TypeError(
-        f"{where}: spike_window must be an oc.SpikeWindow (e.g."
-        f" oc.SpikeWindow(window=128, num_std=6.0)) or None, got"
-        f" {type(rule).__name__}.")
-  where = "skip_step: spike_window"
-  _validate.check_int(rule.window, "window", where, lo=2)
-  _validate.check_range(rule.num_std, "num_std", where, lo=0.0, hi=math.inf,
+def _check_ema(rule: SpikeEMA) -> None:
+  """Raises unless ``rule``'s fields are sound."""
+  caller = "skip_step: SpikeEMA"
+  _validate.check_range(rule.max_ratio, "max_ratio", caller, lo=1.0,
+                        hi=math.inf, schedule=False)
+  _validate.check_range(rule.decay, "decay", caller, lo=0.0, hi=1.0,
+                        open_hi=True, schedule=False)
+  _validate.check_int(rule.warmup_steps, "warmup_steps", caller, lo=1)
+
+
+def _check_window(rule: SpikeWindow) -> None:
+  """Raises unless ``rule``'s fields are sound."""
+  caller = "skip_step: SpikeWindow"
+  _validate.check_int(rule.window, "window", caller, lo=2)
+  _validate.check_range(rule.num_std, "num_std", caller, lo=0.0, hi=math.inf,
                         open_lo=True, schedule=False)
   if rule.min_history is not None:
-    _validate.check_int(rule.min_history, "min_history", where, lo=2)
+    _validate.check_int(rule.min_history, "min_history", caller, lo=2)
     if rule.min_history > rule.window:
       raise ValueError(
-          f"{where}: min_history={rule.min_history} exceeds window="
+          f"{caller}: min_history={rule.min_history} exceeds window="
           f"{rule.window}, so the rule would never apply; give at most"
           " window.")
+  if rule.watch == "grad_norm":
+    raise ValueError(f"{caller}: watch='grad_norm' is now watch='norm'"
+                     " (the global norm of the gradients).")
   if rule.watch not in _WATCH:
-    raise ValueError(f"{where}: watch={rule.watch!r} is not one of"
+    raise ValueError(f"{caller}: watch={rule.watch!r} is not one of"
                      f" {sorted(_WATCH)}.")
-  _validate.check_bool(rule.two_sided, "two_sided", where)
+  _validate.check_bool(rule.two_sided, "two_sided", caller)
   if isinstance(rule.ddof, bool) or rule.ddof not in (0, 1):
-    raise ValueError(f"{where}: ddof={rule.ddof!r} must be 0 (population"
+    raise ValueError(f"{caller}: ddof={rule.ddof!r} must be 0 (population"
                      " deviation) or 1 (sample deviation).")
-  _validate.check_range(rule.std_floor, "std_floor", where, lo=0.0,
+  _validate.check_range(rule.std_floor, "std_floor", caller, lo=0.0,
                         hi=math.inf, open_hi=True, schedule=False)
 
 
-_WATCH = {"both": (True, True), "loss": (True, False),
-          "grad_norm": (False, True)}
+_WATCH = {"both": (True, True), "loss": (True, False), "norm": (False, True)}
 
 
 def _watches_loss(rule: SpikeWindow | None) -> bool:
@@ -460,15 +519,14 @@ def _watches_loss(rule: SpikeWindow | None) -> bool:
 
 
 def _window_init(rule: SpikeWindow | None, dtype: Any) -> dict[str, Any]:
-  """The rolling rule's fields of a fresh :class:`SkipStepState`."""
-  if rule is None:
-    return {}
+  """The rolling rule's fields of a fresh :class:`SkipStepState` (``None``
+  where the rule does not keep them)."""
   loss = _watches_loss(rule)
   return dict(
       loss=jnp.zeros((), dtype) if loss else None,
       loss_threshold=jnp.full((), jnp.inf, dtype) if loss else None,
-      history=jnp.zeros((2, rule.window), dtype),
-      history_count=jnp.zeros((2,), jnp.int32))
+      history=None if rule is None else jnp.zeros((2, rule.window), dtype),
+      history_count=None if rule is None else jnp.zeros((2,), jnp.int32))
 
 
 def _loss_arg(extra_args: dict[str, Any], rule: SpikeWindow, dtype: Any,
@@ -480,10 +538,10 @@ def _loss_arg(extra_args: dict[str, Any], rule: SpikeWindow, dtype: Any,
   loss = extra_args.get("loss")
   if loss is None:
     raise ValueError(
-        "skip_step: spike_window watches the loss, but update was called"
-        " without it; pass it as opt.update(grads, state, params,"
+        "skip_step: rule=oc.SpikeWindow(...) watches the loss, but update"
+        " was called without it; pass it as opt.update(grads, state, params,"
         " loss=loss), or watch the gradient norm alone with"
-        " oc.SpikeWindow(watch='grad_norm').")
+        " oc.SpikeWindow(watch='norm').")
   if jnp.size(loss) != 1:
     raise ValueError(
         f"skip_step: loss must be a scalar, got shape {jnp.shape(loss)};"
@@ -526,7 +584,8 @@ def _window_update(rule: SpikeWindow, state: SkipStepState, loss: jax.Array,
   new_count = jnp.where(new_count >= 2 * window, new_count - window, new_count)
   fields = dict(
       history=jnp.where(enter[:, None] & slot, values[:, None], hist),
-      history_count=jnp.where(enter, new_count, count))
+      history_count=jnp.where(enter, new_count, count), loss=None,
+      loss_threshold=None)
   if _watches_loss(rule):
     fields.update(loss=loss, loss_threshold=bound[0])
   return spiked, jnp.minimum(threshold, bound[1]), fields

@@ -47,7 +47,7 @@ def resolve(value: Threshold, count: jax.Array, dtype: Any, *,
   return jnp.clip(v, lo, hi)
 
 
-def broadcast_prefix(prefix: Any, tree: Any, name: str, where: str, *,
+def broadcast_prefix(prefix: Any, tree: Any, name: str, caller: str, *,
                      hint: str | None = None) -> Any:
   """Copies each leaf of ``prefix`` over the matching subtree of ``tree``.
 
@@ -60,7 +60,7 @@ def broadcast_prefix(prefix: Any, tree: Any, name: str, where: str, *,
         prefix, tree, is_leaf=_tree.is_masked)
   except (ValueError, TypeError, KeyError) as e:
     raise ValueError(
-        f"{where}: the {name} tree does not match the gradients. "
+        f"{caller}: the {name} tree does not match the gradients. "
         + (hint or "Give one number, or a pytree prefix of the gradients"
            " (the same containers and keys, with a number or schedule"
            " where a whole subtree shares a threshold).")
@@ -71,7 +71,7 @@ def broadcast_prefix(prefix: Any, tree: Any, name: str, where: str, *,
 
 
 def leaf_thresholds(value: Any, updates: Any, count: jax.Array, name: str,
-                    where: str, **bounds: Any) -> Any:
+                    caller: str, **bounds: Any) -> Any:
   """A tree like ``updates`` holding the threshold in force for each leaf.
 
   ``bounds`` (``lo``, ``hi``, ``nan``) are passed to :func:`resolve`.
@@ -80,7 +80,7 @@ def leaf_thresholds(value: Any, updates: Any, count: jax.Array, name: str,
     t = resolve(value, count, _tree.tree_acc_dtype(updates), **bounds)
     return _tree.map_arrays(lambda g: t.astype(_tree.acc_dtype(g.dtype)),
                             updates)
-  full = broadcast_prefix(value, updates, name, where)
+  full = broadcast_prefix(value, updates, name, caller)
   return _tree.map_arrays(
       lambda g, t: resolve(t, count, _tree.acc_dtype(g.dtype), **bounds),
       updates, full)
@@ -94,14 +94,14 @@ _LAYER_HINT = (
     " with an int or None where a whole subtree shares a layer axis.")
 
 
-def leaf_layers(layer_axis: Any, tree: Any, where: str) -> list[int | None]:
+def leaf_layers(layer_axis: Any, tree: Any, caller: str) -> list[int | None]:
   """Each live leaf's layer axis (non-negative) or ``None``, in order.
 
   ``layer_axis`` is ``None``, an int (every leaf), or a pytree prefix of
   ``tree`` holding ints and ``None``, spread by :func:`broadcast_prefix`.
   A ValueError names a leaf the int does not fit, or the mismatch.
   """
-  leaves, _ = _tree.live_leaves(tree, where)
+  leaves, _ = _tree.live_leaves(tree, caller)
   if layer_axis is None:
     return [None] * len(leaves)
   values: list[Any]
@@ -111,18 +111,18 @@ def leaf_layers(layer_axis: Any, tree: Any, where: str) -> list[int | None]:
     marked = jax.tree_util.tree_map(
         lambda v: _NOT_STACKED if v is None else v, layer_axis,
         is_leaf=lambda v: v is None)
-    full = broadcast_prefix(marked, tree, "layer_axis", where,
+    full = broadcast_prefix(marked, tree, "layer_axis", caller,
                             hint=_LAYER_HINT)
     flat = jax.tree_util.tree_leaves(full, is_leaf=_tree.is_masked)
     kinds = jax.tree_util.tree_leaves(tree, is_leaf=_tree.is_masked)
     values = [None if v is _NOT_STACKED else v
               for v, x in zip(flat, kinds) if not _tree.is_masked(x)]
-  return [_tree.layer_index(path, x, k, where)
+  return [_tree.layer_index(path, x, k, caller)
           for (path, x), k in zip(leaves, values)]
 
 
 def layer_groups(per_layer: Any, max_norm: jax.Array, example: Any,
-                 dtype: Any, where: str) -> tuple[list[jax.Array], list[int]]:
+                 dtype: Any, caller: str) -> tuple[list[jax.Array], list[int]]:
   """Per-layer clipping's layers: each one's threshold, and each leaf's layer.
 
   ``per_layer=True`` makes every one of the ``L`` leaves of one example's
@@ -137,6 +137,6 @@ def layer_groups(per_layer: Any, max_norm: jax.Array, example: Any,
   values = jax.tree_util.tree_leaves(per_layer)
   ids = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(per_layer),
                                      list(range(len(values))))
-  full = broadcast_prefix(ids, example, "per_layer", where)
+  full = broadcast_prefix(ids, example, "per_layer", caller)
   return ([jnp.asarray(v, dtype) for v in values],
           jax.tree_util.tree_leaves(full))

@@ -27,7 +27,7 @@ def is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def live_leaves(tree: Any, where: str) -> tuple[list[tuple[Any, jax.Array]],
+def live_leaves(tree: Any, caller: str) -> tuple[list[tuple[Any, jax.Array]],
                                                  Any]:
   """The ``(path, leaf)`` pairs of the array leaves, and a rebuilder.
 
@@ -42,7 +42,7 @@ def live_leaves(tree: Any, where: str) -> tuple[list[tuple[Any, jax.Array]],
   live = [(path, x if hasattr(x, "dtype") else jnp.asarray(x))
           for path, x in with_path if not is_masked(x)]
   for path, x in live:
-    _check_float(path, x, where)
+    _check_float(path, x, caller)
 
   def rebuild(values: Sequence[Any]) -> Any:
     it = iter(values)
@@ -52,9 +52,9 @@ def live_leaves(tree: Any, where: str) -> tuple[list[tuple[Any, jax.Array]],
   return live, rebuild
 
 
-def float_leaves(tree: Any, where: str) -> list[jax.Array]:
+def float_leaves(tree: Any, caller: str) -> list[jax.Array]:
   """The array leaves of ``tree``; a clear TypeError on non-float ones."""
-  return [x for _, x in live_leaves(tree, where)[0]]
+  return [x for _, x in live_leaves(tree, caller)[0]]
 
 
 def map_arrays(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
@@ -66,7 +66,7 @@ def map_arrays(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
       is_leaf=is_masked)
 
 
-def check_same_tree(updates: Any, like: Any, where: str, fix: str, *,
+def check_same_tree(updates: Any, like: Any, caller: str, fix: str, *,
                     shapes: bool = True) -> None:
   """Raises, naming the first difference, unless ``updates`` has the tree
   structure (and with ``shapes``, the leaf shapes) of ``like``: the tree
@@ -76,7 +76,7 @@ def check_same_tree(updates: Any, like: Any, where: str, fix: str, *,
   want = jax.tree_util.tree_structure(like, is_leaf=is_masked)
   if got != want:  # type: ignore[operator]
     raise ValueError(
-        f"{where}: the updates' tree differs from the tree init was given:"
+        f"{caller}: the updates' tree differs from the tree init was given:"
         f" got {got}, initialised with {want}. {fix}")
   if not shapes:
     return
@@ -85,29 +85,29 @@ def check_same_tree(updates: Any, like: Any, where: str, fix: str, *,
       jax.tree_util.tree_leaves(like, is_leaf=is_masked)):
     if np.shape(g) != np.shape(w):
       raise ValueError(
-          f"{where}: leaf {jax.tree_util.keystr(path)} has shape"
+          f"{caller}: leaf {jax.tree_util.keystr(path)} has shape"
           f" {np.shape(g)}, but init was given one of shape {np.shape(w)}."
           f" {fix}")
 
 
-def check_real(tree: Any, where: str) -> None:
+def check_real(tree: Any, caller: str) -> None:
   """A TypeError naming the first complex leaf: for transforms that compare
   entries with a bound, which complex numbers lack."""
-  for path, x in live_leaves(tree, where)[0]:
+  for path, x in live_leaves(tree, caller)[0]:
     if jnp.iscomplexobj(x):
       raise TypeError(
-          f"{where}: the gradient leaf at"
-          f" {jax.tree_util.keystr(path) or 'root'} is complex; {where}"
+          f"{caller}: the gradient leaf at"
+          f" {jax.tree_util.keystr(path) or 'root'} is complex; {caller}"
           " compares entries with a bound, which complex numbers lack. Clip"
           " it by norm (clip_by_norm) or split it into real and imaginary"
           " parts.")
 
 
-def _check_float(path: Any, x: Any, where: str) -> None:
+def _check_float(path: Any, x: Any, caller: str) -> None:
   dtype = jnp.result_type(x)
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(
-        f"{where}: the gradient leaf at {jax.tree_util.keystr(path) or 'root'}"
+        f"{caller}: the gradient leaf at {jax.tree_util.keystr(path) or 'root'}"
         f" has dtype {dtype}; clipping needs floating-point or complex"
         " gradients. Exclude integer leaves with optax.masked or cast them."
     )
@@ -141,7 +141,7 @@ def zero_leaf_norms(params: Any,
                   for (_, x), k in zip(leaves, layers)])
 
 
-def layer_index(path: Any, x: Any, layer: int | None, where: str
+def layer_index(path: Any, x: Any, layer: int | None, caller: str
                 ) -> int | None:
   """``layer`` (an int or None) as a non-negative axis of ``x``; a
   ValueError naming the leaf when ``x`` has no such axis."""
@@ -150,7 +150,7 @@ def layer_index(path: Any, x: Any, layer: int | None, where: str
   ndim = jnp.ndim(x)
   if not -ndim <= layer < ndim:
     raise ValueError(
-        f"{where}: layer_axis={layer} does not fit the gradient leaf at"
+        f"{caller}: layer_axis={layer} does not fit the gradient leaf at"
         f" {jax.tree_util.keystr(path) or 'root'} of shape {jnp.shape(x)}"
         f" (it has {ndim} axes). Give each stacked leaf the axis that"
         " stacks its layers, and None to the leaves that are not stacked"
@@ -211,15 +211,15 @@ def unit_size(x: jax.Array, axes: tuple[int, ...]) -> int:
   return math.prod(x.shape[a] for a in axes)
 
 
-def find_second_moment(state: Any, like: Any, where: str, *,
+def find_second_moment(state: Any, like: Any, caller: str, *,
                        changed: str = "") -> Any:
   """The first node of ``state`` with a ``nu`` field structured like ``like``.
 
   The node (e.g. optax's ``ScaleByAdamState``, ``ScaleByRmsState``) found
   first in tree order, inside ``chain``, ``inject_hyperparams``, ``masked``
   or any other wrapper: its ``nu`` is the wrapped optimizer's second moment,
-  and its other fields (e.g. ``count``) come with it. A ValueError naming
-  ``where`` when there is none; at ``update``, where ``init`` found one,
+  and its other fields (e.g. ``count``) come with it. A ValueError, from
+  ``caller``, when there is none; at ``update``, where ``init`` found one,
   pass ``changed`` (what to do): a miss means the updates' tree changed.
   """
   want = jax.tree_util.tree_structure(like, is_leaf=is_masked)
@@ -232,10 +232,10 @@ def find_second_moment(state: Any, like: Any, where: str, *,
       return node
   if changed:
     raise ValueError(
-        f"{where}: the updates' tree differs from the tree init was given (no"
+        f"{caller}: the updates' tree differs from the tree init was given (no"
         f" second moment `nu` of the inner state has its structure, {want})."
         f" {changed}")
   raise ValueError(
-      f"{where}: the inner optimizer's state has no second moment `nu`"
+      f"{caller}: the inner optimizer's state has no second moment `nu`"
       " shaped like the gradients (as optax.adam, adamw, nadam or rmsprop"
       " keep); wrap such an optimizer.")

@@ -3,6 +3,9 @@ against its own recent history."""
 
 from __future__ import annotations
 
+import functools
+import types
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -12,78 +15,67 @@ import optax
 
 from optaxclip import _apply, _norms, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName
+from optaxclip._stats import ClipStats
 from optaxclip._thresholds import Threshold
 
 
+@_stats.named("clip_update_rms")
 class ClipUpdateRMSState(NamedTuple):
   """State of :func:`clip_update_rms`.
 
   Attributes:
-    count: updates seen so far (int32).
-    max_rms: the largest per-tensor RMS ``u`` of the last step (the number
-      each tensor's ``1 / max(1, u)`` is taken from).
-    scale: the smallest per-tensor factor of the last step, ``1 / max(1,
-      max_rms)``.
-    clipped: whether any tensor's update was scaled down at the last step.
-    num_clipped: how many steps have had a tensor scaled down so far.
-    frac_clipped: the fraction of the tensors scaled down at the last step.
+    stats: a :class:`~optaxclip.ClipStats`: ``scale`` is the smallest
+      per-tensor factor ``1 / max(1, u)`` of the last step; ``clipped``
+      whether any tensor's update was scaled down; ``frac_clipped`` the
+      fraction of tensors scaled down; ``leaf_norms`` (``leaf_norms=True``)
+      each tensor's RMS ``u`` of the last step, a tree like the updates.
+      ``norm`` and ``threshold`` are ``None``: the rule compares no norm of
+      the update (``u`` is the RMS of the gradient over the root of its
+      second moment, held to the constant 1).
+    largest_rms: the largest per-tensor RMS ``u`` of the last step.
     num_leaves_clipped: how many tensors were scaled down at the last step
       (int32).
     inner_state: the state of the wrapped optimizer.
-    leaf_norms: (``leaf_norms=True``) each tensor's RMS ``u`` of the last
-      step, a tree like the updates; ``None`` otherwise.
   """
 
-  count: jax.Array
-  max_rms: jax.Array
-  scale: jax.Array
-  clipped: jax.Array
-  num_clipped: jax.Array
-  frac_clipped: jax.Array
+  stats: ClipStats
+  largest_rms: jax.Array
   num_leaves_clipped: jax.Array
   inner_state: Any
-  leaf_norms: Any = None
 
 
+@_stats.named("clip_update_by_history")
 class ClipUpdateByHistoryState(NamedTuple):
   """State of :func:`clip_update_by_history`.
 
   Attributes:
-    count: updates seen so far (int32).
-    grad_norm: the global 2-norm of the last incoming update (the
-      optimizer's output), before clipping.
-    threshold: the threshold in force at the last step, ``mean + sigma *
-      max(std, min_std)`` of the recorded norms, or ``inf`` while fewer
-      than ``min_history`` norms are recorded.
-    scale: the factor the last update was multiplied by, ``min(1, t / n)``.
-    clipped: whether the last update was scaled down.
-    num_clipped: how many updates have been scaled down so far.
+    stats: a :class:`~optaxclip.ClipStats`: ``norm`` is the global 2-norm
+      of the last incoming update (the optimizer's output), before
+      clipping; ``threshold`` the threshold in force at the last step,
+      ``mean + num_std * max(std, std_floor * mean)`` of the recorded
+      norms, or ``inf`` while fewer than ``min_history`` norms are
+      recorded; ``scale`` the factor the last update was multiplied by,
+      ``min(1, threshold / norm)``; ``leaf_norms`` (``leaf_norms=True``)
+      each leaf's norm of the last incoming update.
     norm_history: the ring buffer of recorded (unclipped, finite) norms,
       shape ``(window,)``; only the first ``fill`` slots hold norms.
     fill: how many slots of ``norm_history`` hold norms (int32, at most
       ``window``).
     index: the slot the next norm is written to (int32).
-    leaf_norms: (``leaf_norms=True``) each leaf's norm of the last incoming
-      update, a tree like the updates; ``None`` otherwise.
   """
 
-  count: jax.Array
-  grad_norm: jax.Array
-  threshold: jax.Array
-  scale: jax.Array
-  clipped: jax.Array
-  num_clipped: jax.Array
+  stats: ClipStats
   norm_history: jax.Array
   fill: jax.Array
   index: jax.Array
-  leaf_norms: Any = None
 
 
+@_validate.renamed(b2="decay")
 def clip_update_rms(
     inner: optax.GradientTransformation,
     *,
-    b2: float | jax.Array | None,
-    eps: float = 1e-6,
+    decay: float | jax.Array | None = None,
+    eps: float | jax.Array | None = None,
     axis_name: AxisName = None,
     leaf_norms: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -98,21 +90,29 @@ def clip_update_rms(
      u = \sqrt{\operatorname{mean}\left(g^2 / \max(\hat v, \epsilon^2)
      \right)}, \qquad \text{update} \leftarrow \text{update} / \max(1, u),
 
-  where ``v̂ = nu / (1 - b2 ** t)`` is ``nu`` *after* this step's update
+  where ``v̂ = nu / (1 - decay ** t)`` is ``nu`` *after* this step's update
   (it includes ``g``), bias-corrected with the optimizer's step count ``t``.
   This is the rule of StableAdamW (Wortsman et al. 2023, Algorithm 2) as
   the ``torch-optimi`` package implements it: its second moment is updated
   with a debiased ``beta2`` and so equals the bias-corrected ``v̂`` above,
-  the RMS is taken after that update, and ``eps`` (1e-6 there and here)
-  enters squared. The whole update of the tensor is divided, so with
+  the RMS is taken after that update, and ``eps`` enters squared. The
+  whole update of the tensor is divided, so with
   ``inner=optax.adamw(...)`` the decoupled weight decay is scaled too, as
   StableAdamW scales it (it multiplies the learning rate that both use).
-  ``optax.adamw(lr, b1, b2, eps=1e-6, weight_decay=wd)`` wrapped with the
-  same ``b2`` is StableAdamW.
+  ``optax.adamw(lr, b1, b2, eps=1e-6, weight_decay=wd)`` wrapped is
+  StableAdamW.
 
-  ``b2`` must be the wrapped optimizer's ``b2`` (the state keeps only the
-  step count, not the decay). ``b2=None`` reads ``nu`` as it is, for an
-  optimizer without bias correction (e.g. ``optax.rmsprop``).
+  ``decay`` and ``eps`` are the wrapped optimizer's ``b2`` and ``eps``
+  (the state keeps only the step count, not them), and by default they
+  are read off the optimizer: from its ``optax.inject_hyperparams`` state
+  where it has them as hyperparameters (values set in the state are
+  followed), else from the optimizer itself (the ``b2`` and ``eps`` of
+  the optax Adam-family transformation inside it, e.g.
+  ``scale_by_adam``'s, through ``chain`` and optax's other wrappers).
+  Where none is found, or several different ones, a ValueError asks for
+  ``decay=`` or ``eps=``. An optimizer whose second moment keeps no step
+  count (``optax.rmsprop``) is not bias-corrected: ``nu`` is read as it
+  is and ``decay`` is not needed.
 
   Edge cases: a zero gradient gives ``u = 0`` and passes unchanged; an
   element with ``g = 0`` counts 0 whatever ``v`` (so ``eps = 0`` with an
@@ -135,18 +135,26 @@ def clip_update_rms(
       like the gradients (``optax.adamw``, ``adam``, ``nadam``, ``lamb``,
       alone or inside ``chain``/``inject_hyperparams``); the first such
       ``nu`` in its state is read.
-    b2: the wrapped optimizer's ``b2``, in ``[0, 1)``, for the bias
-      correction of ``nu``; ``None``: no bias correction.
-    eps: the floor of the second moment, applied as ``max(v̂, eps ** 2)``
-      (>= 0); StableAdamW's default is 1e-6.
+    decay: the decay of ``nu``, StableAdamW's ``beta2`` (the optimizer's
+      ``b2``, in ``[0, 1)``), for the bias correction of ``nu``; ``None``
+      reads it off ``inner``.
+    eps: StableAdamW's ``epsilon``, the floor of the second moment,
+      applied as ``max(v̂, eps ** 2)`` (>= 0); ``None`` reads the
+      optimizer's ``eps`` off ``inner`` (StableAdamW uses one ``eps`` for
+      both; its default is 1e-6).
     axis_name: inside ``shard_map``/``pmap``, the axis name (or names) to
       reduce each tensor's mean over.
-    leaf_norms: also keep each tensor's ``u`` in the state (a tree);
-      :func:`optaxclip.clip_stats` with ``scalars=True`` lists them by path.
+    leaf_norms: also keep each tensor's ``u`` in the state (a tree, the
+      record's ``leaf_norms``); :func:`optaxclip.clip_stats` with
+      ``scalars=True`` lists them by path.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`ClipUpdateRMSState`.
+
+  Raises:
+    ValueError: at ``init``, when ``inner`` keeps no second moment, or its
+      ``b2`` or ``eps`` is needed and cannot be read off it.
 
   References:
     Wortsman et al., `Stable and low-precision training for large-scale
@@ -159,67 +167,197 @@ def clip_update_rms(
     >>> import optax
     >>> import optaxclip as oc
     >>> opt = oc.clip_update_rms(optax.adamw(0.1, b2=0.99, eps=1e-6),
-    ...                          b2=0.99, leaf_norms=True)
+    ...                          leaf_norms=True)
     >>> params = {"a": jnp.ones(2), "b": jnp.ones(2)}
     >>> state = opt.init(params)
     >>> for g in [1.0, 1.0, 50.0]:
     ...   grads = {"a": jnp.full(2, g), "b": jnp.ones(2)}
     ...   updates, state = opt.update(grads, state, params)
-    >>> u = state.leaf_norms  # Each tensor's RMS.
+    >>> u = state.stats.leaf_norms  # Each tensor's RMS.
     >>> print(f"{u['a']:.4f} {u['b']:.4f}", state.num_leaves_clipped)
     1.7227 1.0000 1
     >>> print(jnp.round(updates["a"], 4))  # adamw's step (0.0658) / 1.7227
     [-0.0382 -0.0382]
   """
-  where = "clip_update_rms"
+  caller = "clip_update_rms"
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
-        f"{where}: inner must be an optax.GradientTransformation keeping a"
+        f"{caller}: inner must be an optax.GradientTransformation keeping a"
         " second moment (e.g. optax.adamw(...)), got"
         f" {type(inner).__name__}.")
-  if b2 is not None:
-    _validate.check_range(b2, "b2", where, lo=0.0, hi=1.0, open_hi=True,
+  if decay is not None:
+    _validate.check_range(decay, "decay", caller, lo=0.0, hi=1.0,
+                          open_hi=True, schedule=False)
+  if eps is not None:
+    _validate.check_range(eps, "eps", caller, lo=0.0, hi=np.inf,
                           schedule=False)
-  _validate.check_range(eps, "eps", where, lo=0.0, hi=np.inf, schedule=False)
-  _validate.check_bool(leaf_norms, "leaf_norms", where)
+  _validate.check_bool(leaf_norms, "leaf_norms", caller)
   wrapped = optax.with_extra_args_support(inner)
+  found = _adam_hyperparams(inner)
+
+  def settings(inner_state, like):
+    return _moment_settings(inner_state, like, decay, eps, found, caller)
 
   def init_fn(params):
-    _tree.check_real(params, where)
+    _tree.check_real(params, caller)
     inner_state = wrapped.init(params)
-    _moment(inner_state, params, b2, where)  # A clear error now.
+    settings(inner_state, params)  # A clear error now.
     dtype = _tree.tree_acc_dtype(params)
     return ClipUpdateRMSState(
-        **_stats.counters(frac=True), max_rms=jnp.zeros((), dtype),
-        scale=jnp.ones((), dtype),
-        num_leaves_clipped=jnp.zeros((), jnp.int32), inner_state=inner_state,
-        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None)
+        stats=_stats.fresh(
+            dtype, norm=False, frac=True,
+            leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None),
+        largest_rms=jnp.zeros((), dtype),
+        num_leaves_clipped=jnp.zeros((), jnp.int32), inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
     out, inner_state = wrapped.update(updates, state.inner_state, params,
                                       **extra_args)
-    nu, count = _moment(inner_state, updates, b2, where)
-    dtype = state.max_rms.dtype
+    nu, count, b2, e = settings(inner_state, updates)
+    dtype = state.largest_rms.dtype
     out, rms, scales, each, rebuild = _divide_by_rms(
-        updates, out, nu, b2, count, eps, axis_name, where)
+        updates, out, nu, b2, count, e, axis_name, caller)
     # Counted where u exceeds 1 by more than rounding: at the first step
     # u = 1 up to an ulp, which jit and eager round differently.
     num = sum((jnp.sum(u > 1 + 16 * jnp.finfo(u.dtype).eps, dtype=jnp.int32)
                for u in rms), jnp.zeros((), jnp.int32))
     return out, ClipUpdateRMSState(
-        **_stats.tally(state, num > 0, num=num, of=len(each)),
-        max_rms=_apply.largest(rms, dtype),
-        scale=_apply.smallest(scales, dtype), num_leaves_clipped=num,
-        inner_state=inner_state,
-        leaf_norms=rebuild([u.astype(dtype) for u in each])
-        if leaf_norms else None)
+        stats=_stats.advance(
+            state.stats, clipped=num > 0, num=num, of=len(each),
+            scale=_apply.smallest(scales, dtype),
+            leaf_norms=rebuild([u.astype(dtype) for u in each])
+            if leaf_norms else None),
+        largest_rms=_apply.largest(rms, dtype), num_leaves_clipped=num,
+        inner_state=inner_state)
 
   return _transform.transformation(init_fn, update_fn, extra_args=True)
 
 
+def _setting(name: str, keyword: str, given: Any, inner_state: Any,
+             node: Any, found: dict[str, list[Any]], caller: str) -> Any:
+  """The wrapped optimizer's ``name`` (``b2`` or ``eps``): ``given`` where
+  given, else the hyperparameter of the ``inject_hyperparams`` state that
+  holds ``node`` (the second moment), else the one value found in the
+  optimizer's update functions."""
+  if given is not None:
+    return given
+  injected = _injected(inner_state, node, name)
+  if injected is not None:
+    return injected
+  values = found.get(name, [])
+  if len(values) == 1:
+    return values[0]
+  what = ("the decay of its second moment, for the bias correction"
+          if name == "b2" else "the floor of its second moment")
+  if values:
+    raise ValueError(
+        f"{caller}: the wrapped optimizer holds several values of {name}"
+        f" ({', '.join(f'{float(np.asarray(v)):g}' for v in values)}), so"
+        " which one its second moment uses is unclear. Pass"
+        f" {keyword}= ({what}: the optimizer's {name}).")
+  raise ValueError(
+      f"{caller}: cannot read the wrapped optimizer's {name} ({what}): it"
+      " is neither a hyperparameter of an optax.inject_hyperparams state"
+      " nor a value of an optax Adam-family transformation inside it"
+      " (static arguments of inject_hyperparams are not read). Pass"
+      f" {keyword}= (the optimizer's {name}).")
+
+
+def _injected(state: Any, node: Any, name: str) -> Any:
+  """``hyperparams[name]`` of the innermost ``optax.inject_hyperparams``
+  state in ``state`` whose inner state holds ``node``; ``None`` where
+  there is none."""
+  def injects(x):
+    return isinstance(getattr(x, "hyperparams", None), Mapping) and hasattr(
+        x, "inner_state")
+
+  def holds(tree):
+    return any(x is node for x in jax.tree_util.tree_leaves(
+        tree, is_leaf=lambda x: x is node))
+
+  value = None
+  todo = [state]
+  while todo:
+    for x in jax.tree_util.tree_leaves(todo.pop(), is_leaf=injects):
+      if injects(x) and holds(x.inner_state):
+        if name in x.hyperparams:
+          value = x.hyperparams[name]
+        todo.append(x.inner_state)
+  return value
+
+
+def _adam_hyperparams(inner: Any) -> dict[str, list[Any]]:
+  """The distinct values of ``b2`` and ``eps`` in the closures of the optax
+  update functions inside ``inner`` that take a ``b2`` (``scale_by_adam``
+  and its family), found through functions' closures,
+  ``functools.partial``, tuples (``GradientTransformation``), lists and
+  mappings."""
+  found: dict[str, list[Any]] = {"b2": [], "eps": []}
+  seen: set[int] = set()
+  todo = [inner]
+  while todo:
+    x = todo.pop()
+    if id(x) in seen:
+      continue
+    seen.add(id(x))
+    if isinstance(x, functools.partial):
+      todo += [x.func, *x.args, *x.keywords.values()]
+    elif isinstance(x, (list, tuple)):
+      todo += list(x)
+    elif isinstance(x, Mapping):
+      todo += list(x.values())
+    elif isinstance(x, types.FunctionType):
+      cells = dict(zip(x.__code__.co_freevars, x.__closure__ or ()))
+      values = {}
+      for name, cell in cells.items():
+        try:
+          values[name] = cell.cell_contents
+        except ValueError:  # An empty cell.
+          continue
+      if "b2" in values and x.__module__.split(".")[0] == "optax":
+        for name in ("b2", "eps"):
+          if name in values and not any(
+              _same(values[name], v) for v in found[name]):
+            found[name].append(values[name])
+      todo += list(values.values())
+  return found
+
+
+def _same(a: Any, b: Any) -> bool:
+  """Whether two hyperparameter values are equal (numbers, or arrays
+  known now)."""
+  if a is b:
+    return True
+  try:
+    return bool(np.asarray(a) == np.asarray(b))
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    return False
+
+
+def _moment_settings(inner_state: Any, like: Any, decay: Any, eps: Any,
+                     found: Any, caller: str) -> tuple[Any, Any, Any, Any]:
+  """``nu``, the step count (``None``: no bias correction), the decay and
+  eps of the wrapped optimizer's state."""
+  node = _tree.find_second_moment(inner_state, like, caller)
+  count = None
+  if "count" in getattr(node, "_fields", ()):  # tuple.count is a method.
+    count = jnp.asarray(node.count)
+  elif decay is not None:
+    raise ValueError(
+        f"{caller}: the state holding the second moment"
+        f" ({type(node).__name__}) keeps no step count to bias-correct it"
+        " with; leave decay=None for an optimizer without bias"
+        " correction.")
+  b2 = None if count is None else _setting(
+      "b2", "decay", decay, inner_state, node, found, caller)
+  e = _setting("eps", "eps", eps, inner_state, node, found, caller)
+  return node.nu, count, b2, e
+
+
 def _divide_by_rms(updates: Any, out: Any, nu: Any, b2: Any,
                    count: jax.Array | None, eps: float, axis_name: AxisName,
-                   where: str) -> tuple[Any, list[jax.Array],
+                   caller: str) -> tuple[Any, list[jax.Array],
                                         list[jax.Array], list[jax.Array], Any]:
   """Each tensor of ``out`` divided by ``max(1, u)``.
 
@@ -227,33 +365,18 @@ def _divide_by_rms(updates: Any, out: Any, nu: Any, b2: Any,
   of tensors of one type; the ``u`` per tensor, and the rebuilder of the
   gradients' tree.
   """
-  leaves, rebuild = _tree.live_leaves(updates, where)
+  leaves, rebuild = _tree.live_leaves(updates, caller)
   gs = [x for _, x in leaves]
   axes = [tuple(range(g.ndim)) for g in gs]  # Whole tensors.
   groups, norms = _norms.grouped_leaf_norms(
-      _normalized(gs, _tree.float_leaves(nu, where), b2, count, eps),
+      _normalized(gs, _tree.float_leaves(nu, caller), b2, count, eps),
       "rms", axes, axis_name=axis_name)
-  ys, rebuild_out = _tree.live_leaves(out, where)
+  ys, rebuild_out = _tree.live_leaves(out, caller)
   one = jnp.ones((), _tree.common_acc_dtype(gs))
   clipped, values, scales = _apply.apply_grouped(
       [y for _, y in ys], groups, norms, [one] * len(groups))
   each = _apply.ungroup(groups, values, gs, axes)
   return rebuild_out(clipped), values, scales, each, rebuild
-
-
-def _moment(inner_state: Any, like: Any, b2: Any, where: str
-            ) -> tuple[Any, jax.Array | None]:
-  """The wrapped optimizer's ``nu`` and its step count (``None`` without
-  ``b2``: no bias correction)."""
-  node = _tree.find_second_moment(inner_state, like, where)
-  if b2 is None:
-    return node.nu, None
-  if "count" not in getattr(node, "_fields", ()):  # tuple.count is a method.
-    raise ValueError(
-        f"{where}: the state holding the second moment"
-        f" ({type(node).__name__}) keeps no step count to bias-correct it"
-        " with; pass b2=None for an optimizer without bias correction.")
-  return node.nu, jnp.asarray(node.count)
 
 
 def _normalized(gs: list[jax.Array], nus: list[jax.Array],
@@ -273,22 +396,26 @@ def _normalized(gs: list[jax.Array], nus: list[jax.Array],
   return out
 
 
+@_validate.renamed(
+    sigma="num_std",
+    min_std="was replaced by std_floor=, relative: the deviation used is at"
+    " least std_floor * mean")
 def clip_update_by_history(
-    window: int = 128,
-    sigma: Threshold = 3.0,
     *,
+    window: int = 128,
+    num_std: Threshold = 3.0,
     min_history: int | None = None,
-    min_std: float = 1e-6,
+    std_floor: float = 1e-6,
     axis_name: AxisName = None,
     leaf_norms: bool = False,
 ) -> optax.GradientTransformation:
-  """Clips the update's global norm to ``mean + sigma * std`` of its history.
+  """Clips the update's global norm to ``mean + num_std * std`` of its history.
 
   Placed *after* the optimizer (``chain(adamw(...),
   clip_update_by_history())``), it scales the whole update by
   ``min(1, t / n)``, ``n`` the update's global 2-norm and
 
-  ``t = mean + sigma * max(std, min_std)``
+  ``t = mean + num_std * max(std, std_floor * mean)``
 
   over the norms of the last ``window`` updates, the current one excluded
   (population standard deviation, ``ddof = 0``). While fewer than
@@ -297,27 +424,34 @@ def clip_update_by_history(
   norm is recorded, so a run of clipped steps raises the threshold instead of
   locking it in place. This is levanter's
   ``clip_update_by_historical_norm`` (its ``rolling_interval_length`` is
-  ``window``, its ``sigma_factor`` is ``sigma``; the floor on the standard
-  deviation, 1e-6, is its constant).
+  ``window``, its ``sigma_factor`` is ``num_std``).
 
-  One deviation: a non-finite norm (NaN or inf, or a finite update whose
+  Two deviations. A non-finite norm (NaN or inf, or a finite update whose
   norm overflows) is not recorded. Recorded, it would make the mean NaN or
   infinite, and so switch clipping off for the next ``window`` steps. That
   step's update is still scaled by the rule (a NaN norm gives a NaN update,
   an infinite one a zero factor, as :func:`optaxclip.clip_by_global_norm`);
-  :func:`optaxclip.skip_step` drops such steps.
+  :func:`optaxclip.skip_step` drops such steps. And the floor on the
+  standard deviation is relative, ``std_floor * mean``, where levanter's is
+  the absolute 1e-6: the same wherever the history's spread is not tiny,
+  and independent of the updates' scale where it is.
 
   Edge cases: a zero update passes unchanged; a history of equal norms has
-  ``std = 0`` and clips above ``mean + sigma * min_std``; ``sigma = inf``
-  never clips; a ``sigma`` schedule's negative or NaN value acts as 0.
+  ``std = 0`` and clips above ``mean * (1 + num_std * std_floor)`` (a
+  history of zeros: ``t = 0``, so a nonzero update after it is zeroed, and
+  recorded); ``num_std = inf`` never clips; a ``num_std`` schedule's
+  negative or NaN value acts as 0.
 
   Args:
-    window: how many recent norms to keep (the ring buffer's size), >= 2.
-    sigma: how many standard deviations above the mean to allow (>= 0): a
-      number, JAX scalar or Optax schedule of the step count.
+    window: how many recent norms to keep (the ring buffer's size), >= 2;
+      levanter's ``rolling_interval_length``.
+    num_std: how many standard deviations above the mean to allow (>= 0),
+      levanter's ``sigma_factor``: a number, JAX scalar or Optax schedule
+      of the step count.
     min_history: how many norms must be recorded before anything is
       clipped, in ``[1, window]``; ``None`` means ``max(2, window // 2)``.
-    min_std: the floor on the standard deviation (>= 0).
+    std_floor: the floor on the standard deviation relative to the mean
+      (>= 0): the deviation used is ``max(std, std_floor * mean)``.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or names) to reduce the norm over.
     leaf_norms: also keep each leaf's norm in the state (a tree), as
@@ -334,11 +468,11 @@ def clip_update_by_history(
   Example:
     >>> import jax.numpy as jnp
     >>> import optaxclip as oc
-    >>> clip = oc.clip_update_by_history(window=4, sigma=1.0)
+    >>> clip = oc.clip_update_by_history(window=4, num_std=1.0)
     >>> state = clip.init(jnp.zeros(1))
     >>> for n in [1.0, 3.0, 10.0, 2.0, 1.0, 30.0]:
     ...   u, state = clip.update(jnp.array([n]), state)
-    ...   print(f"{float(u[0]):.4f} {float(state.threshold):.4f}")
+    ...   print(f"{float(u[0]):.4f} {float(state.stats.threshold):.4f}")
     1.0000 inf
     3.0000 inf
     3.0000 3.0000
@@ -348,29 +482,29 @@ def clip_update_by_history(
     >>> print(state.norm_history)  # The last 4 norms, unclipped: a ring.
     [ 1. 30. 10.  2.]
   """
-  where = "clip_update_by_history"
-  _validate.check_int(window, "window", where, lo=2)
-  size = _validate.static_size(window, "window", where)
+  caller = "clip_update_by_history"
+  _validate.check_int(window, "window", caller, lo=2)
+  size = _validate.static_size(window, "window", caller)
   least = max(2, size // 2) if min_history is None else min_history
-  _validate.check_int(least, "min_history", where, lo=1)
+  _validate.check_int(least, "min_history", caller, lo=1)
   if int(least) > size:
     raise ValueError(
-        f"{where}: min_history={int(least)} exceeds window={size}: the"
+        f"{caller}: min_history={int(least)} exceeds window={size}: the"
         " window never holds that many norms, so nothing would be clipped."
         " Give min_history <= window.")
-  _validate.check_threshold(sigma, "sigma", where)
-  _validate.check_range(min_std, "min_std", where, lo=0.0, hi=np.inf,
+  _validate.check_threshold(num_std, "num_std", caller)
+  _validate.check_range(std_floor, "std_floor", caller, lo=0.0, hi=np.inf,
                         schedule=False)
-  _validate.check_bool(leaf_norms, "leaf_norms", where)
+  _validate.check_bool(leaf_norms, "leaf_norms", caller)
 
   def init_fn(params):
     dtype = _tree.tree_acc_dtype(params)
     return ClipUpdateByHistoryState(
-        **_stats.counters(), grad_norm=jnp.zeros((), dtype),
-        threshold=jnp.full((), jnp.inf, dtype), scale=jnp.ones((), dtype),
+        stats=_stats.fresh(
+            dtype, threshold=jnp.full((), jnp.inf, dtype),
+            leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None),
         norm_history=jnp.zeros((size,), dtype),
-        fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32),
-        leaf_norms=_tree.zero_leaf_norms(params) if leaf_norms else None)
+        fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
@@ -378,30 +512,32 @@ def clip_update_by_history(
     parts, each = _norms.global_and_leaf_norms(
         updates, 2, axis_name=axis_name, leaves=leaf_norms)
     norm = parts.value().astype(dtype)
-    s = _thresholds.resolve(sigma, state.count, dtype)
-    threshold = _history_threshold(state, s, int(least), min_std)
+    k = _thresholds.resolve(num_std, state.stats.count, dtype)
+    threshold = _history_threshold(state, k, int(least), std_floor)
     updates, scale = _apply.clip_tree(updates, parts, threshold)
     return updates, ClipUpdateByHistoryState(
-        **_stats.tally(state, norm > threshold), grad_norm=norm,
-        threshold=threshold, scale=scale.value().astype(dtype),
-        **_record(state, norm), leaf_norms=each)
+        stats=_stats.advance(
+            state.stats, clipped=norm > threshold, norm=norm,
+            threshold=threshold, scale=scale.value().astype(dtype),
+            leaf_norms=each),
+        **_record(state, norm))
 
   return _transform.transformation(init_fn, update_fn)
 
 
-def _history_threshold(state: ClipUpdateByHistoryState, sigma: jax.Array,
-                       least: int, min_std: float) -> jax.Array:
-  """``mean + sigma * max(std, min_std)`` of the recorded norms, or ``inf``
-  while fewer than ``least`` are recorded."""
+def _history_threshold(state: ClipUpdateByHistoryState, num_std: jax.Array,
+                       least: int, std_floor: float) -> jax.Array:
+  """``mean + num_std * max(std, std_floor * mean)`` of the recorded
+  norms, or ``inf`` while fewer than ``least`` are recorded."""
   h = state.norm_history
   dtype = h.dtype
   valid = jnp.arange(h.shape[0]) < state.fill
   k = jnp.maximum(state.fill, 1).astype(dtype)
   mean = jnp.sum(jnp.where(valid, h, 0), dtype=dtype) / k
   var = jnp.sum(jnp.where(valid, jnp.square(h - mean), 0), dtype=dtype) / k
-  std = jnp.maximum(jnp.sqrt(var), jnp.asarray(min_std, dtype))
-  # sigma = inf with std = 0 would give inf * 0; inf is meant.
-  spread = jnp.where(jnp.isinf(sigma), sigma, sigma * std)
+  std = jnp.maximum(jnp.sqrt(var), jnp.asarray(std_floor, dtype) * mean)
+  # num_std = inf with std = 0 would give inf * 0; inf is meant.
+  spread = jnp.where(jnp.isinf(num_std), num_std, num_std * std)
   return jnp.where(state.fill >= least, mean + spread,
                    jnp.asarray(jnp.inf, dtype))
 

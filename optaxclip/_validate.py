@@ -8,9 +8,11 @@ names the function, the argument and the fix. Values known only at run time
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,38 @@ import numpy as np
 
 _NUMBER = (int, float, np.number, np.ndarray, jax.Array)
 _RMS = "rms"
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def renamed(**old: str) -> Callable[[_F], _F]:
+  """Makes a keyword of an earlier release raise a TypeError naming its
+  replacement (``old=new``); a value holding a space is the whole hint
+  (``skip_update_on_spike="was removed: wrap the optimizer in
+  oc.skip_step"``). Every such keyword is in the CHANGELOG's table."""
+  def wrap(fn: _F) -> _F:
+    params = inspect.signature(fn).parameters.values()
+    positional = [p.name for p in params
+                  if p.kind == p.POSITIONAL_OR_KEYWORD]
+    keywords = [p.name for p in params if p.kind == p.KEYWORD_ONLY]
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+      if len(args) > len(positional) and keywords:
+        raise TypeError(
+            f"{fn.__name__}: takes {len(positional)} positional argument(s)"
+            f" ({', '.join(positional) or 'none'}), got {len(args)}; pass"
+            f" the others by keyword: {', '.join(k + '=' for k in keywords)}"
+            " (see the CHANGELOG's table of renamed names).")
+      for name in kwargs:
+        if name in old:
+          hint = old[name]
+          if " " not in hint:
+            hint = f"is now {hint}="
+          raise TypeError(f"{fn.__name__}: {name}= {hint} (see the"
+                          " CHANGELOG's table of renamed names).")
+      return fn(*args, **kwargs)
+    return checked  # type: ignore[return-value]
+  return wrap
 
 
 def is_concrete(x: Any) -> bool:
@@ -35,13 +69,13 @@ def is_schedule(value: Any) -> bool:
   return callable(value) and not isinstance(value, jax.Array)
 
 
-def check_schedule(value: Any, name: str, where: str) -> None:
+def check_schedule(value: Any, name: str, caller: str) -> None:
   """A TypeError naming ``name`` unless the schedule takes the step count."""
   try:
     inspect.signature(value).bind(0)
   except TypeError:
     raise TypeError(
-        f"{where}: {name} is a callable that cannot take the step count;"
+        f"{caller}: {name} is a callable that cannot take the step count;"
         " give a number, a JAX scalar, or a schedule step -> value (e.g."
         " optax.linear_schedule(...)).") from None
   except ValueError:  # No signature to read (a builtin): trust it.
@@ -75,7 +109,7 @@ def canonical_ord(ord: Any) -> float | str | jax.Array:
   return p
 
 
-def check_threshold(value: Any, name: str, where: str, *,
+def check_threshold(value: Any, name: str, caller: str, *,
                     allow_tree: bool = False,
                     allow_negative: bool = False) -> None:
   """Raises at construction for a threshold whose value is known and bad.
@@ -84,24 +118,24 @@ def check_threshold(value: Any, name: str, where: str, *,
   their type only.
   """
   if is_schedule(value):
-    check_schedule(value, name, where)
+    check_schedule(value, name, caller)
     return
   leaves = jax.tree_util.tree_leaves(value) if allow_tree else [value]
   if allow_tree and not leaves:
-    raise ValueError(f"{where}: {name} is an empty tree; give a number.")
+    raise ValueError(f"{caller}: {name} is an empty tree; give a number.")
   for leaf in leaves:
     if is_schedule(leaf):
-      check_schedule(leaf, name, where)
+      check_schedule(leaf, name, caller)
       continue
     if isinstance(leaf, bool) or not isinstance(leaf, _NUMBER):
       raise TypeError(
-          f"{where}: {name} must be a number, a JAX scalar, an Optax schedule"
+          f"{caller}: {name} must be a number, a JAX scalar, an Optax schedule"
           + (" or a pytree prefix of the gradients" if allow_tree else "")
           + f"; got {type(leaf).__name__}."
       )
     if jnp.ndim(leaf) != 0:
       raise ValueError(
-          f"{where}: {name} must be a scalar, got shape {jnp.shape(leaf)};"
+          f"{caller}: {name} must be a scalar, got shape {jnp.shape(leaf)};"
           " for one threshold per leaf give a pytree of scalars."
       )
     if not is_concrete(leaf):
@@ -109,12 +143,12 @@ def check_threshold(value: Any, name: str, where: str, *,
     v = float(np.asarray(leaf).real)
     if math.isnan(v) or (v < 0 and not allow_negative):
       raise ValueError(
-          f"{where}: {name}={v} is not a valid threshold; it must be a"
+          f"{caller}: {name}={v} is not a valid threshold; it must be a"
           " non-negative number (inf disables clipping)."
       )
 
 
-def check_layer_axis(value: Any, where: str) -> None:
+def check_layer_axis(value: Any, caller: str) -> None:
   """A TypeError unless ``layer_axis`` holds ints and ``None`` only.
 
   ``layer_axis`` is ``None``, an int, or a pytree prefix of the gradients
@@ -128,20 +162,20 @@ def check_layer_axis(value: Any, where: str) -> None:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
       at = jax.tree_util.keystr(path)
       raise TypeError(
-          f"{where}: layer_axis{at} must be an int (the axis that stacks"
+          f"{caller}: layer_axis{at} must be an int (the axis that stacks"
           f" a leaf's layers) or None (a leaf that is not stacked), got"
           f" {v!r}. Give one int for every leaf, or a pytree prefix of the"
           " gradients holding ints and None, e.g. {'blocks': 0, 'head':"
           " None}.")
 
 
-def check_bool(value: Any, name: str, where: str) -> None:
+def check_bool(value: Any, name: str, caller: str) -> None:
   """A TypeError naming ``name`` unless ``value`` is True or False."""
   if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{where}: {name} must be True or False, got {value!r}.")
+    raise TypeError(f"{caller}: {name} must be True or False, got {value!r}.")
 
 
-def check_range(value: Any, name: str, where: str, *, lo: float, hi: float,
+def check_range(value: Any, name: str, caller: str, *, lo: float, hi: float,
                 open_lo: bool = False, open_hi: bool = False,
                 schedule: bool = True) -> None:
   """Raises when a scalar known at construction lies outside ``[lo, hi]``.
@@ -152,16 +186,16 @@ def check_range(value: Any, name: str, where: str, *, lo: float, hi: float,
   """
   if is_schedule(value):
     if schedule:
-      check_schedule(value, name, where)
+      check_schedule(value, name, caller)
       return
-    raise TypeError(f"{where}: {name} does not take a schedule; give a"
+    raise TypeError(f"{caller}: {name} does not take a schedule; give a"
                     " number or a JAX scalar.")
   if isinstance(value, bool) or not isinstance(value, _NUMBER):
-    raise TypeError(f"{where}: {name} must be a number, a JAX scalar"
+    raise TypeError(f"{caller}: {name} must be a number, a JAX scalar"
                     + (" or an Optax schedule" if schedule else "")
                     + f"; got {type(value).__name__}.")
   if jnp.ndim(value) != 0:
-    raise ValueError(f"{where}: {name} must be a scalar, got shape"
+    raise ValueError(f"{caller}: {name} must be a scalar, got shape"
                      f" {jnp.shape(value)}.")
   if not is_concrete(value):
     return
@@ -171,30 +205,30 @@ def check_range(value: Any, name: str, where: str, *, lo: float, hi: float,
   if math.isnan(v) or below or above:
     interval = (("(" if open_lo else "[") + f"{lo:g}, {hi:g}"
                 + (")" if open_hi else "]"))
-    raise ValueError(f"{where}: {name}={v} is outside {interval}; give a"
+    raise ValueError(f"{caller}: {name}={v} is outside {interval}; give a"
                      f" value in {interval}.")
 
 
-def check_int(value: Any, name: str, where: str, *, lo: int) -> None:
+def check_int(value: Any, name: str, caller: str, *, lo: int) -> None:
   """Raises unless ``value`` is an integer >= ``lo`` (traced ones pass)."""
   if isinstance(value, bool) or not isinstance(
       value, (int, np.integer, np.ndarray, jax.Array)):
-    raise TypeError(f"{where}: {name} must be an integer >= {lo}; got"
+    raise TypeError(f"{caller}: {name} must be an integer >= {lo}; got"
                     f" {type(value).__name__}.")
   if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value),
                                                 jnp.integer):
-    raise TypeError(f"{where}: {name} must be an integer >= {lo}; got"
+    raise TypeError(f"{caller}: {name} must be an integer >= {lo}; got"
                     f" {value!r}.")
   if is_concrete(value) and int(np.asarray(value)) < lo:
-    raise ValueError(f"{where}: {name}={int(np.asarray(value))} must be an"
+    raise ValueError(f"{caller}: {name}={int(np.asarray(value))} must be an"
                      f" integer >= {lo}.")
 
 
-def static_size(value: Any, name: str, where: str) -> int:
+def static_size(value: Any, name: str, caller: str) -> int:
   """``value`` as a Python int, or a clear error when it is traced."""
   if not is_concrete(value):
     raise TypeError(
-        f"{where}: {name} sizes a buffer in the state, so init needs its"
+        f"{caller}: {name} sizes a buffer in the state, so init needs its"
         " value; under optax.inject_hyperparams with a jitted init, pass"
         f" static_args=({name!r},).")
   return int(np.asarray(value))

@@ -11,66 +11,103 @@ import optax
 
 from optaxclip import _apply, _norms, _stats, _thresholds, _transform, _tree, _validate
 from optaxclip._norms import AxisName, Ord
+from optaxclip._stats import ClipStats
 from optaxclip._thresholds import Threshold
 
 _MODES = ("adaptive", "mean", "percentile")
 
 
+class ZScore(NamedTuple):
+  """ZClip's spike rule: a z-score against EMAs of the norm's mean and variance.
+
+  The rule :func:`zclip` applies; its fields are validated when ``zclip`` is
+  built.
+
+  Attributes:
+    decay: the decay of the EMAs of the norm's mean and variance, in ``(0,
+      1)`` (ZClip's ``alpha``): a number, a JAX scalar or an Optax schedule
+      of the step count.
+    num_std: how many standard deviations above the mean a norm must lie
+      to be a spike, >= 0 (ZClip's ``z_thresh``): a number, a JAX scalar
+      or a schedule.
+    warmup_steps: how many norms to collect before the EMAs start, a Python
+      int >= 1 (it sizes a buffer in the state).
+    std_floor: the deviation used is at least ``std_floor * mean``, >= 0 (a
+      number or a JAX scalar). The z-score measures a norm against the
+      run's own scatter; where the recorded norms barely vary (a repeated
+      batch, a plateau), ``std`` tends to 0 and a rise of 0.1% would read
+      as a spike of z in the thousands. The paper's rule assumes the
+      scatter of real training (its norms vary by several percent step to
+      step); the floor keeps that assumption: with the default 0.01 and
+      ``num_std=2.5``, a norm must exceed the mean by at least 2.5% to
+      count as a spike. 0 gives the reference code's rule.
+    mode: how a spike is clipped: ``"adaptive"`` (the paper's default),
+      ``"mean"`` or ``"percentile"`` (see :func:`zclip`).
+  """
+
+  decay: Threshold = 0.97
+  num_std: Threshold = 2.5
+  warmup_steps: int = 25
+  std_floor: float | jax.Array = 0.01
+  mode: Literal["adaptive", "mean", "percentile"] = "adaptive"
+
+
+@_stats.named("zclip")
 class ZClipState(NamedTuple):
   """State of :func:`zclip`.
 
   Attributes:
-    count: updates seen so far (int32).
-    grad_norm: the global norm of the last incoming update, before clipping.
-    threshold: the threshold in force at the last update: ``max_norm`` (or
-      ``inf``) during warm-up; afterwards the clipping value on a spike, and
-      otherwise the spike boundary ``mean + z_thresh * (std + eps)``
-      (``mean + z_thresh * std`` in ``"percentile"`` mode), capped by
-      ``max_norm``. The update is clipped exactly when ``grad_norm`` exceeds
-      it.
-    scale: the factor the last update was multiplied by.
-    clipped: whether the last update was scaled down.
-    num_clipped: how many updates have been scaled down so far.
+    stats: a :class:`~optaxclip.ClipStats`: ``norm`` is the global norm of
+      the last incoming update; ``threshold`` the threshold in force at the
+      last update: ``max_norm`` (or ``inf``) during warm-up; afterwards the
+      clipping value on a spike, and otherwise the spike boundary ``mean +
+      num_std * std``, capped by ``max_norm`` (the update is clipped
+      exactly when ``norm`` exceeds it); ``scale`` the factor the last
+      update was multiplied by; ``leaf_norms`` (``leaf_norms=True``) each
+      leaf's norm, from the same partial sums as ``norm``.
     spike: whether the last update was a spike (its z-score above
-      ``z_thresh``; never during warm-up).
-    z: the z-score of the last norm, ``(norm - mean) / (std + eps)``, against
-      the statistics before that update (0 during warm-up).
+      ``num_std``; never during warm-up).
+    z: the z-score of the last norm, ``(norm - mean) / std``, against the
+      statistics before that update (0 during warm-up; with a zero
+      deviation, 0 for a norm at or below the mean and ``inf`` above).
     mean: the EMA of the norm (after the last update).
     var: the EMA of the norm's variance (after the last update).
     warmup_norms: the norms collected during warm-up, shape
       ``(warmup_steps,)``.
-    fill: how many warm-up norms are collected; the EMA is in use once it
+    fill: how many warm-up norms are collected; the EMAs are in use once it
       equals ``warmup_steps``.
-    leaf_norms: (``leaf_norms=True``) each leaf's norm of the last incoming
-      update, a tree like the updates, from the same partial sums as
-      ``grad_norm``; ``None`` otherwise.
   """
 
-  count: jax.Array
-  grad_norm: jax.Array
-  threshold: jax.Array
-  scale: jax.Array
-  clipped: jax.Array
-  num_clipped: jax.Array
+  stats: ClipStats
   spike: jax.Array
   z: jax.Array
   mean: jax.Array
   var: jax.Array
   warmup_norms: jax.Array
   fill: jax.Array
-  leaf_norms: Any = None
 
 
+_PAPER = ZScore()  # The paper's rule, zclip's default.
+_MOVED = "moved into the rule: oc.zclip(oc.ZScore({}=...))"
+
+
+@_validate.renamed(
+    alpha="moved into the rule as decay: oc.zclip(oc.ZScore(decay=...))",
+    z_thresh=("moved into the rule as num_std:"
+              " oc.zclip(oc.ZScore(num_std=...))"),
+    warmup_steps=_MOVED.format("warmup_steps"),
+    mode=_MOVED.format("mode"),
+    std_floor=_MOVED.format("std_floor"),
+    eps=("was removed: the deviation used is max(std, std_floor * mean),"
+         " and a zero deviation makes no division (z is 0 at or below the"
+         " mean, inf above)"),
+    skip_update_on_spike=("was removed: wrap the optimizer in oc.skip_step"
+                          " to drop spiking steps"),
+)
 def zclip(
-    alpha: Threshold = 0.97,
-    z_thresh: Threshold = 2.5,
-    warmup_steps: int = 25,
+    rule: ZScore = _PAPER,
     *,
     max_norm: Threshold | None = None,
-    mode: Literal["adaptive", "mean", "percentile"] = "adaptive",
-    skip_update_on_spike: bool = False,
-    eps: float = 1e-6,
-    std_floor: float = 0.01,
     ord: Ord = 2,
     axis_name: AxisName = None,
     leaf_norms: bool = False,
@@ -79,55 +116,50 @@ def zclip(
   """ZClip: clips norm spikes detected by a z-score against EMA statistics.
 
   The global norm ``g`` of each update is compared with exponential moving
-  averages of its mean ``mu`` and variance ``var``:
+  averages of its mean ``mu`` and variance ``var``, by the rule ``rule``
+  (an :class:`~optaxclip.ZScore`):
 
-  1. Warm-up: the first ``warmup_steps`` norms are collected (the update is
-     only clipped to ``max_norm``, if given); after the last of them,
-     ``mu`` and ``var`` start as their mean and (population) variance.
-  2. Then, with ``std = sqrt(var)`` and ``z = (g - mu) / (std + eps)``, a
-     step with ``z > z_thresh`` is a spike and its norm is clipped to
-     ``mu + z_thresh * std / (z / z_thresh)`` (``mode="adaptive"``: the
-     larger the spike, the harder the clip) or to ``mu`` (``mode="mean"``).
-     ``mode="percentile"`` clips any norm above ``mu + z_thresh * std`` to
-     that value.
+  1. Warm-up: the first ``rule.warmup_steps`` norms are collected (the
+     update is only clipped to ``max_norm``, if given); after the last of
+     them, ``mu`` and ``var`` start as their mean and (population)
+     variance.
+  2. Then, with the deviation ``std = max(sqrt(var), rule.std_floor * mu)``
+     and ``z = (g - mu) / std``, a step with ``z > rule.num_std`` is a spike
+     and its norm is clipped to ``mu + num_std * std / (z / num_std)``
+     (``mode="adaptive"``: the larger the spike, the harder the clip) or to
+     ``mu`` (``mode="mean"``). ``mode="percentile"`` clips any norm above
+     ``mu + num_std * std`` to that value.
   3. ``max_norm``, if given, caps the threshold at every step.
   4. The statistics are updated with the norm after the z-score clip (the
      clipping value on a spike, ``g`` otherwise; the ``max_norm`` cap is
-     not applied to it): ``mu <- alpha * mu + (1 - alpha) * v``, then
-     ``var <- alpha * var + (1 - alpha) * (v - mu) ** 2`` with the new
-     ``mu``. With ``skip_update_on_spike=True`` a spike leaves them as they
-     were.
+     not applied to it): ``mu <- decay * mu + (1 - decay) * v``, then
+     ``var <- decay * var + (1 - decay) * (v - mu) ** 2`` with the new
+     ``mu``.
 
   This is the algorithm of the paper and its reference implementation,
   computed in float32 (float64 for float64 updates) on the device, with no
   host round-trip and a fixed-size state. Differences: the scale is
-  ``min(1, threshold / g)`` rather than ``threshold / (g + 1e-6)``; and a
-  non-finite norm (a NaN, or an Inf during warm-up) is not folded into the
-  statistics, which would otherwise stay NaN for the rest of training. That
-  step's update still carries its NaN or Inf unless it is dropped, e.g. by
-  :func:`optaxclip.skip_step`.
+  ``min(1, threshold / g)`` rather than ``threshold / (g + 1e-6)``; the
+  deviation is floored at ``std_floor * mu`` and has no ``eps`` added (the
+  reference code's ``std + 1e-6``); and a non-finite norm (a NaN, or an
+  Inf during warm-up) is not folded into the statistics, which would
+  otherwise stay NaN for the rest of training. That step's update still
+  carries its NaN or Inf unless it is dropped, e.g. by
+  :func:`optaxclip.skip_step` (which is also the way to leave the
+  statistics alone on a spike: a skipped step changes no state).
+
+  Edge cases: a zero deviation (``var = 0`` with ``std_floor * mu = 0``, as
+  after a warm-up of equal norms with ``std_floor=0``, or of zero norms)
+  divides nothing: ``z`` is 0 for a norm at or below ``mu`` and ``inf``
+  above it, so any norm above ``mu`` is a spike, clipped to ``mu`` in
+  every mode. ``num_std=0`` makes every norm above ``mu`` a spike.
 
   Args:
-    alpha: the EMA decay in ``(0, 1)``: a number, JAX scalar or Optax
-      schedule of the step count.
-    z_thresh: the z-score above which a norm is a spike, >= 0 (number, JAX
-      scalar or schedule).
-    warmup_steps: how many norms to collect before the EMA starts, >= 1.
+    rule: the spike rule, an :class:`~optaxclip.ZScore` (``decay``,
+      ``num_std``, ``warmup_steps``, ``std_floor``, ``mode``); the default
+      is the paper's.
     max_norm: an optional fixed cap on the norm, applied at every step
       (warm-up included): a non-negative number, JAX scalar or schedule.
-    mode: ``"adaptive"`` (the paper's default), ``"mean"`` or
-      ``"percentile"``, as described above.
-    skip_update_on_spike: leave the statistics unchanged on a spike.
-    eps: added to ``std`` in the z-score's denominator, >= 0.
-    std_floor: the smallest ``std`` used, as a fraction of the mean, >= 0.
-      The z-score measures a norm against the run's own scatter; where the
-      recorded norms barely vary (a repeated batch, a plateau), ``std``
-      tends to 0 and a rise of 0.1% would read as a spike of z in the
-      thousands. The paper's rule assumes the scatter of real training
-      (its norms vary by several percent step to step); the floor keeps
-      that assumption: with the default 0.01 and ``z_thresh=2.5``, a norm
-      must exceed the mean by at least 2.5% to count as a spike. 0 gives
-      the reference code's rule.
     ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
     axis_name: inside ``shard_map``/``pmap`` with sharded updates, the axis
       name (or names) to reduce the norm over.
@@ -150,60 +182,58 @@ def zclip(
   Example:
     >>> import jax.numpy as jnp
     >>> import optaxclip as oc
-    >>> clip = oc.zclip(warmup_steps=4)
+    >>> clip = oc.zclip(oc.ZScore(warmup_steps=4))
     >>> state = clip.init(jnp.zeros(1))
     >>> for g in [1.0, 1.2, 0.8, 1.0, 1.1, 5.0]:
     ...   updates, state = clip.update(jnp.array([g]), state)
-    >>> print(updates, state.spike, state.threshold)
+    >>> print(updates, state.spike, state.stats.threshold)
     [1.0338] True 1.0338
   """
-  _check(alpha, z_thresh, warmup_steps, max_norm, mode, eps, leaf_norms)
-  _validate.check_range(std_floor, "std_floor", "zclip", lo=0.0, hi=np.inf,
-                        schedule=False)
-  _validate.check_layer_axis(layer_axis, "zclip")
+  caller = "zclip"
+  _check(rule, max_norm, leaf_norms)
+  _validate.check_layer_axis(layer_axis, caller)
   p = _validate.canonical_ord(ord)
+  decay, num_std, _, std_floor, mode = rule
+  warmup_steps = int(np.asarray(rule.warmup_steps))
 
   def init_fn(params):
     dtype = _tree.tree_acc_dtype(params)
-    size = _validate.static_size(warmup_steps, "warmup_steps", "zclip")
     zero = jnp.zeros((), dtype)
     return ZClipState(
-        **_stats.counters(), grad_norm=zero,
-        threshold=jnp.full((), jnp.inf, dtype), scale=jnp.ones((), dtype),
+        _stats.fresh(dtype, threshold=jnp.full((), jnp.inf, dtype),
+                     leaf_norms=_norms.zero_leaf_norms(
+                         params, layer_axis, caller) if leaf_norms else None),
         spike=jnp.zeros((), bool), z=zero, mean=zero, var=zero,
-        warmup_norms=jnp.zeros((size,), dtype),
-        fill=jnp.zeros((), jnp.int32),
-        leaf_norms=_norms.zero_leaf_norms(params, layer_axis, "zclip")
-        if leaf_norms else None)
+        warmup_norms=jnp.zeros((warmup_steps,), dtype),
+        fill=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
-    dtype = state.grad_norm.dtype
+    stats = state.stats
+    dtype = stats.norm.dtype
     parts, each = _norms.global_and_leaf_norms(
         updates, p, axis_name=axis_name, leaves=leaf_norms,
-        layer_axis=layer_axis, where="zclip")
+        layer_axis=layer_axis, caller=caller)
     g = parts.value().astype(dtype)
-    a = _thresholds.resolve(alpha, state.count, dtype, hi=1.0)
-    zt = _thresholds.resolve(z_thresh, state.count, dtype)
+    a = _thresholds.resolve(decay, stats.count, dtype, hi=1.0)
+    zt = _thresholds.resolve(num_std, stats.count, dtype)
 
     cap = (None if max_norm is None else
-           _thresholds.resolve(max_norm, state.count, dtype))
-    threshold, new = _statistics(state, g, a, zt, cap, mode=mode, eps=eps,
-                                 std_floor=std_floor,
-                                 skip_on_spike=skip_update_on_spike)
-    over = g > threshold
+           _thresholds.resolve(max_norm, stats.count, dtype))
+    threshold, new = _statistics(state, g, a, zt, cap, mode=mode,
+                                 std_floor=std_floor)
     updates, scale = _apply.clip_tree(updates, parts, threshold)
 
-    return updates, state._replace(
-        **new, **_stats.tally(state, over), grad_norm=g, threshold=threshold,
-        scale=scale.value().astype(dtype), leaf_norms=each)
+    return updates, ZClipState(_stats.advance(
+        stats, clipped=g > threshold, norm=g, threshold=threshold,
+        scale=scale.value().astype(dtype), leaf_norms=each), **new)
 
   return _transform.transformation(init_fn, update_fn)
 
 
-def _statistics(state, g, a, zt, cap, *, mode, eps, std_floor, skip_on_spike):
-  """The threshold in force, and the new warm-up and EMA fields."""
-  dtype = state.grad_norm.dtype
+def _statistics(state, g, a, zt, cap, *, mode, std_floor):
+  """The threshold in force, and the new spike, z, warm-up and EMA fields."""
+  dtype = state.stats.norm.dtype
   size = state.warmup_norms.shape[0]  # Static even when injected.
   # Warm-up: collect the norm; after the last one, start the statistics.
   warm = state.fill < size
@@ -216,16 +246,19 @@ def _statistics(state, g, a, zt, cap, *, mode, eps, std_floor, skip_on_spike):
   var0 = jnp.mean(jnp.square(buf - mean0))
   start = keep & (fill == size)
 
-  # After warm-up: z-score against the statistics so far.
+  # After warm-up: z-score against the statistics so far. A zero deviation
+  # divides nothing: z is 0 at or below the mean and inf above it.
   std = jnp.maximum(jnp.sqrt(state.var), std_floor * state.mean)
-  z = (g - state.mean) / (std + eps)
-  if mode == "percentile":
-    boundary = state.mean + zt * std
-    clip_value = boundary
+  above = g - state.mean
+  z = jnp.where(std > 0, above / jnp.where(std > 0, std, 1),
+                jnp.where(above > 0, jnp.inf, 0))
+  boundary = state.mean + zt * std
+  if mode == "adaptive":
+    clip_value = state.mean + zt * std / (z / zt)
+  elif mode == "mean":
+    clip_value = state.mean
   else:
-    boundary = state.mean + zt * (std + eps)
-    clip_value = (state.mean + zt * std / (z / zt) if mode == "adaptive"
-                  else state.mean)
+    clip_value = boundary
   spike = ~warm & (g > boundary)
   threshold = jnp.where(warm, jnp.inf,
                         jnp.where(spike, clip_value, boundary))
@@ -235,8 +268,6 @@ def _statistics(state, g, a, zt, cap, *, mode, eps, std_floor, skip_on_spike):
 
   v = jnp.where(spike, clip_value, g)
   track = ~warm & jnp.isfinite(v)
-  if skip_on_spike:
-    track &= ~spike
   mean1 = a * state.mean + (1 - a) * v
   var1 = a * state.var + (1 - a) * jnp.square(v - mean1)
   mean = jnp.where(track, mean1, jnp.where(start, mean0, state.mean))
@@ -247,15 +278,30 @@ def _statistics(state, g, a, zt, cap, *, mode, eps, std_floor, skip_on_spike):
       fill=fill)
 
 
-def _check(alpha, z_thresh, warmup_steps, max_norm, mode, eps, leaf_norms):
-  where = "zclip"
-  _validate.check_bool(leaf_norms, "leaf_norms", where)
-  _validate.check_range(alpha, "alpha", where, lo=0.0, hi=1.0, open_lo=True,
-              open_hi=True)
-  _validate.check_range(z_thresh, "z_thresh", where, lo=0.0, hi=np.inf)
-  _validate.check_int(warmup_steps, "warmup_steps", where, lo=1)
+def _check(rule: Any, max_norm: Any, leaf_norms: Any) -> None:
+  """``rule`` must be a valid :class:`ZScore`, every field in range."""
+  caller = "zclip"
+  if not isinstance(rule, ZScore):
+    raise TypeError(
+        f"{caller}: rule must be an oc.ZScore (the spike rule: decay,"
+        " num_std, warmup_steps, std_floor, mode), got"
+        f" {type(rule).__name__} {rule!r}; e.g."
+        " oc.zclip(oc.ZScore(decay=0.97, num_std=2.5)).")
+  _validate.check_range(rule.decay, "ZScore.decay", caller, lo=0.0, hi=1.0,
+                        open_lo=True, open_hi=True)
+  _validate.check_range(rule.num_std, "ZScore.num_std", caller, lo=0.0,
+                        hi=np.inf)
+  _validate.check_int(rule.warmup_steps, "ZScore.warmup_steps", caller, lo=1)
+  if not _validate.is_concrete(rule.warmup_steps):
+    raise TypeError(
+        f"{caller}: ZScore.warmup_steps sizes a buffer in the state, so it"
+        " must be known when zclip is built; give a Python int, not a"
+        " traced value.")
+  _validate.check_range(rule.std_floor, "ZScore.std_floor", caller, lo=0.0,
+                        hi=np.inf, schedule=False)
+  if not isinstance(rule.mode, str) or rule.mode not in _MODES:
+    raise ValueError(f"{caller}: ZScore.mode={rule.mode!r} is not one of"
+                     f" {_MODES}.")
   if max_norm is not None:
-    _validate.check_threshold(max_norm, "max_norm", where)
-  _validate.check_range(eps, "eps", where, lo=0.0, hi=np.inf, schedule=False)
-  if mode not in _MODES:
-    raise ValueError(f"{where}: mode={mode!r} is not one of {_MODES}.")
+    _validate.check_threshold(max_norm, "max_norm", caller)
+  _validate.check_bool(leaf_norms, "leaf_norms", caller)

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import optaxclip as oc
 from tests import _references as ref
+from tests._helpers import JIT, maybe_jit, run_scan
 
 SHAPES = {"a": (2, 3), "b": (3,), "c": (4, 2)}
 _RNG = np.random.default_rng(0)
@@ -42,16 +43,15 @@ def planted_norms(steps, spikes, seed=0):
   return norms
 
 
-def run_scan(tx, grads):
-  state = tx.init(jax.tree.map(lambda x: x[0], grads))
+# The reference's names are the paper's.
+_PAPER_NAMES = dict(max_ratio="lambda_rel", decay="beta", max_norm="lambda_abs")
 
-  def step(state, g):
-    updates, state = tx.update(g, state)
-    return state, (updates, state)
 
-  _, (updates, states) = jax.jit(lambda s, g: jax.lax.scan(step, s, g))(
-      state, grads)
-  return updates, states
+def reference(norms, **kwargs):
+  """The float64 reference run with adagc's keywords under their paper
+  names."""
+  return ref.adagc(norms, **{_PAPER_NAMES.get(k, k): v
+                             for k, v in kwargs.items()})
 
 
 def stacked(tree):
@@ -60,9 +60,10 @@ def stacked(tree):
 
 
 def assert_matches(states, updates, expected, rtol=1e-5):
-  for name in ("scale", "gamma", "threshold"):
+  for name, field in (("scale", "leaf_scales"), ("gamma", "gamma"),
+                      ("threshold", "leaf_thresholds")):
     np.testing.assert_allclose(
-        stacked(getattr(states, name)),
+        stacked(getattr(states, field)),
         np.stack([getattr(e, name) for e in expected]), rtol=rtol,
         err_msg=name)
   out = np.stack([np.linalg.norm(np.asarray(updates[k], np.float64).reshape(
@@ -74,11 +75,12 @@ def assert_matches(states, updates, expected, rtol=1e-5):
 @pytest.mark.parametrize("kwargs", [
     dict(warmup_steps=1),
     dict(warmup_steps=5),
-    dict(warmup_steps=20, lambda_abs=0.5),
-    dict(warmup_steps=10, lambda_rel=1.2, beta=0.9, lambda_abs=np.inf),
-    dict(warmup_steps=3, lambda_rel=1.0, beta=0.0, eps=1e-2),
-    dict(warmup_steps=3, beta=1.0),
+    dict(warmup_steps=20, max_norm=0.5),
+    dict(warmup_steps=10, max_ratio=1.2, decay=0.9, max_norm=np.inf),
+    dict(warmup_steps=3, max_ratio=1.0, decay=0.0, eps=1e-2),
+    dict(warmup_steps=3, decay=1.0),
 ])
+@pytest.mark.slow
 def test_matches_float64_reference_step_by_step(kwargs):
   w = kwargs["warmup_steps"]
   # Spikes on the last warm-up step, on the first step after it, and later,
@@ -87,25 +89,30 @@ def test_matches_float64_reference_step_by_step(kwargs):
             (w + 9, 0): 4.0, (w + 9, 1): 4.0, (w + 9, 2): 4.0,
             (w + 12, 1): 0.01}
   norms = planted_norms(w + 40, spikes, seed=w)
-  expected = ref.adagc(norms, **kwargs)
+  expected = reference(norms, **kwargs)
   updates, states = run_scan(oc.adagc(**kwargs), grads_with_norms(norms))
-  np.testing.assert_allclose(stacked(states.grad_norm), norms, rtol=1e-5)
+  np.testing.assert_allclose(stacked(states.stats.leaf_norms), norms, rtol=1e-5)
+  np.testing.assert_allclose(states.stats.norm,
+                             np.linalg.norm(norms, axis=1), rtol=1e-5)
   assert_matches(states, updates, expected)
   clipped = [bool(np.any(e.scale < 1)) for e in expected]
-  np.testing.assert_array_equal(states.clipped, clipped)
-  assert int(states.num_clipped[-1]) == sum(clipped)
+  np.testing.assert_array_equal(states.stats.clipped, clipped)
+  assert int(states.stats.num_clipped[-1]) == sum(clipped)
   np.testing.assert_allclose(
-      states.frac_clipped, [np.mean(e.scale < 1) for e in expected])
+      states.stats.frac_clipped, [np.mean(e.scale < 1) for e in expected])
+  np.testing.assert_allclose(
+      states.stats.scale, [np.min(e.scale) for e in expected], rtol=1e-5)
+  assert states.stats.threshold is None
 
 
 def test_warmup_boundary():
-  # Steps 1..3 clip the global norm to lambda_abs and take the minimum;
+  # Steps 1..3 clip the global norm to max_norm and take the minimum;
   # step 4 is the first per-tensor step.
   norms = np.array([[3.0, 0.0001, 4.0], [0.3, 0.04, 0.4], [0.6, 0.02, 0.7],
                     [3.0, 0.05, 0.8]])
-  tx = oc.adagc(lambda_rel=1.05, beta=0.98, warmup_steps=3, lambda_abs=1.0)
+  tx = oc.adagc(1.05, decay=0.98, warmup_steps=3, max_norm=1.0)
   updates, states = run_scan(tx, grads_with_norms(norms))
-  scale = stacked(states.scale)
+  scale = stacked(states.leaf_scales)
   np.testing.assert_allclose(scale[0], 1 / np.linalg.norm(norms[0]),
                              rtol=1e-6)
   np.testing.assert_allclose(scale[1:3], 1.0)
@@ -118,10 +125,10 @@ def test_warmup_boundary():
   np.testing.assert_allclose(
       scale[3], [0.315 / 3.0, 1.05 * gamma[2, 1] / 0.05, 1.05 * 0.4 / 0.8],
       rtol=1e-5)
-  np.testing.assert_allclose(stacked(states.threshold)[2], 1.0)
-  np.testing.assert_allclose(stacked(states.threshold)[3], 1.05 * gamma[2],
-                             rtol=1e-6)
-  assert [int(c) for c in states.count] == [1, 2, 3, 4]
+  np.testing.assert_allclose(stacked(states.leaf_thresholds)[2], 1.0)
+  np.testing.assert_allclose(stacked(states.leaf_thresholds)[3],
+                             1.05 * gamma[2], rtol=1e-6)
+  assert [int(c) for c in states.stats.count] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -130,8 +137,8 @@ def test_nonfinite_steps_are_kept_out_of_gamma(bad):
   norms[2, 1] = bad  # During warm-up: no gamma moves.
   norms[12, 2] = bad  # After warm-up: only that tensor's gamma stays.
   norms[20, :] = bad  # Every tensor.
-  kwargs = dict(warmup_steps=6, lambda_abs=0.5)
-  expected = ref.adagc(norms, **kwargs)
+  kwargs = dict(warmup_steps=6, max_norm=0.5)
+  expected = reference(norms, **kwargs)
   updates, states = run_scan(oc.adagc(**kwargs), grads_with_norms(norms))
   gamma = stacked(states.gamma)
   assert np.all(np.isfinite(gamma))
@@ -145,7 +152,7 @@ def test_nonfinite_steps_are_kept_out_of_gamma(bad):
   assert not np.all(np.isfinite(np.asarray(updates["c"][12])))
   assert np.all(np.isfinite(np.asarray(updates["a"][12])))
   ok = np.isfinite(norms).all(axis=1)
-  np.testing.assert_allclose(stacked(states.scale)[ok],
+  np.testing.assert_allclose(stacked(states.leaf_scales)[ok],
                              np.stack([e.scale for e in expected])[ok],
                              rtol=1e-5)
 
@@ -156,44 +163,44 @@ def test_zero_gradient_in_warmup_zeroes_that_tensor():
                              grads_with_norms(norms))
   np.testing.assert_array_equal(np.asarray(states.gamma["b"]), 0.0)
   np.testing.assert_array_equal(np.asarray(updates["b"][2:]), 0.0)
-  assert np.all(np.isfinite(stacked(states.scale)))
+  assert np.all(np.isfinite(stacked(states.leaf_scales)))
 
 
-class VariantsTest(chex.TestCase):
+@pytest.mark.parametrize(**JIT)
+def test_step_by_step(jitted):
+  norms = planted_norms(12, {(6, 2): 8.0, (3, 0): 5.0}, seed=5)
+  kwargs = dict(warmup_steps=4, max_norm=0.7, max_ratio=1.1, decay=0.95)
+  expected = reference(norms, **kwargs)
+  tx = oc.adagc(**kwargs)
+  grads = grads_with_norms(norms)
+  update = maybe_jit(tx.update, jitted)
+  state = tx.init(jax.tree.map(lambda x: x[0], grads))
+  for t, e in enumerate(expected):
+    updates, state = update(jax.tree.map(lambda x, t=t: x[t], grads), state)
+    np.testing.assert_allclose(stacked(state.gamma), e.gamma, rtol=1e-5)
+    np.testing.assert_allclose(
+        [np.linalg.norm(updates[k]) for k in KEYS], e.clipped_norms,
+        rtol=1e-5)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_step_by_step(self):
-    norms = planted_norms(12, {(6, 2): 8.0, (3, 0): 5.0}, seed=5)
-    kwargs = dict(warmup_steps=4, lambda_abs=0.7, lambda_rel=1.1, beta=0.95)
-    expected = ref.adagc(norms, **kwargs)
-    tx = oc.adagc(**kwargs)
-    grads = grads_with_norms(norms)
-    update = self.variant(tx.update)
-    state = tx.init(jax.tree.map(lambda x: x[0], grads))
-    for t, e in enumerate(expected):
-      updates, state = update(jax.tree.map(lambda x, t=t: x[t], grads), state)
-      np.testing.assert_allclose(stacked(state.gamma), e.gamma, rtol=1e-5)
-      np.testing.assert_allclose(
-          [np.linalg.norm(updates[k]) for k in KEYS], e.clipped_norms,
-          rtol=1e-5)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_output_dtype_matches_input(self):
-    g = {"h": jnp.ones(4, jnp.bfloat16), "f": jnp.ones(2, jnp.float32)}
-    tx = oc.adagc(warmup_steps=1)
-    update = self.variant(tx.update)
-    state = tx.init(g)
-    for _ in range(3):
-      updates, state = update(g, state)
-    chex.assert_trees_all_equal_dtypes(updates, g)
-    self.assertEqual(state.gamma["h"].dtype, jnp.float32)
+@pytest.mark.parametrize(**JIT)
+def test_output_dtype_matches_input(jitted):
+  g = {"h": jnp.ones(4, jnp.bfloat16), "f": jnp.ones(2, jnp.float32)}
+  tx = oc.adagc(warmup_steps=1)
+  update = maybe_jit(tx.update, jitted)
+  state = tx.init(g)
+  for _ in range(3):
+    updates, state = update(g, state)
+  chex.assert_trees_all_equal_dtypes(updates, g)
+  assert state.gamma["h"].dtype == jnp.float32
+  assert state.stats.norm.dtype == jnp.float32
 
 
 def test_inject_hyperparams_matches_reference_and_can_change():
   norms = planted_norms(20, {(10, 1): 30.0}, seed=7)
-  kwargs = dict(lambda_rel=1.1, beta=0.9, warmup_steps=4, lambda_abs=0.6,
+  kwargs = dict(max_ratio=1.1, decay=0.9, warmup_steps=4, max_norm=0.6,
                 eps=1e-3)
-  expected = ref.adagc(norms, **kwargs)
+  expected = reference(norms, **kwargs)
   tx = optax.inject_hyperparams(oc.adagc)(**kwargs)
   grads = grads_with_norms(norms)
   state = tx.init(jax.tree.map(lambda x: x[0], grads))
@@ -202,10 +209,10 @@ def test_inject_hyperparams_matches_reference_and_can_change():
     updates, state = update(jax.tree.map(lambda x, t=t: x[t], grads), state)
     np.testing.assert_allclose(stacked(state.inner_state.gamma), e.gamma,
                                rtol=1e-5)
-  # A new lambda_rel and beta set in the state take effect at the next step.
+  # A new max_ratio and decay set in the state take effect at the next step.
   gamma = stacked(state.inner_state.gamma)
-  state.hyperparams["lambda_rel"] = jnp.asarray(0.5)
-  state.hyperparams["beta"] = jnp.asarray(0.0)
+  state.hyperparams["max_ratio"] = jnp.asarray(0.5)
+  state.hyperparams["decay"] = jnp.asarray(0.0)
   state.hyperparams["eps"] = jnp.asarray(0.0)
   updates, state = update(jax.tree.map(lambda x: x[0], grads), state)
   np.testing.assert_allclose(
@@ -216,18 +223,18 @@ def test_inject_hyperparams_matches_reference_and_can_change():
 
 
 def test_schedules():
-  # lambda_abs halves after step 1; lambda_rel is 2 from step 3 on.
-  tx = oc.adagc(lambda_rel=optax.piecewise_constant_schedule(1.0, {3: 2.0}),
+  # max_norm falls to 0.25 after step 1; max_ratio is 2 from step 3 on.
+  tx = oc.adagc(optax.piecewise_constant_schedule(1.0, {3: 2.0}),
                 warmup_steps=2,
-                lambda_abs=optax.piecewise_constant_schedule(2.0, {1: 0.25}))
+                max_norm=optax.piecewise_constant_schedule(2.0, {1: 0.25}))
   norms = np.array([[1.0, 1.0, 1.0]] * 2 + [[3.0, 3.0, 3.0]] * 2)
   updates, states = run_scan(tx, grads_with_norms(norms))
-  np.testing.assert_allclose(stacked(states.threshold)[:2],
-                             [[2.0] * 3, [0.5] * 3])
+  threshold = stacked(states.leaf_thresholds)
+  np.testing.assert_allclose(threshold[:2], [[2.0] * 3, [0.5] * 3])
   gamma = 0.5 / np.sqrt(3)
-  np.testing.assert_allclose(stacked(states.threshold)[2], gamma, rtol=1e-5)
-  np.testing.assert_allclose(stacked(states.threshold)[3], 2 * (
-      0.98 * gamma + 0.02 * gamma), rtol=1e-5)
+  np.testing.assert_allclose(threshold[2], gamma, rtol=1e-5)
+  np.testing.assert_allclose(threshold[3], 2 * (0.98 * gamma + 0.02 * gamma),
+                             rtol=1e-5)
 
 
 def test_no_host_transfer_and_no_retrace():
@@ -247,12 +254,12 @@ def test_no_host_transfer_and_no_retrace():
     for _ in range(6):
       updates, state = update(g, state)
     jax.block_until_ready((updates, state))
-  assert int(state.count) == 7 and len(traces) == 1
+  assert int(state.stats.count) == 7 and len(traces) == 1
 
 
 def test_masked_and_none_leaves_pass_through():
   params = {"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32), "n": None}
-  tx = optax.masked(oc.adagc(warmup_steps=1, lambda_abs=1.0),
+  tx = optax.masked(oc.adagc(warmup_steps=1, max_norm=1.0),
                     {"w": True, "step": False, "n": False})
   state = tx.init(params)
   grads = {"w": jnp.array([3.0, 4.0, 0.0]), "step": jnp.zeros((), jnp.int32),
@@ -268,11 +275,20 @@ def test_clip_stats_finds_the_state():
   state = opt.init(params)
   _, state = opt.update({"w": jnp.array([3.0, 4.0])}, state, params)
   stats = oc.clip_stats(state)
-  gamma = [v for k, v in stats.items() if k.endswith("gamma")]
-  assert len(gamma) == 1
-  np.testing.assert_allclose(gamma[0]["w"], 1.0, rtol=1e-6)
+  assert set(stats) == {f"adagc/{k}" for k in (
+      "count", "norm", "scale", "clipped", "num_clipped", "frac_clipped",
+      "leaf_norms", "leaf_thresholds", "leaf_scales", "gamma")}
+  np.testing.assert_allclose(stats["adagc/gamma"]["w"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(stats["adagc/norm"], 5.0, rtol=1e-6)
+  np.testing.assert_allclose(stats["adagc/scale"], 0.2, rtol=1e-6)
+  np.testing.assert_allclose(stats["adagc/leaf_norms"]["w"], 5.0,
+                             rtol=1e-6)
+  assert set(oc.clip_stats(state, scalars=True)) == {f"adagc/{k}" for k in (
+      "count", "norm", "scale", "clipped", "num_clipped", "frac_clipped",
+      "leaf_norms/w")}
 
 
+@pytest.mark.slow
 def test_shard_map_with_axis_name_matches_one_device():
   mesh = jax.make_mesh((8,), ("data",))
   rng = np.random.default_rng(11)
@@ -282,7 +298,7 @@ def test_shard_map_with_axis_name_matches_one_device():
            "s": rng.standard_normal((steps,)).astype(np.float32)}
   grads["w"][5] *= 40.0
   specs = {"w": P(None, "data"), "b": P(None, "data"), "s": P()}
-  make = lambda a: oc.adagc(warmup_steps=3, lambda_abs=2.0,  # noqa: E731
+  make = lambda a: oc.adagc(warmup_steps=3, max_norm=2.0,  # noqa: E731
                             axis_name=a)
   want_u, want_s = run_scan(make(None), grads)
 
@@ -296,24 +312,29 @@ def test_shard_map_with_axis_name_matches_one_device():
   got_u, got_s = fn(sharded)
   chex.assert_trees_all_close(got_u, want_u, rtol=1e-5)
   chex.assert_trees_all_close(got_s.gamma, want_s.gamma, rtol=1e-5)
-  assert int(np.sum(np.asarray(got_s.clipped))) >= 1
+  chex.assert_trees_all_close(got_s.stats, want_s.stats, rtol=1e-5)
+  assert int(np.sum(np.asarray(got_s.stats.clipped))) >= 1
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(lambda_rel=0.0), "lambda_rel"), (dict(beta=1.5), "beta"),
-    (dict(beta=-0.1), "beta"), (dict(warmup_steps=0), "warmup_steps"),
-    (dict(lambda_abs=-1.0), "lambda_abs"), (dict(eps=-1.0), "eps"),
-    (dict(lambda_rel=float("nan")), "lambda_rel"),
+    (dict(max_ratio=0.0), "max_ratio"), (dict(decay=1.5), "decay"),
+    (dict(decay=-0.1), "decay"), (dict(warmup_steps=0), "warmup_steps"),
+    (dict(max_norm=-1.0), "max_norm"), (dict(eps=-1.0), "eps"),
+    (dict(max_ratio=float("nan")), "max_ratio"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):
     oc.adagc(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(warmup_steps=2.5), "warmup_steps"), (dict(beta="x"), "beta"),
-    (dict(lambda_abs="big"), "lambda_abs"),
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((), dict(warmup_steps=2.5), "warmup_steps"),
+    ((), dict(decay="x"), "decay"), ((), dict(max_norm="big"), "max_norm"),
+    ((), dict(lambda_rel=1.1), r"lambda_rel= is now max_ratio="),
+    ((), dict(beta=0.9), r"beta= is now decay="),
+    ((), dict(lambda_abs=1.0), r"lambda_abs= is now max_norm="),
+    ((1.05, 0.98), {}, "positional"),
 ])
-def test_bad_argument_types_raise_type_error(kwargs, match):
+def test_bad_arguments_raise_type_error(args, kwargs, match):
   with pytest.raises(TypeError, match=match):
-    oc.adagc(**kwargs)
+    oc.adagc(*args, **kwargs)

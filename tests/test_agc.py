@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optaxclip as oc
+from tests._helpers import JIT, maybe_jit
 
 # Every layout optax.adaptive_grad_clip knows with axis=None.
 DEFAULT_SHAPES = {
@@ -59,60 +59,61 @@ def ours(clipping, grads, params, axis=None):
   return tx.update(grads, tx.init(params), params)
 
 
-class MatchesOptaxTest(parameterized.TestCase):
+@pytest.mark.parametrize("clipping", [0.01, 0.1, 1.0])
+@pytest.mark.parametrize("dtype, tol", [
+    (jnp.float32, 1e-6), (jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)],
+    ids=["float32", "bfloat16", "float16"])
+@pytest.mark.slow
+def test_default_axes_match_optax(dtype, tol, clipping):
+  params, grads = make(DEFAULT_SHAPES, dtype)
+  expected = optax_agc(clipping, 1e-3, None, grads, params)
+  got, state = ours(clipping, grads, params)
+  chex.assert_trees_all_equal_dtypes(got, grads)
+  chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x.astype(jnp.float32), got),
+      jax.tree.map(lambda x: x.astype(jnp.float32), expected),
+      rtol=tol, atol=tol * 1e-3)
+  changed = sum(int(np.sum(np.any(
+      np.asarray(a, np.float32) != np.asarray(b, np.float32),
+      axis=_axes(n)))) for n, a, b in _items(expected, grads))
+  if dtype == jnp.float32:  # The count of clipped units matches optax's.
+    units = sum(np.size(v) for v in jax.tree.leaves(state.stats.leaf_norms))
+    np.testing.assert_allclose(state.stats.frac_clipped, changed / units,
+                               rtol=1e-6)
+    assert 0 < changed < units
 
-  @parameterized.product(
-      dtype_tol=[(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2),
-                 (jnp.float16, 2e-3)],
-      clipping=[0.01, 0.1, 1.0])
-  def test_default_axes(self, dtype_tol, clipping):
-    dtype, tol = dtype_tol
-    params, grads = make(DEFAULT_SHAPES, dtype)
-    expected = optax_agc(clipping, 1e-3, None, grads, params)
-    got, state = ours(clipping, grads, params)
-    chex.assert_trees_all_equal_dtypes(got, grads)
-    chex.assert_trees_all_close(
-        jax.tree.map(lambda x: x.astype(jnp.float32), got),
-        jax.tree.map(lambda x: x.astype(jnp.float32), expected),
-        rtol=tol, atol=tol * 1e-3)
-    changed = sum(int(np.sum(np.any(
-        np.asarray(a, np.float32) != np.asarray(b, np.float32),
-        axis=_axes(n)))) for n, a, b in _items(expected, grads))
-    if dtype == jnp.float32:  # The count of clipped units matches optax's.
-      units = sum(np.size(v) for v in jax.tree.leaves(state.leaf_norms))
-      np.testing.assert_allclose(state.frac_clipped, changed / units,
-                                 rtol=1e-6)
-      self.assertGreater(changed, 0)
-      self.assertLess(changed, units)
 
-  @parameterized.named_parameters(*[(k, k) for k in CUSTOM])
-  def test_custom_axis(self, name):
-    axis, shapes = CUSTOM[name]
-    params, grads = make({f"x{i}": s for i, s in enumerate(shapes)})
-    expected = optax_agc(0.05, 1e-3, axis, grads, params)
-    got, state = ours(0.05, grads, params, axis=axis)
-    chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-9)
-    for key, shape in zip(sorted(grads), shapes):
-      axes = {a % len(shape) for a in np.atleast_1d(axis)}
-      self.assertEqual(state.leaf_norms[key].shape,
-                       tuple(d for i, d in enumerate(shape) if i not in axes))
+@pytest.mark.parametrize("name", list(CUSTOM))
+def test_custom_axis_matches_optax(name):
+  axis, shapes = CUSTOM[name]
+  params, grads = make({f"x{i}": s for i, s in enumerate(shapes)})
+  expected = optax_agc(0.05, 1e-3, axis, grads, params)
+  got, state = ours(0.05, grads, params, axis=axis)
+  chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-9)
+  for key, shape in zip(sorted(grads), shapes):
+    axes = {a % len(shape) for a in np.atleast_1d(axis)}
+    assert state.stats.leaf_norms[key].shape == tuple(
+        d for i, d in enumerate(shape) if i not in axes)
 
-  def test_float64(self):
-    with jax.enable_x64(True):
-      params, grads = make(DEFAULT_SHAPES, jnp.float64)
-      expected = optax_agc(0.1, 1e-3, None, grads, params)
-      got, state = ours(0.1, grads, params)
-      chex.assert_trees_all_close(got, expected, rtol=1e-12)
-      self.assertEqual(state.leaf_norms["dense"].dtype, jnp.float64)
-      self.assertEqual(state.ratio.dtype, jnp.float64)
 
-  def test_bfloat16_param_norm_in_float32_is_exact(self):
-    # The threshold uses float32 norms of bfloat16 params, not bf16 ones.
-    params, grads = make({"dense": (64, 3)}, jnp.bfloat16, zero_param=False)
-    _, state = ours(0.5, grads, params)
-    pn = np.linalg.norm(np.asarray(params["dense"], np.float64), axis=0)
-    gn = np.linalg.norm(np.asarray(grads["dense"], np.float64), axis=0)
-    np.testing.assert_allclose(state.ratio, np.max(gn / pn), rtol=1e-6)
+def test_float64_matches_optax():
+  with jax.enable_x64(True):
+    params, grads = make(DEFAULT_SHAPES, jnp.float64)
+    expected = optax_agc(0.1, 1e-3, None, grads, params)
+    got, state = ours(0.1, grads, params)
+    chex.assert_trees_all_close(got, expected, rtol=1e-12)
+    assert state.stats.leaf_norms["dense"].dtype == jnp.float64
+    assert state.ratio.dtype == jnp.float64
+    assert state.stats.scale.dtype == jnp.float64
+
+
+def test_bfloat16_param_norm_in_float32_is_exact():
+  # The threshold uses float32 norms of bfloat16 params, not bf16 ones.
+  params, grads = make({"dense": (64, 3)}, jnp.bfloat16, zero_param=False)
+  _, state = ours(0.5, grads, params)
+  pn = np.linalg.norm(np.asarray(params["dense"], np.float64), axis=0)
+  gn = np.linalg.norm(np.asarray(grads["dense"], np.float64), axis=0)
+  np.testing.assert_allclose(state.ratio, np.max(gn / pn), rtol=1e-6)
 
 
 def _axes(name):
@@ -132,18 +133,19 @@ def test_state_holds_unit_norms_ratio_and_scale():
            "b": jnp.array([0.0, 1e-3])}
   tx = oc.adaptive_grad_clip(0.1, eps=1e-3, leaf_norms=True)
   updates, state = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(state.leaf_norms["w"], [1.0, 0.05])
-  assert state.leaf_norms["b"].shape == ()
+  np.testing.assert_allclose(state.stats.leaf_norms["w"], [1.0, 0.05])
+  assert state.stats.leaf_norms["b"].shape == ()
+  assert state.stats.norm is None  # The rule compares ratios.
   # Unit ratios |g| / max(|w|, eps): w 1/5 and 0.05/1; b 1e-3 / 1e-3 (the
   # eps floor). Factors: w 0.1 * 5 / 1 = 0.5 and 1; b 0.1.
   np.testing.assert_allclose(state.ratio, 1.0, rtol=1e-6)
-  np.testing.assert_allclose(state.threshold, 0.1)
-  np.testing.assert_allclose(state.scale, 0.1, rtol=1e-6)
+  np.testing.assert_allclose(state.stats.threshold, 0.1)
+  np.testing.assert_allclose(state.stats.scale, 0.1, rtol=1e-6)
   np.testing.assert_allclose(updates["w"], [[0.5, 0.0], [0.0, 0.05]])
   np.testing.assert_allclose(updates["b"], [0.0, 1e-4], rtol=1e-6)
-  np.testing.assert_allclose(state.frac_clipped, 2 / 3)
-  assert bool(state.clipped) and int(state.num_clipped) == 1
-  assert bool(state.clipped) == (float(state.ratio) > 0.1)
+  np.testing.assert_allclose(state.stats.frac_clipped, 2 / 3)
+  assert bool(state.stats.clipped) and int(state.stats.num_clipped) == 1
+  assert bool(state.stats.clipped) == (float(state.ratio) > 0.1)
 
 
 def test_units_below_threshold_are_bit_identical():
@@ -153,7 +155,7 @@ def test_units_below_threshold_are_bit_identical():
     red = _axes(key)
     w = np.asarray(params[key], np.float64)
     t = 0.1 * np.maximum(np.sqrt(np.sum(w ** 2, axis=red)), 1e-3)
-    norm = np.asarray(state.leaf_norms[key], np.float64)
+    norm = np.asarray(state.stats.leaf_norms[key], np.float64)
     keep = norm <= t * (1 - 1e-6)
     g = np.asarray(grads[key])
     u = np.asarray(updates[key])
@@ -219,6 +221,12 @@ def test_bad_inputs():
     tx.update(g, tx.init(g), {"v": jnp.ones((2, 3))})
   with pytest.raises(ValueError, match="axis=2"):
     oc.adaptive_grad_clip(0.1, axis=2).init(g)
+  with pytest.raises(TypeError, match="positional"):
+    oc.adaptive_grad_clip(0.1, 1e-3, 1, 2)  # optax's three at most.
+  # clipping, eps, axis: positional as in optax.
+  np.testing.assert_allclose(
+      oc.adaptive_grad_clip(0.1, 1e-3, 1).update(g, tx.init(g), g)[0]["w"],
+      optax.adaptive_grad_clip(0.1, 1e-3, 1).update(g, None, g)[0]["w"])
   with pytest.raises(TypeError, match="dtype"):
     tx.init({"w": jnp.ones(3, jnp.int32)})
 
@@ -270,9 +278,9 @@ def test_stats_in_a_chain():
   opt = optax.chain(oc.adaptive_grad_clip(0.05), optax.sgd(0.1))
   _, state = jax.jit(opt.update)(grads, opt.init(params), params)
   stats = oc.clip_stats(state)
-  for key in ("ratio", "threshold", "scale", "clipped", "frac_clipped",
-              "num_clipped", "count"):
-    assert f"adaptive_grad_clip/{key}" in stats
+  assert set(stats) == {f"adaptive_grad_clip/{k}" for k in (
+      "count", "threshold", "scale", "clipped", "num_clipped",
+      "frac_clipped", "ratio")}
   frac = stats["adaptive_grad_clip/frac_clipped"]
   assert 0 < float(frac) < 1
   assert optax.tree.get(state, "frac_clipped") is frac
@@ -295,16 +303,14 @@ def test_jit_no_retrace_no_transfer():
     for _ in range(60):
       updates, state = update(grads, state, params)
     jax.block_until_ready((updates, state))
-  assert len(traces) == 1 and int(state.count) == 60
+  assert len(traces) == 1 and int(state.stats.count) == 60
 
 
-class VariantsTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_matches_optax(self):
-    params, grads = make(SMALL_SHAPES, seed=7)
-    tx = oc.adaptive_grad_clip(0.02)
-    got, _ = self.variant(tx.update)(grads, tx.init(params), params)
-    chex.assert_trees_all_close(
-        got, optax_agc(0.02, 1e-3, None, grads, params), rtol=1e-6,
-        atol=1e-9)
+@pytest.mark.parametrize(**JIT)
+def test_matches_optax(jitted):
+  params, grads = make(SMALL_SHAPES, seed=7)
+  tx = oc.adaptive_grad_clip(0.02)
+  got, _ = maybe_jit(tx.update, jitted)(grads, tx.init(params), params)
+  chex.assert_trees_all_close(
+      got, optax_agc(0.02, 1e-3, None, grads, params), rtol=1e-6,
+      atol=1e-9)

@@ -96,16 +96,17 @@ xh = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in huge.values()]
 np.testing.assert_allclose(float(oc.global_norm(huge)), np.linalg.norm(xh),
                            rtol=1e-5)
 for lo in (None, -0.3):
-  tx = oc.clip_by_value(0.5, lo, stats=True)
+  tx = oc.clip_by_value(0.5, min_value=lo, full_stats=True)
   u, st = jax.jit(tx.update)(gj, tx.init(gj))
   c = np.concatenate([np.ravel(np.clip(v, np.asarray(-0.5 if lo is None else lo,
                                                      v.dtype),
                                        np.asarray(0.5, v.dtype))).astype(np.float64)
                       for v in g.values()])
-  np.testing.assert_allclose(float(st.scale),
+  np.testing.assert_allclose(float(st.stats.scale),
                              np.linalg.norm(c) / np.linalg.norm(x), rtol=1e-5)
-  np.testing.assert_allclose(float(st.frac_clipped), np.mean(c != x), rtol=1e-6)
-  assert bool(st.clipped)
+  np.testing.assert_allclose(float(st.stats.frac_clipped), np.mean(c != x),
+                             rtol=1e-6)
+  assert bool(st.stats.clipped)
 print("ok")
 """
 

@@ -2,7 +2,8 @@
 
 The continued run must equal the uninterrupted one bit for bit: ZClip's EMA
 and warm-up buffer, AutoClip's ring buffer, the historical update clip's
-window, the step guard's counters and rolling window, and AdamW's moments all survive the round trip.
+window, the step guards' counters, norm EMA and rolling window, and AdamW's
+moments all survive the round trip.
 
 Both runs happen in fresh processes, this file run as a script:
 ``python tests/test_checkpoint.py reference|continue CKPT_DIR OUT.pkl``.
@@ -34,15 +35,19 @@ BAD_STEPS = (3, 10)  # A NaN batch before and after the checkpoint.
 
 
 def make_optimizer() -> optax.GradientTransformation:
-  guarded = oc.skip_step(optax.chain(
-      oc.zclip(warmup_steps=3),
-      oc.clip_by_quantile(0.9, history=4),  # Wraps around before the save.
-      oc.clip_update_rms(optax.adamw(1e-2), b2=0.999),
-      oc.clip_update_by_history(window=4, min_history=2)),
-      spike_factor=50.0, spike_warmup=2,
-      # The rolling rule's window wraps around before the save; so high a
-      # bound skips no finite step.
-      spike_window=oc.SpikeWindow(window=4, num_std=1e3, min_history=2))
+  clipped = optax.chain(
+      oc.zclip(oc.ZScore(warmup_steps=3)),
+      oc.clip_by_quantile(0.9, window=4),  # Wraps around before the save.
+      oc.clip_update_rms(optax.adamw(1e-2)),
+      oc.clip_update_by_history(window=4, min_history=2))
+  # Both spike rules, one guard each: the outer one ("skip_step") skips the
+  # NaN steps; its rolling window wraps around before the save, and so high
+  # a bound skips no finite step. The inner one ("skip_step#1") keeps an EMA
+  # of the norms.
+  guarded = oc.skip_step(
+      oc.skip_step(clipped, rule=oc.SpikeEMA(max_ratio=50.0,
+                                             warmup_steps=2)),
+      rule=oc.SpikeWindow(window=4, num_std=1e3, min_history=2))
   return optax.chain(oc.clip_by_value(100.0), guarded)
 
 
@@ -142,6 +147,8 @@ def test_restore_in_fresh_process_continues_bit_identically(tmp_path):
   stats = reference["stats"]
   assert int(stats["mid/skip_step/num_skipped"]) == 1
   assert int(stats["skip_step/num_skipped"]) == len(BAD_STEPS)
+  assert int(stats["skip_step#1/num_skipped"]) == 0  # The outer one did.
+  assert float(stats["skip_step#1/norm_ema"]) > 0
   assert int(stats["clip_by_quantile/count"]) == STEPS - len(BAD_STEPS)
   assert int(stats["clip_by_quantile/fill"]) == 4
   assert int(stats["zclip/num_clipped"]) > 0

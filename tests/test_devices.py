@@ -1,10 +1,12 @@
 """The same numbers on one device and on eight.
 
 The suite runs on 8 host devices; most users run on one. These tests run the
-core tests again in a one-device process, and compare every transform's
-results between a one-device process and this one, leaf by leaf.
+kernels' and the classic clippers' tests again in a one-device process, and
+compare every transform's results between a one-device process and this one,
+leaf by leaf.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -12,14 +14,17 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import optaxclip as oc
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The kernels and the transforms built most directly on them run again on one
-# device; every transform's results are compared across the two settings by
-# test_every_transform_agrees_between_one_and_eight_devices below.
-CORE = ["optaxclip", "tests/test_norms.py", "tests/test_numerics.py",
-        "tests/test_clipping.py", "tests/test_stats.py", "tests/test_readme.py",
+# The norm and scale kernels and the clippers built most directly on them run
+# again on one device; every transform's results are compared across the two
+# settings by test_every_transform_agrees_between_one_and_eight_devices below.
+CORE = ["tests/test_norms.py", "tests/test_numerics.py",
+        "tests/test_clipping.py",
         "tests/test_devices.py::test_one_device_mesh_with_explicit_axes"]
 
 from_eight = pytest.mark.skipif(
@@ -37,7 +42,7 @@ def _one_device_env():
 def test_core_suite_on_one_device():
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-       "-m", "not slow", *CORE],
+       "-p", "no:randomly", "-m", "not slow", *CORE],
       cwd=ROOT, env=_one_device_env(), capture_output=True, text=True,
       timeout=1800)
   tail = proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -46,11 +51,14 @@ def test_core_suite_on_one_device():
 
 
 # A battery of inputs: same-shape leaves (stacked on the cold path), huge and
-# tiny values, mixed dtypes, a zero leaf.
+# tiny values, mixed dtypes, a zero leaf; three steps, the last a spike (8
+# times the norm of the one before), so that the spike rules act.
 _BATTERY = r'''
 import json, math, sys
 import jax, jax.numpy as jnp, numpy as np, optax
 import optaxclip as oc
+
+STEP_SCALES = (0.25, 0.125, 1.0)
 
 def trees():
   rng = np.random.default_rng(7)
@@ -60,7 +68,7 @@ def trees():
   base["h"] = rng.normal(size=(3,)).astype(np.float16)
   base["z"] = np.zeros((2, 2), np.float32)
   out = {"normal": base}
-  for name, s in (("huge", 3e37), ("tiny", 1e-30)):
+  for name, s in (("huge", 1e37), ("tiny", 1e-30)):  # Finite in float32.
     t = jax.tree.map(lambda x: x.astype(np.float32) * np.float32(s), base)
     t["l3"]["k"] = t["l3"]["k"] * 7  # One leaf of a group stands out.
     out[name] = t
@@ -74,34 +82,46 @@ def transforms():
       "global_inf": oc.clip_by_global_norm(1.0, ord=math.inf),
       "norm": oc.clip_by_norm(0.5),
       "norm_axis": oc.clip_by_norm(0.5, axis=-1, ord=3),
-      "value": oc.clip_by_value(0.5, stats=True),
+      "value": oc.clip_by_value(0.5, full_stats=True),
       "agc": oc.adaptive_grad_clip(0.01),
-      "quantile": oc.clip_by_quantile(0.5, history=3),
-      "zclip": oc.zclip(warmup_steps=2),
-      "skip": oc.skip_step(optax.sgd(0.1), max_norm=1e30),
+      "quantile": oc.clip_by_quantile(0.5, window=3),
+      "zclip": oc.zclip(oc.ZScore(warmup_steps=2)),
+      "adagc": oc.adagc(warmup_steps=1, max_norm=1.0),
+      "check_finite": oc.check_finite(),
+      "spikes": oc.clip_spikes(2.0, decay=0.9),
+      "spike_clipped": oc.spike_clipped(optax.adam(0.1), max_ratio=2.0),
+      "skip": oc.skip_step(optax.sgd(0.1), skip_norm=1e30),
+      "skip_ema": oc.skip_step(
+          optax.sgd(0.1), rule=oc.SpikeEMA(max_ratio=4.0, warmup_steps=2)),
       "skip_window": oc.skip_step(
-          optax.sgd(0.1), spike_window=oc.SpikeWindow(
-              window=4, min_history=2, watch="grad_norm")),
-      "global_where": oc.clip_by_global_norm(
-          1.0, where={**{f"l{i}": i % 2 == 0 for i in range(5)},
-                      "h": True, "z": False}),
+          optax.sgd(0.1), rule=oc.SpikeWindow(
+              window=4, min_history=2, watch="norm")),
+      "global_mask": oc.clip_by_global_norm(
+          1.0, mask={**{f"l{i}": i % 2 == 0 for i in range(5)},
+                     "h": True, "z": False}),
       "norm_layers": oc.clip_by_norm(0.5, layer_axis={
           **{f"l{i}": {"k": 0, "b": None} for i in range(5)},
           "h": None, "z": 1}),
-      "update_rms": oc.clip_update_rms(optax.adam(0.1), b2=0.999),
+      "update_rms": oc.clip_update_rms(optax.adam(0.1)),
       "update_history": oc.clip_update_by_history(window=3, min_history=2),
   }
 
+RAW = {}  # Every run's last updates and state, by "<tree>/<transform>".
+
 def run():
+  # One jit per transform, run on every tree (it compiles once per dtype).
   res = {}
-  for tname, tree in trees().items():
-    g = jax.tree.map(jnp.asarray, tree)
-    params = jax.tree.map(lambda x: jnp.ones_like(x) * 0.1, g)
-    for name, tx in transforms().items():
+  inputs = {name: [jax.tree.map(lambda x: jnp.asarray(x * x.dtype.type(s)), tree)
+                   for s in STEP_SCALES]
+            for name, tree in trees().items()}
+  for name, tx in transforms().items():
+    step = jax.jit(tx.update)
+    for tname, steps in inputs.items():
+      params = jax.tree.map(lambda x: jnp.ones_like(x) * 0.1, steps[0])
       state = tx.init(params)
-      step = jax.jit(tx.update)
-      for _ in range(3):
+      for g in steps:
         u, state = step(g, state, params)
+      RAW[f"{tname}/{name}"] = (u, state)
       res[f"{tname}/{name}"] = [np.asarray(x, np.float64).tolist()
                                 for x in jax.tree.leaves((u, state))]
   return res
@@ -121,7 +141,6 @@ def test_every_transform_agrees_between_one_and_eight_devices(tmp_path):
                         env=_one_device_env(), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  import json
   one = json.loads(out.read_text())
   namespace: dict = {}
   exec(compile(_BATTERY, "battery", "exec"), namespace)  # noqa: S102
@@ -132,15 +151,42 @@ def test_every_transform_agrees_between_one_and_eight_devices(tmp_path):
     for a, b in zip(one[key], here[key]):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-6,
                                  atol=0, err_msg=key)
+  # The spike rules acted on the last step of the normal tree (else only
+  # their pass-through would be compared): skip_step's two rules skipped it,
+  # the SPAM rules clipped elements of it.
+  raw = {k.split("/")[1]: state for k, (_, state) in namespace["RAW"].items()
+         if k.startswith("normal/")}
+  assert raw["skip_ema"].skipped and raw["skip_window"].skipped
+  assert raw["skip_ema"].num_skipped == raw["skip_window"].num_skipped == 1
+  assert raw["spikes"].num_spikes > 0 and raw["spike_clipped"].num_spikes > 0
 
 
+# Transforms of per-example gradients (tests/test_per_example.py and
+# tests/test_dp.py run them on meshes), of attention logits (qk_clip:
+# tests/test_qk_clip.py), and functions that are no transforms.
+_NOT_IN_BATTERY = {
+    "clipped_grad", "per_example_clip", "quantile_norm", "dp_aggregate",
+    "dp_noise", "qk_clip", "max_logit_attention", "gather_max_logits",
+    "clip_stats", "global_norm", "raise_if_nonfinite", "layer_axes"}
+
+
+def test_every_public_transform_is_in_the_battery():
+  namespace: dict = {}
+  exec(compile(_BATTERY, "battery", "exec"), namespace)  # noqa: S102
+  params = namespace["trees"]()["normal"]
+  covered = set()
+  for tx in namespace["transforms"]().values():
+    covered |= {k.split("/")[0] for k in oc.clip_stats(tx.init(params))}
+  public = {name for name in oc.__all__
+            if name[0].islower() and name not in _NOT_IN_BATTERY}
+  assert public <= covered, f"add to the battery: {sorted(public - covered)}"
+
+
+@pytest.mark.slow
 def test_one_device_mesh_with_explicit_axes():
   # A mesh of one device (Explicit axes, make_mesh's default) with sharded
   # and replicated leaves of one shape: every transform runs and matches the
   # unsharded result.
-  import optax
-
-  import optaxclip as oc
   mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
   rng = np.random.default_rng(0)
   g = {"a": rng.normal(size=(8, 4)).astype(np.float32) * 3e37,
@@ -149,11 +195,12 @@ def test_one_device_mesh_with_explicit_axes():
   specs = {"a": jax.P("data"), "b": jax.P(), "c": jax.P()}
   sharded = {k: jax.device_put(v, jax.NamedSharding(mesh, specs[k]))
              for k, v in g.items()}
-  for tx in (oc.clip_by_global_norm(1.0), oc.clip_by_norm(1.0),
-             oc.clip_by_value(0.1, stats=True), oc.zclip(),
-             oc.skip_step(optax.sgd(0.1)), oc.adaptive_grad_clip(0.1)):
-    got, _ = jax.jit(tx.update)(sharded, tx.init(sharded), sharded)
-    want, _ = jax.jit(tx.update)(jax.tree.map(jnp.asarray, g), tx.init(g), g)
+  txs = (oc.clip_by_global_norm(1.0), oc.clip_by_norm(1.0),
+         oc.clip_by_value(0.1, full_stats=True), oc.zclip(),
+         oc.skip_step(optax.sgd(0.1)), oc.adaptive_grad_clip(0.1))
+  # Every transform in one program, compiled once per setting.
+  run = jax.jit(lambda g: [tx.update(g, tx.init(g), g)[0] for tx in txs])
+  for got, want in zip(run(sharded), run(jax.tree.map(jnp.asarray, g))):
     for k in g:
       np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]),
                                  rtol=1e-6)

@@ -40,7 +40,7 @@ def test_loss_spikes_small():
   names = list(rows)
   assert names[:7] == ["no clipping", "clip_by_global_norm(1.0)",
                        "AutoClip, paper", "AutoClip, package", "zclip()",
-                       "adagc()", "clip_spikes(inner=adamw)"], out
+                       "adagc()", "spike_clipped(adamw)"], out
   guarded = names[7]
   assert len(names) == 8 and guarded.startswith("skip_step("), out
   assert guarded[len("skip_step("):-1] in names[1:7], out

@@ -126,11 +126,11 @@ def test_layer_norms(tmp_path):
 
 
 def test_muon_stability(tmp_path):
-  [table] = run_example("muon_stability", "--steps", "30", "--tau", "3",
-                        "--plant-from", "20", out=tmp_path)
+  [table] = run_example("muon_stability", "--steps", "30", "--max-logit",
+                        "3", "--plant-from", "20", out=tmp_path)
   none, qk = table["none"], table["qk_clip"]
   bad, guarded = table["bad batches"], table["bad batches + skip_step"]
-  # The logits start above tau = 3; QK-Clip acts and holds them lower.
+  # The logits start above max_logit = 3; QK-Clip acts and holds them lower.
   assert none["max logit, step 1"] > 3
   assert none["steps QK-clipped"] == 0 and qk["steps QK-clipped"] > 0
   assert qk["last step"] < none["last step"]

@@ -69,20 +69,31 @@ TRANSFORMS = {
         1.5, leaf_norms=True, layer_axis=la),
     "adaptive_grad_clip": lambda la: oc.adaptive_grad_clip(
         0.3, leaf_norms=True, layer_axis=la),
-    "adagc": lambda la: oc.adagc(warmup_steps=1, lambda_abs=4.0,
+    "adagc": lambda la: oc.adagc(warmup_steps=1, max_norm=4.0,
                                  layer_axis=la),
     "clip_by_quantile": lambda la: oc.clip_by_quantile(
-        0.5, history=4, leaf_norms=True, layer_axis=la),
+        0.5, window=4, leaf_norms=True, layer_axis=la),
     "clip_by_quantile(per_leaf)": lambda la: oc.clip_by_quantile(
-        0.5, history=4, per_leaf=True, layer_axis=la),
-    "zclip": lambda la: oc.zclip(warmup_steps=2, leaf_norms=True,
+        0.5, window=4, per_leaf=True, layer_axis=la),
+    "zclip": lambda la: oc.zclip(oc.ZScore(warmup_steps=2), leaf_norms=True,
                                  layer_axis=la),
-    "skip_step": lambda la: oc.skip_step(optax.identity(), max_norm=1e3,
+    "skip_step": lambda la: oc.skip_step(optax.identity(), skip_norm=1e3,
                                          leaf_norms=True, layer_axis=la),
 }
 # The per-tensor fields of each state, compared layer by layer.
-FIELDS = {"adagc": ("grad_norm", "threshold", "scale", "gamma"),
-          "clip_by_quantile(per_leaf)": ("grad_norm", "threshold", "scale")}
+FIELDS = {"adagc": ("stats.leaf_norms", "leaf_thresholds", "leaf_scales",
+                    "gamma"),
+          "clip_by_quantile(per_leaf)": ("stats.leaf_norms",
+                                         "stats.threshold")}
+# The record's whole-update fields, the same stacked or not.
+SCALARS = ("count", "norm", "scale", "clipped", "num_clipped", "frac_clipped")
+
+
+def field_of(state, field):
+  """``state.stats.leaf_norms`` for ``"stats.leaf_norms"``."""
+  for name in field.split("."):
+    state = getattr(state, name)
+  return state
 
 
 def run(name, trees, params, layer_axis):
@@ -114,15 +125,23 @@ def check_same(name, layers, shape, at, dtype, seed=0):
     assert a.shape == b.shape and a.dtype == b.dtype
     np.testing.assert_allclose(np.asarray(a, np.float32),
                                np.asarray(b, np.float32), **tol)
-  for field in FIELDS.get(name, ("leaf_norms",)):
-    a = getattr(got_state, field)
-    b = getattr(want_state, field)
-    b = per_layer(b) if field != "leaf_norms" or name not in (
+  for field in FIELDS.get(name, ("stats.leaf_norms",)):
+    a = field_of(got_state, field)
+    b = field_of(want_state, field)
+    b = per_layer(b) if field != "stats.leaf_norms" or name not in (
         "clip_by_norm", "adaptive_grad_clip") else restack_units(b, at)
     for x, y in zip(jax.tree_util.tree_leaves(a),
                     jax.tree_util.tree_leaves(b)):
       assert x.shape == y.shape, (field, x.shape, y.shape)
       np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-7)
+  for field in SCALARS:
+    a = getattr(got_state.stats, field)
+    b = getattr(want_state.stats, field)
+    assert (a is None) == (b is None), field
+    if a is not None:
+      np.testing.assert_allclose(np.asarray(a, np.float32),
+                                 np.asarray(b, np.float32), **tol,
+                                 err_msg=field)
 
 
 def restack_units(norms, at):
@@ -147,6 +166,7 @@ CASES = [pytest.param(name, dtype, id=f"{name}-{jnp.dtype(dtype).name}",
 
 
 @pytest.mark.parametrize("name, dtype", CASES)
+@pytest.mark.slow
 def test_stacked_is_unstacked(name, dtype):
   check_same(name, 3, (4, 5), 0, dtype)
 
@@ -171,12 +191,12 @@ def test_per_layer_norms_are_each_layers_norm():
   _, state = tx.update(tree, tx.init(tree))
   w = np.asarray(tree["blocks"]["w"], np.float64)
   want = np.sqrt(np.sum(np.square(w), axis=(0, 2)))
-  np.testing.assert_allclose(state.leaf_norms["blocks"]["w"], want,
+  np.testing.assert_allclose(state.stats.leaf_norms["blocks"]["w"], want,
                              rtol=1e-6)
-  assert state.leaf_norms["head"].shape == ()
+  assert state.stats.leaf_norms["head"].shape == ()
   total = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
                       for x in jax.tree_util.tree_leaves(tree)))
-  np.testing.assert_allclose(state.grad_norm, total, rtol=1e-6)
+  np.testing.assert_allclose(state.stats.norm, total, rtol=1e-6)
 
 
 def test_clip_by_norm_clips_each_layer_alone():
@@ -185,7 +205,7 @@ def test_clip_by_norm_clips_each_layer_alone():
   updates, state = tx.update(g, tx.init(g))
   np.testing.assert_array_equal(updates["w"][0], g["w"][0])  # Untouched.
   np.testing.assert_allclose(updates["w"][1], jnp.full((2, 2), 0.5))
-  assert float(state.frac_clipped) == 0.5
+  assert float(state.stats.frac_clipped) == 0.5
 
 
 @pytest.mark.slow
@@ -196,7 +216,7 @@ def test_agc_units_of_a_stacked_kernel():
   p = {"k": jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.float32)}
   tx = oc.adaptive_grad_clip(0.1, leaf_norms=True, layer_axis=0)
   updates, state = tx.update(g, tx.init(p), p)
-  assert state.leaf_norms["k"].shape == (3, 5)
+  assert state.stats.leaf_norms["k"].shape == (3, 5)
   for i in range(3):
     one = oc.adaptive_grad_clip(0.1)
     want, _ = one.update({"k": g["k"][i]}, one.init({"k": p["k"][i]}),
@@ -278,12 +298,12 @@ def test_shard_map_with_axis_name():
                      out_specs=(specs, spec()))
   def clip(g):
     updates, state = tx.update(g, tx.init(g))
-    return updates, state.leaf_norms["blocks"]["w"]
+    return updates, state.stats.leaf_norms["blocks"]["w"]
 
   got, norms = jax.jit(clip)(tree)
   plain = oc.clip_by_norm(1.5, layer_axis=la, leaf_norms=True)
   want, state = plain.update(tree, plain.init(tree))
-  np.testing.assert_allclose(norms, state.leaf_norms["blocks"]["w"],
+  np.testing.assert_allclose(norms, state.stats.leaf_norms["blocks"]["w"],
                              rtol=1e-6)
   np.testing.assert_allclose(got["blocks"]["w"], want["blocks"]["w"],
                              rtol=1e-6)

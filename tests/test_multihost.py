@@ -59,12 +59,12 @@ def test_every_optimizer_trained_and_clipped(runs):
     assert stats["loss"].shape == (multihost.STEPS,)
     assert stats["count"][-1] == multihost.STEPS
     assert 0 < stats["num_clipped"][-1] <= multihost.STEPS
-    assert np.all(np.isfinite(stats["grad_norm"]))
+    assert np.all(np.isfinite(stats["norm"]))
     assert stats["loss"][-1] < stats["loss"][0]
     # The recorded pre-clip norm is the norm of the whole model's gradient:
     # above the threshold whenever the step was clipped.
     clipped = stats["clipped"]
-    assert np.all(stats["grad_norm"][clipped] > stats["threshold"][clipped])
+    assert np.all(stats["norm"][clipped] > stats["threshold"][clipped])
 
 
 def test_a_failing_worker_is_reported_and_cleaned_up(tmp_path, monkeypatch):

@@ -1,35 +1,22 @@
 """optaxclip.global_norm and the per-leaf norms against float64 NumPy."""
 
+import functools
 import math
 
-import chex
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optaxclip as oc
 from optaxclip import _norms, _numerics
+from tests import _helpers as helpers
 
 ORDS = [1, 2, math.inf, 3, 0.5, "rms"]
-
-
-def np_norm(arrays, ord):
-  """The float64 reference: all arrays as one flat vector."""
-  flat = np.concatenate([np.abs(np.asarray(a, np.complex128 if np.iscomplexobj(a)
-                                           else np.float64)).ravel()
-                         for a in arrays]) if arrays else np.zeros(0)
-  flat = np.abs(flat)
-  if ord == "rms":
-    return np.sqrt(np.sum(flat ** 2) / max(flat.size, 1))
-  if ord == math.inf:
-    return flat.max(initial=0)
-  return np.sum(flat ** ord) ** (1 / ord)
 
 
 def tree_of(rng, dtype=np.float32, scale=1.0):
@@ -41,143 +28,140 @@ def tree_of(rng, dtype=np.float32, scale=1.0):
   }
 
 
-class GlobalNormTest(parameterized.TestCase):
+# ----------------------------------------------------------------------------
+# global_norm.
 
-  @parameterized.product(ord=ORDS)
-  def test_matches_float64_numpy(self, ord):
-    tree = tree_of(np.random.default_rng(0))
-    got = oc.global_norm(jax.tree.map(jnp.asarray, tree), ord=ord)
-    want = np_norm(jax.tree.leaves(tree), ord)
-    self.assertEqual(got.dtype, jnp.float32)
-    np.testing.assert_allclose(got, want, rtol=2e-6)
 
-  @parameterized.parameters(jnp.bfloat16, jnp.float16)
-  def test_low_precision_accumulates_in_float32(self, dtype):
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal(4096) * 100, dtype)
+@pytest.mark.parametrize("ord", ORDS)
+def test_global_norm_matches_float64_numpy(ord):
+  tree = tree_of(np.random.default_rng(0))
+  got = oc.global_norm(jax.tree.map(jnp.asarray, tree), ord=ord)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, helpers.np_norm(tree, ord), rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_accumulates_in_float32(dtype):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal(4096) * 100, dtype)
+  got = oc.global_norm(x)
+  want = helpers.np_norm(np.asarray(x.astype(jnp.float32)))
+  assert got.dtype == jnp.float32
+  # Each input is exact in float32, so only float32 summation error remains;
+  # accumulating in bfloat16 would be off by ~1e-2 relative.
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert np.isfinite(got)
+
+
+def test_float16_squares_that_overflow_float16():
+  x = jnp.full((10,), 300.0, jnp.float16)
+  np.testing.assert_allclose(oc.global_norm(x), 300 * np.sqrt(10), rtol=1e-6)
+  # The plain optax norm overflows here.
+  assert not np.isfinite(optax.global_norm(x))
+
+
+@pytest.mark.parametrize("ord", [1, 2, 3, 8, "rms"])
+def test_huge_float32_values_do_not_overflow(ord):
+  x = jnp.asarray([1e38, -3e37, 2e37, 5.0], jnp.float32)
+  got = oc.global_norm({"a": x}, ord=ord)
+  assert np.isfinite(got)
+  np.testing.assert_allclose(got, helpers.np_norm(np.asarray(x), ord),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("ord", [1, 2, 3, 0.5])
+def test_tiny_float32_values_do_not_underflow(ord):
+  x = jnp.asarray([1e-25, -3e-26, 2e-30], jnp.float32)
+  got = oc.global_norm(x, ord=ord)
+  np.testing.assert_allclose(got, helpers.np_norm(np.asarray(x), ord),
+                             rtol=1e-5)
+
+
+def test_zero_tree():
+  assert float(oc.global_norm({"a": jnp.zeros(3)})) == 0.0
+  assert float(oc.global_norm({})) == 0.0
+
+
+def test_nonfinite_inputs():
+  assert float(oc.global_norm(jnp.array([1.0, jnp.inf]))) == math.inf
+  assert np.isnan(oc.global_norm(jnp.array([1.0, jnp.nan])))
+  assert np.isnan(oc.global_norm(jnp.array([1e38, jnp.nan])))
+
+
+def test_complex_uses_modulus():
+  x = jnp.asarray([3 + 4j, 1j], jnp.complex64)
+  np.testing.assert_allclose(oc.global_norm(x), np.sqrt(26), rtol=1e-6)
+  np.testing.assert_allclose(oc.global_norm(x, ord=1), 6.0, rtol=1e-6)
+  np.testing.assert_allclose(oc.global_norm(x, ord=3), (125 + 1) ** (1 / 3),
+                             rtol=1e-6)
+  np.testing.assert_allclose(oc.global_norm(x, ord=3),
+                             helpers.np_norm(np.asarray(x), 3), rtol=1e-6)
+
+
+def test_none_and_masked_leaves_are_ignored():
+  tree = {"a": jnp.array([3.0, 4.0]), "b": None, "c": optax.MaskedNode()}
+  np.testing.assert_allclose(oc.global_norm(tree), 5.0, rtol=1e-6)
+
+
+def test_float64():
+  with jax.enable_x64(True):
+    x = jnp.asarray([1e200, 1e200], jnp.float64)
     got = oc.global_norm(x)
-    want = np_norm([np.asarray(x.astype(jnp.float32))], 2)
-    self.assertEqual(got.dtype, jnp.float32)
-    # Each input is exact in float32, so only float32 summation error remains;
-    # accumulating in bfloat16 would be off by ~1e-2 relative.
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    self.assertTrue(np.isfinite(got))
-
-  def test_float16_squares_that_overflow_float16(self):
-    x = jnp.full((10,), 300.0, jnp.float16)
-    np.testing.assert_allclose(oc.global_norm(x), 300 * np.sqrt(10), rtol=1e-6)
-    # The plain optax norm overflows here.
-    self.assertFalse(np.isfinite(optax.global_norm(x)))
-
-  @parameterized.parameters(1, 2, 3, 8, "rms")
-  def test_huge_float32_values_do_not_overflow(self, ord):
-    x = jnp.asarray([1e38, -3e37, 2e37, 5.0], jnp.float32)
-    got = oc.global_norm({"a": x}, ord=ord)
-    want = np_norm([np.asarray(x)], ord)
-    self.assertTrue(np.isfinite(got))
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-
-  @parameterized.parameters(1, 2, 3, 0.5)
-  def test_tiny_float32_values_do_not_underflow(self, ord):
-    x = jnp.asarray([1e-25, -3e-26, 2e-30], jnp.float32)
-    got = oc.global_norm(x, ord=ord)
-    np.testing.assert_allclose(got, np_norm([np.asarray(x)], ord), rtol=1e-5)
-
-  def test_zero_tree(self):
-    self.assertEqual(float(oc.global_norm({"a": jnp.zeros(3)})), 0.0)
-    self.assertEqual(float(oc.global_norm({})), 0.0)
-
-  def test_nonfinite_inputs(self):
-    self.assertEqual(float(oc.global_norm(jnp.array([1.0, jnp.inf]))), math.inf)
-    self.assertTrue(np.isnan(oc.global_norm(jnp.array([1.0, jnp.nan]))))
-    self.assertTrue(np.isnan(oc.global_norm(jnp.array([1e38, jnp.nan]))))
-
-  def test_complex_uses_modulus(self):
-    x = jnp.asarray([3 + 4j, 1j], jnp.complex64)
-    np.testing.assert_allclose(oc.global_norm(x), np.sqrt(26), rtol=1e-6)
-    np.testing.assert_allclose(oc.global_norm(x, ord=1), 6.0, rtol=1e-6)
-    np.testing.assert_allclose(oc.global_norm(x, ord=3), (125 + 1) ** (1 / 3),
-                               rtol=1e-6)
-
-  def test_none_and_masked_leaves_are_ignored(self):
-    tree = {"a": jnp.array([3.0, 4.0]), "b": None, "c": optax.MaskedNode()}
-    self.assertAlmostEqual(float(oc.global_norm(tree)), 5.0, places=6)
-
-  def test_float64(self):
-    with jax.enable_x64(True):
-      x = jnp.asarray([1e200, 1e200], jnp.float64)
-      got = oc.global_norm(x)
-      self.assertEqual(got.dtype, jnp.float64)
-      np.testing.assert_allclose(got, np.sqrt(2) * 1e200, rtol=1e-12)
-      mixed = {"a": jnp.ones(3, jnp.float32), "b": jnp.ones(1, jnp.float64)}
-      self.assertEqual(oc.global_norm(mixed).dtype, jnp.float64)
-
-  def test_under_jit_and_vmap(self):
-    x = jnp.arange(12.0).reshape(3, 4)
-    np.testing.assert_allclose(jax.jit(oc.global_norm)(x), np.linalg.norm(x),
-                               rtol=1e-6)
-    np.testing.assert_allclose(jax.vmap(oc.global_norm)(x),
-                               np.linalg.norm(x, axis=1), rtol=1e-6)
-
-  def test_traced_ord(self):
-    x = jnp.asarray([3.0, -4.0, 1e38])
-    f = jax.jit(oc.global_norm)
-    for ord in (1.0, 2.0, math.inf, 3.0):
-      np.testing.assert_allclose(f(x, ord=jnp.asarray(ord)),
-                                 np_norm([np.asarray(x)], ord), rtol=1e-5)
-
-  @parameterized.parameters(0, -1, math.nan, "fro", True, None)
-  def test_bad_ord(self, ord):
-    with self.assertRaisesRegex((ValueError, TypeError), "ord"):
-      oc.global_norm(jnp.ones(2), ord=ord)
-
-  def test_integer_leaf_is_named(self):
-    with self.assertRaisesRegex(TypeError, r"\['ids'\].*int32"):
-      oc.global_norm({"w": jnp.ones(2), "ids": jnp.ones(2, jnp.int32)})
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, np.sqrt(2) * 1e200, rtol=1e-12)
+    mixed = {"a": jnp.ones(3, jnp.float32), "b": jnp.ones(1, jnp.float64)}
+    assert oc.global_norm(mixed).dtype == jnp.float64
 
 
-class LeafNormsTest(parameterized.TestCase):
+@pytest.mark.parametrize(**helpers.JIT)
+def test_global_norm_jit_and_eager(jitted):
+  norm = helpers.maybe_jit(oc.global_norm, jitted)
+  tree = {"a": jnp.asarray([1e38, 1e38]), "b": jnp.asarray([1.0])}
+  np.testing.assert_allclose(norm(tree), np.sqrt(2) * 1e38, rtol=1e-6)
 
-  @parameterized.product(ord=ORDS, axis=[None, 0, -1, (0, 1)])
-  def test_matches_numpy(self, ord, axis):
-    rng = np.random.default_rng(2)
-    tree = {"k": rng.standard_normal((6, 4)).astype(np.float32),
-            "c": rng.standard_normal((3, 2, 5)).astype(np.float32)}
-    got = _norms.leaf_norms(jax.tree.map(jnp.asarray, tree), ord, axis=axis)
-    for name, x in tree.items():
-      axes = tuple(range(x.ndim)) if axis is None else (
-          (axis,) if isinstance(axis, int) else axis)
-      moved = np.moveaxis(x, axes, tuple(range(-len(axes), 0)))
-      flat = moved.reshape(moved.shape[:-len(axes)] + (-1,))
-      want = np.apply_along_axis(lambda v: np_norm([v], ord), -1,
-                                 flat.astype(np.float64))
-      np.testing.assert_allclose(np.squeeze(got[name], axes), want, rtol=2e-6)
-      self.assertEqual(got[name].ndim, x.ndim)  # Reduced axes kept.
 
-  def test_overflow_in_one_leaf_only(self):
-    tree = {"big": jnp.asarray([2e38, 2e38]), "small": jnp.asarray([3.0, 4.0]),
-            "over": jnp.asarray([3e38, 3e38])}
-    got = _norms.leaf_norms(tree)
-    np.testing.assert_allclose(got["big"], 2e38 * np.sqrt(2), rtol=1e-6)
-    self.assertEqual(float(got["over"][0]), math.inf)  # Not representable.
-    np.testing.assert_allclose(got["small"], 5.0, rtol=1e-6)
+def test_under_jit_and_vmap():
+  x = jnp.arange(12.0).reshape(3, 4)
+  np.testing.assert_allclose(jax.jit(oc.global_norm)(x), np.linalg.norm(x),
+                             rtol=1e-6)
+  np.testing.assert_allclose(jax.vmap(oc.global_norm)(x),
+                             np.linalg.norm(x, axis=1), rtol=1e-6)
 
-  def test_axis_that_a_leaf_lacks(self):
-    with self.assertRaisesRegex(ValueError, r"axis=2.*\['b'\]"):
-      _norms.leaf_norms({"a": jnp.ones((2, 2, 2)), "b": jnp.ones(3)}, axis=2)
+
+def test_traced_ord():
+  x = jnp.asarray([3.0, -4.0, 1e38])
+  f = jax.jit(oc.global_norm)  # One program: ord is a traced argument.
+  for ord in (1.0, 2.0, math.inf, 3.0):
+    np.testing.assert_allclose(f(x, ord=jnp.asarray(ord)),
+                               helpers.np_norm(np.asarray(x), ord), rtol=1e-5)
+
+
+@pytest.mark.parametrize("ord", [0, -1, math.nan, "fro", True, None])
+def test_bad_ord(ord):
+  with pytest.raises((ValueError, TypeError), match="ord"):
+    oc.global_norm(jnp.ones(2), ord=ord)
+
+
+def test_integer_leaf_is_named():
+  with pytest.raises(TypeError, match=r"\['ids'\].*int32"):
+    oc.global_norm({"w": jnp.ones(2), "ids": jnp.ones(2, jnp.int32)})
+
+
+# One program per shape and ord (fewer compiles than eager op-by-op).
+_jitted_global_norm = jax.jit(oc.global_norm, static_argnames="ord")
 
 
 @settings(max_examples=60, deadline=None)
 @given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3,
                                                 max_side=6),
                   elements=st.floats(width=32, allow_nan=False,
-                                    allow_infinity=False,
-                                    allow_subnormal=False)),
+                                     allow_infinity=False,
+                                     allow_subnormal=False)),
        st.sampled_from([1, 2, 3, math.inf]))
 @pytest.mark.slow
 def test_global_norm_property_any_finite_input(x, ord):
-  got = float(oc.global_norm(jnp.asarray(x), ord=ord))
-  want = np_norm([x], ord)
+  got = float(_jitted_global_norm(jnp.asarray(x), ord=ord))
+  want = helpers.np_norm(x, ord)
   top = float(np.finfo(np.float32).max)
   if want > top * (1 + 1e-6):
     assert got == math.inf
@@ -188,13 +172,40 @@ def test_global_norm_property_any_finite_input(x, ord):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-37)
 
 
-class VariantsTest(chex.TestCase):
+# ----------------------------------------------------------------------------
+# Per-leaf norms.
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_global_norm(self):
-    norm = self.variant(oc.global_norm)
-    tree = {"a": jnp.asarray([1e38, 1e38]), "b": jnp.asarray([1.0])}
-    np.testing.assert_allclose(norm(tree), np.sqrt(2) * 1e38, rtol=1e-6)
+
+@pytest.mark.parametrize("axis", [None, 0, -1, (0, 1)])
+@pytest.mark.parametrize("ord", ORDS)
+def test_leaf_norms_match_numpy(ord, axis):
+  rng = np.random.default_rng(2)
+  tree = {"k": rng.standard_normal((6, 4)).astype(np.float32),
+          "c": rng.standard_normal((3, 2, 5)).astype(np.float32)}
+  got = _norms.leaf_norms(jax.tree.map(jnp.asarray, tree), ord, axis=axis)
+  for name, x in tree.items():
+    axes = tuple(range(x.ndim)) if axis is None else (
+        (axis,) if isinstance(axis, int) else axis)
+    moved = np.moveaxis(x, axes, tuple(range(-len(axes), 0)))
+    flat = moved.reshape(moved.shape[:-len(axes)] + (-1,))
+    want = np.apply_along_axis(lambda v: helpers.np_norm(v, ord), -1,
+                               flat.astype(np.float64))
+    np.testing.assert_allclose(np.squeeze(got[name], axes), want, rtol=2e-6)
+    assert got[name].ndim == x.ndim  # Reduced axes kept.
+
+
+def test_leaf_norms_overflow_in_one_leaf_only():
+  tree = {"big": jnp.asarray([2e38, 2e38]), "small": jnp.asarray([3.0, 4.0]),
+          "over": jnp.asarray([3e38, 3e38])}
+  got = _norms.leaf_norms(tree)
+  np.testing.assert_allclose(got["big"], 2e38 * np.sqrt(2), rtol=1e-6)
+  assert float(got["over"][0]) == math.inf  # Not representable.
+  np.testing.assert_allclose(got["small"], 5.0, rtol=1e-6)
+
+
+def test_leaf_norms_axis_that_a_leaf_lacks():
+  with pytest.raises(ValueError, match=r"axis=2.*\['b'\]"):
+    _norms.leaf_norms({"a": jnp.ones((2, 2, 2)), "b": jnp.ones(3)}, axis=2)
 
 
 # ----------------------------------------------------------------------------
@@ -202,8 +213,34 @@ class VariantsTest(chex.TestCase):
 # different magnitudes, in several chunks, must each keep their own norm.
 
 
+_ORDS_COLD = (2, 1, 3)
+
+
+@functools.cache
+def _compiled_parts(chunk):
+  """The global and per-leaf norm parts for every ord in ``_ORDS_COLD``, one
+  jitted program per chunk size.
+
+  A fresh function per chunk size: the chunking is decided when tracing, so
+  a program traced under one ``_CHUNK_BYTES`` must not serve another. The
+  magnitudes share the program (same shapes, other values).
+  """
+  del chunk  # A key of the cache only.
+
+  @jax.jit
+  def parts(tree):
+    leaves = jax.tree.leaves(tree)
+    axes = tuple(tuple(range(x.ndim)) for x in leaves)
+    return {ord: (_norms.global_norm_parts(tree, ord),
+                  _norms.leaf_norm_parts(leaves, ord, axes))
+            for ord in _ORDS_COLD}
+
+  return parts
+
+
 @pytest.mark.parametrize("chunk", [None, 3 * 4 * 5 * 4])  # 3 leaves a chunk.
 @pytest.mark.parametrize("magnitude", [3e37, 1e-18, 1e-25])
+@pytest.mark.slow
 def test_same_shape_leaves_on_the_cold_path(monkeypatch, chunk, magnitude):
   if chunk is not None:
     monkeypatch.setattr(_norms, "_CHUNK_BYTES", chunk)
@@ -213,26 +250,26 @@ def test_same_shape_leaves_on_the_cold_path(monkeypatch, chunk, magnitude):
           for i in range(13)}
   tree["other"] = (rng.standard_normal(6) * magnitude).astype(np.float32)
   leaves = jax.tree.leaves(tree)
-  jtree = jax.tree.map(jnp.asarray, tree)
+  jleaves = [jnp.asarray(x) for x in leaves]
 
   def value(parts):
-    return float(np.float64(parts.power).squeeze() * np.float64(parts.scaled).squeeze())
+    return (np.float64(parts.power).squeeze()
+            * np.float64(parts.scaled).squeeze())
 
-  for ord in (2, 1, 3):
-    parts = jax.jit(_norms.global_norm_parts, static_argnums=1)(jtree, ord)
-    np.testing.assert_allclose(value(parts), np_norm(leaves, ord), rtol=1e-5)
-    per_leaf = jax.jit(_norms.leaf_norm_parts, static_argnums=(1, 2))(
-        leaves, ord, tuple(tuple(range(x.ndim)) for x in leaves))
+  every = _compiled_parts(chunk)(jax.tree.map(jnp.asarray, tree))
+  for ord in _ORDS_COLD:
+    parts, per_leaf = every[ord]
+    np.testing.assert_allclose(value(parts), helpers.np_norm(leaves, ord),
+                               rtol=1e-5)
     for x, n in zip(leaves, per_leaf):
-      want = np_norm([x], ord)
+      want = helpers.np_norm(x, ord)
       if np.all(np.abs(np.float64(x)) ** ord < np.finfo(np.float32).tiny):
         # Every power underflows: per-leaf norms take the zero sum at its
         # word (documented), which clips as the true norm would.
         assert value(n) == 0.0
       else:
         np.testing.assert_allclose(value(n), want, rtol=1e-5)
-  units = _norms.leaf_norm_parts([jnp.asarray(x) for x in leaves], 2,
-                                 [(0,)] * len(leaves))
+  units = _norms.leaf_norm_parts(jleaves, 2, [(0,)] * len(leaves))
   for x, n in zip(leaves, units):
     if magnitude == 1e-25:
       continue

@@ -1,5 +1,6 @@
-"""qk_clip: logits of nnx.MultiHeadAttention held at tau, the paper's rule in
-float64 NumPy, stacked layers, jit and meshes, edge cases and errors."""
+"""qk_clip: logits of nnx.MultiHeadAttention held at max_logit, the paper's
+rule (Kimi K2's Algorithm 1) in float64 NumPy, stacked layers, jit and
+meshes, edge cases and errors."""
 
 import math
 
@@ -88,13 +89,13 @@ def test_recorded_logits_are_the_max_logits_of_the_weights():
 
 @needs_capture
 @pytest.mark.parametrize("inner", ["sgd", pytest.param("adamw", marks=pytest.mark.slow)])
-def test_one_step_holds_the_clipped_heads_at_tau(inner):
+def test_one_step_holds_the_clipped_heads_at_max_logit(inner):
   attn = attention()
   s = recorded(attn, X)[""]
-  tau = float(np.sort(s)[1]) + 1.0  # Heads 0 and 1 (big) exceed tau.
-  assert np.sum(s > tau) == 2 and s[0] > tau and s[1] > tau
+  limit = float(np.sort(s)[1]) + 1.0  # Heads 0 and 1 (big) exceed limit.
+  assert np.sum(s > limit) == 2 and s[0] > limit and s[1] > limit
   opt = (optax.sgd(1e-3) if inner == "sgd" else optax.adamw(1e-3))
-  tx = optax.chain(opt, oc.qk_clip(tau))
+  tx = optax.chain(opt, oc.qk_clip(limit))
   optimizer = nnx.Optimizer(attn, tx, wrt=nnx.Param)
   seen = train_step(attn, optimizer, X)
   np.testing.assert_allclose(seen[""], s, rtol=1e-6)
@@ -103,30 +104,33 @@ def test_one_step_holds_the_clipped_heads_at_tau(inner):
                                       wrt=nnx.Param), X)
   after = logits_np(params_of(attn), X)
   free = logits_np(params_of(unclipped), X)
-  gamma = np.minimum(1.0, tau / np.asarray(s, np.float64))
+  gamma = np.minimum(1.0, limit / np.asarray(s, np.float64))
   # Bilinear: every logit of a clipped head shrinks by gamma exactly, so the
-  # step's max logit (before the update's own small change) is tau.
+  # step's max logit (before the update's own small change) is the limit.
   np.testing.assert_allclose(after, gamma * free, rtol=2e-5)
-  np.testing.assert_array_less(after[:2], tau * (1 + 2e-2))
-  assert np.all(after[2:] == free[2:])  # Heads below tau: bit for bit.
+  np.testing.assert_array_less(after[:2], limit * (1 + 2e-2))
+  assert np.all(after[2:] == free[2:])  # Heads below the limit: bit for bit.
   stats = oc.clip_stats(optimizer.opt_state)
-  assert int(stats["qk_clip/heads_clipped"]) == 2
-  np.testing.assert_allclose(stats["qk_clip/max_logit"], s.max())
+  assert int(stats["qk_clip/num_heads_clipped"]) == 2
+  np.testing.assert_allclose(stats["qk_clip/largest_logit"], s.max())
   np.testing.assert_allclose(stats["qk_clip/scale"], gamma.min(), rtol=1e-6)
+  np.testing.assert_allclose(stats["qk_clip/threshold"], limit)
+  np.testing.assert_allclose(stats["qk_clip/frac_clipped"], 2 / HEADS)
+  assert bool(stats["qk_clip/clipped"]) and "qk_clip/norm" not in stats
 
 
 @needs_capture
-def test_without_an_update_the_max_logit_lands_on_tau():
+def test_without_an_update_the_largest_logit_lands_on_max_logit():
   attn = attention()
   s = recorded(attn, X)[""]
-  tau = 0.5 * float(s.min())
+  limit = 0.5 * float(s.min())
   params = params_of(attn)
-  tx = oc.qk_clip(tau)
+  tx = oc.qk_clip(limit)
   zero = jax.tree.map(jnp.zeros_like, params)
   u, _ = tx.update(zero, tx.init(params), params, max_logits={"": s})
   nnx.update(attn, optax.apply_updates(params, u))
-  np.testing.assert_allclose(logits_np(params_of(attn), X), tau, rtol=1e-5)
-  np.testing.assert_allclose(recorded(attn, X)[""], tau, rtol=1e-5)
+  np.testing.assert_allclose(logits_np(params_of(attn), X), limit, rtol=1e-5)
+  np.testing.assert_allclose(recorded(attn, X)[""], limit, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -153,8 +157,8 @@ def test_stacked_layers_scanned():
   s = recorded(model, X)
   assert list(s) == ["layers"] and s["layers"].shape == (layers, HEADS)
   params = params_of(model)
-  tau = float(np.median(s["layers"]))
-  tx = oc.qk_clip(tau, alpha=0.3)
+  limit = float(np.median(s["layers"]))
+  tx = oc.qk_clip(limit, query_exponent=0.3)
   zero = jax.tree.map(jnp.zeros_like, params)
   u, state = tx.update(zero, tx.init(params), params, max_logits=s)
   new = optax.apply_updates(params, u)
@@ -163,14 +167,14 @@ def test_stacked_layers_scanned():
   np.testing.assert_allclose(logits_np(first, X), s["layers"][0], rtol=1e-5)
   np.testing.assert_allclose(
       logits_np(jax.tree.map(lambda a: a[0], new["layers"]), X),
-      np.minimum(s["layers"][0], tau), rtol=1e-5)
+      np.minimum(s["layers"][0], limit), rtol=1e-5)
   want = reference(params["layers"], zero["layers"], np.asarray(s["layers"]),
-                   tau, 0.3, lead=1)
+                   limit, 0.3, lead=1)
   for part in ("query", "key"):
     for name in ("kernel", "bias"):
       np.testing.assert_allclose(new["layers"][part][name], want[part][name],
                                  rtol=1e-5, atol=1e-7)
-  assert int(state.heads_clipped) == int(np.sum(s["layers"] > tau))
+  assert int(state.num_heads_clipped) == int(np.sum(s["layers"] > limit))
 
 
 # ----------------------------------------------------------------------------
@@ -179,7 +183,8 @@ def test_stacked_layers_scanned():
 
 def reference(w, u, s, tau, alpha, lead=0):
   """New query and key weights: W + u, then each head h with S[h] > tau
-  times (tau / S[h]) ** alpha (query) or ** (1 - alpha) (key)."""
+  times (tau / S[h]) ** alpha (query) or ** (1 - alpha) (key): Kimi K2's
+  symbols, tau the max_logit, alpha the query_exponent."""
   out = {}
   for part, power in (("query", alpha), ("key", 1 - alpha)):
     new = {}
@@ -203,17 +208,17 @@ def random_attention(rng, lead=()):
 
 
 @jax.jit
-def _rule(u, w, s, alpha):
-  """One step of qk_clip(100, alpha=alpha), alpha traced: one compilation
-  per tree structure."""
-  tx = oc.qk_clip(100.0, alpha=alpha)
+def _rule(u, w, s, query_exponent):
+  """One step of qk_clip(100, query_exponent=...), the exponent traced: one
+  compilation per tree structure."""
+  tx = oc.qk_clip(100.0, query_exponent=query_exponent)
   return tx.update(u, tx.init(w), w, max_logits=s)[0]
 
 
 @settings(max_examples=12, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.sampled_from([0.0, 0.3, 0.5, 1.0]),
        st.booleans())
-def test_the_rule_matches_numpy(seed, alpha, stacked):
+def test_the_rule_matches_numpy(seed, query_exponent, stacked):
   rng = np.random.default_rng(seed)
   lead = (2,) if stacked else ()
   w = random_attention(rng, lead)
@@ -221,9 +226,9 @@ def test_the_rule_matches_numpy(seed, alpha, stacked):
   s = rng.choice([0.0, -3.0, 50.0, 150.0, 1e4, 100.0], size=(*lead, HEADS))
   wj, uj = (jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
             for t in (w, u))
-  out = _rule(uj, wj, jnp.asarray(s, jnp.float32), jnp.float32(alpha))
+  out = _rule(uj, wj, jnp.asarray(s, jnp.float32), jnp.float32(query_exponent))
   new = optax.apply_updates(wj, out)
-  want = reference(w, u, s, 100.0, alpha, lead=len(lead))
+  want = reference(w, u, s, 100.0, query_exponent, lead=len(lead))
   for part in ("query", "key"):
     for name in ("kernel", "bias"):
       np.testing.assert_allclose(new[part][name], want[part][name],
@@ -262,47 +267,62 @@ def test_bfloat16_weights():
   np.testing.assert_allclose(
       np.asarray(new["query"]["kernel"][:, 0], np.float32),
       0.5 * np.asarray(w["query"]["kernel"][:, 0], np.float32), rtol=1e-2)
-  assert state.max_logit.dtype == jnp.float32
+  assert state.largest_logit.dtype == jnp.float32
+  assert state.stats.scale.dtype == jnp.float32
 
 
 # ----------------------------------------------------------------------------
 # Edge cases.
 
 
-def _one_step(s, tau=100.0, **kw):
-  rng = np.random.default_rng(0)
-  w = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), random_attention(rng))
-  u = jax.tree.map(lambda a: 0.01 * a, w)
-  tx = oc.qk_clip(tau, **kw)
-  out, state = tx.update(u, tx.init(w), w,
-                         max_logits=jnp.asarray(s, jnp.float32))
-  return u, out, state
+W = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
+                random_attention(np.random.default_rng(0)))
+U = jax.tree.map(lambda a: 0.01 * a, W)
+
+
+@jax.jit
+def one_step(s, max_logit=100.0):
+  """One step on U, W with ``max_logit`` traced: a value arriving at run
+  time, and one compilation for every value."""
+  tx = oc.qk_clip(max_logit)
+  return tx.update(U, tx.init(W), W, max_logits=jnp.asarray(s, jnp.float32))
 
 
 @pytest.mark.parametrize("s", [
     [0.0, -5.0, -np.inf, 100.0], [np.nan, np.inf, 1.0, 2.0]])
-def test_heads_not_over_tau_or_not_finite_are_untouched(s):
-  u, out, state = _one_step(s)
-  jax.tree.map(np.testing.assert_array_equal, out, u)
-  assert not bool(state.clipped) and int(state.heads_clipped) == 0
-  assert float(state.scale) == 1.0
-  assert int(state.nonfinite) == int(np.sum(np.isnan(s) | (np.asarray(s) == np.inf)))
-  assert float(state.max_logit) == np.nanmax(s)
+def test_heads_not_over_the_limit_or_not_finite_are_untouched(s):
+  out, state = one_step(s)
+  jax.tree.map(np.testing.assert_array_equal, out, U)
+  assert not bool(state.stats.clipped) and int(state.num_heads_clipped) == 0
+  assert float(state.stats.scale) == 1.0
+  assert float(state.stats.frac_clipped) == 0.0
+  assert int(state.num_nonfinite) == int(np.sum(np.isnan(s) | (np.asarray(s) == np.inf)))
+  assert float(state.largest_logit) == np.nanmax(s)
 
 
 def test_nan_next_to_a_clipped_head():
-  _, out, state = _one_step([np.nan, 400.0, 1.0, 1.0])
-  assert int(state.nonfinite) == 1 and int(state.heads_clipped) == 1
-  assert float(state.max_logit) == 400.0
+  out, state = one_step([np.nan, 400.0, 1.0, 1.0])
+  assert int(state.num_nonfinite) == 1 and int(state.num_heads_clipped) == 1
+  assert float(state.largest_logit) == 400.0
+  assert float(state.stats.frac_clipped) == 0.25
+  np.testing.assert_allclose(float(state.stats.scale), 0.25)
+  assert int(state.stats.num_clipped) == 1 and int(state.stats.count) == 1
   assert np.all(np.isfinite(out["query"]["kernel"]))
 
 
-def test_infinite_tau_and_run_time_tau_that_is_not_positive():
-  s = [1e30, 400.0, 1.0, 1.0]
-  for tau in (math.inf, lambda n: 0.0, lambda n: -1.0, lambda n: math.nan):
-    u, out, state = _one_step(s, tau=tau)
-    jax.tree.map(np.testing.assert_array_equal, out, u)
-    assert float(state.threshold) == math.inf
+@pytest.mark.parametrize("max_logit", [math.inf, 0.0, -1.0, math.nan])
+def test_infinite_or_run_time_max_logit_that_is_not_positive(max_logit):
+  out, state = one_step([1e30, 400.0, 1.0, 1.0], max_logit)
+  jax.tree.map(np.testing.assert_array_equal, out, U)
+  assert float(state.stats.threshold) == math.inf
+
+
+def test_schedule_max_logit_that_is_not_positive():
+  tx = oc.qk_clip(lambda n: -1.0)
+  out, state = tx.update(U, tx.init(W), W,
+                         max_logits=jnp.array([1e30, 400.0, 1.0, 1.0]))
+  jax.tree.map(np.testing.assert_array_equal, out, U)
+  assert float(state.stats.threshold) == math.inf
 
 
 def test_jit_and_a_schedule():
@@ -313,7 +333,8 @@ def test_jit_and_a_schedule():
   eager = tx.update(w, tx.init(w), w, max_logits=s)
   jitted = jax.jit(tx.update)(w, tx.init(w), w, max_logits=s)
   jax.tree.map(np.testing.assert_array_equal, eager, jitted)
-  injected = optax.inject_hyperparams(oc.qk_clip)(tau=100.0, alpha=0.5)
+  injected = optax.inject_hyperparams(oc.qk_clip)(max_logit=100.0,
+                                                   query_exponent=0.5)
   got = jax.jit(injected.update)(w, injected.init(w), w, max_logits=s)
   jax.tree.map(np.testing.assert_array_equal, got[0], eager[0])
 
@@ -365,8 +386,9 @@ def test_shard_map_reduces_each_devices_logits():
                     put(local, P("data")))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                got, want)
-  assert float(state.max_logit) == 500.0 == float(want_state.max_logit)
-  assert int(state.heads_clipped) == int(want_state.heads_clipped)
+  assert float(state.largest_logit) == 500.0 == float(
+      want_state.largest_logit)
+  assert int(state.num_heads_clipped) == int(want_state.num_heads_clipped)
 
 
 def test_chain_forwards_other_extra_args():
@@ -378,7 +400,7 @@ def test_chain_forwards_other_extra_args():
   s = jnp.array([400.0, 1.0, 1.0, 1.0])
   u, state = guarded.update(w, guarded.init(w), w, max_logits=s)
   stats = oc.clip_stats(state)
-  assert int(stats["qk_clip/heads_clipped"]) == 1
+  assert int(stats["qk_clip/num_heads_clipped"]) == 1
   assert not bool(stats["skip_step/skipped"])
 
 
@@ -410,13 +432,22 @@ def test_max_logits_that_do_not_fit(s, match):
     tx.update(w, tx.init(w), w, max_logits=s)
 
 
-def test_bad_layout_and_tau():
-  with pytest.raises(TypeError, match="layout"):
-    oc.qk_clip(layout={"attn": ("q", "k")})
-  with pytest.raises(TypeError, match="head_axis"):
-    oc.qk_clip(layout=oc.QKLayout(head_axis="-2"))
-  with pytest.raises(ValueError, match="tau"):
-    oc.qk_clip(0.0)
+@pytest.mark.parametrize("build, error, match", [
+    (lambda: oc.qk_clip(layout={"attn": ("q", "k")}), TypeError, "layout"),
+    (lambda: oc.qk_clip(layout=oc.QKLayout(head_axis="-2")), TypeError,
+     "head_axis"),
+    (lambda: oc.qk_clip(0.0), ValueError, "max_logit=0.0 must be > 0"),
+    (lambda: oc.qk_clip(-1.0), ValueError, "max_logit"),
+    (lambda: oc.qk_clip(query_exponent=1.5), ValueError, "query_exponent"),
+    (lambda: oc.qk_clip("big"), TypeError, "max_logit"),
+    # Keywords of earlier releases name their replacement.
+    (lambda: oc.qk_clip(tau=50.0), TypeError, "tau= is now max_logit="),
+    (lambda: oc.qk_clip(alpha=0.3), TypeError,
+     "alpha= is now query_exponent="),
+])
+def test_bad_arguments_name_the_argument(build, error, match):
+  with pytest.raises(error, match=match):
+    build()
 
 
 @needs_capture
@@ -461,4 +492,4 @@ def test_state_round_trips_through_orbax(tmp_path):
   assert type(restored) is oc.QKClipState
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
-  assert int(restored.heads_clipped) == 2 and int(restored.nonfinite) == 1
+  assert int(restored.num_heads_clipped) == 2 and int(restored.num_nonfinite) == 1

@@ -8,121 +8,125 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optaxclip as oc
 from optaxclip._quantile import sorted_quantile, sorted_replace
 from tests import _references as ref
-
-DIRECTION = {"a": np.linspace(-1.0, 2.0, 6).reshape(2, 3),
-             "b": np.array([0.5, -0.25, 3.0])}
-
-
-def tree_with_norm(norm, dtype=jnp.float32):
-  """A two-leaf gradient whose global 2-norm is ``norm``."""
-  return jax.tree.map(
-      lambda d: jnp.asarray(d * (norm / _norm_np(DIRECTION)), dtype), DIRECTION)
-
-
-def _norm_np(tree):
-  return float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree))))
-
-
-def batch_of_trees(norms):
-  """A tree whose leaves are stacked over steps: step i has norm norms[i]."""
-  n = np.asarray(norms, np.float64)[:, None]
-  return jax.tree.map(
-      lambda d: jnp.asarray(d.reshape(1, -1) * n / _norm_np(DIRECTION),
-                            jnp.float32).reshape((len(norms),) + d.shape),
-      DIRECTION)
-
-
-def run_scan(tx, norms):
-  """Runs ``tx`` over a sequence of gradients with the given norms under scan."""
-  grads = batch_of_trees(norms)
-  state = tx.init(jax.tree.map(lambda x: x[0], grads))
-
-  def step(state, g):
-    updates, state = tx.update(g, state)
-    return state, (oc.global_norm(updates), state)
-
-  _, (out_norms, states) = jax.jit(lambda s, g: jax.lax.scan(step, s, g))(
-      state, grads)
-  return np.asarray(out_norms, np.float64), states
-
+from tests._helpers import JIT, batch_of_trees, maybe_jit, run_norms, run_scan, tree_with_norm
 
 SPIKES = {30: 20.0, 31: 8.0, 77: 50.0, 150: 0.05, 151: 30.0}
 
 
-class ReferenceTest(parameterized.TestCase):
+@functools.cache
+def _runner(window, include_current=True):
+  """One compiled run per window and form: the quantile is traced."""
 
-  @parameterized.parameters(
-      (0.9, 1000), (0.5, 16), (0.0, 7), (1.0, 7), (0.25, 1), (0.99, 64))
-  def test_matches_float64_reference_step_by_step(self, q, history):
-    norms = ref.spiky_norms(200, SPIKES, seed=1, drift=2.0)
-    expected = ref.autoclip(norms, q, history)
-    out, states = run_scan(oc.clip_by_quantile(q, history), norms)
-    np.testing.assert_allclose(states.grad_norm, norms, rtol=1e-5)
+  def run(q, grads):
+    tx = oc.clip_by_quantile(q, window=window,
+                             include_current=include_current)
+    updates, states = run_scan(tx, grads)
+    return jax.vmap(oc.global_norm)(updates), states
+
+  return jax.jit(run)
+
+
+def run_quantile(q, window, norms, include_current=True):
+  out, states = _runner(window, include_current)(jnp.float32(q),
+                                                 batch_of_trees(norms))
+  return np.asarray(out, np.float64), states
+
+
+WINDOWS = [(0.9, 1000), (0.5, 16), (0.0, 7), (1.0, 7), (0.25, 1), (0.99, 64)]
+
+
+@pytest.mark.parametrize("q, window", WINDOWS)
+@pytest.mark.slow
+def test_matches_float64_reference_step_by_step(q, window):
+  norms = ref.spiky_norms(200, SPIKES, seed=1, drift=2.0)
+  expected = ref.autoclip(norms, q, window)
+  out, states = run_quantile(q, window, norms)
+  np.testing.assert_allclose(states.stats.norm, norms, rtol=1e-5)
+  np.testing.assert_allclose(
+      states.stats.threshold, [s.threshold for s in expected], rtol=1e-5)
+  np.testing.assert_allclose(out, [s.clipped_norm for s in expected],
+                             rtol=1e-5)
+  np.testing.assert_array_equal(
+      np.asarray(states.fill), np.minimum(np.arange(1, 201), window))
+  assert int(states.stats.num_clipped[-1]) == sum(s.clipped for s in expected)
+
+
+@pytest.mark.slow
+def test_spikes_are_clipped_and_rest_pass():
+  norms = ref.spiky_norms(200, SPIKES, seed=2)
+  out, states = run_norms(oc.clip_by_quantile(0.9, window=100), norms)
+  for i in (30, 77, 151):  # Planted spikes: cut to the window's quantile.
+    assert bool(states.stats.clipped[i])
+    assert out[i] < 2.0
+
+
+def _two_leaf_grads(steps, spike_b, seed_dir):
+  """Two tensors with their own norm sequences (a spike in each)."""
+  rng = np.random.default_rng(seed_dir)
+  na = ref.spiky_norms(steps, {10: 30.0}, seed=4)
+  nb = ref.spiky_norms(steps, {spike_b: 30.0}, seed=5, base=0.1)
+  da, db = rng.standard_normal((4, 3)), rng.standard_normal(5)
+  grads = {"a": jnp.asarray(na[:, None, None] * da / np.linalg.norm(da),
+                            jnp.float32),
+           "b": jnp.asarray(nb[:, None] * db / np.linalg.norm(db),
+                            jnp.float32)}
+  return grads, {"a": na, "b": nb}
+
+
+@pytest.mark.parametrize("include_current, q, window, steps, spike_b, seed", [
+    (True, 0.8, 20, 60, 40, 3), (False, 0.9, 10, 40, 25, 8),
+], ids=["paper", "package"])
+def test_per_leaf_matches_reference_per_leaf(include_current, q, window,
+                                             steps, spike_b, seed):
+  grads, norms = _two_leaf_grads(steps, spike_b, seed)
+  tx = oc.clip_by_quantile(q, window=window, per_leaf=True,
+                           include_current=include_current)
+  updates, states = run_scan(tx, grads)
+  form = ref.autoclip if include_current else ref.autoclip_package
+  exp = {k: form(n, q, window) for k, n in norms.items()}
+  for key in ("a", "b"):
+    np.testing.assert_allclose(states.stats.threshold[key],
+                               [e.threshold for e in exp[key]], rtol=1e-5)
     np.testing.assert_allclose(
-        states.threshold, [s.threshold for s in expected], rtol=1e-5)
-    np.testing.assert_allclose(out, [s.clipped_norm for s in expected],
+        np.linalg.norm(np.asarray(updates[key]).reshape(steps, -1), axis=1),
+        [e.clipped_norm for e in exp[key]], rtol=1e-5)
+    np.testing.assert_allclose(states.stats.leaf_norms[key], norms[key],
                                rtol=1e-5)
-    np.testing.assert_array_equal(
-        np.asarray(states.fill), np.minimum(np.arange(1, 201), history))
-    self.assertEqual(int(states.num_clipped[-1]),
-                     sum(s.clipped for s in expected))
-
-  def test_spikes_are_clipped_and_rest_pass(self):
-    norms = ref.spiky_norms(200, SPIKES, seed=2)
-    out, states = run_scan(oc.clip_by_quantile(0.9, 100), norms)
-    for i in (30, 77, 151):  # Planted spikes: cut to the window's quantile.
-      self.assertTrue(bool(states.clipped[i]))
-      self.assertLess(out[i], 2.0)
-
-  def test_per_leaf_matches_reference_per_leaf(self):
-    rng = np.random.default_rng(3)
-    steps = 60
-    na = ref.spiky_norms(steps, {10: 30.0}, seed=4)
-    nb = ref.spiky_norms(steps, {40: 30.0}, seed=5, base=0.1)
-    da, db = rng.standard_normal((4, 3)), rng.standard_normal(5)
-    grads = {"a": jnp.asarray(na[:, None, None] * da / np.linalg.norm(da),
-                              jnp.float32),
-             "b": jnp.asarray(nb[:, None] * db / np.linalg.norm(db),
-                              jnp.float32)}
-    tx = oc.clip_by_quantile(0.8, 20, per_leaf=True)
-    state = tx.init(jax.tree.map(lambda x: x[0], grads))
-    update = jax.jit(tx.update)
-    exp_a, exp_b = ref.autoclip(na, 0.8, 20), ref.autoclip(nb, 0.8, 20)
-    for i in range(steps):
-      updates, state = update(jax.tree.map(lambda x, i=i: x[i], grads), state)
-      for key, exp in (("a", exp_a[i]), ("b", exp_b[i])):
-        np.testing.assert_allclose(state.threshold[key], exp.threshold,
-                                   rtol=1e-5)
-        np.testing.assert_allclose(np.linalg.norm(updates[key]),
-                                   exp.clipped_norm, rtol=1e-5)
-    self.assertEqual(state.norm_history.shape, (2, 20))
+  over = np.stack([[e.clipped for e in exp[k]] for k in ("a", "b")], axis=1)
+  np.testing.assert_array_equal(states.stats.clipped, over.any(axis=1))
+  np.testing.assert_allclose(states.stats.frac_clipped, over.mean(axis=1))
+  np.testing.assert_allclose(
+      states.stats.norm, np.maximum(norms["a"], norms["b"]), rtol=1e-5)
+  kept = np.stack([[e.clipped_norm / n for e, n in zip(exp[k], norms[k])]
+                   for k in ("a", "b")], axis=1)
+  np.testing.assert_allclose(states.stats.scale, kept.min(axis=1), rtol=1e-5)
+  assert states.norm_history.shape == (steps, 2, window)
 
 
-@pytest.mark.parametrize("q, history", [(0.9, 1000), (0.5, 16), (0.0, 7),
-                                        (1.0, 7), (0.25, 1), (0.99, 64)])
-def test_package_form_matches_float64_reference(q, history):
+@pytest.mark.parametrize("q, window", WINDOWS)
+@pytest.mark.slow
+def test_package_form_matches_float64_reference(q, window):
   norms = ref.spiky_norms(200, SPIKES, seed=1, drift=2.0)
   norms[60] = np.nan  # Kept out of the history.
-  expected = ref.autoclip_package(norms, q, history)
-  out, states = run_scan(
-      oc.clip_by_quantile(q, history, include_current=False), norms)
-  np.testing.assert_allclose(
-      states.threshold, [s.threshold for s in expected], rtol=1e-5)
+  expected = ref.autoclip_package(norms, q, window)
+  out, states = run_quantile(q, window, norms, include_current=False)
+  threshold = np.asarray(states.stats.threshold)
+  np.testing.assert_allclose(threshold, [s.threshold for s in expected],
+                             rtol=1e-5)
   ok = np.isfinite(norms)
   np.testing.assert_allclose(out[ok], np.array(
       [s.clipped_norm for s in expected])[ok], rtol=1e-5)
-  assert float(states.threshold[0]) == np.inf and not bool(states.clipped[0])
-  assert int(states.num_clipped[-1]) == sum(s.clipped for s in expected)
+  assert threshold[0] == np.inf and not bool(states.stats.clipped[0])
+  assert int(states.stats.num_clipped[-1]) == sum(s.clipped for s in expected)
   # The paper's form differs on the steps whose norm tops the window.
-  if q < 1 and history > 1:
-    paper = ref.autoclip(norms, q, history)
+  if q < 1 and window > 1:
+    paper = ref.autoclip(norms, q, window)
     assert any(a.threshold != b.threshold for a, b in zip(paper, expected))
 
 
@@ -130,90 +134,75 @@ def test_package_form_clips_a_spike_the_paper_form_lets_through():
   # With quantile 1 the paper's threshold is the window's max, the spike
   # included: nothing is ever clipped. The package's max excludes it.
   norms = [1.0, 1.0, 1.0, 50.0]
-  paper, _ = run_scan(oc.clip_by_quantile(1.0, 4), norms)
-  package, _ = run_scan(oc.clip_by_quantile(1.0, 4, include_current=False),
-                        norms)
+  paper, _ = run_quantile(1.0, 4, norms)
+  package, _ = run_quantile(1.0, 4, norms, include_current=False)
   np.testing.assert_allclose(paper, norms, rtol=1e-6)
   np.testing.assert_allclose(package, [1.0, 1.0, 1.0, 1.0], rtol=1e-6)
 
 
-def test_package_form_per_leaf_matches_reference():
-  steps = 40
-  rng = np.random.default_rng(8)
-  na = ref.spiky_norms(steps, {10: 30.0}, seed=4)
-  nb = ref.spiky_norms(steps, {25: 30.0}, seed=5, base=0.1)
-  da, db = rng.standard_normal((4, 3)), rng.standard_normal(5)
-  grads = {"a": jnp.asarray(na[:, None, None] * da / np.linalg.norm(da),
-                            jnp.float32),
-           "b": jnp.asarray(nb[:, None] * db / np.linalg.norm(db),
-                            jnp.float32)}
-  tx = oc.clip_by_quantile(0.9, 10, per_leaf=True, include_current=False)
-  state = tx.init(jax.tree.map(lambda x: x[0], grads))
-  update = jax.jit(tx.update)
-  exp = {"a": ref.autoclip_package(na, 0.9, 10),
-         "b": ref.autoclip_package(nb, 0.9, 10)}
-  for i in range(steps):
-    updates, state = update(jax.tree.map(lambda x, i=i: x[i], grads), state)
-    for key in ("a", "b"):
-      np.testing.assert_allclose(state.threshold[key], exp[key][i].threshold,
-                                 rtol=1e-5)
-      np.testing.assert_allclose(np.linalg.norm(updates[key]),
-                                 exp[key][i].clipped_norm, rtol=1e-5)
-
-
-def test_package_form_inject_hyperparams():
-  norms = ref.spiky_norms(30, {20: 10.0}, seed=6)
-  expected = ref.autoclip_package(norms, 0.7, 8)
+@pytest.mark.parametrize("include_current, reference", [
+    (True, ref.autoclip), (False, ref.autoclip_package)],
+    ids=["paper", "package"])
+def test_inject_hyperparams(include_current, reference):
+  norms = ref.spiky_norms(40, {20: 10.0}, seed=6)
+  expected = reference(norms, 0.7, 8)
   tx = optax.inject_hyperparams(oc.clip_by_quantile)(
-      quantile=0.7, history=8, include_current=False)
+      quantile=0.7, window=8, include_current=include_current)
   state = tx.init(tree_with_norm(1.0))
   update = jax.jit(tx.update)
   for n, e in zip(norms, expected):
     _, state = update(tree_with_norm(n), state)
-    np.testing.assert_allclose(optax.tree.get(state, "threshold"),
+    np.testing.assert_allclose(state.inner_state.stats.threshold,
                                e.threshold, rtol=1e-5)
+  assert optax.tree.get(state, "norm_history").shape == (8,)
+  # A new quantile set in the state takes effect at the next step.
+  state.hyperparams["quantile"] = jnp.asarray(0.0)
+  _, state = update(tree_with_norm(100.0), state)
+  window = norms[-8:] if not include_current else np.concatenate(
+      [norms[-7:], [100.0]])
+  np.testing.assert_allclose(state.inner_state.stats.threshold,
+                             window.min(), rtol=1e-5)
 
 
-class PackageFormVariantsTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_first_step_unclipped_then_previous_norms(self):
-    tx = oc.clip_by_quantile(0.5, 3, include_current=False)
-    update = self.variant(tx.update)
-    state = tx.init(jnp.zeros(2))
-    outs = []
-    for n in (5.0, 1.0, 3.0, 10.0, 0.5):
-      updates, state = update(jnp.array([n, 0.0]), state)
-      outs.append(float(updates[0]))
-    np.testing.assert_allclose(outs, [5.0, 1.0, 3.0, 3.0, 0.5], rtol=1e-6)
-    self.assertEqual(int(state.num_clipped), 1)
-
-
-def test_include_current_must_be_bool():
-  with pytest.raises(TypeError, match="include_current"):
-    oc.clip_by_quantile(include_current="yes")
+@pytest.mark.parametrize(**JIT)
+def test_package_form_first_step_unclipped_then_previous_norms(jitted):
+  tx = oc.clip_by_quantile(0.5, window=3, include_current=False)
+  update = maybe_jit(tx.update, jitted)
+  state = tx.init(jnp.zeros(2))
+  outs = []
+  for n in (5.0, 1.0, 3.0, 10.0, 0.5):
+    updates, state = update(jnp.array([n, 0.0]), state)
+    outs.append(float(updates[0]))
+  np.testing.assert_allclose(outs, [5.0, 1.0, 3.0, 3.0, 0.5], rtol=1e-6)
+  assert int(state.stats.num_clipped) == 1
 
 
 def test_first_step_is_not_clipped():
-  for norm in (1e-3, 1.0, 1e6):
-    tx = oc.clip_by_quantile(0.1, 10)
+  # One compiled program for every input norm: the norm is traced.
+  tx = oc.clip_by_quantile(0.1, window=10)
+
+  def first_step(norm):
     g = tree_with_norm(norm)
-    updates, state = tx.update(g, tx.init(g))
-    chex.assert_trees_all_equal(updates, g)
-    assert not bool(state.clipped) and float(state.scale) == 1.0
-    np.testing.assert_allclose(state.threshold, norm, rtol=1e-6)
+    return (g, *tx.update(g, tx.init(g)))
+
+  norms = jnp.asarray([1e-3, 1.0, 1e6], jnp.float32)
+  grads, updates, states = jax.jit(jax.vmap(first_step))(norms)
+  chex.assert_trees_all_equal(updates, grads)
+  assert not np.any(states.stats.clipped)
+  np.testing.assert_array_equal(states.stats.scale, 1.0)
+  np.testing.assert_allclose(states.stats.threshold, norms, rtol=1e-6)
 
 
 def test_zero_gradient_is_left_alone():
-  tx = oc.clip_by_quantile(0.5, 4)
+  tx = oc.clip_by_quantile(0.5, window=4)
   g = {"w": jnp.zeros(3)}
   updates, state = tx.update(g, tx.init(g))
   chex.assert_trees_all_equal(updates, g)
-  assert float(state.scale) == 1.0 and not bool(state.clipped)
+  assert float(state.stats.scale) == 1.0 and not bool(state.stats.clipped)
 
 
 def test_nonfinite_norm_is_not_recorded():
-  tx = oc.clip_by_quantile(0.5, 4)
+  tx = oc.clip_by_quantile(0.5, window=4)
   update = jax.jit(tx.update)
   state = tx.init({"w": jnp.zeros(2)})
   _, state = update({"w": jnp.array([3.0, 4.0])}, state)
@@ -221,7 +210,7 @@ def test_nonfinite_norm_is_not_recorded():
   assert bool(jnp.isnan(updates["w"][0]))
   assert int(state.fill) == 1 and int(state.index) == 1
   _, state = update({"w": jnp.array([0.0, 1.0])}, state)
-  np.testing.assert_allclose(state.threshold, 3.0)  # median of 5 and 1
+  np.testing.assert_allclose(state.stats.threshold, 3.0)  # median of 5 and 1
   assert int(state.fill) == 2
 
 
@@ -268,32 +257,35 @@ def test_sorted_copy_tracks_the_ring_buffer(values, size):
 @given(st.lists(st.floats(1e-4, 1e4), min_size=20, max_size=20),
        st.floats(0.0, 1.0), st.sampled_from([1, 3, 8]))
 def test_property_clipped_below_threshold_identity_otherwise(norms, q, size):
-  tx = optax.inject_hyperparams(oc.clip_by_quantile)(q, size)
-  state = tx.init(tree_with_norm(1.0))
-  out, threshold, norm, same = _scanned_run(size)(state, batch_of_trees(norms))
-  assert np.all(np.asarray(out) <= np.asarray(threshold) * (1 + 1e-5))
-  assert np.all(np.asarray(same)[np.asarray(norm) <= np.asarray(threshold)])
+  out, threshold, norm, same = map(np.asarray, _scanned_run(size)(
+      jnp.float32(q), batch_of_trees(norms)))
+  assert np.all(out <= threshold * (1 + 1e-5))
+  assert np.all(same[norm <= threshold])
 
 
 @functools.cache
 def _scanned_run(size):
-  """One compiled run per buffer size; the quantile lives in the state."""
-  tx = optax.inject_hyperparams(oc.clip_by_quantile)(0.5, size)
+  """One compiled run per buffer size; the quantile is traced."""
 
-  def step(state, g):
-    updates, state = tx.update(g, state)
-    same = jnp.all(jnp.stack([jnp.all(u == x) for u, x in zip(
-        jax.tree.leaves(updates), jax.tree.leaves(g))]))
-    inner = state.inner_state
-    return state, (oc.global_norm(updates), inner.threshold, inner.grad_norm,
-                   same)
+  def run(q, grads):
+    tx = oc.clip_by_quantile(q, window=size)
 
-  return jax.jit(lambda s, gs: jax.lax.scan(step, s, gs)[1])
+    def step(state, g):
+      updates, state = tx.update(g, state)
+      same = jnp.all(jnp.stack([jnp.all(u == x) for u, x in zip(
+          jax.tree.leaves(updates), jax.tree.leaves(g))]))
+      return state, (oc.global_norm(updates), state.stats.threshold,
+                     state.stats.norm, same)
+
+    state = tx.init(jax.tree.map(lambda x: x[0], grads))
+    return jax.lax.scan(step, state, grads)[1]
+
+  return jax.jit(run)
 
 
 def test_no_retrace_as_buffer_fills_and_wraps():
   traces = []
-  tx = oc.clip_by_quantile(0.9, 50)
+  tx = oc.clip_by_quantile(0.9, window=50)
 
   @jax.jit
   def update(g, state):
@@ -305,12 +297,13 @@ def test_no_retrace_as_buffer_fills_and_wraps():
   for i in range(200):
     _, state = update(tree_with_norm(1.0 + (i % 7)), state)
   assert len(traces) == 1
-  assert int(state.fill) == 50 and int(state.count) == 200
+  assert int(state.fill) == 50 and int(state.stats.count) == 200
   assert update._cache_size() == 1
 
 
-def test_no_host_transfer_under_jit():
-  tx = oc.clip_by_quantile(0.9, 32, per_leaf=False)
+@pytest.mark.parametrize("per_leaf", [False, True])
+def test_no_host_transfer_under_jit(per_leaf):
+  tx = oc.clip_by_quantile(0.9, window=32, per_leaf=per_leaf)
   update = jax.jit(tx.update)
   g = jax.device_put(tree_with_norm(2.0))
   state = jax.device_put(tx.init(g))
@@ -320,37 +313,12 @@ def test_no_host_transfer_under_jit():
       updates, state = update(g, state)
     jax.block_until_ready((updates, state))
   # The guard raises on any host transfer; the steps also did their work.
-  assert int(state.count) == 6 and int(state.fill) == 6
-  tx2 = oc.clip_by_quantile(0.5, 8, per_leaf=True)
-  update2 = jax.jit(tx2.update)
-  state2 = jax.device_put(tx2.init(g))
-  update2(g, state2)
-  with jax.transfer_guard("disallow"):
-    _, state2 = jax.block_until_ready(update2(g, state2))
-  assert int(state2.count) == 1
-
-
-def test_inject_hyperparams():
-  norms = ref.spiky_norms(40, {20: 10.0}, seed=6)
-  expected = ref.autoclip(norms, 0.7, 8)
-  tx = optax.inject_hyperparams(oc.clip_by_quantile)(quantile=0.7, history=8)
-  state = tx.init(tree_with_norm(1.0))
-  update = jax.jit(tx.update)
-  for n, e in zip(norms, expected):
-    updates, state = update(tree_with_norm(n), state)
-    np.testing.assert_allclose(optax.tree.get(state, "threshold"),
-                               e.threshold, rtol=1e-5)
-  assert optax.tree.get(state, "norm_history").shape == (8,)
-  # A new quantile set in the state takes effect at the next step.
-  state.hyperparams["quantile"] = jnp.asarray(0.0)
-  _, state = update(tree_with_norm(100.0), state)
-  window = np.concatenate([norms[-7:], [100.0]])
-  np.testing.assert_allclose(optax.tree.get(state, "threshold"),
-                             window.min(), rtol=1e-5)
+  assert int(state.stats.count) == 6 and int(state.fill) == 6
 
 
 def test_inject_hyperparams_per_leaf_with_traced_ord():
-  tx = optax.inject_hyperparams(oc.clip_by_quantile)(0.5, 4, per_leaf=True)
+  tx = optax.inject_hyperparams(oc.clip_by_quantile)(0.5, window=4,
+                                                     per_leaf=True)
   g = tree_with_norm(3.0)
   state = tx.init(g)
   updates, state = jax.jit(tx.update)(g, state)
@@ -359,33 +327,54 @@ def test_inject_hyperparams_per_leaf_with_traced_ord():
 
 def test_schedule_quantile():
   sched = optax.linear_schedule(1.0, 0.0, 2)
-  tx = oc.clip_by_quantile(sched, 10)
+  tx = oc.clip_by_quantile(sched, window=10)
   state = tx.init(tree_with_norm(1.0))
   for n in (1.0, 2.0, 3.0):
     _, state = tx.update(tree_with_norm(n), state)
-  np.testing.assert_allclose(state.threshold, 1.0, rtol=1e-6)  # q=0 at step 2
+  # q=0 at step 2.
+  np.testing.assert_allclose(state.stats.threshold, 1.0, rtol=1e-6)
 
 
 def test_stats_and_tree_get():
-  opt = optax.chain(oc.clip_by_quantile(0.5, 5), optax.sgd(0.1))
+  opt = optax.chain(oc.clip_by_quantile(0.5, window=5), optax.sgd(0.1))
   params = tree_with_norm(1.0)
   state = opt.init(params)
   for n in (1.0, 4.0):
     _, state = opt.update(tree_with_norm(n), state, params)
   stats = oc.clip_stats(state)
-  for key in ("grad_norm", "threshold", "scale", "clipped", "num_clipped",
-              "norm_history", "sorted_norms", "fill", "count"):
-    assert f"clip_by_quantile/{key}" in stats
-  np.testing.assert_allclose(stats["clip_by_quantile/threshold"], 2.5, rtol=1e-6)
-  np.testing.assert_allclose(stats["clip_by_quantile/scale"], 2.5 / 4.0, rtol=1e-6)
+  assert set(stats) == {f"clip_by_quantile/{k}" for k in (
+      "count", "norm", "threshold", "scale", "clipped", "num_clipped",
+      "norm_history", "sorted_norms", "fill", "index")}
+  np.testing.assert_allclose(stats["clip_by_quantile/norm"], 4.0, rtol=1e-6)
+  np.testing.assert_allclose(stats["clip_by_quantile/threshold"], 2.5,
+                             rtol=1e-6)
+  np.testing.assert_allclose(stats["clip_by_quantile/scale"], 2.5 / 4.0,
+                             rtol=1e-6)
   assert int(stats["clip_by_quantile/fill"]) == 2
   np.testing.assert_allclose(optax.tree.get(state, "threshold"), 2.5,
                              rtol=1e-6)
 
 
+def test_per_leaf_stats_by_path():
+  opt = optax.chain(oc.clip_by_quantile(0.5, window=5, per_leaf=True),
+                    optax.sgd(0.1))
+  params = tree_with_norm(1.0)
+  state = opt.init(params)
+  for n in (1.0, 4.0):
+    _, state = opt.update(tree_with_norm(n), state, params)
+  stats = oc.clip_stats(state, scalars=True)
+  want = jax.tree.map(lambda x: float(np.linalg.norm(x)), tree_with_norm(4.0))
+  for key in ("a", "b"):
+    np.testing.assert_allclose(stats[f"clip_by_quantile/leaf_norms/{key}"],
+                               want[key], rtol=1e-6)
+  np.testing.assert_allclose(stats["clip_by_quantile/norm"],
+                             max(want.values()), rtol=1e-6)
+  np.testing.assert_allclose(stats["clip_by_quantile/frac_clipped"], 1.0)
+
+
 def test_masked_leaves_pass_through():
   params = {"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32)}
-  tx = optax.masked(oc.clip_by_quantile(0.5, 4, per_leaf=True),
+  tx = optax.masked(oc.clip_by_quantile(0.5, window=4, per_leaf=True),
                     {"w": True, "step": False})
   state = tx.init(params)
   grads = {"w": jnp.array([3.0, 4.0, 0.0]), "step": jnp.zeros((), jnp.int32)}
@@ -395,21 +384,25 @@ def test_masked_leaves_pass_through():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(quantile=-0.1), "quantile"), (dict(quantile=1.5), "quantile"),
-    (dict(quantile=float("nan")), "quantile"), (dict(history=0), "history"),
+    (dict(quantile=float("nan")), "quantile"), (dict(window=0), "window"),
     (dict(quantile=jnp.ones(2)), "quantile"), (dict(ord=-1), "ord"),
+    (dict(per_leaf=True, leaf_norms=True), "leaf_norms"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):
     oc.clip_by_quantile(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(history=2.5), "history"), (dict(quantile="high"), "quantile"),
-    (dict(history=True), "history"),
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((), dict(window=2.5), "window"), ((), dict(quantile="high"), "quantile"),
+    ((), dict(window=True), "window"),
+    ((), dict(include_current="yes"), "include_current"),
+    ((), dict(history=8), r"history= is now window="),
+    ((0.5, 8), {}, "positional"),
 ])
-def test_bad_argument_types_raise_type_error(kwargs, match):
+def test_bad_arguments_raise_type_error(args, kwargs, match):
   with pytest.raises(TypeError, match=match):
-    oc.clip_by_quantile(**kwargs)
+    oc.clip_by_quantile(*args, **kwargs)
 
 
 def test_integer_gradients_raise():
@@ -418,37 +411,35 @@ def test_integer_gradients_raise():
     tx.init({"w": jnp.zeros(3, jnp.int32)})
 
 
-class VariantsTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_clips_to_quantile(self):
-    tx = oc.clip_by_quantile(0.5, 3)
-    update = self.variant(tx.update)
-    state = tx.init(jnp.zeros(2))
-    outs = []
-    for n in (1.0, 3.0, 2.0, 10.0):
-      updates, state = update(jnp.array([n, 0.0]), state)
-      outs.append(float(updates[0]))
-    np.testing.assert_allclose(outs, [1.0, 2.0, 2.0, 3.0], rtol=1e-6)
-    np.testing.assert_array_equal(state.norm_history, [10.0, 3.0, 2.0])
-    self.assertEqual(int(state.num_clipped), 2)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_output_dtype_matches_input(self):
-    g = {"h": jnp.ones(4, jnp.bfloat16), "f": jnp.ones(2, jnp.float32)}
-    tx = oc.clip_by_quantile(0.5, 3)
-    updates, state = self.variant(tx.update)(g, tx.init(g))
-    chex.assert_trees_all_equal_dtypes(updates, g)
-    self.assertEqual(state.threshold.dtype, jnp.float32)
+@pytest.mark.parametrize(**JIT)
+def test_clips_to_quantile(jitted):
+  tx = oc.clip_by_quantile(0.5, window=3)
+  update = maybe_jit(tx.update, jitted)
+  state = tx.init(jnp.zeros(2))
+  outs = []
+  for n in (1.0, 3.0, 2.0, 10.0):
+    updates, state = update(jnp.array([n, 0.0]), state)
+    outs.append(float(updates[0]))
+  np.testing.assert_allclose(outs, [1.0, 2.0, 2.0, 3.0], rtol=1e-6)
+  np.testing.assert_array_equal(state.norm_history, [10.0, 3.0, 2.0])
+  assert int(state.stats.num_clipped) == 2
 
 
+@pytest.mark.parametrize(**JIT)
+def test_output_dtype_matches_input(jitted):
+  g = {"h": jnp.ones(4, jnp.bfloat16), "f": jnp.ones(2, jnp.float32)}
+  tx = oc.clip_by_quantile(0.5, window=3)
+  updates, state = maybe_jit(tx.update, jitted)(g, tx.init(g))
+  chex.assert_trees_all_equal_dtypes(updates, g)
+  assert state.stats.threshold.dtype == jnp.float32
 
-def test_jitted_init_under_inject_hyperparams_needs_static_history():
+
+def test_jitted_init_under_inject_hyperparams_needs_static_window():
   g = tree_with_norm(1.0)
-  tx = optax.inject_hyperparams(oc.clip_by_quantile)(0.5, 6)
-  with pytest.raises(TypeError, match=r"static_args=\('history',\)"):
+  tx = optax.inject_hyperparams(oc.clip_by_quantile)(0.5, window=6)
+  with pytest.raises(TypeError, match=r"static_args=\('window',\)"):
     jax.jit(tx.init)(g)
-  tx = optax.inject_hyperparams(oc.clip_by_quantile, static_args="history")(
-      0.5, 6)
+  tx = optax.inject_hyperparams(oc.clip_by_quantile, static_args="window")(
+      0.5, window=6)
   state = jax.jit(tx.init)(g)
   assert optax.tree.get(state, "norm_history").shape == (6,)

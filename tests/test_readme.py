@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 from tests._blocks import run_blocks
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -20,6 +22,7 @@ def test_readme_has_the_two_commands_first():
   assert "pytest" in lines[1]
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run_and_print_what_they_show():
   blocks = python_blocks()
   assert len(blocks) >= 3

@@ -60,11 +60,15 @@ def _no_scalars(tx: optax.GradientTransformation) -> optax.GradientTransformatio
   return optax.masked(tx, {k: bool(s) for k, s in SHAPES.items()})
 
 
+# The spike rules: they act on the third step's spike (STEP_SCALES).
+ZSCORE = oc.ZScore(warmup_steps=2, num_std=1.0)
+SPIKE_EMA = oc.SpikeEMA(max_ratio=4.0, warmup_steps=2)
+
 # The transforms, by name: (constructor, how big a collective may be).
 # "scalar": norms of whole trees or leaves only; "units": one norm per unit.
 TRANSFORMS: dict[str, tuple[Callable[[], Any], str]] = {
     "check_finite": (oc.check_finite, "scalar"),
-    "clip_by_value": (lambda: oc.clip_by_value(0.05, stats=True), "scalar"),
+    "clip_by_value": (lambda: oc.clip_by_value(0.05, full_stats=True), "scalar"),
     "clip_by_norm": (lambda: oc.clip_by_norm(0.5), "scalar"),
     "clip_by_norm_axis0": (
         lambda: _no_scalars(oc.clip_by_norm(0.3, axis=0)), "units"),
@@ -80,22 +84,22 @@ TRANSFORMS: dict[str, tuple[Callable[[], Any], str]] = {
     "clip_by_global_norm_ord3": (
         lambda: oc.clip_by_global_norm(0.5, ord=3), "scalar"),
     "adaptive_grad_clip": (lambda: oc.adaptive_grad_clip(0.02), "units"),
-    "clip_by_quantile": (lambda: oc.clip_by_quantile(0.5, history=4), "scalar"),
+    "clip_by_quantile": (lambda: oc.clip_by_quantile(0.5, window=4), "scalar"),
     "clip_by_quantile_per_leaf": (
-        lambda: oc.clip_by_quantile(0.5, history=4, per_leaf=True), "scalar"),
-    "zclip": (lambda: oc.zclip(warmup_steps=2, z_thresh=1.0), "scalar"),
-    "adagc": (lambda: oc.adagc(warmup_steps=1, lambda_abs=2.0), "scalar"),
-    "clip_spikes": (lambda: oc.clip_spikes(20.0, beta2=0.9), "scalar"),
-    "clip_spikes_inner": (
-        lambda: oc.clip_spikes(20.0, inner=optax.adam(1e-2)), "scalar"),
+        lambda: oc.clip_by_quantile(0.5, window=4, per_leaf=True), "scalar"),
+    "zclip": (lambda: oc.zclip(ZSCORE), "scalar"),
+    "adagc": (lambda: oc.adagc(warmup_steps=1, max_norm=2.0), "scalar"),
+    "clip_spikes": (lambda: oc.clip_spikes(20.0, decay=0.9), "scalar"),
+    "spike_clipped": (
+        lambda: oc.spike_clipped(optax.adam(1e-2), max_ratio=20.0), "scalar"),
     "skip_step": (
-        lambda: oc.skip_step(oc.clip_by_global_norm(1.0), max_norm=20.0),
-        "scalar"),
+        lambda: oc.skip_step(oc.clip_by_global_norm(1.0), skip_norm=20.0,
+                             rule=SPIKE_EMA), "scalar"),
     "clip_update_rms": (
-        lambda: oc.clip_update_rms(optax.adam(1e-2, b2=0.9), b2=0.9,
-                                   leaf_norms=True), "scalar"),
+        lambda: oc.clip_update_rms(optax.adam(1e-2, b2=0.9), leaf_norms=True),
+        "scalar"),
     "clip_update_by_history": (
-        lambda: oc.clip_update_by_history(2, 0.5), "scalar"),
+        lambda: oc.clip_update_by_history(window=2, num_std=0.5), "scalar"),
 }
 
 
@@ -108,7 +112,7 @@ def test_every_public_transform_is_covered():
                  "gather_max_logits")
   public = {name for name in oc.__all__ if name[0].islower()
             and name not in ("clip_stats", "global_norm", "raise_if_nonfinite",
-                              "register_state", "layer_axes",
+                              "layer_axes",
                               *per_example)}
   covered = {name for name in public
              if any(key == name or key.startswith(name + "_")
@@ -374,14 +378,15 @@ AXIS_NAME_TRANSFORMS = {
     "clip_by_global_norm_ord3": lambda a: oc.clip_by_global_norm(
         0.5, ord=3, axis_name=a),
     "clip_by_quantile": lambda a: oc.clip_by_quantile(
-        0.5, history=4, axis_name=a),
+        0.5, window=4, axis_name=a),
     "clip_by_quantile_per_leaf": lambda a: oc.clip_by_quantile(
-        0.5, history=4, per_leaf=True, axis_name=a),
-    "zclip": lambda a: oc.zclip(warmup_steps=2, z_thresh=1.0, axis_name=a),
+        0.5, window=4, per_leaf=True, axis_name=a),
+    "zclip": lambda a: oc.zclip(ZSCORE, axis_name=a),
     "skip_step": lambda a: oc.skip_step(
-        oc.clip_by_global_norm(1.0, axis_name=a), max_norm=20.0, axis_name=a),
+        oc.clip_by_global_norm(1.0, axis_name=a), skip_norm=20.0,
+        rule=SPIKE_EMA, axis_name=a),
     "clip_update_by_history": lambda a: oc.clip_update_by_history(
-        2, 0.5, axis_name=a),
+        window=2, num_std=0.5, axis_name=a),
 }
 SHARD_MAP_AXES = {"fsdp": "data", "2d": ("data", "model")}
 OVERFLOW_NAMES = ["clip_by_global_norm", "clip_by_global_norm_ord1",
@@ -447,7 +452,7 @@ def test_shard_map_overflow_branch():
     assert_close(outs, expected[name][0], f"{name} updates")
     assert_close(state, expected[name][1], f"{name} state")
     assert_same_on_every_device(stacked, f"{name} state")
-    norm = np.asarray(getattr(state, "stats", state).grad_norm)
+    norm = np.asarray(state.stats.norm)
     if name != "clip_by_global_norm_ord1":  # Its true norm exceeds float32.
       assert np.isfinite(norm) and norm > 1e36, (name, norm)
 
@@ -480,10 +485,10 @@ def test_shard_map_without_vma_tracking_splits_every_leaf():
   results = shard_map_suite([name], "2d", check_vma=False)
   _, _, stacked = results[name]
   assert_same_on_every_device(stacked, name)
-  expected = reference([name])[name][1].grad_norm
+  expected = reference([name])[name][1].stats.norm
   last = {k: np.float64(v[-1]) for k, v in gradients().items()}
   np.testing.assert_allclose(
-      np.float64(stacked.grad_norm[0]) ** 2,
+      np.float64(stacked.stats.norm[0]) ** 2,
       np.float64(expected) ** 2 + 7 * last["gain"] ** 2
       + np.sum(last["b1"] ** 2), rtol=1e-5)
 
@@ -494,7 +499,7 @@ def test_shard_map_without_axis_name_clips_each_shard_alone():
   name = "clip_by_global_norm"
   results = shard_map_suite([name], "fsdp", axis_name=None, check_vma=False)
   outs, _, stacked = results[name]
-  assert len(set(np.asarray(stacked.grad_norm).tolist())) > 1
+  assert len(set(np.asarray(stacked.stats.norm).tolist())) > 1
   with pytest.raises(AssertionError):
     assert_close(outs, reference([name])[name][0], "updates")
 
@@ -562,7 +567,7 @@ def _twice(g: Any) -> Any:
 
 @pytest.mark.parametrize("make", [
     lambda: oc.clip_by_global_norm(1.0),
-    lambda: oc.zclip(warmup_steps=1, max_norm=1.0),
+    lambda: oc.zclip(oc.ZScore(warmup_steps=1), max_norm=1.0),
 ], ids=["clip_by_global_norm", "zclip"])
 def test_data_parallel_clip_after_pmean_clips_the_batch_gradient(make):
   loss, params, x, y = _dp_problem()

@@ -1,4 +1,4 @@
-"""Tests for skip_step's rolling spike rule (spike_window=oc.SpikeWindow).
+"""Tests for skip_step's rolling spike rule (rule=oc.SpikeWindow(...)).
 
 The references are float64 NumPy transcriptions of the published rules:
 OLMo-core's ``SkipStepOptimizer.get_step_factor``, MaxText's
@@ -13,8 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import optaxclip as oc
+from tests._helpers import run_scan
+from tests.test_skip_step import assert_bitwise_equal
 
 # -- References ---------------------------------------------------------------
 
@@ -90,7 +94,7 @@ def rolling_reference(losses, norms, rule):
   ``std_floor * |mean|``. Returns the skips and the upper bounds (inf
   before ``min_history``)."""
   min_history = rule.min_history or max(2, rule.window // 2)
-  watched = {"both": (1, 1), "loss": (1, 0), "grad_norm": (0, 1)}[rule.watch]
+  watched = {"both": (1, 1), "loss": (1, 0), "norm": (0, 1)}[rule.watch]
   hists = ([], [])
   skips, bounds = [], []
   for values in zip(losses, norms):
@@ -139,22 +143,24 @@ def _sequence(kind, n=400, seed=0):
   return losses.astype(np.float32), norms.astype(np.float32)
 
 
+def _scan(opt, losses, norms):
+  """Runs ``opt`` on gradients ``[norm, 0]`` with the losses passed to
+  ``update``: every step's updates and state (JAX arrays)."""
+  norms = jnp.asarray(norms)
+  return run_scan(opt, {"w": jnp.stack([norms, jnp.zeros_like(norms)], 1)},
+                  {"w": jnp.zeros(2)}, loss=jnp.asarray(losses))
+
+
 def _run(opt, losses, norms):
-  """Per step: skipped, loss bound, norm threshold, and the update's first
-  entry, from a jitted scan over the steps; the final state too."""
-  params = {"w": jnp.zeros(2)}
-
-  def body(state, x):
-    loss, norm = x
-    u, state = opt.update({"w": jnp.stack([norm, 0.0])}, state, params,
-                          loss=loss)
-    bound = (state.loss_threshold if state.loss_threshold is not None
-             else jnp.inf)
-    return state, (state.skipped, bound, state.threshold, u["w"][0])
-
-  final, out = jax.jit(lambda s: jax.lax.scan(
-      body, s, (jnp.asarray(losses), jnp.asarray(norms))))(opt.init(params))
-  return tuple(np.asarray(o) for o in out), final
+  """Per step: skipped, loss bound (inf when the loss is not watched), norm
+  threshold, and the update's first entry, from one jitted scan over the
+  steps; the final state too."""
+  updates, states = _scan(opt, losses, norms)
+  bound = (states.loss_threshold if states.loss_threshold is not None
+           else jnp.full(len(norms), jnp.inf))
+  out = (states.skipped, bound, states.stats.threshold, updates["w"][:, 0])
+  return (tuple(np.asarray(o) for o in out),
+          jax.tree.map(lambda x: x[-1], states))
 
 
 def _clear_of_bounds(values, bounds):
@@ -181,7 +187,7 @@ def test_matches_olmo_core_and_maxtext(kind):
   np.testing.assert_array_equal(maxtext_skips(losses, norms, WINDOW, 6.0), ref)
   rule = oc.SpikeWindow(window=WINDOW, num_std=6.0, ddof=1,
                         min_history=WINDOW // 2 - 1, std_floor=0.0)
-  (skipped, *_), _ = _run(oc.skip_step(optax.sgd(0.1), spike_window=rule),
+  (skipped, *_), _ = _run(oc.skip_step(optax.sgd(0.1), rule=rule),
                           losses, norms)
   _, bounds = rolling_reference(losses, norms, rule)
   _clear_of_bounds(losses, bounds[:, 0])
@@ -190,23 +196,34 @@ def test_matches_olmo_core_and_maxtext(kind):
   assert ref.any() and not ref.all()
 
 
-def test_sample_or_population_deviation():
-  # 16 losses alternating 0 and 1: mean 0.5, population deviation 0.5,
-  # sample deviation 0.5 * sqrt(16 / 15) = 0.516. With 2 deviations the
-  # bounds are 1.5 and 1.533: a loss of 1.52 is skipped by levanter's rule
-  # and taken by OLMo-core's and MaxText's.
-  losses = np.array([0.0, 1.0] * 8 + [1.52], np.float32)
+# 16 losses alternating 0 and 1: mean 0.5, population deviation 0.5, sample
+# deviation 0.5 * sqrt(16 / 15) = 0.516. With 2 deviations the bounds are
+# 1.5 and 1.533: a loss of 1.52 is skipped by levanter's rule and taken by
+# OLMo-core's and MaxText's.
+_ALTERNATING = np.array([0.0, 1.0] * 8 + [1.52], np.float32)
+
+
+def test_sample_and_population_references_differ():
   norms = np.ones(17, np.float32)
-  olmo = olmo_core_skips(losses, norms, 16, 2.0)
-  np.testing.assert_array_equal(maxtext_skips(losses, norms, 16, 2.0), olmo)
-  lev = levanter_skips(losses, norms, 16, 2.0)
+  olmo = olmo_core_skips(_ALTERNATING, norms, 16, 2.0)
+  np.testing.assert_array_equal(maxtext_skips(_ALTERNATING, norms, 16, 2.0),
+                                olmo)
+  lev = levanter_skips(_ALTERNATING, norms, 16, 2.0)
   assert not olmo[-1] and lev[-1]
-  for ddof, ref in ((1, olmo), (0, lev)):
-    rule = oc.SpikeWindow(window=16, num_std=2.0, ddof=ddof, min_history=7,
-                          std_floor=0.0)
-    (skipped, *_), _ = _run(oc.skip_step(optax.sgd(0.1), spike_window=rule),
-                            losses, norms)
-    np.testing.assert_array_equal(skipped[8:], ref[8:])
+
+
+@pytest.mark.parametrize("ddof, reference", [(1, olmo_core_skips),
+                                             (0, levanter_skips)],
+                         ids=["sample", "population"])
+def test_sample_or_population_deviation(ddof, reference):
+  norms = np.ones(17, np.float32)
+  ref = reference(_ALTERNATING, norms, 16, 2.0)
+  rule = oc.SpikeWindow(window=16, num_std=2.0, ddof=ddof, min_history=7,
+                        std_floor=0.0)
+  (skipped, *_), _ = _run(oc.skip_step(optax.sgd(0.1), rule=rule),
+                          _ALTERNATING, norms)
+  np.testing.assert_array_equal(skipped[8:], ref[8:])
+  assert skipped[-1] == (ddof == 0)
 
 
 @pytest.mark.parametrize("kind", ["spikes", "level"])
@@ -216,7 +233,7 @@ def test_matches_levanter(kind):
   losses, norms = _sequence(kind, seed=3)
   ref = levanter_skips(losses, norms, WINDOW, 6.0)
   rule = oc.SpikeWindow(window=WINDOW, std_floor=0.0)
-  (skipped, *_), _ = _run(oc.skip_step(optax.sgd(0.1), spike_window=rule),
+  (skipped, *_), _ = _run(oc.skip_step(optax.sgd(0.1), rule=rule),
                           losses, norms)
   np.testing.assert_array_equal(skipped, ref)
   assert ref.any()
@@ -226,8 +243,8 @@ def test_matches_levanter(kind):
     oc.SpikeWindow(window=WINDOW),
     oc.SpikeWindow(window=WINDOW, num_std=3.0, two_sided=True, ddof=1),
     oc.SpikeWindow(window=16, min_history=5, watch="loss"),
-    oc.SpikeWindow(window=WINDOW, watch="grad_norm", std_floor=0.05),
-], ids=["default", "two-sided", "loss", "grad-norm"])
+    oc.SpikeWindow(window=WINDOW, watch="norm", std_floor=0.05),
+], ids=["default", "two-sided", "loss", "norm"])
 @pytest.mark.parametrize("kind", [
     "spikes", pytest.param("plateau", marks=pytest.mark.slow), "nan"])
 def test_matches_the_generic_reference(rule, kind):
@@ -236,7 +253,7 @@ def test_matches_the_generic_reference(rule, kind):
     losses[[20, 70, 71]] = [np.nan, np.inf, np.nan]
     norms[[40, 120]] = [np.nan, np.inf]
   (skipped, loss_bound, threshold, first), _ = _run(
-      oc.skip_step(optax.sgd(0.1), spike_window=rule), losses, norms)
+      oc.skip_step(optax.sgd(0.1), rule=rule), losses, norms)
   ref, bounds = rolling_reference(losses, norms, rule)
   if kind == "nan" and rule.watch == "loss":
     ref |= ~np.isfinite(norms)  # The non-finite gradients' own rule.
@@ -244,7 +261,7 @@ def test_matches_the_generic_reference(rule, kind):
   _clear_of_bounds(norms, bounds[:, 1])
   np.testing.assert_array_equal(skipped, ref)
   np.testing.assert_allclose(threshold, bounds[:, 1], rtol=2e-5)
-  if rule.watch != "grad_norm":
+  if rule.watch != "norm":
     np.testing.assert_allclose(loss_bound, bounds[:, 0], rtol=2e-5)
   # A skipped step's update is zero; a taken one is sgd's.
   np.testing.assert_array_equal(first[skipped], 0.0)
@@ -252,21 +269,58 @@ def test_matches_the_generic_reference(rule, kind):
                              rtol=1e-6)
 
 
-def test_references_agree_with_the_generic_one():
+@jax.jit
+def _window_run(losses, norms, num_std, std_floor):
+  """A SpikeWindow(window=16) of traced num_std and std_floor: one
+  compilation for every value."""
+  rule = oc.SpikeWindow(window=16, num_std=num_std, std_floor=std_floor)
+  _, states = _scan(oc.skip_step(optax.sgd(0.1), rule=rule), losses, norms)
+  return states.skipped, states.loss_threshold, states.stats.threshold
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16),
+       num_std=st.sampled_from([1.5, 3.0, 6.0]),
+       std_floor=st.sampled_from([0.0, 1e-3, 0.05]))
+def test_traced_fields_match_the_generic_reference(seed, num_std, std_floor):
+  rng = np.random.default_rng(seed)
+  losses = 2.0 + 0.1 * rng.standard_normal(64)
+  norms = np.exp(0.2 * rng.standard_normal(64))
+  losses[rng.choice(64, 3, replace=False)] *= 3.0
+  norms[rng.choice(64, 3, replace=False)] *= 10.0
+  losses, norms = losses.astype(np.float32), norms.astype(np.float32)
+  skipped, loss_bound, threshold = _window_run(
+      losses, norms, jnp.float32(num_std), jnp.float32(std_floor))
+  rule = oc.SpikeWindow(window=16, num_std=num_std, std_floor=std_floor)
+  ref, bounds = rolling_reference(losses, norms, rule)
+  # Compare up to the first value too close to its bound for float32 and
+  # float64 to agree.
+  values = np.stack([losses, norms], 1)
+  with np.errstate(invalid="ignore"):
+    close = np.any(np.isfinite(bounds) & (np.abs(values - bounds)
+                                          < 1e-5 * np.abs(bounds)), axis=1)
+  n = int(np.argmax(close)) if close.any() else len(ref)
+  np.testing.assert_array_equal(np.asarray(skipped)[:n], ref[:n])
+  np.testing.assert_allclose(np.asarray(loss_bound)[:n], bounds[:n, 0],
+                             rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(threshold)[:n], bounds[:n, 1],
+                             rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["spikes", "plateau", "level"])
+def test_references_agree_with_the_generic_one(kind):
   # The generic reference, set as each published rule, reproduces it on
   # finite sequences: the transcriptions check one another.
-  for kind in ("spikes", "plateau", "level"):
-    losses, norms = _sequence(kind, seed=5)
-    olmo = oc.SpikeWindow(window=WINDOW, ddof=1, min_history=15,
-                          std_floor=0.0)
-    np.testing.assert_array_equal(
-        rolling_reference(losses, norms, olmo)[0] if kind != "plateau"
-        else olmo_core_skips(losses, norms, WINDOW, 6.0),
-        olmo_core_skips(losses, norms, WINDOW, 6.0))
-    lev = oc.SpikeWindow(window=WINDOW, std_floor=0.0)
-    if kind != "plateau":
-      np.testing.assert_array_equal(rolling_reference(losses, norms, lev)[0],
-                                    levanter_skips(losses, norms, WINDOW, 6.0))
+  losses, norms = _sequence(kind, seed=5)
+  olmo = oc.SpikeWindow(window=WINDOW, ddof=1, min_history=15, std_floor=0.0)
+  np.testing.assert_array_equal(
+      rolling_reference(losses, norms, olmo)[0] if kind != "plateau"
+      else olmo_core_skips(losses, norms, WINDOW, 6.0),
+      olmo_core_skips(losses, norms, WINDOW, 6.0))
+  lev = oc.SpikeWindow(window=WINDOW, std_floor=0.0)
+  if kind != "plateau":
+    np.testing.assert_array_equal(rolling_reference(losses, norms, lev)[0],
+                                  levanter_skips(losses, norms, WINDOW, 6.0))
 
 
 # -- Edge cases ---------------------------------------------------------------
@@ -279,7 +333,7 @@ def test_empty_window_takes_every_finite_step():
   losses = np.array([1.0, 1e6, 2.0, 1e30], np.float32)
   norms = np.array([1.0, 1e3, 1.0, 1e20], np.float32)
   (skipped, loss_bound, threshold, _), state = _run(
-      oc.skip_step(optax.sgd(0.1), spike_window=rule), losses, norms)
+      oc.skip_step(optax.sgd(0.1), rule=rule), losses, norms)
   assert not skipped.any()
   assert np.all(np.isinf(loss_bound)) and np.all(np.isinf(threshold))
   np.testing.assert_array_equal(state.history_count, [4, 4])
@@ -288,15 +342,20 @@ def test_empty_window_takes_every_finite_step():
 def test_constant_loss_and_a_tiny_rise():
   # A window of equal losses has deviation 0. The default floor,
   # 1e-3 * |mean|, lets a rise of 1e-4 through and skips one of 1%;
-  # without a floor (OLMo-core, MaxText) the tiny rise is skipped too.
+  # without a floor (OLMo-core, MaxText) the tiny rise is skipped too. Both
+  # floors run in one compiled, vmapped scan.
   losses = np.full(40, 2.0, np.float32)
   losses[[30, 35]] = [2.0002, 2.02]
   norms = np.ones(40, np.float32)
-  for floor, expect in ((1e-3, [35]), (0.0, [30, 35])):
+
+  def skipped(floor):
     rule = oc.SpikeWindow(window=16, std_floor=floor)
-    (skipped, *_), _ = _run(oc.skip_step(optax.sgd(0.1), spike_window=rule),
-                            losses, norms)
-    assert list(np.flatnonzero(skipped)) == expect, floor
+    return _scan(oc.skip_step(optax.sgd(0.1), rule=rule), losses,
+                 norms)[1].skipped
+
+  out = jax.jit(jax.vmap(skipped))(jnp.array([1e-3, 0.0]))
+  assert list(np.flatnonzero(out[0])) == [35]
+  assert list(np.flatnonzero(out[1])) == [30, 35]
 
 
 def test_nan_loss_is_skipped_and_stays_out_of_the_window():
@@ -308,7 +367,7 @@ def test_nan_loss_is_skipped_and_stays_out_of_the_window():
   bad = losses.copy()
   bad[[3, 50]] = np.nan
   rule = oc.SpikeWindow(window=WINDOW)
-  opt = oc.skip_step(optax.sgd(0.1), spike_window=rule)
+  opt = oc.skip_step(optax.sgd(0.1), rule=rule)
   (skipped, *_), state = _run(opt, bad, norms)
   assert skipped[3] and skipped[50]
   keep = np.isfinite(bad)
@@ -319,14 +378,16 @@ def test_nan_loss_is_skipped_and_stays_out_of_the_window():
 
 
 def test_level_change_becomes_the_baseline():
-  # A lasting rise of the norm (x8): the moving-average rule compares with
-  # the steps taken alone and skips every step after it; the rolling window
-  # takes in the skipped norms too and adapts within a few steps.
+  # A lasting rise of the norm (x8): the moving-average rule (SpikeEMA)
+  # compares with the steps taken alone and skips every step after it; the
+  # rolling window takes in the skipped norms too and adapts within a few
+  # steps.
   losses, norms = _sequence("level", seed=2)
   (skipped_ema, *_), _ = _run(
-      oc.skip_step(optax.sgd(0.1), spike_factor=5.0), losses, norms)
-  rule = oc.SpikeWindow(window=128, watch="grad_norm")
-  (skipped, *_), _ = _run(oc.skip_step(optax.sgd(0.1), spike_window=rule),
+      oc.skip_step(optax.sgd(0.1), rule=oc.SpikeEMA(max_ratio=5.0)),
+      losses, norms)
+  rule = oc.SpikeWindow(window=128, watch="norm")
+  (skipped, *_), _ = _run(oc.skip_step(optax.sgd(0.1), rule=rule),
                           losses, norms)
   assert skipped_ema[150:].all()
   assert 0 < skipped[150:].sum() <= 5 and not skipped[160:].any()
@@ -335,18 +396,19 @@ def test_level_change_becomes_the_baseline():
 
 
 def test_missing_or_non_scalar_loss_is_a_clear_error():
-  opt = oc.skip_step(optax.sgd(0.1), spike_window=oc.SpikeWindow())
+  opt = oc.skip_step(optax.sgd(0.1), rule=oc.SpikeWindow())
   params = {"w": jnp.ones(2)}
   state = opt.init(params)
-  with pytest.raises(ValueError, match=r"loss=loss.*watch='grad_norm'"):
+  with pytest.raises(ValueError, match=r"loss=loss.*watch='norm'"):
     opt.update(params, state, params)
   with pytest.raises(ValueError, match="loss must be a scalar"):
     opt.update(params, state, params, loss=jnp.ones(3))
   # Watching the norm alone needs no loss.
   norm_only = oc.skip_step(optax.sgd(0.1),
-                           spike_window=oc.SpikeWindow(watch="grad_norm"))
+                           rule=oc.SpikeWindow(watch="norm"))
   _, s = norm_only.update(params, norm_only.init(params), params)
   assert s.loss is None and s.loss_threshold is None
+  assert s.history.shape == (2, 128)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -355,33 +417,27 @@ def test_missing_or_non_scalar_loss_is_a_clear_error():
     ({"num_std": 0.0}, ValueError, "num_std"),
     ({"min_history": 1}, ValueError, "min_history"),
     ({"min_history": 200}, ValueError, "min_history=200 exceeds window"),
-    ({"watch": "norm"}, ValueError, "watch"),
+    ({"watch": "grad"}, ValueError, r"watch='grad' is not one of"),
+    ({"watch": "grad_norm"}, ValueError, r"watch='grad_norm' is now"
+     r" watch='norm'"),
     ({"two_sided": 1}, TypeError, "two_sided"),
     ({"ddof": 2}, ValueError, "ddof"),
     ({"std_floor": -1.0}, ValueError, "std_floor"),
 ])
 def test_bad_rule_fields(kwargs, error, match):
   with pytest.raises(error, match=match):
-    oc.skip_step(optax.sgd(0.1), spike_window=oc.SpikeWindow(**kwargs))
+    oc.skip_step(optax.sgd(0.1), rule=oc.SpikeWindow(**kwargs))
 
 
-def test_spike_window_must_be_a_spike_window():
-  with pytest.raises(TypeError, match="oc.SpikeWindow"):
-    oc.skip_step(optax.sgd(0.1), spike_window=128)
-  # Alone, with nonfinite=False, it is a rule that can skip.
-  oc.skip_step(optax.sgd(0.1), nonfinite=False,
-               spike_window=oc.SpikeWindow())
+@pytest.mark.parametrize("spike", [oc.SpikeWindow(), oc.SpikeEMA()],
+                         ids=["window", "ema"])
+def test_a_spike_rule_alone_can_skip(spike):
+  # With nonfinite=False, a spike rule alone is a rule that can skip.
+  opt = oc.skip_step(optax.sgd(0.1), nonfinite=False, rule=spike)
+  assert isinstance(opt, optax.GradientTransformationExtraArgs)
 
 
 # -- The guarantee, jit, MultiSteps, devices ----------------------------------
-
-
-def _assert_bitwise_equal(a, b):
-  la, ta = jax.tree_util.tree_flatten(a)
-  lb, tb = jax.tree_util.tree_flatten(b)
-  assert ta == tb
-  for x, y in zip(la, lb):
-    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
 def _grads(n, seed=0):
@@ -391,13 +447,18 @@ def _grads(n, seed=0):
           for _ in range(n)]
 
 
+def _apply(opt, params, state, grads, **extra):
+  updates, state = opt.update(grads, state, params, **extra)
+  return optax.apply_updates(params, updates), state
+
+
 def test_skipped_steps_leave_the_inner_state_untouched():
   # The run with spiking batches equals, bit for bit, AdamW run on the
   # batches that were taken.
   losses, _ = _sequence("spikes", n=64, seed=4)
   grads = _grads(64)
   inner = optax.chain(oc.clip_by_global_norm(1.0), optax.adamw(1e-2))
-  opt = oc.skip_step(inner, spike_window=oc.SpikeWindow(window=16))
+  opt = oc.skip_step(inner, rule=oc.SpikeWindow(window=16))
   params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
   step = jax.jit(lambda p, s, g, x: _apply(opt, p, s, g, loss=x))
   inner_step = jax.jit(lambda p, s, g: _apply(inner, p, s, g))
@@ -408,23 +469,18 @@ def test_skipped_steps_leave_the_inner_state_untouched():
     p, state = step(p, state, g, loss)
     if bool(state.skipped):
       skipped += 1
-      _assert_bitwise_equal(state.inner_state, before)
+      assert_bitwise_equal(state.inner_state, before)
     else:
       p_ref, s_ref = inner_step(p_ref, s_ref, g)
   assert skipped >= 1  # The loss spikes at step 60.
-  _assert_bitwise_equal(p, p_ref)
-  _assert_bitwise_equal(state.inner_state, s_ref)
-
-
-def _apply(opt, params, state, grads, **extra):
-  updates, state = opt.update(grads, state, params, **extra)
-  return optax.apply_updates(params, updates), state
+  assert_bitwise_equal(p, p_ref)
+  assert_bitwise_equal(state.inner_state, s_ref)
 
 
 def test_eager_equals_jit_and_traces_once():
   losses, norms = _sequence("spikes", n=24)
   losses[20] = 10.0
-  opt = oc.skip_step(optax.adam(0.1), spike_window=oc.SpikeWindow(window=8))
+  opt = oc.skip_step(optax.adam(0.1), rule=oc.SpikeWindow(window=8))
   params = {"w": jnp.zeros(2)}
   traces = []
 
@@ -439,7 +495,7 @@ def test_eager_equals_jit_and_traces_once():
     _, s_jit = jitted(s_jit, g, loss)
     _, s_eager = opt.update(g, s_eager, params, loss=loss)
   assert len(traces) == 1
-  _assert_bitwise_equal(s_jit, s_eager)
+  assert_bitwise_equal(s_jit, s_eager)
   assert int(s_jit.num_skipped) > 0
 
 
@@ -449,8 +505,7 @@ def test_multisteps_inside_judges_each_micro_batch():
   losses, norms = _sequence("spikes", n=100, seed=1)
   inner = optax.MultiSteps(optax.sgd(0.1), 2)
   rule = oc.SpikeWindow(window=WINDOW)
-  (skipped, *_), state = _run(oc.skip_step(inner, spike_window=rule),
-                              losses, norms)
+  (skipped, *_), state = _run(oc.skip_step(inner, rule=rule), losses, norms)
   np.testing.assert_array_equal(skipped,
                                 rolling_reference(losses, norms, rule)[0])
   assert int(state.inner_state.gradient_step) == (100 - skipped.sum()) // 2
@@ -458,14 +513,14 @@ def test_multisteps_inside_judges_each_micro_batch():
 
 def test_multisteps_outside_refuses_a_watched_loss():
   opt = optax.MultiSteps(oc.skip_step(
-      optax.sgd(0.1), nonfinite=False, spike_window=oc.SpikeWindow()), 2)
+      optax.sgd(0.1), nonfinite=False, rule=oc.SpikeWindow()), 2)
   params = {"w": jnp.ones(2)}
-  with pytest.raises(TypeError, match=r"watch='grad_norm'"):
+  with pytest.raises(TypeError, match=r"rule=.*watch='norm'"):
     opt.update(params, opt.init(params), params, loss=1.0)
   # The accumulated gradients' norm alone: judged once per step.
   opt = optax.MultiSteps(oc.skip_step(
       optax.sgd(0.1), nonfinite=False,
-      spike_window=oc.SpikeWindow(window=4, watch="grad_norm")), 2)
+      rule=oc.SpikeWindow(window=4, watch="norm")), 2)
   state = opt.init(params)
   update = jax.jit(opt.update)
   for _ in range(6):
@@ -477,7 +532,7 @@ def test_sharded_over_every_device_decides_as_on_one():
   losses, norms = _sequence("spikes", n=24)
   norms[20] = 5.0
   rule = oc.SpikeWindow(window=16)
-  opt = oc.skip_step(optax.adam(0.1), spike_window=rule)
+  opt = oc.skip_step(optax.adam(0.1), rule=rule)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
   sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
   n = jax.device_count()
@@ -499,7 +554,7 @@ def test_shard_map_averages_each_devices_loss():
   n = jax.device_count()
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
   opt = oc.skip_step(optax.sgd(1.0), axis_name="d",
-                     spike_window=oc.SpikeWindow(window=4, watch="loss"))
+                     rule=oc.SpikeWindow(window=4, watch="loss"))
 
   def local(g, loss):
     state = opt.init(g)
@@ -516,13 +571,17 @@ def test_clip_stats_keys():
   params = {"w": jnp.ones(2)}
   plain = oc.skip_step(optax.sgd(0.1))
   keys = set(oc.clip_stats(plain.init(params), scalars=True))
-  rolling = oc.skip_step(optax.sgd(0.1), spike_window=oc.SpikeWindow())
+  assert keys == {"skip_step/count", "skip_step/norm", "skip_step/threshold",
+                  "skip_step/scale", "skip_step/skipped",
+                  "skip_step/num_skipped", "skip_step/norm_ema"}
+  rolling = oc.skip_step(optax.sgd(0.1), rule=oc.SpikeWindow())
   state = rolling.init(params)
   _, state = rolling.update(params, state, params, loss=jnp.float32(2.5))
   stats = oc.clip_stats(state, scalars=True)
   assert set(stats) == keys | {"skip_step/loss", "skip_step/loss_threshold"}
   assert float(stats["skip_step/loss"]) == 2.5
-  assert "skip_step/history" in oc.clip_stats(state)
+  assert {"skip_step/history", "skip_step/history_count"} <= set(
+      oc.clip_stats(state))
 
 
 def test_flax_nnx_optimizer_passes_the_loss():
@@ -532,7 +591,7 @@ def test_flax_nnx_optimizer_passes_the_loss():
   nnx = pytest.importorskip("flax.nnx")
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
   opt = nnx.Optimizer(model, oc.skip_step(
-      optax.sgd(0.1), spike_window=oc.SpikeWindow(window=4, min_history=2)),
+      optax.sgd(0.1), rule=oc.SpikeWindow(window=4, min_history=2)),
       wrt=nnx.Param)
 
   @nnx.jit
