@@ -66,12 +66,13 @@ class OptaxClipping:
   def per_example_global_norm_clip(grads: Any, l2_norm_clip: Any) -> Any:
     """optax returns ``(sum, number of examples clipped)``."""
     total, info = oc.per_example_clip(grads, l2_norm_clip)
-    return total, info.num_clipped
+    return total, info.num_examples_clipped
 
   @staticmethod
   def per_example_layer_norm_clip(grads: Any, global_l2_norm_clip: Any,
                                   uniform: bool = True) -> Any:
-    """optax's options as optaxclip's ``per_layer``; the count as returned.
+    """optax's options as ``oc.ExampleClip``'s ``per_layer``; the count as
+    returned.
 
     ``uniform=True`` is ``per_layer=True``; ``uniform=False`` gives layer
     ``i`` (leaf ``i``, of ``D_i`` elements of ``D``) the threshold
@@ -86,9 +87,9 @@ class OptaxClipping:
       total = sum(jax.tree.leaves(sizes))
       per_layer = jax.tree.map(
           lambda d: global_l2_norm_clip * (d / total) ** 0.5, sizes)
-    out, info = oc.per_example_clip(grads, global_l2_norm_clip,
-                                    per_layer=per_layer)
-    return out, info.num_clipped
+    out, info = oc.per_example_clip(
+        grads, oc.ExampleClip(global_l2_norm_clip, per_layer=per_layer))
+    return out, info.num_examples_clipped
 
   # A measuring helper of the test, not a transform: optax's own.
   unitwise_norm = staticmethod(optax.transforms._clipping.unitwise_norm)
@@ -176,9 +177,9 @@ def clip_pytree(pytree: Any, clip_norm: Any, rescale_to_unit_norm: bool = False,
   if return_zero is not False:
     _unmapped("return_zero")
   batch = jax.tree.map(lambda x: jnp.asarray(x)[None], pytree)
-  total, info = oc.per_example_clip(batch, clip_norm,
-                                    normalize=rescale_to_unit_norm,
-                                    nan_safe=nan_safe)
+  total, info = oc.per_example_clip(
+      batch, oc.ExampleClip(clip_norm, normalize=rescale_to_unit_norm,
+                            nan_safe=nan_safe))
   return total, info.norms[0]
 
 
@@ -193,10 +194,13 @@ def clipped_grad(fun: Any, argnums: Any = 0, has_aux: bool = False, *,
                  spmd_axis_name: str | None = None) -> Any:
   """jax-privacy's ``clipped_grad`` as ``oc.clipped_grad``.
 
-  ``l2_clip_norm`` is ``max_norm``, ``rescale_to_unit_norm`` is
-  ``normalize``, ``return_grad_norms`` is ``return_norms`` (the norms come
-  back in ``AuxiliaryOutput.grad_norms``), ``is_padding_example`` is
-  ``~example_mask``. Options with no counterpart skip the test.
+  ``l2_clip_norm``, ``rescale_to_unit_norm`` and ``nan_safe`` are
+  ``clip=oc.ExampleClip(max_norm, normalize=..., nan_safe=...)``;
+  ``oc.clipped_grad``'s function always returns its ``PerExampleInfo``
+  last, and ``return_grad_norms`` passes its ``norms`` on in
+  ``AuxiliaryOutput.grad_norms`` (without it the info is dropped);
+  ``is_padding_example`` is ``~example_mask``. Options with no counterpart
+  skip the test.
   """
   for name, value, default in (
       ("normalize_by", normalize_by, 1.0), ("return_values", return_values, False),
@@ -206,21 +210,20 @@ def clipped_grad(fun: Any, argnums: Any = 0, has_aux: bool = False, *,
     if value != default:
       _unmapped(name)
   grad_fn = oc.clipped_grad(
-      fun, argnums, has_aux, max_norm=l2_clip_norm,
-      batch_argnums=batch_argnums, normalize=rescale_to_unit_norm,
-      microbatch_size=microbatch_size, nan_safe=nan_safe,
-      return_norms=return_grad_norms, keep_batch_dim=keep_batch_dim)
+      fun, argnums, has_aux,
+      clip=oc.ExampleClip(l2_clip_norm, normalize=rescale_to_unit_norm,
+                          nan_safe=nan_safe),
+      batch_argnums=batch_argnums, microbatch_size=microbatch_size,
+      keep_batch_dim=keep_batch_dim)
 
   def call(*args: Any, is_padding_example: Any = None, **kwargs: Any) -> Any:
     if is_padding_example is not None:
       kwargs["example_mask"] = ~jnp.asarray(is_padding_example)
     out = grad_fn(*args, **kwargs)
+    grads, aux, info = out if has_aux else (out[0], None, out[1])
     if not (has_aux or return_grad_norms):
-      return out
-    out = out if isinstance(out, tuple) else (out,)
-    grads, rest = out[0], list(out[1:])
-    aux = rest.pop(0) if has_aux else None
-    norms = rest.pop(0).norms if return_grad_norms else None
+      return grads
+    norms = info.norms if return_grad_norms else None
     return grads, AuxiliaryOutput(values=None, grad_norms=norms, aux=aux)
 
   return call

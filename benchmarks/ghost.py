@@ -192,11 +192,13 @@ def step(method: str, loss, batch: int):
                                          batch_argnums=(1, 2),
                                          microbatch_size=microbatch))
   if method == "ghost-mb64":
-    return jax.jit(oc.clipped_grad(loss, max_norm=1.0, batch_argnums=(1, 2),
-                                   method="ghost",
-                                   microbatch_size=microbatch))
-  return jax.jit(oc.clipped_grad(loss, max_norm=1.0, batch_argnums=(1, 2),
-                                 method=method))
+    grad_fn = oc.clipped_grad(loss, clip=1.0, batch_argnums=(1, 2),
+                              method="ghost", microbatch_size=microbatch)
+  else:
+    grad_fn = oc.clipped_grad(loss, clip=1.0, batch_argnums=(1, 2),
+                              method=method)
+  # The gradients only, as jax-privacy's (the PerExampleInfo dropped).
+  return jax.jit(lambda p, x, y: grad_fn(p, x, y)[0])
 
 
 def compiled_memory(model: str, batch: int, seq: int, method: str

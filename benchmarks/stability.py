@@ -99,11 +99,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 FIGURES = os.path.join(ROOT, "docs", "figures")
 SPIKE_RATIO, SPIKE_WINDOW = 1.25, 20  # As examples/loss_spikes.py.
-SKIP_FACTOR = 5.0  # skip_step's spike_factor, as examples/loss_spikes.py.
+SKIP_FACTOR = 5.0  # skip_step's SpikeEMA max_ratio, as examples/loss_spikes.py.
 # --quick checks the harness rather than measuring: it compiles without XLA's
 # backend optimizations, in about half the time.
 QUICK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-QK_TAU = 100.0  # qk_clip's default, Kimi K2's tau.
+QK_MAX_LOGIT = 100.0  # qk_clip's default max_logit, Kimi K2's tau.
 # --quick leaves out, on the transformer (its compilations are the longest),
 # the guards that do not depend on the optimizer: the SGD tasks run them.
 QUICK_SKIP = {"transformer": ("skip_step(SpikeWindow())",
@@ -158,28 +158,32 @@ def methods(task: tasks_mod.Task, steps: int, tuned: float | None
       "clip_by_global_norm(tuned)": None if tuned is None else chain(
           oc.clip_by_global_norm(tuned)),
       "clip_by_norm(1.0)": chain(oc.clip_by_norm(1.0)),
-      f"clip_by_value({value:g})": chain(oc.clip_by_value(value, stats=True)),
+      f"clip_by_value({value:g})": chain(
+          oc.clip_by_value(value, full_stats=True)),
       f"adaptive_grad_clip({agc:g})": chain(oc.adaptive_grad_clip(agc)),
       "clip_by_quantile(0.9)": chain(oc.clip_by_quantile(0.9)),
       "clip_by_quantile(0.9, per_leaf)": chain(
           oc.clip_by_quantile(0.9, per_leaf=True)),
-      "zclip()": chain(oc.zclip(warmup_steps=zclip_warmup)),
+      "zclip()": chain(oc.zclip(oc.ZScore(warmup_steps=zclip_warmup))),
       "adagc()": chain(oc.adagc(warmup_steps=adagc_warmup)),
-      # SPAM's rule reads Adam's own second moment; before SGD it keeps its own.
-      "clip_spikes()": (oc.clip_spikes(inner=opt()) if adam
-                        else chain(oc.clip_spikes(beta2=0.999))),
+      # SPAM's rule reads Adam's own second moment (spike_clipped wraps
+      # AdamW); before SGD, clip_spikes keeps its own. One row, as before 0.4.
+      "clip_spikes()": (oc.spike_clipped(opt()) if adam
+                        else chain(oc.clip_spikes(decay=0.999))),
       "skip_step(zclip())": oc.skip_step(
-          chain(oc.zclip(warmup_steps=zclip_warmup)),
-          spike_factor=SKIP_FACTOR),
+          chain(oc.zclip(oc.ZScore(warmup_steps=zclip_warmup))),
+          rule=oc.SpikeEMA(max_ratio=SKIP_FACTOR)),
       # The guards on the loss and on the update.
       "skip_step(SpikeWindow())": oc.skip_step(
-          opt(), spike_window=oc.SpikeWindow(window=window)),
+          opt(), rule=oc.SpikeWindow(window=window)),
+      # eps 1e-6 (StableAdamW's) in the RMS, as before 0.4; AdamW keeps 1e-8.
       "clip_update_rms()": oc.clip_update_rms(
-          opt(), b2=task.settings["adam_b2"]) if adam else None,
+          opt(), decay=task.settings["adam_b2"], eps=1e-6) if adam else None,
       "clip_update_by_history()": optax.chain(
           opt(), oc.clip_update_by_history(window=window)),
       "qk_clip()": AfterLR(opt(), oc.qk_clip(
-          QK_TAU, layout=oc.QKLayout(query="q", key="k"))) if adam else None,
+          QK_MAX_LOGIT, layout=oc.QKLayout(query_path="q", key_path="k")))
+      if adam else None,
   }
   return {k: v for k, v in rows.items() if v is not None}
 
@@ -187,17 +191,21 @@ def methods(task: tasks_mod.Task, steps: int, tuned: float | None
 def method_notes(task: tasks_mod.Task, steps: int) -> list[str]:
   zclip_warmup = min(25, max(steps // 8, 1))
   adagc_warmup = min(100, max(steps // 4, 1))
-  spikes = ("`oc.clip_spikes(inner=...)` wraps AdamW and reads its `nu`"
+  spikes = ("`clip_spikes()`: `oc.spike_clipped(adamw)` wraps AdamW and"
+            " reads its `nu`"
             if task.name == "transformer" else
-            "`oc.clip_spikes(beta2=0.999)` (standalone) before SGD")
+            "`clip_spikes()`: `oc.clip_spikes(decay=0.999)` (standalone)"
+            " before SGD")
   window = history_window(steps)
-  notes = [f"`zclip(warmup_steps={zclip_warmup})`, "
+  notes = [f"`zclip()`: `zclip(ZScore(warmup_steps={zclip_warmup}))`, "
            f"`adagc(warmup_steps={adagc_warmup})`, other arguments their"
            " defaults",
            f"{spikes}",
-           "`skip_step(chain(zclip(), opt), spike_factor="
-           f"{SKIP_FACTOR:g})` (non-finite steps skipped too)",
-           f"`skip_step(opt, spike_window=SpikeWindow(window={window}))`"
+           "`skip_step(zclip())`: `skip_step(chain(zclip(), opt),"
+           f" rule=SpikeEMA(max_ratio={SKIP_FACTOR:g}))` (non-finite steps"
+           " skipped too)",
+           "`skip_step(SpikeWindow())`: `skip_step(opt,"
+           f" rule=SpikeWindow(window={window}))`"
            " (levanter's rule: loss or gradient norm more than 6 standard"
            " deviations above the mean of the window, judged from"
            f" {max(2, window // 2)} values; `update(..., loss=loss)` gets"
@@ -206,10 +214,12 @@ def method_notes(task: tasks_mod.Task, steps: int) -> list[str]:
            " optimizer's output clipped to mean + 3 std of its recent"
            " norms, before the learning rate and its schedule scale it"]
   if task.name == "transformer":
-    notes += [f"`clip_update_rms(adamw, b2={task.settings['adam_b2']:g})`"
-              " (StableAdamW's per-tensor rule, eps 1e-6 in the RMS; AdamW's"
-              " own eps stays 1e-8 as in the other rows)",
-              f"`qk_clip({QK_TAU:g})` (MuonClip's QK-Clip, alpha 0.5) after"
+    notes += ["`clip_update_rms()`: `clip_update_rms(adamw,"
+              f" decay={task.settings['adam_b2']:g}, eps=1e-6)` (StableAdamW's"
+              " per-tensor rule, eps 1e-6 in the RMS; AdamW's own eps stays"
+              " 1e-8 as in the other rows)",
+              f"`qk_clip()`: `qk_clip({QK_MAX_LOGIT:g})` (MuonClip's QK-Clip,"
+              " query_exponent 0.5) after"
               " AdamW on the learning-rate-scaled step: the loop adds"
               " `-lr * schedule * adamw(g)` and then rescales each head's"
               " query and key by the head's largest logit on the step's"
@@ -226,7 +236,7 @@ def make_train(task: tasks_mod.Task, method: Method,
   """``(lrs, seeds, data) -> record``: every run of the grid at once.
 
   Every method gets the batch loss as ``update(..., loss=loss)`` (read by
-  ``skip_step``'s ``spike_window``, ignored by the others); an
+  ``skip_step``'s ``SpikeWindow`` rule, ignored by the others); an
   :class:`AfterLR` method's last link gets the learning-rate-scaled step and
   the batch's per-head max logits.
   """

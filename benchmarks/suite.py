@@ -104,8 +104,8 @@ def specs(with_torch: bool) -> list[Spec]:
            + ([Baseline("torch", "torch clip_grad_value_(foreach)",
                         lambda c: ("value", c.value_threshold))]
               if with_torch else [])),
-      Spec("value_stats", "clip_by_value(stats=True)", 2, 0,
-           lambda c: oc.clip_by_value(c.value_threshold, stats=True),
+      Spec("value_stats", "clip_by_value(full_stats=True)", 2, 0,
+           lambda c: oc.clip_by_value(c.value_threshold, full_stats=True),
            [Baseline("optax", "optax.clip", lambda c: optax.clip(
                c.value_threshold))]),
       Spec("norm", "clip_by_norm", 3, 1,
@@ -129,8 +129,8 @@ def specs(with_torch: bool) -> list[Spec]:
                   lambda c: optax.adaptive_grad_clip(c.agc_clipping))],
         needs_params=True))
   if hasattr(oc, "clip_by_quantile"):
-    out.append(Spec("quantile", "clip_by_quantile(history=1000)", 3, 1,
-                    lambda c: oc.clip_by_quantile(0.9, history=1000),
+    out.append(Spec("quantile", "clip_by_quantile(window=1000)", 3, 1,
+                    lambda c: oc.clip_by_quantile(0.9, window=1000),
                     [ours_gn]))
   if hasattr(oc, "zclip"):
     out.append(Spec("zclip", "zclip", 3, 1, lambda c: oc.zclip(), [ours_gn]))

@@ -64,17 +64,17 @@ def make_loss(graphdef):
   return loss
 
 
-def train(noise_multiplier, max_norm, data, args, seed=0):
+def train(noise_multiplier, max_norm, data, args, noise_key=0):
   """One run: returns test accuracy after each chunk and clip statistics."""
   x_train, y_train, x_test, y_test = data
   graphdef, params = nnx.split(MLP(nnx.Rngs(0)), nnx.Param)
   loss = make_loss(graphdef)
   adaptive = isinstance(max_norm, oc.QuantileNorm)
-  grad_fn = oc.clipped_grad(loss, max_norm=1.0 if adaptive else max_norm,
-                            batch_argnums=(1, 2), return_norms=True)
+  grad_fn = oc.clipped_grad(loss, clip=1.0 if adaptive else max_norm,
+                            batch_argnums=(1, 2))
   tx = optax.chain(
-      oc.dp_noise(noise_multiplier, seed=seed, batch_size=EXPECTED_BATCH,
-                  max_norm=max_norm if adaptive else None),
+      oc.dp_noise(noise_multiplier, key=noise_key, batch_size=EXPECTED_BATCH,
+                  adaptive_norm=max_norm if adaptive else None),
       optax.adam(LEARNING_RATE))
   q = EXPECTED_BATCH / len(x_train)
 
@@ -89,7 +89,7 @@ def train(noise_multiplier, max_norm, data, args, seed=0):
       updates, state = tx.update(grads, state, params, clip_info=info)
       params = optax.apply_updates(params, updates)
       dp = state[0]
-      return (params, state), (dp.frac_clipped, dp.threshold)
+      return (params, state), (dp.stats.frac_clipped, dp.stats.threshold)
 
     keys = jax.random.split(key, CHUNK)
     (params, state), stats = jax.lax.scan(step, (params, state), keys)
@@ -202,7 +202,8 @@ def main() -> None:
   runs = {"non-private": (0.0, float("inf"))}
   runs.update({f"sigma={z:g}": (z, MAX_NORM) for z in noise if z > 0})
   runs["sigma=1 adaptive"] = (1.0, oc.quantile_norm(
-      MAX_NORM, 0.5, 0.2, count_noise_multiplier=10.0))
+      MAX_NORM, target_quantile=0.5, learning_rate=0.2,
+      count_noise_multiplier=10.0))
   results = {}
   for label, (z, max_norm) in runs.items():
     start = time.perf_counter()

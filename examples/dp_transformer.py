@@ -110,8 +110,8 @@ def make_loss(graphdef):
 def grad_steps(loss):
   """The three gradient computations: plain, ghost-clipped, vmap-clipped."""
   def clipped(method):
-    return oc.clipped_grad(loss, max_norm=MAX_NORM, batch_argnums=(1, 2),
-                           return_norms=True, method=method)
+    return oc.clipped_grad(loss, clip=MAX_NORM, batch_argnums=(1, 2),
+                           method=method)
   return {"non-private": jax.grad(loss), "ghost": clipped("ghost"),
           "vmap": clipped("vmap")}
 
@@ -128,7 +128,7 @@ def train(private: bool, params, loss, xs, ys):
   steps = grad_steps(loss)
   tx = optax.adam(LEARNING_RATE)
   if private:
-    tx = optax.chain(oc.dp_noise(NOISE, seed=0, batch_size=BATCH), tx)
+    tx = optax.chain(oc.dp_noise(NOISE, key=0, batch_size=BATCH), tx)
 
   @jax.jit
   def step(params, state, x, y):

@@ -40,7 +40,7 @@ CLIPPERS = {  # Row label -> clipping transform (None: plain SGD).
     "none": None,
     "clip_by_norm(1.0)": oc.clip_by_norm(1.0),
     "clip_by_global_norm(1.0)": oc.clip_by_global_norm(1.0),
-    "clip_by_value(5.0)": oc.clip_by_value(5.0, stats=True),
+    "clip_by_value(5.0)": oc.clip_by_value(5.0, full_stats=True),
 }
 
 

@@ -57,7 +57,7 @@ def train_step(state, x, y, weight):
   state = state.apply_gradients(grads=grads)
   stats = oc.clip_stats(state.opt_state)
   return state, {"loss": loss,
-                 "grad_norm": stats["clip_by_global_norm/grad_norm"],
+                 "norm": stats["clip_by_global_norm/norm"],
                  "clipped": stats["clip_by_global_norm/clipped"]}
 
 
@@ -93,7 +93,7 @@ def train(max_norm: float, epochs: int, log: bool) -> dict:
     train_mse.append(evaluate(state, x, y))
     if log and (epoch == 1 or epoch % 20 == 0):
       stats = oc.clip_stats(state.opt_state)
-      norm = float(stats["clip_by_global_norm/grad_norm"])
+      norm = float(stats["clip_by_global_norm/norm"])
       done = int(stats["clip_by_global_norm/num_clipped"])
       count = int(stats["clip_by_global_norm/count"])
       print(f"  epoch {epoch:3d}: train MSE {float(train_mse[-1]):9.4g},"
@@ -103,7 +103,7 @@ def train(max_norm: float, epochs: int, log: bool) -> dict:
   return {"train": np.asarray(jax.device_get(train_mse)),
           "test": float(evaluate(state, x_test, y_test)),
           "losses": np.concatenate([m["loss"] for m in logs]),
-          "norms": np.concatenate([m["grad_norm"] for m in logs]),
+          "norms": np.concatenate([m["norm"] for m in logs]),
           "frac_clipped": int(stats["clip_by_global_norm/num_clipped"])
                           / int(stats["clip_by_global_norm/count"])}
 
@@ -133,7 +133,7 @@ def plot(results: dict[str, dict], epochs: int) -> None:
               title="linen TrainState: train MSE per epoch")
   ax_loss.legend()
   ax_norm.set(yscale="log", xscale="log", xlabel="epoch (log scale)",
-              ylabel="grad_norm from oc.clip_stats(state.opt_state)",
+              ylabel="norm from oc.clip_stats(state.opt_state)",
               title="Logged pre-clip gradient norm per step")
   fig.tight_layout()
   _common.save(fig, "flax_linen")

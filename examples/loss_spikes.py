@@ -19,10 +19,10 @@ trained with every spike-mitigation transform of optaxclip:
 - AutoClip in its two published forms, ``clip_by_quantile(0.9)`` (the
   paper's code) and ``clip_by_quantile(0.9, include_current=False)`` (the
   ``autoclip`` package's ``QuantileClip``);
-- ``zclip()``; ``adagc()``; ``clip_spikes(inner=adamw)`` (SPAM's rule, read
+- ``zclip()``; ``adagc()``; ``spike_clipped(adamw)`` (SPAM's rule, read
   against AdamW's own second moment);
-- ``skip_step`` (``spike_factor=5``) around whichever of those ends with the
-  lowest validation loss.
+- ``skip_step`` (``rule=SpikeEMA(max_ratio=5)``) around whichever of those
+  ends with the lowest validation loss.
 
 All seeds of one row train at once (``jax.vmap`` over the seed); the model's
 gradient is compiled once for every row, each row compiles only its
@@ -72,7 +72,7 @@ CORRUPT_AT = (0.8,)  # Random-character batches.
 SCALED_LOSS, CORRUPT_LOSS = 1000.0, 100.0
 LEARNING_RATE = 1e-2
 SPIKE_RATIO, SPIKE_WINDOW = 1.25, 20
-SKIP_FACTOR = 5.0
+SKIP_RATIO = 5.0  # skip_step's SpikeEMA(max_ratio=...).
 
 ADAGC_WARMUP = 100  # Its default; --small runs 100 steps in all and uses 15.
 
@@ -92,7 +92,7 @@ def rows() -> dict[str, Factory]:
       "zclip()": lambda adamw: optax.chain(oc.zclip(), adamw),
       "adagc()": lambda adamw: optax.chain(
           oc.adagc(warmup_steps=ADAGC_WARMUP), adamw),
-      "clip_spikes(inner=adamw)": lambda adamw: oc.clip_spikes(inner=adamw),
+      "spike_clipped(adamw)": lambda adamw: oc.spike_clipped(adamw),
   }
 
 
@@ -199,20 +199,20 @@ def read_stats(opt_state: Any, grads: Any) -> dict[str, jax.Array]:
   out = {"norm": oc.global_norm(grads), "threshold": inf, "clipped": false,
          "skipped": false, "frac_tensors": jnp.zeros(()),
          "spikes": jnp.zeros((), jnp.int32)}
-  guard = find(opt_state, oc.SkipStepStats)
+  guard = find(opt_state, oc.SkipStepState)
   if guard is not None:
     out["skipped"] = guard.skipped
   for kind in (oc.ClipByGlobalNormState, oc.ClipByQuantileState,
                oc.ZClipState):
     s = find(opt_state, kind)
     if s is not None:
-      out["threshold"], out["clipped"] = s.threshold, s.clipped
+      out["threshold"], out["clipped"] = s.stats.threshold, s.stats.clipped
   s = find(opt_state, oc.AdaGCState)
   if s is not None:
-    out["clipped"], out["frac_tensors"] = s.clipped, s.frac_clipped
-  s = find(opt_state, oc.SpikeStats)
+    out["clipped"], out["frac_tensors"] = s.stats.clipped, s.stats.frac_clipped
+  s = find(opt_state, oc.SpikeClippedState)
   if s is not None:
-    out["clipped"], out["spikes"] = s.clipped, s.num_spikes
+    out["clipped"], out["spikes"] = s.stats.clipped, s.num_spikes
   return out
 
 
@@ -308,10 +308,10 @@ def plot(results: dict[str, dict], steps: int) -> None:
                label="adagc: fraction of tensors clipped (left)")
   ax_frac.set(xlabel="step", ylabel="fraction (seed 0)", ylim=(0, 1.05))
   ax_spikes = ax_frac.twinx()
-  r = results["clip_spikes(inner=adamw)"]
+  r = results["spike_clipped(adamw)"]
   ax_spikes.plot(x, np.maximum(r["spikes"][0], 0.5),
-                 color=colors["clip_spikes(inner=adamw)"], lw=0.8,
-                 label="clip_spikes: elements clipped (right)")
+                 color=colors["spike_clipped(adamw)"], lw=0.8,
+                 label="spike_clipped: elements clipped (right)")
   ax_spikes.set(yscale="log", ylabel="elements", ylim=(0.7, None))
   ax_frac.legend(loc="upper left", fontsize=8)
   ax_spikes.legend(loc="upper right", fontsize=8)
@@ -358,7 +358,8 @@ def main() -> None:
              key=lambda label: results[label]["val"].mean())
   guarded = f"skip_step({best})"
   results[guarded] = train(
-      lambda a: oc.skip_step(rows()[best](a), spike_factor=SKIP_FACTOR),
+      lambda a: oc.skip_step(rows()[best](a),
+                             rule=oc.SpikeEMA(max_ratio=SKIP_RATIO)),
       model, data)
 
   print(f"{args.steps} steps of AdamW({LEARNING_RATE:g}, b2=0.95) on"

@@ -58,7 +58,8 @@ def optimizers() -> dict[str, Callable[[], Any]]:
       "clip_by_global_norm": lambda: optax.chain(
           oc.clip_by_global_norm(1.0), optax.adamw(5e-2, weight_decay=1e-4)),
       "zclip": lambda: optax.chain(
-          oc.zclip(warmup_steps=3), optax.adamw(5e-2, weight_decay=1e-4)),
+          oc.zclip(oc.ZScore(warmup_steps=3)),
+          optax.adamw(5e-2, weight_decay=1e-4)),
   }
 
 

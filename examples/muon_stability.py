@@ -16,18 +16,18 @@ climbs without bound (Kimi K2's "exploding attention logits"). Four runs
 with the same initialisation and batches:
 
 (a) ``none``: Muon alone;
-(b) ``qk_clip``: the same, guarded: ``clip_by_global_norm(1.0, where=...)``
-    on the AdamW leaves first, then Muon, then ``oc.qk_clip(tau)`` as the last link
-    (after the update, each head whose largest logit of the step exceeded
-    ``tau`` has its query and key kernels scaled by ``sqrt(tau / S_max)``
-    each);
+(b) ``qk_clip``: the same, guarded: ``clip_by_global_norm(1.0, mask=...)``
+    on the AdamW leaves first, then Muon, then ``oc.qk_clip(max_logit)`` as
+    the last link (after the update, each head whose largest logit of the
+    step exceeded ``max_logit`` has its query and key kernels scaled by
+    ``sqrt(max_logit / S_max)`` each);
 (c) ``bad batches``: run (b) with a bad batch planted every 50 steps from
     step 100, alternately one whose labels are wrong and whose loss is
     multiplied by 100, and one of random characters; once as it is and once
     wrapped in ``oc.skip_step`` with the rolling loss rule of OLMo-core,
-    levanter and MaxText (``oc.SpikeWindow``: a step is skipped when its
-    loss lies more than 6 standard deviations above the mean of the last 32
-    losses).
+    levanter and MaxText (``rule=oc.SpikeWindow(...)``: a step is skipped
+    when its loss lies more than 6 standard deviations above the mean of the
+    last 32 losses).
 
 Every step records each head's largest logit through
 ``oc.max_logit_attention``, an ``attention_fn`` that sows it (``nnx.sow``)
@@ -63,7 +63,7 @@ import optaxclip as oc
 
 LEARNING_RATE = 0.1  # Muon's; high enough for the logits to run away.
 ADAM_LEARNING_RATE = 3e-3  # The AdamW leaves'.
-TAU = 100.0  # QK-Clip's cap on the logits (Kimi K2's value).
+MAX_LOGIT = 100.0  # QK-Clip's cap on the logits (Kimi K2's value).
 PLANT_FROM, PLANT_EVERY = 100, 50  # Planted bad batches: steps 100, 150, ...
 SCALED_LOSS = 100.0
 SPIKE_WINDOW, SPIKE_STD = 32, 6.0
@@ -75,7 +75,7 @@ SPIKE_WINDOW, SPIKE_STD = 32, 6.0
 def heads_clipped(opt_state: Any) -> jax.Array:
   """How many heads QK-Clip scaled at the last step (0 without it)."""
   s = find(opt_state, oc.QKClipState)
-  return jnp.zeros((), jnp.int32) if s is None else s.heads_clipped
+  return jnp.zeros((), jnp.int32) if s is None else s.num_heads_clipped
 
 
 def skipped(opt_state: Any) -> jax.Array:
@@ -127,10 +127,10 @@ def optimizer(kind: str) -> optax.GradientTransformation:
     return optax.chain(muon)
   # The global norm of all the gradients decides the factor; only the AdamW
   # leaves are scaled, Muon's matrices get their gradients as they are.
-  guarded = optax.chain(oc.clip_by_global_norm(1.0, where=adamw_leaves),
-                        muon, oc.qk_clip(TAU))
+  guarded = optax.chain(oc.clip_by_global_norm(1.0, mask=adamw_leaves),
+                        muon, oc.qk_clip(MAX_LOGIT))
   if kind == "skip":  # The loss arrives as update(..., loss=loss).
-    return oc.skip_step(guarded, spike_window=oc.SpikeWindow(
+    return oc.skip_step(guarded, rule=oc.SpikeWindow(
         window=SPIKE_WINDOW, num_std=SPIKE_STD, watch="loss"))
   return guarded
 
@@ -269,7 +269,8 @@ def plot(results: dict[str, dict], steps: int) -> None:
         loss[s] = loss[s - 1]
     ax_loss.plot(x, loss, color=f"C{i}", lw=0.8, alpha=0.85,
                  label=f"{run}: val {r['val']:.3f}")
-  ax_logit.axhline(TAU, color="k", ls="--", lw=0.8, label=f"tau = {TAU:g}")
+  ax_logit.axhline(MAX_LOGIT, color="k", ls="--", lw=0.8,
+                   label=f"max_logit = {MAX_LOGIT:g}")
   ax_logit.set(yscale="log", ylabel="largest logit q.k/sqrt(d)",
                title=f"Muon (lr {LEARNING_RATE:g}): the largest pre-softmax"
                " logit of the step, over both layers and all heads")
@@ -289,20 +290,20 @@ def plot(results: dict[str, dict], steps: int) -> None:
 
 
 def main() -> None:
-  global LEARNING_RATE, TAU, PLANT_FROM
+  global LEARNING_RATE, MAX_LOGIT, PLANT_FROM
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--runs", default=",".join(RUNS),
                       help="comma-separated subset of: " + ", ".join(RUNS))
   parser.add_argument("--lr", type=float, default=LEARNING_RATE,
                       help="Muon's learning rate")
-  parser.add_argument("--tau", type=float, default=TAU,
+  parser.add_argument("--max-logit", type=float, default=MAX_LOGIT,
                       help="QK-Clip's cap on the logits")
   parser.add_argument("--plant-from", type=int, default=PLANT_FROM,
                       help="the first planted bad batch (0-based step)")
   args = parser.parse_args()
   args.batch, args.length, args.dim, args.heads, args.layers = 16, 64, 64, 4, 2
-  LEARNING_RATE, TAU, PLANT_FROM = args.lr, args.tau, args.plant_from
+  LEARNING_RATE, MAX_LOGIT, PLANT_FROM = args.lr, args.max_logit, args.plant_from
   ids, vocab = load_text()
   data = make_batches(args, ids, vocab)
   total = time.perf_counter()
@@ -312,7 +313,8 @@ def main() -> None:
   print(f"{args.steps} steps of Muon (lr {LEARNING_RATE:g}; AdamW leaves"
         f" {ADAM_LEARNING_RATE:g}) on pydoc_data.topics, batch {args.batch} x"
         f" {args.length} characters, dim {args.dim}, {args.heads} heads,"
-        f" {args.layers} layers; QK-Clip tau {TAU:g}; bad batches at steps"
+        f" {args.layers} layers; QK-Clip max_logit {MAX_LOGIT:g}; bad batches"
+        f" at steps"
         f" {[s + 1 for s in planted(args.steps)]}:")
   _common.print_table(
       ["run", "max logit, step 1", "last step", "max", "train loss (last 20)",

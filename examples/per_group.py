@@ -62,10 +62,10 @@ def optimizers(steps: int) -> dict[str, optax.GradientTransformation | None]:
       "none": None,
       "clip_by_global_norm(1.0)": oc.clip_by_global_norm(1.0),
       "per_group(constant)": optax.multi_transform(
-          {"embed": oc.clip_by_value(0.1, stats=True),
+          {"embed": oc.clip_by_value(0.1, full_stats=True),
            "dense": oc.clip_by_global_norm(1.0)}, group_of),
       "per_group(schedule)": optax.multi_transform(
-          {"embed": oc.clip_by_value(0.1, stats=True),
+          {"embed": oc.clip_by_value(0.1, full_stats=True),
            "dense": oc.clip_by_global_norm(decay)}, group_of),
       # AGC's units differ by group: an embedding's unit is a row (reduce
       # axis 1), a dense kernel's an output column (the default).
@@ -143,13 +143,13 @@ def plot(results: dict[str, dict]) -> None:
               title="Training loss")
   ax_loss.legend(fontsize=9)
   stats = results["per_group(schedule)"]["stats"]
-  step = np.arange(1, len(stats["clip_by_global_norm/grad_norm"]) + 1)
+  step = np.arange(1, len(stats["clip_by_global_norm/norm"]) + 1)
   w = 20
-  ax_norm.plot(step[w - 1:], smooth(stats["clip_by_global_norm/grad_norm"], w),
+  ax_norm.plot(step[w - 1:], smooth(stats["clip_by_global_norm/norm"], w),
                "C0", lw=1, label="dense layers: global norm before clipping")
   ax_norm.plot(step, stats["clip_by_global_norm/threshold"], "k--",
                label="dense layers: threshold (linear schedule 2.0 -> 0.3)")
-  ax_norm.plot(step[w - 1:], smooth(stats["clip_by_value/grad_norm"], w),
+  ax_norm.plot(step[w - 1:], smooth(stats["clip_by_value/norm"], w),
                "C1", lw=1, label="embeddings: norm before clip_by_value(0.1)")
   ax_norm.set(yscale="log", ylim=(None, 300), xlabel="training step",
               ylabel=f"from oc.clip_stats (norms: mean of {w} steps)",
@@ -184,7 +184,7 @@ def main() -> None:
     elements = stats.get(f"{name}/frac_clipped")
     rows.append([group, name, float(stats[f"{name}/num_clipped"][-1]) / steps,
                  "-" if elements is None else float(np.mean(elements)),
-                 float(np.median(stats[f"{name}/grad_norm"])),
+                 float(np.median(stats[f"{name}/norm"])),
                  float(threshold[0]), float(threshold[-1])])
   print("\nper_group(schedule), from oc.clip_stats:")
   _common.print_table(["group", "clipper", "steps clipped", "elements clipped",
