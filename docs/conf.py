@@ -56,7 +56,11 @@ def _kind(obj: Any) -> str:
   if isinstance(obj, type) and issubclass(obj, BaseException):
     return "Exceptions"
   if isinstance(obj, type) and issubclass(obj, tuple):
-    return "States"
+    # A transformation's state is named ``...State``; the other NamedTuples
+    # are records: ClipStats (the statistics every state holds), the rules a
+    # transformation takes (ZScore, SpikeEMA, ExampleClip, ...) and what a
+    # function returns (PerExampleInfo).
+    return "States" if obj.__name__.endswith("State") else "Records"
   if inspect.isfunction(obj):
     returns = str(inspect.signature(obj).return_annotation)
     if "GradientTransformation" in returns:
@@ -72,6 +76,7 @@ def _kind(obj: Any) -> str:
 _DIRECTIVES = {
     "Transformations": "autofunction",
     "Functions": "autofunction",
+    "Records": "autoclass",
     "States": "autoclass",
     "Classes": "autoclass",
     "Exceptions": "autoexception",
