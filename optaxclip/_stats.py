@@ -103,11 +103,9 @@ def advance(prev: ClipStats, *, clipped: jax.Array | None = None,
   the previous values; a field not given keeps its value. A field that
   ``prev`` does not keep cannot be given (the structure would change).
   """
-  new = dict(fields, count=optax.safe_increment(prev.count))
+  new = dict(fields)
   if clipped is not None:
     new["clipped"] = clipped
-    new["num_clipped"] = (jnp.zeros((), jnp.int32) if prev.num_clipped is None
-                          else prev.num_clipped) + clipped.astype(jnp.int32)
   if num is not None:
     new["frac_clipped"] = (jnp.asarray(num).astype(jnp.float32)
                            / jnp.maximum(jnp.asarray(of, jnp.float32), 1))
@@ -115,7 +113,10 @@ def advance(prev: ClipStats, *, clipped: jax.Array | None = None,
                if v is not None and getattr(prev, k) is None)
   if off:
     raise ValueError(f"ClipStats: {', '.join(off)} not kept by this state.")
-  return prev._replace(**new)
+  if clipped is not None:
+    assert prev.num_clipped is not None  # fresh() keeps both or neither.
+    new["num_clipped"] = prev.num_clipped + clipped.astype(jnp.int32)
+  return prev._replace(count=optax.safe_increment(prev.count), **new)
 
 
 def clip_stats(opt_state: Any, *, scalars: bool = False) -> dict[str, Any]:

@@ -193,10 +193,8 @@ def clip_update_rms(
                           schedule=False)
   _validate.check_bool(leaf_norms, "leaf_norms", caller)
   wrapped = optax.with_extra_args_support(inner)
-  found = _adam_hyperparams(inner)
-
-  def settings(inner_state, like):
-    return _moment_settings(inner_state, like, decay, eps, found, caller)
+  settings = functools.partial(_moment_settings, decay=decay, eps=eps,
+                               found=_adam_hyperparams(inner), caller=caller)
 
   def init_fn(params):
     _tree.check_real(params, caller)

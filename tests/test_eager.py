@@ -46,7 +46,6 @@ NAMES = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.slow
 def test_eager_update_equals_jitted_update(name):
   if name == "check_finite":
     pytest.skip("check_finite raises eagerly: tests/test_checks.py")

@@ -166,7 +166,6 @@ CASES = [pytest.param(name, dtype, id=f"{name}-{jnp.dtype(dtype).name}",
 
 
 @pytest.mark.parametrize("name, dtype", CASES)
-@pytest.mark.slow
 def test_stacked_is_unstacked(name, dtype):
   check_same(name, 3, (4, 5), 0, dtype)
 
