@@ -131,7 +131,9 @@ def adaptive_grad_clip(
     count = jnp.zeros((), jnp.int32)
     return AdaptiveGradClipState(
         _stats.fresh(dtype, norm=False, frac=True,
-                     threshold=_thresholds.resolve(clipping, count, dtype),
+                     threshold=_thresholds.resolve(
+                         clipping, count, dtype,
+                         name="adaptive_grad_clip: clipping"),
                      leaf_norms=norms),
         ratio=jnp.zeros((), dtype))
 
@@ -147,8 +149,9 @@ def adaptive_grad_clip(
                                            axis_name=axis_name)
     dtype = _tree.tree_acc_dtype(updates)
     count = state.stats.count
-    c = _thresholds.resolve(clipping, count, dtype)
-    e = _thresholds.resolve(eps, count, dtype)
+    c = _thresholds.resolve(clipping, count, dtype,
+                            name="adaptive_grad_clip: clipping")
+    e = _thresholds.resolve(eps, count, dtype, name="adaptive_grad_clip: eps")
     floors = [jnp.maximum(pn.value().astype(gn.scaled.dtype), e.astype(
         gn.scaled.dtype)) for gn, pn in zip(g_norms, p_norms)]
     # A NaN parameter norm makes a NaN threshold, which acts as 0 (the unit

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -27,14 +26,24 @@ class SpikeEMA(NamedTuple):
   are), so it tracks the mean of the norms from the first step taken; the
   state keeps it as ``norm_ema``.
 
-  Skipped steps stay out of the average, so a spike does not raise the
-  baseline it is judged against; but a lasting rise of the norm to more
-  than ``max_ratio`` times the old level is skipped step after step, as
-  the average never catches up. :class:`SpikeWindow`, whose window takes
-  in the skipped steps too, adopts such a level within a few steps.
+  With ``follow=True`` (the default) every finite norm enters the average,
+  skipped steps' included (as every value enters :class:`SpikeWindow`'s
+  window), so a lasting rise of the norm to more than ``max_ratio`` times
+  the old level becomes the new baseline: skipped for some steps, then
+  taken. A spike is judged against the average before it, and raises it by
+  ``(1 - decay)`` times its excess (a x20 spike: by 19% at the default
+  decay), so the next spike is caught as well. With ``follow=False`` the
+  skipped steps stay out of the average, so a spike raises nothing; but a
+  lasting rise to more than ``max_ratio`` times the old level is then
+  skipped step after step, for the rest of the run, as the average never
+  catches up. Measured on synthetic runs (``python tests/test_lockin.py``):
+  after a lasting x10 rise of a norm with 1% noise, ``follow=True`` skips
+  6 steps and takes the rest, ``follow=False`` skips every step after it;
+  three planted x20 spikes are skipped either way, and no other step.
 
   Edge cases: a NaN or infinite norm is skipped by ``nonfinite`` (and
-  never enters the average); a norm equal to the bound is taken.
+  never enters the average); a norm equal to the bound is taken. The
+  average's bias correction and ``warmup_steps`` count the steps taken.
 
   Attributes:
     max_ratio: the largest ratio of a step's norm to the moving average of
@@ -43,6 +52,10 @@ class SpikeEMA(NamedTuple):
     decay: the decay of that moving average, in ``[0, 1)``.
     warmup_steps: how many steps must have been taken before the rule
       applies (at least 1).
+    follow: whether the average follows a lasting change of the norm
+      level: ``True`` puts every finite norm in it, skipped steps' too;
+      ``False`` the norms of the steps taken alone (which locks in after a
+      rise of more than ``max_ratio``).
 
   Example:
     >>> import jax.numpy as jnp
@@ -61,6 +74,7 @@ class SpikeEMA(NamedTuple):
   max_ratio: float = 5.0
   decay: float = 0.99
   warmup_steps: int = 20
+  follow: bool = True
 
 
 class SpikeWindow(NamedTuple):
@@ -172,6 +186,8 @@ class SkipStepState(NamedTuple):
     norm_ema: the bias-corrected exponential moving average of the norms of
       the steps taken (0 before the first one), of :class:`SpikeEMA`'s
       ``decay`` (0.99 without a :class:`SpikeEMA`); that rule's baseline.
+      With ``SpikeEMA(follow=True)``, skipped steps' finite norms enter it
+      too.
     loss: (a :class:`SpikeWindow` watching the loss) the loss of the last
       step, as passed to ``update``; ``None`` otherwise.
     loss_threshold: (idem) the loss above which the last step was or would
@@ -184,6 +200,14 @@ class SkipStepState(NamedTuple):
       window (int32, ``(2,)``; kept below ``2 * window``).
     inner_state: the state of the wrapped transformation, as it was after the
       last step that was taken.
+
+  An attribute this state lacks is read from ``inner_state``: code written
+  for the wrapped optimizer's state keeps working behind the guard, e.g.
+  ``state.gradient_step``, ``state.mini_step`` and ``state.acc_grads`` of
+  a wrapped ``optax.MultiSteps`` (and ``optax.MultiSteps.has_updated``),
+  or ``state.hyperparams`` of a wrapped ``optax.inject_hyperparams``.
+  Indexing is the NamedTuple's own: ``state[0]`` is ``stats``; a wrapped
+  chain's first state is ``state.inner_state[0]``.
   """
 
   stats: ClipStats
@@ -196,24 +220,19 @@ class SkipStepState(NamedTuple):
   history_count: jax.Array | None
   inner_state: Any
 
-
-_IN_MULTISTEPS = (
-    "skip_step: wrapped in optax.MultiSteps, a non-finite micro-batch stays in"
-    " MultiSteps' accumulator, out of skip_step's reach, and spoils the"
-    " following steps. Nest it the other way round,"
-    " oc.skip_step(optax.MultiSteps(opt, k)), to drop a bad micro-batch"
-    " alone; or, to judge the accumulated gradients, pass nonfinite=False"
-    " with skip_norm or rule and give MultiSteps"
-    " should_skip_update_fn=optax.skip_not_finite.")
-
-
-_LOSS_IN_MULTISTEPS = (
-    "skip_step: wrapped in optax.MultiSteps, rule=oc.SpikeWindow(...) would"
-    " judge the loss passed with the last micro-batch of each step alone"
-    " (MultiSteps forwards that one). Nest it the other way round,"
-    " oc.skip_step(optax.MultiSteps(opt, k), rule=...), to judge each"
-    " micro-batch's loss and norm; or watch the accumulated gradients' norm"
-    " alone: oc.SpikeWindow(watch='norm').")
+  def __getattr__(self, name: str) -> Any:
+    # Called only for names the NamedTuple lacks; special names are never
+    # delegated (copy, pickle and friends look those up and expect their
+    # absence to read as absence).
+    if name.startswith("__"):
+      raise AttributeError(name)
+    inner = self.inner_state
+    try:
+      return getattr(inner, name)
+    except AttributeError:
+      raise AttributeError(
+          f"'SkipStepState' object has no attribute {name!r}, nor has its"
+          f" inner_state ({type(inner).__name__})") from None
 
 
 def _moved(field: str) -> str:
@@ -278,12 +297,16 @@ def skip_step(
   micro-batch's norm, and loss: pass each micro-batch's mean loss, and a
   :class:`SpikeWindow` judges it against a window of micro-batch values (its
   ``window`` counts micro-batches; a micro-batch's loss scatters more than
-  the mean of ``k``, so the bounds are wider). ``optax.MultiSteps(skip_step(opt),
-  k)`` with ``nonfinite=True``, or with a :class:`SpikeWindow` that watches
-  the loss, raises a ``TypeError`` when traced: there a NaN would stay in
-  MultiSteps' accumulator, and MultiSteps forwards the last micro-batch's
-  loss alone. With ``nonfinite=False`` and ``SpikeWindow(watch="norm")`` it
-  judges the accumulated gradients' norm once per step.
+  the mean of ``k``, so the bounds are wider). Nested the other way,
+  ``optax.MultiSteps(skip_step(opt), k)``, the guard sees the accumulated
+  gradients and keeps its state once per step: it cannot drop a bad
+  micro-batch (a NaN stays in MultiSteps' accumulator, out of its reach,
+  and every later step is skipped), and its loss rule would judge the last
+  micro-batch's loss alone. Nothing in the call tells the guard that
+  MultiSteps made it, so it does not refuse that nesting: there give
+  MultiSteps ``should_skip_update_fn=optax.skip_not_finite`` and the guard
+  ``skip_norm`` or ``SpikeWindow(watch="norm")``, which judge the
+  accumulated gradients' norm.
 
   ``updates`` whose tree structure or leaf shapes differ from those of the
   tree given to ``init`` raise a ``ValueError`` naming the first
@@ -365,11 +388,12 @@ def skip_step(
         inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    _check_call(state, trees, updates, nonfinite, window)
+    _check_call(state, trees, updates)
     dtype = state.stats.norm.dtype
     taken = state.stats.count - state.num_skipped
     norm, each, threshold = _norm_and_threshold(
-        updates, state, p, axis_name, leaf_norms, layer_axis, skip_norm, ema)
+        updates, state, p, axis_name, leaf_norms, layer_axis, skip_norm, ema,
+        extra_args.get("global_norm"))
     skip = norm > threshold
     if nonfinite:
       skip |= ~jnp.isfinite(norm)
@@ -387,7 +411,7 @@ def skip_step(
         new_updates)
 
     new_ema = _norm_ema(state.norm_ema, norm, taken, decay)
-    use = ~skip & jnp.isfinite(norm)
+    use = (~skip | (ema is not None and ema.follow)) & jnp.isfinite(norm)
     return new_updates, SkipStepState(
         stats=_stats.advance(
             state.stats, norm=norm, threshold=threshold,
@@ -399,20 +423,14 @@ def skip_step(
   return _transform.transformation(init_fn, update_fn, extra_args=True)
 
 
-def _check_call(state: Any, trees: Any, updates: Any, nonfinite: bool,
-                window: SpikeWindow | None) -> None:
-  """Raises for a state or a tree ``init`` did not make, and inside
-  ``optax.MultiSteps`` where a NaN or the loss would be mishandled."""
+def _check_call(state: Any, trees: Any, updates: Any) -> None:
+  """Raises for a state or a tree ``init`` did not make."""
   _check_state(state)
   _check_tree(trees, updates)
-  if nonfinite and _called_by_multisteps():
-    raise TypeError(_IN_MULTISTEPS)
-  if _watches_loss(window) and _called_by_multisteps():
-    raise TypeError(_LOSS_IN_MULTISTEPS)
 
 
 def _norm_and_threshold(updates, state, p, axis_name, leaf_norms, layer_axis,
-                        skip_norm, ema):
+                        skip_norm, ema, supplied=None):
   """The global norm of ``updates`` (and each leaf's, with ``leaf_norms``),
   and the norm above which ``skip_norm`` or the moving-average spike rule
   (``ema``: a :class:`SpikeEMA` or ``None``) skips the step."""
@@ -426,9 +444,13 @@ def _norm_and_threshold(updates, state, p, axis_name, leaf_norms, layer_axis,
   # leaves vary across devices, which the norm needs.
   seen = updates if axis_name is not None else (
       jax.lax.optimization_barrier(updates))
-  parts, each = _norms.global_and_leaf_norms(
-      seen, p, axis_name=axis_name, leaves=leaf_norms, layer_axis=layer_axis,
-      caller="skip_step")
+  each = None
+  if supplied is None or leaf_norms:
+    parts, each = _norms.global_and_leaf_norms(
+        seen, p, axis_name=axis_name, leaves=leaf_norms,
+        layer_axis=layer_axis, caller="skip_step")
+  if supplied is not None:  # Computed elsewhere (docs/sharding.md).
+    parts = _norms.supplied_norm(supplied, p, dtype, "skip_step")
   norm = parts.value().astype(dtype)
   threshold = jnp.full((), jnp.inf, dtype)
   if skip_norm is not None:
@@ -482,6 +504,7 @@ def _check_ema(rule: SpikeEMA) -> None:
   _validate.check_range(rule.decay, "decay", caller, lo=0.0, hi=1.0,
                         open_hi=True, schedule=False)
   _validate.check_int(rule.warmup_steps, "warmup_steps", caller, lo=1)
+  _validate.check_bool(rule.follow, "follow", caller)
 
 
 def _check_window(rule: SpikeWindow) -> None:
@@ -604,10 +627,15 @@ def _signature(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _remember_tree(trees: list, params: Any) -> None:
-  """Records the leaf paths and shapes of a tree given to ``init``."""
-  entry = _signature(params)
-  if entry not in trees:
-    trees.append(entry)
+  """Records the leaf paths and shapes of a tree given to ``init``, and of
+  each field of a record of trees (``optax.lookahead``'s
+  ``LookaheadParams(fast, slow)``: its updates are one field's tree)."""
+  fields = getattr(params, "_fields", None) if isinstance(
+      params, tuple) else None
+  for tree in [getattr(params, f) for f in fields or ()] + [params]:
+    entry = _signature(tree)
+    if entry not in trees:
+      trees.append(entry)
 
 
 def _check_tree(trees: list, updates: Any) -> None:
@@ -725,12 +753,3 @@ def _update_keeping_state(skip, update, updates, state, params, extra_args):
   return jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(out_shape), outs)
 
-
-def _called_by_multisteps() -> bool:
-  """Whether an ``optax.MultiSteps`` update is on the Python call stack."""
-  frame = sys._getframe(2)
-  while frame is not None:
-    if isinstance(frame.f_locals.get("self"), optax.MultiSteps):
-      return True
-    frame = frame.f_back
-  return False

@@ -10,7 +10,7 @@ tree over the gradients' leaves.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -25,16 +25,19 @@ Threshold = float | jax.Array | Callable[[jax.Array], Any]
 
 def resolve(value: Threshold, count: jax.Array, dtype: Any, *,
             lo: float = 0.0, hi: float = math.inf,
-            nan: float | None = None) -> jax.Array:
+            nan: float | None = None, name: str | None = None) -> jax.Array:
   """The hyper-parameter in force at step ``count``, as a scalar of ``dtype``.
 
   Values that arrive at run time (a schedule's output, an array injected by
   ``optax.inject_hyperparams``) are clamped into ``[lo, hi]``, and NaN
   becomes ``nan`` (``lo`` by default): a threshold of -1 or NaN acts as 0,
   it never flips the sign of an update or poisons it. The value returned is
-  the one in force, and the one clippers record in their state.
+  the one in force, and the one clippers record in their state. A value
+  that is not a real number (a schedule returning a string, say) raises a
+  TypeError naming ``name``.
   """
   value_now: Any = value(count) if _validate.is_schedule(value) else value  # type: ignore[operator]
+  _check_number(value_now, value, name)
   if jnp.ndim(value_now) != 0:
     raise ValueError(
         f"a threshold or hyper-parameter arrived with shape"
@@ -47,17 +50,38 @@ def resolve(value: Threshold, count: jax.Array, dtype: Any, *,
   return jnp.clip(v, lo, hi)
 
 
+def _check_number(value_now: Any, given: Any, name: str | None) -> None:
+  """A TypeError unless ``value_now`` (``given``, or what it returned) is a
+  real number: a string such as ``"0.01"`` would otherwise be parsed."""
+  kind = getattr(getattr(value_now, "dtype", None), "kind", None)
+  if kind is None and isinstance(value_now, (bool, int, float, np.number)):
+    return
+  if kind in ("b", "i", "u", "f"):
+    return
+  what = name or "a threshold or hyper-parameter"
+  source = ("its schedule returned" if _validate.is_schedule(given)
+            else "it is")
+  raise TypeError(
+      f"{what} must be a real number at run time, but {source}"
+      f" {value_now!r} ({type(value_now).__name__}); give a number, a JAX"
+      " scalar, or a schedule that returns one (e.g."
+      " optax.constant_schedule(0.01) or"
+      " optax.linear_schedule(0.01, 0.1, 1000)).")
+
+
 def broadcast_prefix(prefix: Any, tree: Any, name: str, caller: str, *,
                      hint: str | None = None) -> Any:
   """Copies each leaf of ``prefix`` over the matching subtree of ``tree``.
 
-  ``hint`` replaces the error's description of what a prefix holds.
+  ``hint`` replaces the error's description of what a prefix holds. A
+  plain dict in ``prefix`` matches any mapping of ``tree`` with the same
+  keys (a Flax ``nnx.State``, a ``FrozenDict``).
   """
   try:
     return jax.tree_util.tree_map(
         lambda t, sub: jax.tree_util.tree_map(lambda _: t, sub,
                                               is_leaf=_tree.is_masked),
-        prefix, tree, is_leaf=_tree.is_masked)
+        _like_mappings(prefix, tree), tree, is_leaf=_tree.is_masked)
   except (ValueError, TypeError, KeyError) as e:
     raise ValueError(
         f"{caller}: the {name} tree does not match the gradients. "
@@ -68,6 +92,26 @@ def broadcast_prefix(prefix: Any, tree: Any, name: str, caller: str, *,
         f" {jax.tree_util.tree_structure(prefix)}; gradient structure:"
         f" {jax.tree_util.tree_structure(tree, is_leaf=_tree.is_masked)}."
     ) from e
+
+
+def _like_mappings(prefix: Any, tree: Any) -> Any:
+  """``prefix`` with each plain dict that stands where ``tree`` has
+  another mapping type rebuilt as that type (so that a dict prefix matches
+  an ``nnx.State``); everything else as it is."""
+  if isinstance(prefix, (list, tuple)) and type(prefix) is type(tree) and (
+      len(prefix) == len(tree)) and not hasattr(prefix, "_fields"):
+    return type(prefix)(_like_mappings(p, t) for p, t in zip(prefix, tree))
+  if type(prefix) is not dict or not isinstance(tree, Mapping):
+    return prefix
+  inner = {k: _like_mappings(v, tree[k]) if k in tree else v
+           for k, v in prefix.items()}
+  if type(tree) is dict or set(prefix) != set(tree.keys()):
+    return inner
+  make: Any = type(tree)
+  try:
+    return make(inner)
+  except (TypeError, ValueError):
+    return inner
 
 
 def leaf_thresholds(value: Any, updates: Any, count: jax.Array, name: str,
@@ -89,8 +133,8 @@ def leaf_thresholds(value: Any, updates: Any, count: jax.Array, name: str,
 _NOT_STACKED = object()  # None in a layer_axis tree, kept as a leaf.
 _LAYER_HINT = (
     "Give one int, or a pytree prefix of the gradients with the same"
-    " containers and keys (for Flax NNX gradients an nnx.State, e.g."
-    " nnx.State({'blocks': 0, 'head': None}), or oc.layer_axes(model)),"
+    " containers and keys (a plain dict also for Flax NNX gradients, e.g."
+    " {'blocks': 0, 'head': None}; or oc.layer_axes(model)),"
     " with an int or None where a whole subtree shares a layer axis.")
 
 

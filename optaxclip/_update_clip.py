@@ -133,8 +133,11 @@ def clip_update_rms(
   Args:
     inner: the optimizer to wrap, keeping a second moment ``nu`` shaped
       like the gradients (``optax.adamw``, ``adam``, ``nadam``, ``lamb``,
-      alone or inside ``chain``/``inject_hyperparams``); the first such
-      ``nu`` in its state is read.
+      alone or inside ``inject_hyperparams``, or first in a ``chain``);
+      the first such ``nu`` in its state is read. A transformation before
+      it (``chain(clip, adamw)``) is refused at ``init``: ``u`` needs the
+      gradient the second moment saw; chain it before the wrapper,
+      ``chain(clip, clip_update_rms(adamw))``.
     decay: the decay of ``nu``, StableAdamW's ``beta2`` (the optimizer's
       ``b2``, in ``[0, 1)``), for the bias correction of ``nu``; ``None``
       reads it off ``inner``.
@@ -154,7 +157,8 @@ def clip_update_rms(
 
   Raises:
     ValueError: at ``init``, when ``inner`` keeps no second moment, or its
-      ``b2`` or ``eps`` is needed and cannot be read off it.
+      ``b2`` or ``eps`` is needed and cannot be read off it, or a
+      transformation comes before its second moment in a ``chain``.
 
   References:
     Wortsman et al., `Stable and low-precision training for large-scale
@@ -200,6 +204,7 @@ def clip_update_rms(
     _tree.check_real(params, caller)
     inner_state = wrapped.init(params)
     settings(inner_state, params)  # A clear error now.
+    _check_nothing_before(inner_state, params, caller)
     dtype = _tree.tree_acc_dtype(params)
     return ClipUpdateRMSState(
         stats=_stats.fresh(
@@ -229,6 +234,33 @@ def clip_update_rms(
         inner_state=inner_state)
 
   return _transform.transformation(init_fn, update_fn, extra_args=True)
+
+
+def _check_nothing_before(inner_state: Any, like: Any, caller: str) -> None:
+  """Raises where ``inner`` transforms the gradient before its second
+  moment sees it (``nu`` after the first element of an ``optax.chain``):
+  ``u`` would divide the gradient entering the wrapper by the second moment
+  of another gradient."""
+  want = str(jax.tree_util.tree_structure(like, is_leaf=_tree.is_masked))
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      inner_state,
+      is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "nu"))
+  for path, node in flat:
+    nu = getattr(node, "nu", None)
+    if nu is None or not isinstance(node, tuple) or str(
+        jax.tree_util.tree_structure(nu, is_leaf=_tree.is_masked)) != want:
+      continue
+    later = [k.idx for k in path
+             if isinstance(k, jax.tree_util.SequenceKey) and k.idx > 0]
+    if later:
+      raise ValueError(
+          f"{caller}: inner transforms the gradients before its second"
+          f" moment (element {later[0]} of an optax.chain holds it), so the"
+          " RMS would divide the gradient clip_update_rms receives by the"
+          " second moment of the transformed one. Wrap the optimizer alone"
+          " and chain the transformation before the wrapper, e.g."
+          " optax.chain(clip, oc.clip_update_rms(optax.adamw(...))).")
+    return
 
 
 def _setting(name: str, keyword: str, given: Any, inner_state: Any,

@@ -47,11 +47,46 @@ def planted_norms(steps, spikes, seed=0):
 _PAPER_NAMES = dict(max_ratio="lambda_rel", decay="beta", max_norm="lambda_abs")
 
 
-def reference(norms, **kwargs):
+def reference(norms, follow=True, **kwargs):
   """The float64 reference run with adagc's keywords under their paper
-  names."""
-  return ref.adagc(norms, **{_PAPER_NAMES.get(k, k): v
-                             for k, v in kwargs.items()})
+  names: the paper's Algorithm 1 (``follow=False``), or with a tensor
+  clipped at two consecutive steps taking its norm as ``gamma``."""
+  paper = {_PAPER_NAMES.get(k, k): v for k, v in kwargs.items()}
+  return adagc_follow(norms, **paper) if follow else ref.adagc(norms, **paper)
+
+
+def adagc_follow(norms, lambda_rel=1.05, beta=0.98, warmup_steps=100,
+                 lambda_abs=1.0, eps=0.0):
+  """AdaGC's Algorithm 1 in float64 (as ``tests._references.adagc``), and
+  after warm-up a tensor clipped at this step and the one before (also
+  after warm-up) takes its unclipped norm as ``gamma``."""
+  norms = np.asarray(norms, np.float64)
+  gamma = np.full(norms.shape[1], np.inf)
+  before = np.zeros(norms.shape[1], bool)  # Clipped at the last step.
+  out = []
+  with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+    for t, n in enumerate(norms, start=1):
+      if t <= warmup_steps:
+        total = np.sqrt(np.sum(n * n))
+        s = 1.0 if total <= lambda_abs else lambda_abs / total
+        scale = np.full_like(n, np.nan if np.isnan(total) else s)
+        threshold = np.full_like(n, lambda_abs)
+        kept = scale * n
+        if np.isfinite(total):
+          gamma = np.minimum(gamma, kept)
+      else:
+        threshold = lambda_rel * gamma
+        over = (n + eps > threshold) & (n != 0)
+        scale = np.where(np.isnan(n), np.nan,
+                         np.where(over, threshold / (n + eps), 1.0))
+        kept = scale * n
+        gamma = np.where(np.isfinite(kept), beta * gamma + (1 - beta) * kept,
+                         gamma)
+        gamma = np.where((scale < 1) & before & np.isfinite(n), n, gamma)
+      before = (scale < 1) & (t > warmup_steps)
+      out.append(ref.AdaGCStep(scale=scale, clipped_norms=kept,
+                               gamma=gamma.copy(), threshold=threshold))
+  return out
 
 
 def stacked(tree):
@@ -74,7 +109,9 @@ def assert_matches(states, updates, expected, rtol=1e-5):
 
 @pytest.mark.parametrize("kwargs", [
     dict(warmup_steps=1),
+    dict(warmup_steps=1, follow=False),
     dict(warmup_steps=5),
+    dict(warmup_steps=5, follow=False),
     dict(warmup_steps=20, max_norm=0.5),
     dict(warmup_steps=10, max_ratio=1.2, decay=0.9, max_norm=np.inf),
     dict(warmup_steps=3, max_ratio=1.0, decay=0.0, eps=1e-2),
@@ -85,9 +122,10 @@ def test_matches_float64_reference_step_by_step(kwargs):
   w = kwargs["warmup_steps"]
   # Spikes on the last warm-up step, on the first step after it, and later,
   # in one tensor at a time and in all at once.
+  # A lasting rise of tensor 0 from step w + 20 on.
   spikes = {(w - 1, 0): 30.0, (w, 1): 50.0, (w + 5, 2): 10.0,
             (w + 9, 0): 4.0, (w + 9, 1): 4.0, (w + 9, 2): 4.0,
-            (w + 12, 1): 0.01}
+            (w + 12, 1): 0.01, **{(t, 0): 3.0 for t in range(w + 20, w + 40)}}
   norms = planted_norms(w + 40, spikes, seed=w)
   expected = reference(norms, **kwargs)
   updates, states = run_scan(oc.adagc(**kwargs), grads_with_norms(norms))
@@ -158,12 +196,24 @@ def test_nonfinite_steps_are_kept_out_of_gamma(bad):
 
 
 def test_zero_gradient_in_warmup_zeroes_that_tensor():
-  norms = np.array([[0.3, 0.0, 0.5]] + [[0.3, 0.1, 0.5]] * 3)
-  updates, states = run_scan(oc.adagc(warmup_steps=2),
+  norms = np.array([[0.3, 0.0, 0.5]] + [[0.3, 0.1, 0.5]] * 4)
+  updates, states = run_scan(oc.adagc(warmup_steps=2, follow=False),
                              grads_with_norms(norms))
   np.testing.assert_array_equal(np.asarray(states.gamma["b"]), 0.0)
   np.testing.assert_array_equal(np.asarray(updates["b"][2:]), 0.0)
   assert np.all(np.isfinite(stacked(states.leaf_scales)))
+
+
+@pytest.mark.slow
+def test_zero_gradient_in_warmup_following():
+  # Zeroed at two steps, the second of which makes its norm gamma.
+  norms = np.array([[0.3, 0.0, 0.5]] + [[0.3, 0.1, 0.5]] * 4)
+  updates, states = run_scan(oc.adagc(warmup_steps=2),
+                             grads_with_norms(norms))
+  np.testing.assert_array_equal(np.asarray(updates["b"][2:4]), 0.0)
+  np.testing.assert_allclose(np.asarray(states.gamma["b"][3:]), 0.1,
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(updates["b"][4]), 0.1, rtol=1e-6)
 
 
 @pytest.mark.parametrize(**JIT)
@@ -200,8 +250,9 @@ def test_inject_hyperparams_matches_reference_and_can_change():
   norms = planted_norms(20, {(10, 1): 30.0}, seed=7)
   kwargs = dict(max_ratio=1.1, decay=0.9, warmup_steps=4, max_norm=0.6,
                 eps=1e-3)
-  expected = reference(norms, **kwargs)
-  tx = optax.inject_hyperparams(oc.adagc)(**kwargs)
+  expected = reference(norms, follow=False, **kwargs)
+  tx = optax.inject_hyperparams(oc.adagc, static_args=("follow",))(
+      follow=False, **kwargs)
   grads = grads_with_norms(norms)
   state = tx.init(jax.tree.map(lambda x: x[0], grads))
   update = jax.jit(tx.update)
@@ -330,6 +381,7 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 @pytest.mark.parametrize("args, kwargs, match", [
     ((), dict(warmup_steps=2.5), "warmup_steps"),
     ((), dict(decay="x"), "decay"), ((), dict(max_norm="big"), "max_norm"),
+    ((), dict(follow=1), "follow"),
     ((), dict(lambda_rel=1.1), r"lambda_rel= is now max_ratio="),
     ((), dict(beta=0.9), r"beta= is now decay="),
     ((), dict(lambda_abs=1.0), r"lambda_abs= is now max_norm="),
@@ -338,3 +390,16 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 def test_bad_arguments_raise_type_error(args, kwargs, match):
   with pytest.raises(TypeError, match=match):
     oc.adagc(*args, **kwargs)
+
+
+def test_updates_unlike_inits_tree_raise_a_clear_error():
+  tx = oc.adagc(warmup_steps=1)
+  state = tx.init({"a": jnp.ones(3)})
+  with pytest.raises(ValueError, match="gamma.*init"):
+    tx.update({"a": jnp.ones(3), "b": jnp.ones(2)}, state)
+  with pytest.raises(ValueError, match="gamma.*init"):
+    tx.update({}, state)
+  stacked_tx = oc.adagc(warmup_steps=1, layer_axis=0)
+  state = stacked_tx.init({"a": jnp.ones((2, 3))})
+  with pytest.raises(ValueError, match="layers"):
+    stacked_tx.update({"a": jnp.ones((4, 3))}, state)

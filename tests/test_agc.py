@@ -231,6 +231,17 @@ def test_bad_inputs():
     tx.init({"w": jnp.ones(3, jnp.int32)})
 
 
+@pytest.mark.parametrize("returned", ["0.01", "hello", None, 1j])
+def test_a_schedule_returning_no_real_number_is_a_clear_error(returned):
+  # A string such as "0.01" would be parsed as a number by jnp.asarray.
+  g = {"w": jnp.ones((2, 3))}
+  for tx in (oc.adaptive_grad_clip(lambda count: returned),
+             oc.adaptive_grad_clip(0.01, lambda count: returned)):
+    with pytest.raises(TypeError, match=r"adaptive_grad_clip: (clipping|eps)"
+                       r" must be a real number.*schedule returned"):
+      tx.update(g, tx.init(g), g)
+
+
 def test_schedule_and_inject_hyperparams():
   params, grads = make(SMALL_SHAPES, seed=2)
   sched = optax.linear_schedule(0.01, 1.0, 4)

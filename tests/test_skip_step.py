@@ -1,5 +1,6 @@
 """Tests for skip_step: a bad step leaves no trace in the optimizer."""
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -251,27 +252,30 @@ def test_nonfinite_false_lets_nan_through_but_keeps_skip_norm():
   assert int(state.num_skipped) == 1
 
 
-def _spike_reference(norms, factor, decay, warmup):
-  """float64 NumPy re-implementation of the SpikeEMA rule, step by step."""
+def _spike_reference(norms, factor, decay, warmup, follow=False):
+  """float64 NumPy re-implementation of the SpikeEMA rule, step by step:
+  the average takes the steps taken in, and with ``follow`` every finite
+  norm (its bias correction counting the steps taken)."""
   mean, taken, out = 0.0, 0, []
   for n in norms:
     limit = factor * mean if taken >= warmup else np.inf
     skip = not np.isfinite(n) or n > limit
-    if not skip:
-      taken += 1
+    if np.isfinite(n) and (follow or not skip):
       # Adam-style bias correction of an EMA started at 0.
-      w = (1 - decay) / (1 - decay ** taken)
+      w = (1 - decay) / (1 - decay ** (taken + 1))
       mean = mean + w * (n - mean)
+    taken += not skip
     out.append((skip, limit, mean))
   return out
 
 
-@jax.jit
-def _spike_ema_run(norms, max_ratio, decay, warmup_steps):
+@functools.partial(jax.jit, static_argnames="follow")
+def _spike_ema_run(norms, max_ratio, decay, warmup_steps, follow=True):
   """skip_step with a SpikeEMA of traced fields over ``norms``: one
   compilation for every rule."""
   opt = oc.skip_step(optax.sgd(1.0), rule=oc.SpikeEMA(
-      max_ratio=max_ratio, decay=decay, warmup_steps=warmup_steps))
+      max_ratio=max_ratio, decay=decay, warmup_steps=warmup_steps,
+      follow=follow))
   _, states = run_scan(opt, {"g": norms[:, None]})
   return states.skipped, states.norm_ema, states.stats.threshold
 
@@ -279,18 +283,19 @@ def _spike_ema_run(norms, max_ratio, decay, warmup_steps):
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**16), factor=st.sampled_from([1.0, 2.0, 3.0, 5.0]),
        decay=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
-       warmup=st.integers(1, 6))
-def test_spike_ema_matches_reference(seed, factor, decay, warmup):
+       warmup=st.integers(1, 6), follow=st.booleans())
+def test_spike_ema_matches_reference(seed, factor, decay, warmup, follow):
   rng = np.random.default_rng(seed)
   norms = np.exp(rng.normal(0.0, 0.3, size=24))
   for i in rng.choice(24, size=4, replace=False):
     norms[i] *= rng.choice([10.0, 50.0])  # Planted spikes.
   norms[rng.integers(24)] = np.nan
   norms = norms.astype(np.float32)
-  ref = _spike_reference(norms.astype(np.float64), factor, decay, warmup)
+  ref = _spike_reference(norms.astype(np.float64), factor, decay, warmup,
+                         follow)
   skipped, ema, threshold = _spike_ema_run(
       jnp.asarray(norms), jnp.float32(factor), jnp.float32(decay),
-      jnp.int32(warmup))
+      jnp.int32(warmup), follow=follow)
   # Compare up to the first norm too close to its bound for float32 and
   # float64 to agree.
   close = [np.isfinite(lim) and abs(n - lim) < 1e-4 * lim
@@ -310,8 +315,24 @@ def test_spike_ema_skips_planted_spikes():
 
 
 def test_spike_ema_defaults():
-  assert oc.SpikeEMA() == (5.0, 0.99, 20)
-  assert oc.SpikeEMA._fields == ("max_ratio", "decay", "warmup_steps")
+  assert oc.SpikeEMA() == (5.0, 0.99, 20, True)
+  assert oc.SpikeEMA._fields == ("max_ratio", "decay", "warmup_steps",
+                                 "follow")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("follow", [True, False])
+def test_spike_ema_after_a_lasting_rise(follow):
+  # x10 from step 30 on: following, the average catches up and the steps
+  # are taken again; not following, every step after the rise is skipped.
+  norms = [1.0 + 0.05 * (i % 3) for i in range(30)] + [10.0] * 40
+  _, states = run_norms(oc.skip_step(optax.sgd(1.0), rule=oc.SpikeEMA(
+      warmup_steps=5, follow=follow)), norms)
+  skipped = np.asarray(states.skipped)
+  ref = _spike_reference(norms, 5.0, 0.99, 5, follow)
+  np.testing.assert_array_equal(skipped, [s for s, _, _ in ref])
+  assert skipped[30] and not skipped[:30].any()
+  assert skipped[30:].all() != follow
 
 
 def test_norm_ema_without_a_spike_ema_keeps_the_default_decay():
@@ -587,6 +608,29 @@ def test_updates_of_another_tree_are_refused():
     opt.update({"v": jnp.ones(2)}, state)
 
 
+def test_lookahead_params_are_accepted():
+  # optax.lookahead is initialised with LookaheadParams(fast, slow) and
+  # updated with the fast parameters' gradients: skip_step guards it as it
+  # is, and a bad step leaves lookahead's state (fast and slow) as it was.
+  inner = optax.lookahead(optax.adam(0.1), sync_period=2, slow_step_size=0.5)
+  opt = oc.skip_step(inner)
+  params = optax.LookaheadParams.init_synced({"w": jnp.ones(3)})
+  state, ref_state = opt.init(params), inner.init(params)
+  p, ref_p = params, params
+  for g in (1.0, 2.0, np.nan, 3.0):
+    grads = {"w": jnp.full(3, g)}
+    updates, state = opt.update(grads, state, p)
+    p = optax.apply_updates(p, updates)
+    if np.isfinite(g):
+      ref_u, ref_state = inner.update(grads, ref_state, ref_p)
+      ref_p = optax.apply_updates(ref_p, ref_u)
+  assert int(state.num_skipped) == 1
+  chex.assert_trees_all_close(p, ref_p)
+  chex.assert_trees_all_close(state.inner_state, ref_state)
+  with pytest.raises(ValueError, match=r"not in init's tree: \['v'\]"):
+    opt.update({"v": jnp.ones(3)}, state, p)
+
+
 # -- MultiSteps ---------------------------------------------------------------
 
 
@@ -604,12 +648,23 @@ def test_multisteps_inside_drops_the_bad_micro_batch_alone():
   assert int(s_bad.inner_state.gradient_step) == 4  # 12 good micro-batches.
 
 
-def test_multisteps_outside_is_rejected_with_the_fix():
-  opt = optax.MultiSteps(oc.skip_step(optax.adam(0.1)), 2)
-  grads = {"w": jnp.ones(2)}
-  with pytest.raises(TypeError, match=r"oc\.skip_step\(optax\.MultiSteps"
-                     r".*nonfinite=False with skip_norm or rule"):
-    opt.update(grads, opt.init(grads))
+def test_multisteps_outside_sees_the_accumulated_gradients():
+  # MultiSteps(skip_step(opt)) is not refused (nothing in the call says
+  # MultiSteps made it); as documented, the guard judges the running mean
+  # once per step, and a NaN micro-batch stays in MultiSteps' accumulator:
+  # every later step is skipped.
+  opt = optax.MultiSteps(oc.skip_step(optax.sgd(1.0)), 2)
+  params = {"w": jnp.zeros(2)}
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  outs = []
+  for g in ([1.0, 0.0], [1.0, 0.0], [jnp.nan, 0.0], [1.0, 0.0], [1.0, 0.0],
+            [1.0, 0.0]):
+    u, state = update({"w": jnp.array(g)}, state, params)
+    outs.append(float(u["w"][0]))
+  assert outs == [0.0, -1.0, 0.0, 0.0, 0.0, 0.0]
+  assert int(state.inner_opt_state.num_skipped) == 2
+  assert np.isnan(state.acc_grads["w"][0])
 
 
 def test_multisteps_outside_with_its_own_nonfinite_rule():

@@ -203,8 +203,8 @@ ADAMS = {
     "adamw": lambda: optax.adamw(LR, b2=0.95, eps=0.5, weight_decay=WD),
     "inject_hyperparams(adamw)": lambda: optax.inject_hyperparams(
         optax.adamw)(learning_rate=LR, b2=0.95, eps=0.5),
-    "chain(clip, adamw)": lambda: optax.chain(
-        optax.clip(1e3), optax.adamw(LR, b2=0.95, eps=0.5)),
+    "chain(adamw, clip)": lambda: optax.chain(
+        optax.adamw(LR, b2=0.95, eps=0.5), optax.clip(1e3)),
     "multi_transform": lambda: optax.multi_transform(
         {"adam": optax.adam(LR, b2=0.95, eps=0.5), "sgd": optax.sgd(LR)},
         lambda p: jax.tree.map(lambda _: "adam", p)),
@@ -272,8 +272,8 @@ def test_cannot_read_b2_or_eps(inner, match):
 
 
 def test_finds_nu_inside_chain_and_inject_hyperparams_and_logs():
-  inner = optax.chain(optax.clip(10.0), optax.inject_hyperparams(
-      optax.adamw)(learning_rate=LR, b2=B2, eps=EPS))
+  inner = optax.chain(optax.inject_hyperparams(
+      optax.adamw)(learning_rate=LR, b2=B2, eps=EPS), optax.clip(10.0))
   opt = optax.chain(oc.clip_update_rms(inner), oc.clip_by_global_norm(1.0))
   params = {k: jnp.zeros(s) for k, s in SHAPES.items()}
   grads = jax.tree.map(lambda x: jnp.float32(x[:6]), planted_grads(10))
@@ -286,6 +286,30 @@ def test_finds_nu_inside_chain_and_inject_hyperparams_and_logs():
   assert int(states[0].num_leaves_clipped[4]) >= 1
   assert "clip_update_rms/norm" not in stats
   assert "clip_by_global_norm/norm" in stats
+
+
+@pytest.mark.parametrize("before", [
+    optax.clip_by_global_norm(1.0),
+    pytest.param(oc.clip_by_global_norm(1.0), marks=pytest.mark.slow)])
+def test_a_transformation_before_the_second_moment_is_refused(before):
+  # The RMS would divide the gradient entering the wrapper by the second
+  # moment of the transformed gradient (issue 30: RMS 3.54 and a clip,
+  # where torch-optimi after clip_grad_norm_ gives 0.71 and none).
+  g = {"w": jnp.array([3.0, 4.0, 0.0, 0.0])}
+  adamw = optax.adamw(0.1, b2=0.99)
+  tx = oc.clip_update_rms(optax.chain(before, adamw), decay=0.99)
+  with pytest.raises(ValueError, match=r"before its second moment.*"
+                     r"optax\.chain\(clip, oc\.clip_update_rms\("):
+    tx.init(g)
+  # The fix the error names: the RMS of the gradient Adam saw.
+  opt = optax.chain(before, oc.clip_update_rms(adamw, decay=0.99))
+  state = opt.init(g)
+  updates, state = opt.update(g, state, g)
+  seen = before.update(g, before.init(g), g)[0]["w"]
+  want = np.sqrt(np.mean(np.where(seen != 0, 1.0, 0.0)))  # v̂ = g'^2.
+  np.testing.assert_allclose(state[1].largest_rms, want, rtol=1e-5)
+  want_u, _ = adamw.update({"w": seen}, adamw.init(g), g)
+  np.testing.assert_allclose(updates["w"], want_u["w"], rtol=1e-6)
 
 
 def test_keeps_no_parameter_sized_buffer():

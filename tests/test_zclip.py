@@ -1,6 +1,7 @@
 """zclip: float64 reference step by step, warm-up, jit, errors, stats."""
 
 import functools
+import math
 
 import chex
 import jax
@@ -32,23 +33,51 @@ _PAPER_NAMES = dict(decay="alpha", num_std="z_thresh")
 
 
 def reference(norms, rule=None, max_norm=None, eps=0.0):
-  """The float64 reference run with ``rule``'s values (default: the
-  paper's) under their paper names."""
+  """The float64 reference run with ``rule``'s values (default: zclip's)
+  under their paper names: the authors' code with ``follow=False``, or
+  with the statistics fed the norm as it came."""
   kw = {_PAPER_NAMES.get(k, k): v
         for k, v in (rule or oc.ZScore())._asdict().items()}
-  return ref.zclip(norms, max_norm=max_norm, eps=eps, **kw)
+  follow = kw.pop("follow")
+  make = Following if follow else ref.ZClipReference
+  run = make(max_norm=max_norm, eps=eps, **kw)
+  return [run.step(g) for g in norms]
+
+
+class Following(ref.ZClipReference):
+  """The authors' rule, whose statistics take in a spike's norm held to
+  twice the boundary's distance above the mean, ``min(g, mean + 2 *
+  z_thresh * std)``, rather than its clipping value (the update is clipped
+  as theirs)."""
+
+  def step(self, g):
+    mean, var = self.mean, self.var
+    out = super().step(g)
+    if out.spike and np.isfinite(g) and not self.skip_update_on_spike:
+      # num_std as float32 holds it: a subnormal float64 one is 0 there.
+      room = float(np.float32(self.z_thresh)) * max(
+          math.sqrt(var), self.std_floor * mean)
+      v = min(float(g), mean + 2 * room) if room > 0 else float(g)
+      a = self.alpha
+      self.mean = a * mean + (1 - a) * v
+      self.var = a * var + (1 - a) * (v - self.mean) ** 2
+      out = out._replace(mean=self.mean, var=self.var)
+    return out
 
 
 @pytest.mark.parametrize("rule, max_norm", [
     (oc.ZScore(), None),
+    (oc.ZScore(follow=False), None),
     (oc.ZScore(mode="mean"), None),
+    (oc.ZScore(mode="mean", follow=False), None),
     (oc.ZScore(mode="percentile"), None),
     (oc.ZScore(), 1.6),
     (oc.ZScore(decay=0.6, num_std=1.0, warmup_steps=5), None),
     (oc.ZScore(warmup_steps=1, num_std=1.5), None),
     (oc.ZScore(mode="mean"), 3.0),
     (oc.ZScore(std_floor=0.0), None),
-], ids=["default", "mean_mode", "percentile_mode", "max_norm",
+], ids=["default", "published", "mean_mode", "mean_mode_published",
+        "percentile_mode", "max_norm",
         "fast_ema_low_z", "one_warmup_step", "mean_mode_max_norm",
         "no_std_floor"])
 @pytest.mark.slow
@@ -89,9 +118,11 @@ def test_planted_spikes_are_cut_back_to_trend():
   assert not bool(states.stats.clipped[8])  # Warm-up: no clipping.
 
 
-def test_adaptive_threshold_formula():
+@pytest.mark.parametrize("follow", [True, False])
+def test_adaptive_threshold_formula(follow):
   # Warm-up on [1, 1.2, 0.8, 1.0]: mean 1, var 0.02; then one spike of 5.
-  tx = oc.zclip(oc.ZScore(decay=0.9, num_std=2.0, warmup_steps=4))
+  tx = oc.zclip(oc.ZScore(decay=0.9, num_std=2.0, warmup_steps=4,
+                          follow=follow))
   state = tx.init(jnp.zeros(1))
   for g in (1.0, 1.2, 0.8, 1.0):
     _, state = tx.update(jnp.array([g]), state)
@@ -102,9 +133,11 @@ def test_adaptive_threshold_formula():
   expected = 1.0 + 2.0 * std / (z / 2.0)
   np.testing.assert_allclose(updates[0], expected, rtol=1e-6)
   np.testing.assert_allclose(state.z, z, rtol=1e-6)
-  mean = 0.9 + 0.1 * expected  # EMA fed the clipped norm.
+  # Held to twice the boundary's distance, or the clipped norm.
+  fed = 1.0 + 2 * 2.0 * std if follow else expected
+  mean = 0.9 + 0.1 * fed
   np.testing.assert_allclose(state.mean, mean, rtol=1e-6)
-  np.testing.assert_allclose(state.var, 0.9 * 0.02 + 0.1 * (expected - mean)
+  np.testing.assert_allclose(state.var, 0.9 * 0.02 + 0.1 * (fed - mean)
                              ** 2, rtol=1e-5)
 
 
@@ -137,7 +170,8 @@ def test_zero_deviation_divides_nothing(mode, warmup, floor):
   np.testing.assert_allclose(out, [warmup] * 4, rtol=1e-6)
   np.testing.assert_allclose(states.stats.threshold[2:], [warmup] * 2,
                              rtol=1e-6)
-  np.testing.assert_array_equal(states.var, 0.0)
+  np.testing.assert_array_equal(states.var[:3], 0.0)
+  assert float(states.var[3]) > 0  # The spike's own norm entered.
 
 
 @pytest.mark.parametrize("max_norm, expected", [(None, 100.0), (2.0, 2.0)])
