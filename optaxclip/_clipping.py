@@ -77,7 +77,8 @@ class ClipByValueState(NamedTuple):
 def clip_by_global_norm(
     max_norm: Threshold, *, ord: Ord = 2, axis_name: AxisName = None,
     leaf_norms: bool = False, mask: Any = None, layer_axis: Any = None,
-) -> optax.GradientTransformation:
+    reproducible: bool = False,
+) -> optax.GradientTransformationExtraArgs:
   """Scales the whole update so that its global norm is at most ``max_norm``.
 
   Every leaf is multiplied by the same factor ``min(1, max_norm / norm)``,
@@ -104,6 +105,16 @@ def clip_by_global_norm(
   so only the others (Adam's) are scaled; see the guide :doc:`/which_clipper`.
   ``mask=False`` (or a tree of ``False``) scales nothing and only records.
 
+  A norm computed elsewhere (by pipeline stages that run as separate
+  programs, by an engine that already has it) is passed as
+  ``update(updates, state, params, global_norm=norm)``, also through
+  ``optax.chain``: a :class:`optaxclip.NormParts` of the same ``ord``
+  (:func:`optaxclip.norm_parts`, merged across the programs) gives the
+  updates and state of ``reproducible=True`` bit for bit; a number is taken
+  as the norm (as :func:`optaxclip.global_norm` returns it, the same bits
+  wherever that norm is finite). It must be the norm of the ``updates``
+  this transformation receives; ``leaf_norms`` are still computed here.
+
   Args:
     max_norm: the largest global norm allowed: a non-negative number, a JAX
       scalar, or an Optax schedule of the step count. ``inf`` disables
@@ -129,9 +140,13 @@ def clip_by_global_norm(
       (:func:`optaxclip.layer_axes` reads it off a Flax NNX model). A
       stacked leaf's ``leaf_norms`` entry is then one norm per layer,
       shape ``(num_layers,)``. The clip itself is global either way.
+    reproducible: accumulate the norm exactly, in integers
+      (:func:`optaxclip.norm_parts`): the same norm, and so the same clip,
+      bit for bit, on every mesh, sharding and pipeline split, at the cost
+      of a second pass over the update (see ``docs/sharding.md``).
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`ClipByGlobalNormState` (``scale`` and ``clipped`` describe the
     factor, applied to the chosen leaves).
 
@@ -159,7 +174,11 @@ def clip_by_global_norm(
   _validate.check_bool(leaf_norms, "leaf_norms", caller)
   _check_mask(mask, caller)
   _validate.check_layer_axis(layer_axis, caller)
+  _validate.check_bool(reproducible, "reproducible", caller)
   p = _validate.canonical_ord(ord)
+  if reproducible and isinstance(p, jax.Array):
+    raise TypeError(f"{caller}: reproducible=True needs an ord known when"
+                    " tracing, not one injected as an array.")
 
   def init_fn(params):
     dtype = _tree.tree_acc_dtype(params)
@@ -169,13 +188,11 @@ def clip_by_global_norm(
         leaf_norms=_norms.zero_leaf_norms(params, layer_axis, caller)
         if leaf_norms else None))
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, global_norm=None, **extra):
+    del params, extra
     stats = state.stats
     dtype = stats.norm.dtype
-    norm, each = _norms.global_and_leaf_norms(
-        updates, p, axis_name=axis_name, leaves=leaf_norms,
-        layer_axis=layer_axis, caller=caller)
+    norm, each = global_norm_of(updates, global_norm, dtype)
     threshold = _thresholds.resolve(max_norm, stats.count, dtype)
     updates, scale = _clip_masked(updates, norm, threshold, mask, caller)
     value = norm.value().astype(dtype)
@@ -183,7 +200,19 @@ def clip_by_global_norm(
         stats, clipped=value > threshold, norm=value, threshold=threshold,
         scale=scale.value().astype(dtype), leaf_norms=each))
 
-  return _transform.transformation(init_fn, update_fn)
+  def global_norm_of(updates, supplied, dtype):
+    norm, each = None, None
+    if leaf_norms or (supplied is None and not reproducible):
+      norm, each = _norms.global_and_leaf_norms(
+          updates, p, axis_name=axis_name, leaves=leaf_norms,
+          layer_axis=layer_axis, caller=caller)
+    if supplied is None and reproducible:
+      supplied = _norms.norm_parts(updates, ord=p, axis_name=axis_name)
+    if supplied is not None:
+      norm = _norms.supplied_norm(supplied, p, dtype, caller)
+    return norm, each
+
+  return _transform.transformation(init_fn, update_fn, extra_args=True)
 
 
 def _check_mask(mask: Any, caller: str) -> None:

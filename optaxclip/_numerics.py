@@ -11,6 +11,8 @@ Everything here is elementwise and shape-agnostic; the norm kernels
 - :func:`clip_factors`: ``min(1, t / n)``, the one scale rule of every
   clipper, with its edge cases; :class:`Scale` carries it as two normal
   factors; :func:`scale_leaf` applies it.
+- :func:`widen`: float8 arrays as float32 (JAX promotes no float8 dtype
+  implicitly), before they meet a float32 factor.
 """
 
 from __future__ import annotations
@@ -152,6 +154,21 @@ def scale_leaf(g: jax.Array, s: Scale | jax.Array) -> jax.Array:
   A :class:`Scale` pair is applied as two multiplies, which XLA fuses into
   the same elementwise kernel.
   """
+  w = widen(g)
   if isinstance(s, Scale):
-    return ((g * s.a) * s.b).astype(g.dtype)
-  return (g * s).astype(g.dtype)
+    return ((w * s.a) * s.b).astype(g.dtype)
+  return (w * s).astype(g.dtype)
+
+
+def widen(x: jax.Array) -> jax.Array:
+  """``x`` as float32 if it is a float8 array, else ``x`` unchanged.
+
+  JAX promotes no float8 dtype implicitly (``float8 * float32`` raises
+  ``TypePromotionError``): :func:`scale_leaf` and the overflow-safe norm
+  kernel widen a leaf here before multiplying it by a float32 factor, so
+  float8 leaves are scaled in float32 and rounded once, like float16 ones.
+  """
+  dtype = np.dtype(x.dtype)
+  if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
+    return x.astype(jnp.float32)
+  return x

@@ -3,8 +3,8 @@
 ``None`` leaves and ``optax.MaskedNode`` (what ``optax.masked`` leaves out)
 are skipped everywhere and come back unchanged; integer leaves are refused
 with the leaf's path. Norms accumulate in the *accumulation dtype* of a
-leaf: float32 for float16, bfloat16 and float32 (and complex64), float64 for
-float64 (and complex128).
+leaf: float32 for float8, float16, bfloat16 and float32 (and complex64),
+float64 for float64 (and complex128).
 """
 
 from __future__ import annotations
@@ -114,8 +114,14 @@ def _check_float(path: Any, x: Any, caller: str) -> None:
 
 
 def acc_dtype(dtype: Any) -> np.dtype:
-  """float32 for 16/32-bit floats and complex64; float64 for 64-bit ones."""
-  real = jnp.finfo(dtype).dtype  # The real dtype of a complex one.
+  """float32 for 8/16/32-bit floats and complex64; float64 for 64-bit ones.
+
+  float8 dtypes have no implicit promotion in JAX: they are widened here,
+  explicitly, like float16 and bfloat16.
+  """
+  real = np.dtype(jnp.finfo(dtype).dtype)  # The real dtype of a complex one.
+  if real.itemsize <= 4:
+    return np.dtype(jnp.float32)
   return np.dtype(jnp.promote_types(real, jnp.float32))
 
 

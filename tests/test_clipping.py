@@ -746,3 +746,69 @@ def test_stats_through_optax_wrappers(make, name, wrap):
   assert bool(stats[f"{name}/clipped"])
   assert int(stats[f"{name}/num_clipped"]) == 1
   np.testing.assert_allclose(optax.tree.get(state, "num_clipped"), 1)
+
+
+# ----------------------------------------------------------------------------
+# A global norm computed elsewhere: update(..., global_norm=...).
+
+
+def _bits_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_supplied_global_norm_gives_the_same_bits():
+  rng = np.random.default_rng(5)
+  grads = {"w": rng.normal(size=(6, 5)).astype(np.float32),
+           "b": rng.normal(size=(5,)).astype(np.float16),
+           "s": np.float32(3e37)}  # Takes the overflow-safe path.
+  small = {k: v * v.dtype.type(1e-37) if k == "s" else v
+           for k, v in grads.items()}
+  mask = {"w": True, "b": False, "s": True}
+
+  @jax.jit
+  def run(g):
+    out = []
+    for p, make in (
+        (2, lambda **k: oc.clip_by_global_norm(1.0, **k)),
+        (1, lambda **k: oc.clip_by_global_norm(0.5, ord=1, mask=mask, **k))):
+      own = make(reproducible=True)
+      plain = make()
+      state = own.init(g)
+      parts = oc.norm_parts(g, ord=p)
+      out.append((own.update(g, state, g),
+                  plain.update(g, plain.init(g), g, global_norm=parts),
+                  plain.update(g, plain.init(g), g),
+                  plain.update(g, plain.init(g), g,
+                               global_norm=oc.global_norm(g, ord=p))))
+    chained = optax.chain(oc.clip_by_global_norm(1.0), optax.adam(0.1))
+    by_chain = chained.update(g, chained.init(g), g,
+                              global_norm=oc.norm_parts(g))
+    alone = optax.chain(oc.clip_by_global_norm(1.0, reproducible=True),
+                        optax.adam(0.1))
+    return out, by_chain, alone.update(g, alone.init(g), g)
+
+  for tree in (grads, small):
+    out, by_chain, alone = run(tree)
+    for own, with_parts, plain, with_float in out:
+      _bits_equal(own, with_parts)  # parts == reproducible, bit for bit
+      if tree is small:  # the hot path: a float norm is the pair (1, norm)
+        _bits_equal(plain, with_float)
+      np.testing.assert_allclose(own[1].stats.norm, plain[1].stats.norm,
+                                 rtol=1e-6)
+    _bits_equal(by_chain, alone)
+  np.testing.assert_allclose(out[0][0][1].stats.norm,
+                             helpers.np_norm(small), rtol=1e-6)
+
+
+def test_supplied_global_norm_errors():
+  clip = oc.clip_by_global_norm(1.0)
+  g = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match="ord"):
+    clip.update(g, clip.init(g), global_norm=oc.norm_parts(g, ord=1))
+  with pytest.raises(TypeError, match="global_norm"):
+    clip.update(g, clip.init(g), global_norm=jnp.ones(2))
+  with pytest.raises(TypeError, match="reproducible"):
+    oc.clip_by_global_norm(1.0, reproducible=1)

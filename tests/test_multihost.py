@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+import optaxclip as oc
+
 pytestmark = pytest.mark.slow
 
 _PATH = Path(__file__).resolve().parents[1] / "examples" / "multihost.py"
@@ -83,3 +85,35 @@ def test_a_failing_worker_is_reported_and_cleaned_up(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="worker"):
     multihost.launch(tmp_path, steps=1, timeout=0.5)
   assert started and all(p.poll() is not None for p in started)
+
+
+# ----------------------------------------------------------------------------
+# Two pipeline stages as two programs: examples/pipeline_two_programs.py.
+
+_PIPE = Path(__file__).resolve().parents[1] / "examples" / (
+    "pipeline_two_programs.py")
+_pipe_spec = importlib.util.spec_from_file_location("pipeline_example", _PIPE)
+pipeline = importlib.util.module_from_spec(_pipe_spec)
+_pipe_spec.loader.exec_module(pipeline)
+
+
+def test_two_pipeline_programs_match_one_program_bit_for_bit(tmp_path):
+  stages = pipeline.launch(tmp_path, steps=pipeline.STEPS, timeout=120.0)
+  reference = pipeline.run_one_program(pipeline.STEPS)
+  # Every update of both stages equal to the one program's, bit for bit;
+  # the norm and the skip decision too.
+  assert pipeline.compare(stages, reference) == 10 * pipeline.STEPS
+  skipped = [r["skipped"] for r in reference]
+  assert skipped == [t == pipeline.SPIKE_STEP for t in range(pipeline.STEPS)]
+  # The steps that were taken were clipped (norm above 1), by the norm of
+  # the whole model with the tied embedding counted once.
+  for t, r in enumerate(reference):
+    g = pipeline.gradients(t)
+    want = np.sqrt(sum(np.sum(np.square(v.astype(np.float64)))
+                       for v in jax.tree.leaves(g)))
+    np.testing.assert_allclose(float(r["norm"]), want, rtol=1e-6)
+  # Counting the tied weight in both stages reads high: the mask matters.
+  g = pipeline.gradients(0)
+  twice = (oc.norm_parts(pipeline.stage_tree(g, 0))
+           + oc.norm_parts(pipeline.stage_tree(g, 1)))
+  assert float(twice.norm()) > float(reference[0]["norm"]) * 1.01

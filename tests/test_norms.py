@@ -290,3 +290,152 @@ def test_power_of_two_helpers_are_exact(dtype):
     ex = np.asarray(_numerics.exponent(m))
     assert np.all(np.ldexp(dtype(1), ex)[1:-1] > np.asarray(m)[1:-1])
     assert ex.max() <= info.maxexp - 2 and ex.min() >= info.minexp + 1
+
+
+# ----------------------------------------------------------------------------
+# NormParts: exact, mergeable partial norms.
+
+
+def _fixed_point_reference(leaves, p: float) -> tuple[int, float]:
+  """The sum of ``floor(t * 2**56)`` over every element, as a Python int,
+  ``t = float32(|x * 2**-e|) ** p`` with ``2**e`` just above the largest
+  ``|x|``; and the float64 norm it stands for."""
+  x = np.concatenate([np.ravel(np.abs(np.asarray(v, np.float32)))
+                      for v in leaves])
+  m = float(np.max(x))
+  e = math.frexp(m)[1]  # m * 2**-e in [0.5, 1)
+  y = (x * np.float32(2.0 ** -e)).astype(np.float32)
+  t = y * y if p == 2 else (y if p == 1 else y.astype(np.float64) ** p)
+  total = sum(math.floor(float(v) * 2 ** 56) for v in t.astype(np.float64))
+  return total, 2.0 ** e * (total / 2 ** 56) ** (1 / p)
+
+
+def _limbs_value(parts) -> int:
+  return sum(int(v) << (8 * j) for j, v in enumerate(np.asarray(parts.limbs)))
+
+
+@pytest.mark.parametrize("p", [2, pytest.param(1, marks=pytest.mark.slow)])
+def test_norm_parts_limbs_are_the_exact_fixed_point_sum(p):
+  rng = np.random.default_rng(3)
+  tree = {"a": rng.normal(size=(40, 9)).astype(np.float32) * 1e3,
+          "b": rng.normal(size=(5,)).astype(np.float32) * 1e-4,
+          "c": np.float32(2.5)}
+  parts = jax.jit(functools.partial(oc.norm_parts, ord=p))(tree)
+  want, norm = _fixed_point_reference(jax.tree.leaves(tree), p)
+  assert _limbs_value(parts) == want
+  assert parts.size == 366 and parts.ord == float(p)
+  np.testing.assert_allclose(float(parts.norm()), norm, rtol=1e-6)
+  np.testing.assert_allclose(float(parts.norm()), helpers.np_norm(tree, p),
+                             rtol=1e-6)
+
+
+_FLOATS = hnp.arrays(np.float32, (6,), elements=st.floats(
+    -2.0 ** 100, 2.0 ** 100, width=32, allow_subnormal=False))
+
+
+@jax.jit
+def _merges_on_one_peak(a, b, c):
+  peak = jnp.max(jnp.abs(jnp.stack([a, b, c])))
+  pa, pb, pc = (oc.norm_parts(v, peak=peak) for v in (a, b, c))
+  whole = oc.norm_parts({"a": a, "b": b, "c": c})
+  return whole, ((pa + pb) + pc, pa + (pb + pc), pc + (pb + pa),
+                 (pb + pc).merge(pa))
+
+
+@jax.jit
+def _merges_on_own_peaks(a, b):
+  pa, pb = oc.norm_parts(a), oc.norm_parts(b)
+  return pa + pb, pb + pa
+
+
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None)
+@given(_FLOATS, _FLOATS, _FLOATS)
+def test_merging_parts_on_one_peak_is_exact(a, b, c):
+  # Parts made on a common peak merge as integers: associative and
+  # commutative bit for bit, and equal to the parts of everything at once.
+  whole, merges = _merges_on_one_peak(a, b, c)
+  for merged in merges:
+    np.testing.assert_array_equal(merged.limbs, whole.limbs)
+    np.testing.assert_array_equal(merged.peak, whole.peak)
+    assert merged.size == 18
+    np.testing.assert_array_equal(merged.norm(), whole.norm())
+
+
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None)
+@given(_FLOATS, _FLOATS)
+def test_merging_parts_on_different_peaks(a, b):
+  # Each part on its own peak: commutative bit for bit, and the merged norm
+  # that of the exact sum (the smaller part rounded down onto the larger's
+  # grid).
+  ab, ba = _merges_on_own_peaks(a, b)
+  np.testing.assert_array_equal(ab.limbs, ba.limbs)
+  exact = helpers.np_norm({"a": a, "b": b})
+  np.testing.assert_allclose(float(ab.norm()), exact, rtol=1e-6)
+  ref, _ = _fixed_point_reference([a, b], 2)
+  # Rounding the smaller part's sum down, rather than each of its terms,
+  # keeps at most one unit per term more than the terms on the top grid.
+  assert 0 <= _limbs_value(ab) - ref <= 6
+
+
+@pytest.mark.slow
+def test_norm_parts_mask_and_every_ord():
+  rng = np.random.default_rng(4)
+  tree = {"w": rng.normal(size=(8, 3)).astype(np.float32),
+          "tied": rng.normal(size=(4, 3)).astype(np.float32),
+          "h": rng.normal(size=(5,)).astype(np.float16)}
+  ords = (3, 2.5, "rms", math.inf)  # 1 and 2: the tests above
+
+  @jax.jit
+  def run(tree):
+    out = []
+    for ord in ords:
+      whole = oc.norm_parts(tree, ord=ord)
+      first = oc.norm_parts(tree, ord=ord, mask={"w": True, "tied": True,
+                                                  "h": False})
+      second = oc.norm_parts(tree, ord=ord,
+                             mask=lambda t: {k: k == "h" for k in t})
+      assert (first + second).size == whole.size == 41
+      out.append(((first + second).norm(), whole.norm()))
+    # A tied weight counted by one stage only: the norm of the tree once.
+    stage1 = oc.norm_parts({"w": tree["w"], "tied": tree["tied"]})
+    stage2 = oc.norm_parts({"h": tree["h"], "tied": tree["tied"]},
+                           mask={"h": True, "tied": False})
+    return out, (stage1 + stage2).norm()
+
+  out, tied = run(tree)
+  for ord, (merged, whole) in zip(ords, out):
+    np.testing.assert_allclose(float(merged), helpers.np_norm(tree, ord),
+                               rtol=2e-6)
+    np.testing.assert_allclose(float(whole), helpers.np_norm(tree, ord),
+                               rtol=2e-6)
+  np.testing.assert_allclose(float(tied), helpers.np_norm(tree), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_norm_parts_edge_cases():
+  big = np.full((3,), 3e38, np.float32)  # Its squares overflow float32.
+  parts = oc.norm_parts(big)
+  n = _norms.parts_norm(parts)
+  assert np.isinf(parts.norm())
+  np.testing.assert_allclose(float(n.power) * float(n.scaled),
+                             math.sqrt(3) * 3e38, rtol=1e-6)
+  tiny = np.full((4,), 1e-30, np.float32)  # Their squares underflow.
+  np.testing.assert_allclose(float(oc.norm_parts(tiny).norm()), 2e-30,
+                             rtol=1e-6)
+  assert float(oc.norm_parts({"z": np.zeros(3, np.float32)}).norm()) == 0
+  assert float(oc.norm_parts({}).norm()) == 0
+  assert np.isnan(oc.norm_parts(np.array([1.0, np.nan], np.float32)).norm())
+  assert np.isinf(oc.norm_parts(np.array([1.0, -np.inf], np.float32)).norm())
+  stacked = jax.tree.map(lambda *v: jnp.stack(v), oc.norm_parts(big[:2]),
+                         oc.norm_parts(tiny[:2]))  # as process_allgather
+  np.testing.assert_array_equal(stacked.merge_stacked().limbs,
+                                (oc.norm_parts(big[:2])
+                                 + oc.norm_parts(tiny[:2])).limbs)
+  with pytest.raises(ValueError, match="ord"):
+    oc.norm_parts(big) + oc.norm_parts(big, ord=1)
+  with pytest.raises(TypeError, match="NormParts"):
+    oc.norm_parts(big).merge(1.0)
+  with pytest.raises(TypeError, match="traced"):
+    jax.jit(lambda o: oc.norm_parts(big, ord=o))(2.0)

@@ -112,7 +112,7 @@ def test_every_public_transform_is_covered():
                  "gather_max_logits")
   public = {name for name in oc.__all__ if name[0].islower()
             and name not in ("clip_stats", "global_norm", "raise_if_nonfinite",
-                              "layer_axes",
+                              "layer_axes", "norm_parts",
                               *per_example)}
   covered = {name for name in public
              if any(key == name or key.startswith(name + "_")
@@ -348,6 +348,17 @@ def test_global_norm_under_jit_all_reduces_only_scalars(layout):
   # global_norm alone: the same.
   alone = collectives(compiled_text(oc.global_norm, grads), entry_only=True)
   assert sorted(c["groups"] for c in alone) == sorted(groups)
+
+
+def test_reproducible_norm_under_jit_all_reduces_only_small_vectors():
+  # The exact accumulation: a max, then each leaf's limb sums (7 numbers,
+  # or 12 after carrying), all-reduced; no gradient moves between devices.
+  mesh = make_mesh("2d")
+  grads = put(jax.tree.map(lambda x: x[0], gradients()), mesh, "2d")
+  tx = oc.clip_by_global_norm(1.0, reproducible=True)
+  found = collectives(compiled_text(tx.update, grads, tx.init(grads)))
+  assert found and {c["op"] for c in found} == {"all-reduce"}, found
+  assert max(s for c in found for s in c["sizes"]) <= 12, found
 
 
 def test_global_norm_on_sharded_overflowing_gradients():
