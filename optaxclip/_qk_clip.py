@@ -3,8 +3,10 @@
 :func:`qk_clip` is the last link of an optimizer chain; it reads each
 attention head's largest pre-softmax logit of the step (an extra argument of
 ``update``) and shrinks that head's query and key projections so that its
-logits shrink by ``max_logit / S_max``. :func:`max_logit_attention` records
-those logits in a Flax NNX ``nnx.MultiHeadAttention``;
+logits shrink by ``max_logit / S_max``, in multi-head, grouped-query, latent
+(MLA) and fused ``qkv`` layouts (:class:`QKLayout`).
+:func:`max_logit_attention` records those logits in a Flax NNX
+``nnx.MultiHeadAttention`` or an attention module of one's own;
 :func:`gather_max_logits` collects them into the tree :func:`qk_clip` reads.
 """
 
@@ -35,23 +37,54 @@ _HOW = (" Record them with nnx.MultiHeadAttention(...,"
 class QKLayout(NamedTuple):
   """Where an attention module keeps its query and key projections.
 
+  Every leaf below a projection's path (kernel, bias) is scaled. Its axis
+  ``head_axis`` and the axes after it are the projection's outputs: read in
+  order (row-major), they hold one head after another, each head's entries
+  together, so ``(in, heads, head_dim)`` kernels, ``(heads, head_dim)``
+  biases and flat ``(in, heads * head_dim)`` kernels (``head_axis=-1``) all
+  fit, with or without leading layer axes.
+
   Attributes:
     query_path: the path of the query projection inside the attention module,
       ``/``-separated (``"query"`` for ``nnx.MultiHeadAttention`` and linen's
-      ``MultiHeadDotProductAttention``). Every leaf below it (kernel, bias)
-      is scaled.
-    key_path: the same for the key projection.
-    head_axis: the axis of those leaves that indexes the heads: ``-2`` for
+      ``MultiHeadDotProductAttention``); with ``fused``, the path of the
+      fused projection.
+    key_path: the same for the key projection (not read with ``fused``).
+    head_axis: the first output axis of the projections' leaves: ``-2`` for
       ``LinearGeneral`` kernels ``(in_features, heads, head_dim)`` and their
-      biases ``(heads, head_dim)``, with or without leading layer axes.
+      biases ``(heads, head_dim)``.
+    kv_heads: grouped-query attention: how many key heads, each shared by
+      ``heads // kv_heads`` consecutive query heads. ``None``: for separate
+      projections, read from the leaves, key heads being as wide as query
+      heads (``heads`` times the key's outputs over the query's); for
+      ``fused`` and ``nope_dim`` layouts, ``heads``.
+    nope_dim: multi-head latent attention (MLA): how many leading entries
+      of each query and key head are its own part without rotary embedding
+      (Kimi K2's ``q^C`` and ``k^C``, DeepSeek's ``qk_nope_head_dim``). The
+      rest of a query head is its rotary part ``q^R``, scaled by the whole
+      factor; the rest of a key head is its value (MLA's up-projection of
+      the latent gives both), untouched. The rotary key ``k^R``, shared by
+      the heads, is in no projection named here and is left alone.
+      ``None``: no such split.
+    fused: one projection at ``query_path`` gives the query, key and value
+      heads: ``"qkv"`` for all query heads, then all key heads, then all
+      value heads (nanoGPT's ``c_attn``, MaxText's fused ``(3, heads,
+      head_dim)`` kernel); ``"grouped"`` for, per key head, its group's
+      query heads, then the key, then the value (Megatron-LM's
+      ``linear_qkv``; GPT-NeoX's ``query_key_value`` with one query head per
+      key). ``None``: separate projections.
   """
 
   query_path: str = "query"
   key_path: str = "key"
   head_axis: int = -2
+  kv_heads: int | None = None
+  nope_dim: int | None = None
+  fused: str | None = None
 
 
 _MHA = QKLayout()  # nnx.MultiHeadAttention's layout.
+_FUSED = (None, "qkv", "grouped")
 
 
 @_stats.named("qk_clip")
@@ -64,14 +97,17 @@ class QKClipState(NamedTuple):
       value was not positive: nothing was clipped); ``scale`` the smallest
       factor ``gamma = min(1, max_logit / S_max)`` over the heads of the
       last step (1 when none was clipped); ``clipped`` whether any head
-      was clipped; ``frac_clipped`` the fraction of heads clipped.
+      was clipped; ``frac_clipped`` the fraction of heads clipped (query
+      heads: under grouped-query attention, every head of a clipped
+      group).
       ``norm`` is ``None``: the rule reads logits, not the update.
     largest_logit: the largest per-head max logit ``S_max`` of the last
       step, over every head (NaN heads left out; ``-inf`` when all were
       NaN).
-    num_heads_clipped: how many heads were clipped at the last update (int32).
+    num_heads_clipped: how many query heads were scaled at the last update
+      (int32).
     num_nonfinite: how many heads had a NaN or ``+inf`` max logit at the last
-      update; they were left untouched (int32).
+      update; their logits set no factor (int32).
   """
 
   stats: ClipStats
@@ -104,6 +140,25 @@ def qk_clip(
   still shrinks by exactly ``gamma``. Heads with ``S_max <= max_logit``
   are untouched, bit for bit.
 
+  The layouts (:class:`QKLayout`): separate query and key projections (the
+  default, ``nnx.MultiHeadAttention``'s); **grouped-query attention**,
+  where ``kv_heads`` key heads each serve ``heads // kv_heads`` consecutive
+  query heads: the key's factor is one number, so the group shares one,
+  ``gamma[g] = min(1, max_logit / max_{h in g} S_max[h])`` from the
+  group's largest logit (Megatron-LM's ``clip_qk``), its query heads
+  scaled by ``gamma[g]**query_exponent`` and its key by
+  ``gamma[g]**(1 - query_exponent)``: every logit of the group shrinks by
+  ``gamma[g]``, the group's largest lands on ``max_logit``, and no weight
+  grows (giving each query head its own factor against the shared key's
+  would grow the queries of the group's heads below the cap, step after
+  step); **multi-head latent attention** (``nope_dim``), Kimi K2's own
+  case: each head's ``q^C`` scaled by ``gamma**query_exponent``, ``k^C`` by
+  ``gamma**(1 - query_exponent)``, the rotary ``q^R`` by ``gamma`` and the
+  shared rotary key ``k^R`` left alone, so every logit ``q^C . k^C + q^R .
+  k^R`` still shrinks by ``gamma``; **fused** ``qkv`` projections
+  (``fused``), in either order of their outputs, with the value heads
+  untouched.
+
   It must be the **last** link of the chain: given the update ``u`` and
   the parameters ``W``, it returns ``gamma' * (W + u) - W`` for the query
   and key leaves of the clipped heads (``gamma'`` their factor) and ``u``
@@ -120,21 +175,22 @@ def qk_clip(
   Edge cases: ``S_max`` of 0, negative or ``-inf`` is below ``max_logit``
   (no clip); a NaN or ``+inf`` ``S_max`` leaves its head untouched (a
   factor of 0 would zero the query and key for good: their gradients
-  vanish together) and is counted in ``num_nonfinite``; pair with
+  vanish together; under grouped-query attention the head still takes its
+  group's factor) and is counted in ``num_nonfinite``; pair with
   :func:`optaxclip.skip_step` to skip such steps. ``max_logit = inf``
   clips nothing; a ``max_logit`` arriving at run time (a schedule) that
   is 0, negative or NaN clips nothing either. Leaves in no attention
-  module are untouched. Not covered: MLA's split of the query/key heads
-  into a shared rotary part (Kimi K2 clips only the per-head parts
-  there), grouped-query attention (fewer key heads than query heads), and
-  fused ``qkv`` kernels; such layouts raise an error naming the leaf.
+  module are untouched. A leaf whose outputs do not split into the
+  layout's heads raises an error naming the leaf and its shape.
 
   Args:
     max_logit: Kimi K2's ``tau``, the largest logit allowed, > 0 (``inf``
       disables): a number, JAX scalar or Optax schedule of the step count.
     query_exponent: Kimi K2's ``alpha``, the share of the factor given to
-      the query (the key gets ``1 - query_exponent``), in ``[0, 1]``.
-    layout: where each attention module keeps its query and key: one
+      the query (the key gets ``1 - query_exponent``; an MLA head's rotary
+      query the whole factor), in ``[0, 1]``.
+    layout: where each attention module keeps its query and key, and how
+      its heads are laid out (grouped, latent, fused): one
       :class:`QKLayout` for all, or a mapping from module paths (as in
       ``max_logits``) to layouts, others taking the default.
     axis_name: inside ``shard_map``/``pmap`` with the batch split across
@@ -203,9 +259,9 @@ def qk_clip(
     a = _thresholds.resolve(query_exponent, count, jnp.float32, lo=0.0,
                             hi=1.0, nan=0.5)
     gammas = [_gamma(s, t) for _, s in heads]
-    out = _scale_heads(updates, params, heads, gammas, a, layout)
+    out, factors = _scale_heads(updates, params, heads, gammas, a, layout)
     s = jnp.concatenate([s.reshape(-1) for _, s in heads])
-    g = jnp.concatenate([g.reshape(-1) for g in gammas])
+    g = jnp.concatenate([g.reshape(-1) for g in factors])
     n = jnp.sum(g < 1, dtype=jnp.int32)
     return out, QKClipState(
         stats=_stats.advance(state.stats, clipped=n > 0, num=n, of=g.size,
@@ -232,6 +288,21 @@ def _check_layout(layout: Any) -> None:
       raise TypeError(
           f"{_WHERE}: layout {one!r} must name query_path and key_path by a"
           " '/'-separated path (a string) and head_axis by an int.")
+    for field in ("kv_heads", "nope_dim"):
+      n = getattr(one, field)
+      if n is not None and (not isinstance(n, int) or isinstance(n, bool)
+                            or n < 1):
+        raise ValueError(f"{_WHERE}: layout {field}={n!r} must be None or a"
+                         " positive int.")
+    if one.fused not in _FUSED:
+      raise ValueError(
+          f"{_WHERE}: layout fused={one.fused!r} must be None, 'qkv' (all"
+          " query heads, then the keys, then the values) or 'grouped' (per"
+          " key head: its query heads, the key, the value).")
+    if one.fused and one.nope_dim is not None:
+      raise ValueError(
+          f"{_WHERE}: layout {one!r} sets both fused and nope_dim; MLA's"
+          " projections are not fused with the value: give one of them.")
 
 
 def _heads(max_logits: Any) -> list[tuple[str, jax.Array]]:
@@ -273,38 +344,109 @@ def _join(prefix: str, name: str) -> str:
 
 def _scale_heads(updates: Any, params: Any, heads: list[tuple[str, Any]],
                  gammas: list[jax.Array], query_exponent: jax.Array,
-                 layout: Any) -> Any:
-  """``updates`` with the query and key leaves of each module rescaled."""
+                 layout: Any) -> tuple[Any, list[jax.Array]]:
+  """``updates`` with the query and key leaves of each module rescaled, and
+  the factor each query head's logits were multiplied by."""
   leaves, rebuild = _tree.live_leaves(updates, _WHERE)
   weights = _param_leaves(updates, params)
   names = [_path(path) for path, _ in leaves]
   factors: dict[int, tuple[str, jax.Array]] = {}
+  per_head = []
   for (module, s), gamma in zip(heads, gammas):
     one = layout.get(module, _MHA) if isinstance(layout, Mapping) \
         else layout
-    for part, power in ((one.query_path, query_exponent),
-                        (one.key_path, 1 - query_exponent)):
-      prefix = _join(module, part)
-      found = [i for i, n in enumerate(names)
-               if n == prefix or n.startswith(prefix + "/")]
-      if not found:
-        raise ValueError(
-            f"{_WHERE}: max_logits names the attention module"
-            f" {module or 'at the root'!r}, but the updates hold no leaf"
-            f" under {prefix!r}. Pass max_logits keyed by the path of each"
-            " attention module in params, or give layout=oc.QKLayout(...)"
-            " naming its query and key.")
-      for i in found:
+    roles = ((("qkv", one.query_path),) if one.fused else
+             (("query", one.query_path), ("key", one.key_path)))
+    found = {role: _under(names, module, part) for role, part in roles}
+    kv = _kv_heads(one, s.shape[-1], found, leaves, names)
+    group = _group_gamma(gamma, kv)  # (layers..., kv_heads)
+    blocks = _block_factors(one, group, query_exponent, s.shape[-1] // kv)
+    per_head.append(jnp.repeat(group, s.shape[-1] // kv, axis=-1))
+    for role, found_leaves in found.items():
+      for i in found_leaves:
         if i in factors:
           raise ValueError(
               f"{_WHERE}: the leaf {names[i]!r} is the query or key of two"
               f" attention modules ({factors[i][0]!r} and {module!r}).")
         factors[i] = (module, _broadcast(names[i], leaves[i][1], s.shape,
-                                         gamma ** power, one.head_axis))
+                                         *blocks[role], one))
   out = [g for _, g in leaves]
   for i, (_, f) in factors.items():
     out[i] = _clipped_update(out[i], weights[i], f)
-  return rebuild(out)
+  return rebuild(out), per_head
+
+
+def _under(names: list[str], module: str, part: str) -> list[int]:
+  """The indices of the leaves under ``module/part``; raises if none."""
+  prefix = _join(module, part)
+  found = [i for i, n in enumerate(names)
+           if n == prefix or n.startswith(prefix + "/")]
+  if not found:
+    raise ValueError(
+        f"{_WHERE}: max_logits names the attention module"
+        f" {module or 'at the root'!r}, but the updates hold no leaf"
+        f" under {prefix!r}. Pass max_logits keyed by the path of each"
+        " attention module in params, or give layout=oc.QKLayout(...)"
+        " naming its query and key.")
+  return found
+
+
+def _outputs(name: str, x: Any, head_axis: int) -> int:
+  """How many entries a leaf's output axes (``head_axis`` on) hold."""
+  if not -x.ndim <= head_axis < x.ndim:
+    raise ValueError(
+        f"{_WHERE}: the leaf {name!r} of shape {x.shape} has no axis"
+        f" {head_axis}. Give layout=oc.QKLayout(head_axis=...), the first"
+        " axis of the projection's outputs.")
+  return math.prod(x.shape[head_axis % x.ndim:])
+
+
+def _kv_heads(layout: QKLayout, heads: int, found: dict[str, list[int]],
+              leaves: list[Any], names: list[str]) -> int:
+  """How many key heads the module has; raises if they cannot share the
+  ``heads`` query heads evenly."""
+  kv = layout.kv_heads
+  if kv is None and (layout.fused or layout.nope_dim is not None):
+    kv = heads
+  if kv is None:  # Key heads as wide as query heads: the leaves' sizes say.
+    q, k = found["query"][0], found["key"][0]
+    nq = _outputs(names[q], leaves[q][1], layout.head_axis)
+    nk = _outputs(names[k], leaves[k][1], layout.head_axis)
+    kv = nk * heads // nq if nq and (nk * heads) % nq == 0 else 0
+    where = (f" (the key {names[k]!r} holds {nk} outputs, the query"
+             f" {names[q]!r} {nq})")
+  else:
+    where = ""
+  if not kv or heads % kv:
+    raise ValueError(
+        f"{_WHERE}: the key heads{where} cannot be shared evenly by the"
+        f" {heads} query heads of max_logits (kv_heads={kv or None}). Give"
+        " layout=oc.QKLayout(kv_heads=..., head_axis=...) for this layout.")
+  return kv
+
+
+def _group_gamma(gamma: jax.Array, kv: int) -> jax.Array:
+  """Each key head's factor: the smallest of its query heads' (the group's
+  largest logit decides, as in Megatron-LM's ``clip_qk``)."""
+  return jnp.min(gamma.reshape(*gamma.shape[:-1], kv, -1), axis=-1)
+
+
+def _block_factors(layout: QKLayout, group: jax.Array, a: jax.Array,
+                   size: int) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """Per role, the factors of each head block of its outputs: of a block's
+  first ``nope_dim`` entries (all of them without ``nope_dim``), and of the
+  rest. ``size`` query heads share each key head."""
+  query = jnp.repeat(group, size, axis=-1)  # (layers..., heads)
+  q, k, ones = query ** a, group ** (1 - a), jnp.ones_like(group)
+  if layout.fused is None:
+    return {"query": (q, query), "key": (k, ones)}
+  if layout.fused == "qkv":
+    fused = jnp.concatenate([q, k, ones], axis=-1)
+  else:  # "grouped": each key head's query heads, its key, its value.
+    fused = jnp.concatenate(
+        [q.reshape(*group.shape, size), k[..., None], ones[..., None]],
+        axis=-1).reshape(*group.shape[:-1], -1)
+  return {"qkv": (fused, fused)}
 
 
 def _param_leaves(updates: Any, params: Any) -> list[Any]:
@@ -321,23 +463,33 @@ def _param_leaves(updates: Any, params: Any) -> list[Any]:
 
 
 def _broadcast(name: str, x: jax.Array, shape: tuple[int, ...],
-               factor: jax.Array, head_axis: int) -> jax.Array:
-  """``factor`` (of ``shape``: layers..., heads) shaped to multiply ``x``."""
-  lead, h = len(shape) - 1, shape[-1]
-  axis = head_axis % x.ndim if -x.ndim <= head_axis < x.ndim else None
+               first: jax.Array, rest: jax.Array,
+               layout: QKLayout) -> jax.Array:
+  """The factor of each entry of ``x``, from the factors of its head blocks
+  (``first`` for a block's first ``nope_dim`` entries, ``rest`` after)."""
+  lead, blocks = len(shape) - 1, first.shape[-1]
+  axis = layout.head_axis % x.ndim if -x.ndim <= layout.head_axis < x.ndim \
+      else None
+  size = math.prod(x.shape[axis:]) if axis is not None else 0
   if axis is None or axis < lead or x.shape[:lead] != shape[:-1] or (
-      x.shape[axis] != h):
+      size % blocks):
     raise ValueError(
         f"{_WHERE}: the leaf {name!r} of shape {x.shape} does not hold"
-        f" {h} heads on axis {head_axis}"
+        f" {blocks} heads of equal width on its axes from {layout.head_axis}"
         + (f" after the layer axes {shape[:-1]}" if lead else "")
-        + f" (max_logits has shape {shape}). Give layout=oc.QKLayout("
-        "head_axis=...) for this layout; grouped-query attention and fused"
-        " qkv kernels are not supported.")
-  full = [1] * x.ndim
-  full[:lead] = shape[:-1]
-  full[axis] = h
-  return factor.reshape(full)
+        + f" (max_logits has shape {shape}, {shape[-1]} heads). Give"
+        " layout=oc.QKLayout(head_axis=..., kv_heads=..., fused=...) for"
+        " this layout.")
+  width = size // blocks
+  split = width if layout.nope_dim is None else layout.nope_dim
+  if split > width:
+    raise ValueError(
+        f"{_WHERE}: nope_dim={split} exceeds the {width} entries of each"
+        f" head of the leaf {name!r} (shape {x.shape}).")
+  entries = jnp.where(jnp.arange(width) < split, first[..., None],
+                      rest[..., None])
+  return entries.reshape(*shape[:-1], *[1] * (axis - lead),
+                         *x.shape[axis:])
 
 
 def _clipped_update(u: jax.Array, w: jax.Array, f: jax.Array) -> jax.Array:
@@ -359,24 +511,34 @@ def max_logit_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   Pass it as ``nnx.MultiHeadAttention(..., attention_fn=oc.max_logit_attention)``
   and call the attention with ``sow_weights=True`` (Flax hands the module
   to ``attention_fn`` only then; without it nothing is recorded, and the
-  attention weights themselves are never sown). Each call sows, as ``nnx.Intermediate`` named ``"max_logits"``
-  on that module, the largest logit ``q . k / sqrt(head_dim)`` of each head
-  over the batch, query and key positions, masked positions (``mask``,
-  ``is_causal``) left out, float32, without gradient; repeated calls keep
-  the elementwise maximum. The additive ``bias`` is not part of it (QK-Clip
-  cannot shrink it). Collect the values with :func:`gather_max_logits`.
-  Computing the logits once more costs one extra query-key product per
-  call; the output is ``nnx.dot_product_attention``'s.
+  attention weights themselves are never sown); an attention module of
+  one's own calls it with ``module=self``. Each call sows, as
+  ``nnx.Intermediate`` named ``"max_logits"`` on that module, the largest
+  logit ``q . k / sqrt(head_dim)`` of each query head over the batch,
+  query and key positions, masked positions (``mask``, ``is_causal``) left
+  out, float32, without gradient; repeated calls keep the elementwise
+  maximum. The additive ``bias`` is not part of it (QK-Clip cannot shrink
+  it). Collect the values with :func:`gather_max_logits`. Computing the
+  logits once more costs one extra query-key product per call; the output
+  is ``nnx.dot_product_attention``'s.
+
+  Grouped-query attention: ``key`` and ``value`` may have fewer heads,
+  ``kv_heads``, each shared by ``heads // kv_heads`` consecutive query
+  heads (query head ``h`` reads key head ``h // (heads // kv_heads)``);
+  the logits are recorded per query head, and the key and value heads are
+  repeated for the attention itself. Multi-head latent attention: pass the
+  heads as they enter the product, ``query = [q^C, q^R]`` and ``key =
+  [k^C, k^R]`` with the shared ``k^R`` broadcast to every head.
 
   Args:
     query: ``[batch..., q_length, heads, head_dim]``.
-    key: ``[batch..., kv_length, heads, head_dim]`` (as many heads as
-      ``query``).
-    value: ``[batch..., kv_length, heads, v_dim]``.
+    key: ``[batch..., kv_length, kv_heads, head_dim]``, ``kv_heads``
+      dividing ``heads``.
+    value: ``[batch..., kv_length, kv_heads, v_dim]``.
     bias: additive attention bias, as ``nnx.dot_product_attention``.
     mask: boolean mask broadcastable to ``[batch..., heads, q, kv]``.
     module: the module to sow into (Flax passes it with
-      ``sow_weights=True``).
+      ``sow_weights=True``); ``None`` records nothing.
     is_causal: apply a causal mask.
     **kwargs: passed on to ``nnx.dot_product_attention`` (dropout, dtype,
       precision, ...).
@@ -385,20 +547,33 @@ def max_logit_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     The attention output, ``[batch..., q_length, heads, v_dim]``.
 
   Raises:
-    ValueError: ``key`` has another number of heads than ``query``.
+    ValueError: ``key``'s heads do not divide ``query``'s, or ``value``
+      has another number of heads than ``key``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optaxclip as oc
+    >>> query = jnp.ones((1, 3, 4, 8))      # 4 query heads ...
+    >>> key = value = jnp.ones((1, 3, 2, 8))  # ... sharing 2 key heads.
+    >>> oc.max_logit_attention(query, key, value).shape
+    (1, 3, 4, 8)
   """
   from flax import nnx  # Flax is needed for this helper only.
 
-  if module is None:  # Called without sow_weights=True: nothing to record.
-    return nnx.dot_product_attention(query, key, value, bias, mask,
-                                     is_causal=is_causal, **kwargs)
-  if key.shape[-2] != query.shape[-2]:
+  heads, kv = query.shape[-2], key.shape[-2]
+  if heads % kv or value.shape[-2] != kv:
     raise ValueError(
-        f"max_logit_attention: key has {key.shape[-2]} heads and query"
-        f" {query.shape[-2]}; QK-Clip needs one key head per query head.")
-  module.sow(nnx.Intermediate, _SOWN, _head_max(query, key, mask, is_causal),
-             init_fn=lambda: jnp.full((), -jnp.inf, jnp.float32),
-             reduce_fn=jnp.maximum)
+        f"max_logit_attention: query has {heads} heads, key {kv} and value"
+        f" {value.shape[-2]}; the key and value heads must be as many, each"
+        " shared by the same number of consecutive query heads.")
+  if module is not None:  # Called with sow_weights=True: record.
+    module.sow(nnx.Intermediate, _SOWN,
+               _head_max(query, key, mask, is_causal),
+               init_fn=lambda: jnp.full((), -jnp.inf, jnp.float32),
+               reduce_fn=jnp.maximum)
+  if kv != heads:  # Every Flax version attends with one key per query head.
+    key = jnp.repeat(key, heads // kv, axis=-2)
+    value = jnp.repeat(value, heads // kv, axis=-2)
   return nnx.dot_product_attention(query, key, value, bias, mask,
                                    module=None, is_causal=is_causal, **kwargs)
 
@@ -408,7 +583,11 @@ def _head_max(query: jax.Array, key: jax.Array, mask: jax.Array | None,
   """Each head's largest logit ``q . k / sqrt(d)``, masked entries left out."""
   q = jax.lax.stop_gradient(query).astype(jnp.float32)
   k = jax.lax.stop_gradient(key).astype(jnp.float32)
-  logits = jnp.einsum("...qhd,...khd->...hqk", q / math.sqrt(q.shape[-1]), k)
+  kv = k.shape[-2]  # Query heads kv * g, grouped: head h reads key h // g.
+  q = q.reshape(*q.shape[:-2], kv, q.shape[-2] // kv, q.shape[-1])
+  logits = jnp.einsum("...qhgd,...khd->...hgqk", q / math.sqrt(q.shape[-1]),
+                      k)
+  logits = logits.reshape(*logits.shape[:-4], -1, *logits.shape[-2:])
   keep = jnp.ones(logits.shape, bool)
   if mask is not None:
     keep = keep & jnp.broadcast_to(mask.astype(bool), logits.shape)

@@ -1,7 +1,9 @@
 """qk_clip: logits of nnx.MultiHeadAttention held at max_logit, the paper's
 rule (Kimi K2's Algorithm 1) in float64 NumPy, stacked layers, jit and
-meshes, edge cases and errors."""
+meshes, edge cases and errors; grouped-query, latent (MLA) and fused qkv
+attention layers against Megatron-LM's and Kimi K2's rules in float64."""
 
+import functools
 import math
 
 import jax
@@ -133,6 +135,7 @@ def test_without_an_update_the_largest_logit_lands_on_max_logit():
   np.testing.assert_allclose(recorded(attn, X)[""], limit, rtol=1e-5)
 
 
+@needs_capture
 @pytest.mark.slow
 def test_stacked_layers_scanned():
   layers = 3
@@ -439,6 +442,14 @@ def test_max_logits_that_do_not_fit(s, match):
     (lambda: oc.qk_clip(0.0), ValueError, "max_logit=0.0 must be > 0"),
     (lambda: oc.qk_clip(-1.0), ValueError, "max_logit"),
     (lambda: oc.qk_clip(query_exponent=1.5), ValueError, "query_exponent"),
+    (lambda: oc.qk_clip(layout=oc.QKLayout(kv_heads=0)), ValueError,
+     "kv_heads=0 must be None or a positive int"),
+    (lambda: oc.qk_clip(layout=oc.QKLayout(nope_dim=2.5)), ValueError,
+     "nope_dim"),
+    (lambda: oc.qk_clip(layout=oc.QKLayout(fused="kqv")), ValueError,
+     "fused='kqv' must be None, 'qkv'.*or 'grouped'"),
+    (lambda: oc.qk_clip(layout=oc.QKLayout(fused="qkv", nope_dim=2)),
+     ValueError, "both fused and nope_dim"),
     (lambda: oc.qk_clip("big"), TypeError, "max_logit"),
     # Keywords of earlier releases name their replacement.
     (lambda: oc.qk_clip(tau=50.0), TypeError, "tau= is now max_logit="),
@@ -493,3 +504,352 @@ def test_state_round_trips_through_orbax(tmp_path):
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
   assert int(restored.num_heads_clipped) == 2 and int(restored.num_nonfinite) == 1
+
+
+# ----------------------------------------------------------------------------
+# Grouped-query, latent (MLA) and fused qkv attention: small Flax NNX layers,
+# their logits in float64 NumPy, and the published rules transcribed.
+
+KV, D = 2, 4          # GQA: 4 query heads share 2 key heads (groups of 2).
+G = HEADS // KV
+NOPE, ROPE, RANK = 4, 2, 6  # MLA: per-head part, rotary part, latent width.
+VDIM = NOPE + ROPE    # MLA value width (jax.nn's attention wants qk's).
+
+
+def _attend(module, q, k, v, sow_weights):
+  """The attention, its max logits sown on ``module`` (with
+  ``sow_weights``), through ``module.out``."""
+  out = oc.max_logit_attention(q, k, v, module=module if sow_weights else None)
+  return module.out(out.reshape(*out.shape[:-2], -1))
+
+
+
+class GQA(nnx.Module):
+  """Separate projections, 2 key heads for 4 query heads."""
+
+  def __init__(self, rngs):
+    self.query = nnx.LinearGeneral(IN, (HEADS, D), rngs=rngs)
+    self.key = nnx.LinearGeneral(IN, (KV, D), rngs=rngs)
+    self.value = nnx.LinearGeneral(IN, (KV, D), rngs=rngs)
+    self.out = nnx.Linear(HEADS * D, IN, rngs=rngs)
+
+  def __call__(self, x, sow_weights=False):
+    return _attend(self, self.query(x), self.key(x), self.value(x),
+                   sow_weights)
+
+
+def _rope(x, xp):
+  """Rotary embedding of the last axis (pairs), positions on axis 1."""
+  pos = xp.arange(x.shape[1]).reshape(1, -1, *[1] * (x.ndim - 2))
+  angle = pos * xp.asarray([1.0, 0.1])[: x.shape[-1] // 2]
+  c, s = xp.cos(angle), xp.sin(angle)
+  a, b = x[..., 0::2], x[..., 1::2]
+  return xp.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(x.shape)
+
+
+class MLA(nnx.Module):
+  """Multi-head latent attention as in DeepSeek-V2 and Kimi K2: queries
+  through a low-rank pair, keys and values up-projected from a normed
+  latent, one rotary key shared by the heads."""
+
+  def __init__(self, rngs):
+    self.wq_a = nnx.Linear(IN, RANK, use_bias=False, rngs=rngs)
+    self.wq_b = nnx.LinearGeneral(RANK, (HEADS, NOPE + ROPE), rngs=rngs)
+    self.wkv_a = nnx.Linear(IN, RANK + ROPE, use_bias=False, rngs=rngs)
+    self.kv_norm = nnx.RMSNorm(RANK, rngs=rngs)
+    self.wkv_b = nnx.LinearGeneral(RANK, (HEADS, NOPE + VDIM), rngs=rngs)
+    self.out = nnx.Linear(HEADS * VDIM, IN, rngs=rngs)
+
+  def __call__(self, x, sow_weights=False):
+    q = self.wq_b(self.wq_a(x))
+    kv = self.wkv_a(x)
+    kv_b = self.wkv_b(self.kv_norm(kv[..., :RANK]))
+    k_rope = _rope(kv[..., None, RANK:], jnp)
+    q = jnp.concatenate([q[..., :NOPE], _rope(q[..., NOPE:], jnp)], -1)
+    k = jnp.concatenate([kv_b[..., :NOPE], jnp.broadcast_to(
+        k_rope, (*k_rope.shape[:-2], HEADS, ROPE))], -1)
+    return _attend(self, q, k, kv_b[..., NOPE:], sow_weights)
+
+
+class Fused(nnx.Module):
+  """One qkv projection, 2 key heads for 4 query heads: flat ``[q | k | v]``
+  outputs (``"qkv"``) or ``(key heads, group + 2, head_dim)`` (Megatron's
+  ``"grouped"``)."""
+
+  def __init__(self, rngs, order):
+    self.order = order
+    shape = (KV, G + 2, D) if order == "grouped" else ((HEADS + 2 * KV) * D,)
+    self.qkv = nnx.LinearGeneral(IN, shape, rngs=rngs)
+    self.out = nnx.Linear(HEADS * D, IN, rngs=rngs)
+
+  def __call__(self, x, sow_weights=False):
+    return _attend(self, *split_qkv(self.qkv(x), self.order), sow_weights)
+
+
+def split_qkv(y, order):
+  """``(q, k, v)`` heads of a fused projection's outputs (any array type)."""
+  lead = y.shape[:2]
+  y = y.reshape(*lead, -1)
+  if order == "qkv":
+    q, k, v = (y[..., :HEADS * D], y[..., HEADS * D:(HEADS + KV) * D],
+               y[..., (HEADS + KV) * D:])
+    return (q.reshape(*lead, HEADS, D), k.reshape(*lead, KV, D),
+            v.reshape(*lead, KV, D))
+  y = y.reshape(*lead, KV, G + 2, D)
+  return y[..., :G, :].reshape(*lead, HEADS, D), y[..., G, :], y[..., G + 1, :]
+
+
+KINDS = ["gqa", "mla", "fused-qkv", "fused-grouped"]
+LAYOUTS = {
+    "gqa": oc.QKLayout(),  # kv_heads read from the shapes.
+    "mla": oc.QKLayout("wq_b", "wkv_b", nope_dim=NOPE),
+    "fused-qkv": oc.QKLayout("qkv", head_axis=-1, kv_heads=KV, fused="qkv"),
+    "fused-grouped": oc.QKLayout("qkv", head_axis=-3, kv_heads=KV,
+                                 fused="grouped"),
+}
+
+
+def make(kind, seed=0, layers=()):
+  """The layer's graph and parameters (NumPy, float32, a leading axis per
+  entry of ``layers``), with query heads 0 and 1 made large so that their
+  logits stand out (under GQA they form group 0)."""
+  build = {"gqa": GQA, "mla": MLA}.get(kind) or functools.partial(
+      Fused, order=kind.split("-")[1])
+  graph, state = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))),
+                           nnx.Param)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(
+      lambda a: (0.5 * rng.standard_normal((*layers, *a.shape))).astype(
+          np.float32), nnx.to_pure_dict(state))
+  if kind == "gqa":
+    params["query"]["kernel"][..., :G, :] *= 5.0
+  elif kind == "mla":
+    params["wq_b"]["kernel"][..., :2, :] *= 4.0
+  else:  # Group 0's query heads lead the outputs in both orders.
+    k = params["qkv"]["kernel"]
+    flat = k.reshape(*k.shape[:len(layers) + 1], -1)
+    flat[..., :G * D] *= 5.0
+    params["qkv"]["kernel"] = flat.reshape(k.shape)
+  return graph, params
+
+
+def np_logits(kind, p, x):
+  """Each query head's max logit, float64, from the weights alone."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  x = np.asarray(x, np.float64)
+
+  def dense(w, y):
+    out = np.tensordot(y, w["kernel"], axes=1)
+    return out + w["bias"] if "bias" in w else out
+
+  if kind == "gqa":
+    q, k = dense(p["query"], x), dense(p["key"], x)
+  elif kind == "mla":
+    q = dense(p["wq_b"], dense(p["wq_a"], x))
+    kv = dense(p["wkv_a"], x)
+    c = kv[..., :RANK]
+    c = c / np.sqrt(np.mean(c ** 2, -1, keepdims=True) + 1e-6) * p[
+        "kv_norm"]["scale"]
+    k_r = _rope(kv[..., None, RANK:], np)
+    q = np.concatenate([q[..., :NOPE], _rope(q[..., NOPE:], np)], -1)
+    k = np.concatenate([dense(p["wkv_b"], c)[..., :NOPE], np.broadcast_to(
+        k_r, (*k_r.shape[:-2], HEADS, ROPE))], -1)
+  else:
+    q, k, _ = split_qkv(dense(p["qkv"], x), kind.split("-")[1])
+  k = np.repeat(k, HEADS // k.shape[-2], axis=-2)
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+  return s.max(axis=(0, 2, 3))
+
+
+def np_rule(kind, w, s, tau, alpha):
+  """The weights after the published rule, float64: Megatron-LM's
+  ``clip_qk`` for GQA and fused qkv (one factor per key head, from its
+  group's largest logit: ``eta = min(1, tau / max)``, the group's queries
+  times ``eta ** alpha``, its key ``eta ** (1 - alpha)``, values alone);
+  Kimi K2's MLA (``q^C`` times ``eta ** alpha``, ``k^C`` ``eta ** (1 -
+  alpha)``, ``q^R`` ``eta``; ``k^R`` and values alone). ``w``: the layer's
+  parameters, with a leading layer axis when ``s`` is ``(layers, heads)``.
+  NaN and infinite logits set no factor."""
+  w = jax.tree.map(lambda a: np.array(a, np.float64), w)
+  s = np.asarray(s, np.float64)
+  for idx in np.ndindex(*s.shape[:-1]):  # Each layer: views into w.
+    layer = jax.tree.map(lambda a, idx=idx: a[idx], w)
+    eta = [min(1.0, tau / x) if np.isfinite(x) else 1.0 for x in s[idx]]
+    if kind == "mla":
+      for h, e in enumerate(eta):
+        for name in ("kernel", "bias"):
+          layer["wq_b"][name][..., h, :NOPE] *= e ** alpha
+          layer["wq_b"][name][..., h, NOPE:] *= e
+          layer["wkv_b"][name][..., h, :NOPE] *= e ** (1 - alpha)
+      continue
+    eta = [min(eta[g * G:(g + 1) * G]) for g in range(KV)]
+    for name in ("kernel", "bias"):
+      if kind == "gqa":
+        for g, e in enumerate(eta):
+          layer["query"][name][..., g * G:(g + 1) * G, :] *= e ** alpha
+          layer["key"][name][..., g, :] *= e ** (1 - alpha)
+        continue
+      x = layer["qkv"][name]
+      flat = x.reshape(*x.shape[:x.ndim - (1 if kind == "fused-qkv" else 3)],
+                       -1)
+      for g, e in enumerate(eta):
+        if kind == "fused-qkv":  # [q heads | k heads | v heads]
+          flat[..., g * G * D:(g + 1) * G * D] *= e ** alpha
+          flat[..., (HEADS + g) * D:(HEADS + g + 1) * D] *= e ** (1 - alpha)
+        else:  # Per key head: its G query heads, the key, the value.
+          at = g * (G + 2) * D
+          flat[..., at:at + G * D] *= e ** alpha
+          flat[..., at + G * D:at + (G + 1) * D] *= e ** (1 - alpha)
+  return w
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def clip_layer(graph, params, update, limit, alpha, kind):
+  """The layer's recorded max logits, and its parameters after one
+  ``qk_clip(limit, query_exponent=alpha)`` step of ``update``."""
+  model = nnx.merge(graph, params)
+  forward = nnx.capture(lambda m, x: m(x, sow_weights=True), nnx.Intermediate)
+  s = oc.gather_max_logits(forward(model, X)[1])
+  tx = oc.qk_clip(limit, query_exponent=alpha, layout=LAYOUTS[kind])
+  u, state = tx.update(update, tx.init(params), params, max_logits=s)
+  return s[""], optax.apply_updates(params, u), state
+
+
+# Kimi K2's 0.5 for MLA; the extremes (query alone, key alone) for fused.
+ALPHA = {"gqa": 0.5, "mla": 0.5, "fused-qkv": 1.0, "fused-grouped": 0.0}
+
+
+@needs_capture
+@pytest.mark.parametrize("kind", KINDS)
+def test_layouts_on_a_layer_shrink_each_head_by_its_factor(kind):
+  graph, w = make(kind)
+  want = np_logits(kind, w, X)
+  limit = float(np.sort(want)[1]) + 0.5  # Heads 0 and 1 exceed it.
+  assert np.all(want[:2] > limit) and np.all(want[2:] < limit)
+  gamma = np.minimum(1.0, limit / want)
+  if kind != "mla":  # One factor per group: its largest logit's.
+    gamma = np.repeat(gamma.reshape(KV, G).min(-1), G)
+  rng = np.random.default_rng(1)
+  step = jax.tree.map(
+      lambda a: (0.02 * rng.standard_normal(a.shape)).astype(a.dtype), w)
+  for u in (jax.tree.map(np.zeros_like, w), step):
+    s, new, state = clip_layer(graph, w, u, limit, ALPHA[kind], kind)
+    np.testing.assert_allclose(s, want, rtol=1e-5)  # Recorded as computed.
+    free = jax.tree.map(lambda a, b: a + b, w, u)  # float32, as optax adds.
+    after, before = np_logits(kind, new, X), np_logits(kind, free, X)
+    # Every logit of a clipped head shrinks by its factor: without an
+    # update, the largest lands on the cap; other heads are untouched.
+    np.testing.assert_allclose(after, gamma * before, rtol=1e-5)
+    assert np.all(after[2:] == before[2:])
+    if u is not step:
+      np.testing.assert_allclose(after[:2].max(), limit, rtol=1e-5)
+    rule = np_rule(kind, free, want, limit, ALPHA[kind])
+    for got, ref, old in zip(*map(jax.tree.leaves, (new, rule, free))):
+      np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+      alone = ref == np.asarray(old, np.float64)  # Values, k^R, heads 2, 3.
+      np.testing.assert_array_equal(np.asarray(got)[alone], old[alone])
+    assert int(state.num_heads_clipped) == 2
+    np.testing.assert_allclose(float(state.stats.scale), gamma.min(),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "fused-grouped"])  # MLA: scanned.
+def test_layouts_of_stacked_layers_match_the_rule(kind):
+  graph, w = make(kind, seed=3, layers=(2,))
+  rng = np.random.default_rng(3)
+  s = rng.choice([0.0, 50.0, 150.0, 1e4, 100.0, np.nan], size=(2, HEADS))
+  s[0, :2] = [400.0, np.nan]  # A NaN head beside a clipped one.
+  u = jax.tree.map(lambda a: 0.1 * a, w)
+  tx = oc.qk_clip(100.0, query_exponent=0.3, layout=LAYOUTS[kind])
+  out, state = tx.update(u, tx.init(w), w, max_logits={"": s})
+  new = optax.apply_updates(w, out)
+  free = jax.tree.map(lambda a, b: a + b, w, u)
+  rule = np_rule(kind, free, s, 100.0, 0.3)
+  for got, ref, old in zip(*map(jax.tree.leaves, (new, rule, free))):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+    alone = ref == np.asarray(old, np.float64)
+    np.testing.assert_array_equal(np.asarray(got)[alone], old[alone])
+  eta = np.where(np.isfinite(s) & (s > 100), 100 / np.where(s > 0, s, 1), 1)
+  if kind != "mla":
+    eta = np.repeat(eta.reshape(2, KV, G).min(-1), G, axis=-1)
+  assert int(state.num_heads_clipped) == int(np.sum(eta < 1))
+  assert int(state.num_nonfinite) == int(np.sum(np.isnan(s)))
+
+
+@needs_capture
+@pytest.mark.slow
+def test_latent_attention_stacked_and_scanned():
+  layers = 2
+
+  class Stack(nnx.Module):
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def build(rngs):
+        return MLA(rngs)
+      self.layers = build(rngs)
+
+    def __call__(self, x, sow_weights=False):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def body(x, layer):
+        return x + layer(x, sow_weights=sow_weights)
+      return body(x, self.layers)
+
+  graph = nnx.split(nnx.eval_shape(lambda: Stack(nnx.Rngs(0))), nnx.Param)[0]
+  params = {"layers": make("mla", layers=(layers,))[1]}
+  model = nnx.merge(graph, params)
+  s = recorded(model, X)
+  assert list(s) == ["layers"] and s["layers"].shape == (layers, HEADS)
+  first = jax.tree.map(lambda a: a[0], params["layers"])
+  np.testing.assert_allclose(np_logits("mla", first, X), s["layers"][0],
+                             rtol=1e-5)
+  limit = float(np.median(s["layers"]))
+  tx = oc.qk_clip(limit, layout={"layers": LAYOUTS["mla"]})
+  zero = jax.tree.map(jnp.zeros_like, params)
+  u, _ = jax.jit(tx.update)(zero, tx.init(params), params, max_logits=s)
+  new = optax.apply_updates(params, u)
+  np.testing.assert_allclose(  # Layer 0 sees X: its heads land on the cap.
+      np_logits("mla", jax.tree.map(lambda a: a[0], new["layers"]), X),
+      np.minimum(s["layers"][0], limit), rtol=1e-5)
+  rule = np_rule("mla", params["layers"], s["layers"], limit, 0.5)
+  for got, ref in zip(jax.tree.leaves(new["layers"]), jax.tree.leaves(rule)):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("key_heads, layout, match", [
+    (3, oc.QKLayout(), r"\(the key 'key/kernel' holds 12 outputs, the query"
+     r" 'query/kernel' 16\) cannot be shared evenly by the 4 query heads"),
+    (2, oc.QKLayout(kv_heads=3), "kv_heads=3"),
+    (2, oc.QKLayout(nope_dim=5), "nope_dim=5 exceeds the 4 entries"),
+    (2, oc.QKLayout("qkv", head_axis=-1, kv_heads=1, fused="qkv"),
+     r"'qkv/kernel' of shape \(8, 32\) does not hold 6 heads"),
+    (2, oc.QKLayout(head_axis=-4), "has no axis -4"),
+])
+def test_layouts_that_do_not_fit_the_leaves(key_heads, layout, match):
+  params = {"query": {"kernel": jnp.ones((IN, HEADS, D))},
+            "key": {"kernel": jnp.ones((IN, key_heads, D))},
+            "qkv": {"kernel": jnp.ones((IN, (HEADS + 2 * KV) * D))}}
+  tx = oc.qk_clip(layout=layout)
+  with pytest.raises(ValueError, match=match):
+    tx.update(params, tx.init(params), params, max_logits=jnp.ones(HEADS))
+
+
+@pytest.mark.slow
+def test_max_logit_attention_with_grouped_heads():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((2, 3, h, D)) for h in (HEADS, KV, KV))
+  got = oc.max_logit_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
+  # Query head h attends with key and value head h // G, in float64.
+  s = np.einsum("bqhd,bkhd->bhqk", q, np.repeat(k, G, 2)) / math.sqrt(D)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True),
+                   np.repeat(v, G, 2))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_max_logit_attention_needs_key_heads_that_divide_the_query_heads():
+  q, k = jnp.ones((1, 3, HEADS, D)), jnp.ones((1, 3, 3, D))
+  with pytest.raises(ValueError, match="query has 4 heads, key 3 and value 3"):
+    oc.max_logit_attention(q, k, k)
+  with pytest.raises(ValueError, match="key 2 and value 4"):
+    oc.max_logit_attention(q, k[..., :2, :], q)
