@@ -1,4 +1,5 @@
-"""Checkpointing: save mid-run with Orbax, restore in a fresh process, go on.
+"""Checkpointing: save mid-run with Orbax, restore in a fresh process, go on;
+and switch a running job's optimizer to optaxclip and back.
 
 The continued run must equal the uninterrupted one bit for bit: ZClip's EMA
 and warm-up buffer, AutoClip's ring buffer, the historical update clip's
@@ -7,8 +8,16 @@ moments all survive the round trip.
 
 Both runs happen in fresh processes, this file run as a script:
 ``python tests/test_checkpoint.py reference|continue CKPT_DIR OUT.pkl``.
+
+The switch: a checkpoint written with optax's clipper (or no guard)
+restores with its own optimizer's state as the target, and
+``oc.adopt_state`` carries it into the new chain (optaxclip's clipper,
+``skip_step`` around the optimizer), and back: every state present on both
+sides bit for bit, the others fresh; for a plain chain, ``MultiSteps`` and
+an ``nnx.Optimizer``.
 """
 
+import functools
 import os
 import pickle
 import subprocess
@@ -26,8 +35,6 @@ if __name__ == "__main__":
   sys.path.insert(0, str(ROOT))
 
 import optaxclip as oc  # noqa: E402
-
-pytestmark = pytest.mark.slow
 
 STEPS = 14
 SAVE_AT = 7
@@ -137,6 +144,7 @@ def _run_script(mode, ckpt_dir, out):
     return pickle.load(f)
 
 
+@pytest.mark.slow
 def test_restore_in_fresh_process_continues_bit_identically(tmp_path):
   ckpt_dir = tmp_path / "ckpt"
   reference = _run_script("reference", ckpt_dir, tmp_path / "reference.pkl")
@@ -163,6 +171,222 @@ def test_restore_in_fresh_process_continues_bit_identically(tmp_path):
     assert got[name].shape == ref.shape, name
     assert got[name].tobytes() == ref.tobytes(), name
 
+
+# -- Switching a running job's optimizer -------------------------------------
+
+SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 50)
+
+
+def _adamw():
+  return optax.adamw(SCHEDULE, weight_decay=1e-2)
+
+
+SWITCHES = {
+    # name: (old optimizer, new optimizer), the new one guarded and clipped
+    # by optaxclip, the old one as a job written for optax has it.
+    "chain": (lambda: optax.chain(optax.clip_by_global_norm(1.0), _adamw()),
+              lambda: oc.skip_step(optax.chain(
+                  oc.clip_by_global_norm(1.0, leaf_norms=True), _adamw()),
+                                   rule=oc.SpikeEMA())),
+    "no guard": (lambda: _adamw(),
+                 lambda: oc.skip_step(optax.chain(oc.zclip(), _adamw()))),
+    "multisteps": (
+        lambda: optax.MultiSteps(optax.chain(
+            optax.clip_by_global_norm(1.0), _adamw()), 3),
+        lambda: oc.skip_step(optax.MultiSteps(optax.chain(
+            oc.clip_by_global_norm(1.0), _adamw()), 3))),
+}
+
+
+def _params():
+  return {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(3)}
+
+
+def _train(opt, state, steps, first=0):
+  """``steps`` updates of ``opt`` from ``state``; step ``i``'s gradients
+  are ``3 cos((i + 1) params)``."""
+  update = _stepper(opt)
+  for i in range(first, first + steps):
+    state = update(state, jnp.float32(i))
+  return state
+
+
+@functools.cache
+def _stepper(opt):
+  """One jitted update of ``opt`` (compiled once per optimizer)."""
+  params = _params()
+
+  @jax.jit
+  def update(state, i):
+    grads = jax.tree_util.tree_map(lambda p: jnp.cos(p * (i + 1)) * 3,
+                                   params)
+    return opt.update(grads, state, params)[1]
+
+  return update
+
+
+def _orbax_round_trip(path, state, target):
+  import orbax.checkpoint as ocp
+
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path, state)
+  with ocp.StandardCheckpointer() as ckpt:
+    return ckpt.restore(path, abstract)
+
+
+def _states(tree):
+  """Every optimizer state record in ``tree``, with its path."""
+  is_state = lambda x: isinstance(x, tuple) and hasattr(x, "_fields")  # noqa: E731
+  return [(jax.tree_util.keystr(p), x)
+          for p, x in jax.tree_util.tree_leaves_with_path(
+              tree, is_leaf=lambda x: is_state(x) and not (
+                  hasattr(x, "inner_state") or hasattr(x, "inner_opt_state")))
+          if is_state(x)]
+
+
+def assert_carried(adopted, old, fresh):
+  """Each leaf state of ``adopted`` equals, bit for bit, the state of the
+  same type and structure in ``old`` when there is one (in order), else the
+  fresh one."""
+  pool = [x for _, x in _states(old)]
+  carried = 0
+  for (at, got), (_, new) in zip(_states(adopted), _states(fresh)):
+    same = [x for x in pool if type(x) is type(got) and (
+        jax.tree_util.tree_structure(x) == jax.tree_util.tree_structure(got))]
+    want = same[0] if same and jax.tree_util.tree_leaves(got) else new
+    if same:
+      pool.remove(same[0])
+    carried += want is not new and bool(jax.tree_util.tree_leaves(want))
+    for a, b in zip(jax.tree_util.tree_leaves(got),
+                    jax.tree_util.tree_leaves(want)):
+      assert np.asarray(a).dtype == np.asarray(b).dtype, at
+      assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), at
+  return carried
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SWITCHES))
+def test_switch_to_optaxclip_and_back_with_orbax(name, tmp_path):
+  make_old, make_new = SWITCHES[name]
+  old, new = make_old(), make_new()
+  params = _params()
+  # The job ran 5 steps with the old optimizer and wrote its checkpoint.
+  written = _train(old, old.init(params), 5)
+  # The new optimizer's target refuses it: its tree differs.
+  with pytest.raises(Exception, match="(?i)tree|structure|match"):
+    _orbax_round_trip(tmp_path / "direct", written, new.init(params))
+  # Restored with its own optimizer's state as the target, then adopted.
+  restored = _orbax_round_trip(tmp_path / "old", written, old.init(params))
+  adopted = oc.adopt_state(restored, init_state=new.init(params))
+  assert jax.tree_util.tree_structure(adopted) == (
+      jax.tree_util.tree_structure(new.init(params)))
+  assert assert_carried(adopted, written, new.init(params)) >= 1
+  if name == "multisteps":  # Behind skip_step, MultiSteps' counters read on.
+    assert int(adopted.mini_step) == 2 and int(adopted.gradient_step) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(adopted.acc_grads),
+                    jax.tree_util.tree_leaves(written.acc_grads)):
+      assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  # The job goes on with the new optimizer; then switches back.
+  going = _train(new, adopted, 4, first=5)
+  restored = _orbax_round_trip(tmp_path / "new", going, new.init(params))
+  back = oc.adopt_state(restored, init_state=old.init(params))
+  assert assert_carried(back, going, old.init(params)) >= 1
+  _train(old, back, 1, first=9)
+
+
+@pytest.mark.slow
+def test_switch_an_nnx_optimizer_with_orbax(tmp_path):
+  nnx = pytest.importorskip("flax.nnx")
+  x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  make_old, make_new = SWITCHES["chain"]
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, make_old(), wrt=nnx.Param)
+  for _ in range(3):
+    step(model, optimizer)
+  # A fresh job: the old optimizer's state is the target, then adopted.
+  model2 = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+  old = nnx.Optimizer(model2, make_old(), wrt=nnx.Param)
+  restored = _orbax_round_trip(
+      tmp_path / "ckpt", {"model": nnx.state(model), "opt": nnx.state(
+          optimizer)}, {"model": nnx.state(model2), "opt": nnx.state(old)})
+  nnx.update(model2, restored["model"])
+  nnx.update(old, restored["opt"])
+  new = nnx.Optimizer(model2, make_new(), wrt=nnx.Param)
+  fresh = new.opt_state
+  new.opt_state = oc.adopt_state(old.opt_state, init_state=new.opt_state)
+  assert assert_carried(new.opt_state, optimizer.opt_state, fresh) == 2
+  assert int(new.opt_state.inner_state[1][0].count) == 3  # AdamW's.
+  step(model2, new)
+  assert int(oc.clip_stats(new.opt_state)["skip_step/count"]) == 1
+  assert int(new.opt_state.inner_state[1][0].count) == 4
+
+
+def test_adopt_state_matches_by_type_and_order():
+  # Without Orbax: a chain whose middle link changed keeps both ends; a
+  # window resized starts afresh; nothing in common raises.
+  params = _params()
+  old = optax.chain(oc.clip_by_quantile(0.9, window=4), optax.adam(0.1),
+                    optax.scale_by_schedule(SCHEDULE))
+  new = optax.chain(oc.clip_by_quantile(0.9, window=8), oc.zclip(),
+                    optax.adam(0.1), optax.scale_by_schedule(SCHEDULE))
+  state, fresh = old.init(params), new.init(params)
+  adopted = oc.adopt_state(state, init_state=fresh)
+  assert adopted[0] is fresh[0] and adopted[1] is fresh[1]
+  assert adopted[2] is state[1] and adopted[3] is state[2]
+  with pytest.raises(ValueError, match="no part of opt_state fits"):
+    oc.adopt_state(state, init_state=optax.sgd(0.1, momentum=0.9).init(
+        {"z": jnp.ones(5)}))
+
+
+def test_code_reading_multisteps_counters_works_behind_skip_step():
+  # nanodo reads opt_state.gradient_step, .mini_step, .acc_grads.
+  params = _params()
+  inner = optax.MultiSteps(optax.adam(0.1), 3)
+  opt = oc.skip_step(inner)
+  state = _train(opt, opt.init(params), 4)
+  # Four micro-steps of three: one step taken, the fourth gradients
+  # (3 cos(4 params)) in the accumulator.
+  assert int(state.gradient_step) == 1 and int(state.mini_step) == 1
+  for a, p in zip(jax.tree_util.tree_leaves(state.acc_grads),
+                  jax.tree_util.tree_leaves(params)):
+    np.testing.assert_allclose(a, np.cos(np.asarray(p, np.float64) * 4) * 3,
+                               rtol=1e-6)
+  assert not bool(inner.has_updated(state))
+  assert state[0] is state.stats  # Indexing stays the NamedTuple's.
+  with pytest.raises(AttributeError, match="nor has its inner_state"
+                     r" \(MultiStepsState\)"):
+    _ = state.no_such_field
+  assert not hasattr(state, "__array__")
+
+
+def test_clip_stats_of_multisteps_before_its_first_real_step():
+  # MultiSteps keeps the clipper's fresh state until its k-th micro-step;
+  # clip_stats reads it all along, and then the norm of the mean gradient.
+  params = _params()
+  opt = optax.MultiSteps(optax.chain(oc.clip_by_global_norm(
+      1.0, leaf_norms=True), optax.sgd(0.1)), 3)
+  state = opt.init(params)
+  for steps in range(4):
+    stats = oc.clip_stats(state, scalars=True)
+    assert int(stats["clip_by_global_norm/count"]) == (steps == 3)
+    assert set(stats) >= {"clip_by_global_norm/leaf_norms/w",
+                          "clip_by_global_norm/leaf_norms/b"}
+    if steps < 3:
+      assert float(stats["clip_by_global_norm/norm"]) == 0.0
+      state = _train(opt, state, 1, first=steps)
+  mean = [np.mean([np.cos(np.asarray(p, np.float64) * (i + 1)) * 3
+                   for i in range(3)], axis=0)
+          for p in jax.tree_util.tree_leaves(params)]
+  np.testing.assert_allclose(stats["clip_by_global_norm/norm"],
+                             np.sqrt(sum(np.sum(m ** 2) for m in mean)),
+                             rtol=1e-6)
 
 if __name__ == "__main__":
   {"reference": run_reference, "continue": run_continued}[sys.argv[1]](

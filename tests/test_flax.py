@@ -81,3 +81,47 @@ def test_linen_train_state():
   stats = oc.clip_stats(state.opt_state)
   assert float(stats["clip_by_global_norm/norm"]) > 0 and int(
       stats["clip_by_global_norm/count"]) == 150
+
+
+@pytest.mark.slow
+def test_injected_threshold_changes_without_a_new_trace():
+  # jax.jit: an array of the state's dtype and shape reuses the trace; a
+  # Python number (weakly typed) traces once more. nnx.Optimizer: setting
+  # the variable's value reuses it.
+  params = {"w": jnp.ones(3)}
+  opt = optax.chain(optax.inject_hyperparams(oc.clip_by_global_norm)(
+      max_norm=1.0), optax.sgd(0.1))
+  traces = []
+
+  @jax.jit
+  def step(state):
+    traces.append(1)
+    return opt.update({"w": jnp.full(3, 4.0)}, state, params)[1]
+
+  state = step(opt.init(params))
+  hyperparams = state[0].hyperparams
+  hyperparams["max_norm"] = jnp.asarray(2.0, hyperparams["max_norm"].dtype)
+  state = step(state)
+  assert len(traces) == 1
+  assert float(oc.clip_stats(state)["clip_by_global_norm/threshold"]) == 2.0
+  state[0].hyperparams["max_norm"] = 3.0
+  step(state)
+  assert len(traces) == 2
+
+  model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, opt, wrt=nnx.Param)
+  x = jnp.ones((2, 3))
+  nnx_traces = []
+
+  @nnx.jit
+  def nnx_step(model, optimizer):
+    nnx_traces.append(1)
+    optimizer.update(model, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model))
+
+  nnx_step(model, optimizer)
+  optimizer.opt_state[0].hyperparams["max_norm"].value = jnp.asarray(
+      0.5, jnp.float32)
+  nnx_step(model, optimizer)
+  assert len(nnx_traces) == 1
+  stats = oc.clip_stats(optimizer.opt_state)
+  assert float(stats["clip_by_global_norm/threshold"]) == 0.5

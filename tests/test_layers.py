@@ -390,3 +390,251 @@ def test_layer_axes_needs_sharding_metadata():
   model = Stacked(nnx.Rngs(0), annotate_head=False)
   with pytest.raises(ValueError, match="head/kernel"):
     oc.layer_axes(model)
+
+
+# ----------------------------------------------------------------------------
+# oc.layer_axes on linen, NNX without sharding metadata, Equinox, dicts.
+
+linen = pytest.importorskip("flax.linen")
+
+
+class LinenBlock(linen.Module):
+  """A pre-norm residual block; with ``boxed``, a LogicallyPartitioned
+  kernel."""
+
+  boxed: bool = False
+
+  @linen.compact
+  def __call__(self, x, _):
+    init = linen.initializers.lecun_normal()
+    if self.boxed:
+      init = linen.with_logical_partitioning(init, ("embed", "mlp"))
+    return x + linen.Dense(4, kernel_init=init)(linen.LayerNorm()(x)), None
+
+
+@functools.lru_cache(maxsize=2)
+def _vit_params(boxed=False):
+  """big_vision's layout: nn.scan over nn.remat'd blocks, named
+  'encoderblock' inside 'Transformer'; with ``boxed``, the scan inserts
+  'layers' in the names of the LogicallyPartitioned kernels."""
+
+  class Transformer(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+      meta = {linen.PARTITION_NAME: "layers"} if boxed else {}
+      x, _ = linen.scan(linen.remat(LinenBlock), variable_axes={"params": 0},
+                        split_rngs={"params": True}, length=3,
+                        metadata_params=meta)(boxed=boxed,
+                                              name="encoderblock")(x, None)
+      return linen.LayerNorm(name="encoder_norm")(x)
+
+  class ViT(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+      x = Transformer(name="Transformer")(linen.Dense(4, name="embedding")(x))
+      return linen.Dense(2, name="head")(x)
+
+  model = ViT()
+  return model, jax.jit(model.init)(jax.random.key(0), jnp.ones((2, 4)))[
+      "params"]
+
+
+def _at(path):
+  """A leaf's path as 'a/b/c', NNX's '.value' steps left out."""
+  return jax.tree_util.keystr(tuple(
+      k for k in path if getattr(k, "name", None) != "value"), simple=True,
+                              separator="/")
+
+
+def _flat(tree):
+  return {_at(p): v for p, v in jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: x is None)}
+
+
+def _per_layer_reference(grads, axes):
+  """Each stacked leaf's per-layer 2-norms, in float64 NumPy."""
+  out = {}
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    at = _at(path)
+    g = np.asarray(g, np.float64)
+    k = axes[at]
+    out[at] = (np.sqrt(np.sum(np.square(g))) if k is None else np.sqrt(
+        np.sum(np.square(np.moveaxis(g, k, 0)).reshape(g.shape[k], -1),
+               axis=1)))
+  return out
+
+
+@pytest.mark.slow
+def test_layer_axes_of_linen_scan_by_path():
+  model, params = _vit_params()
+  axes = oc.layer_axes(params, stacked="encoderblock")
+  flat = _flat(axes)
+  assert {k for k, v in flat.items() if v == 0} == {
+      f"Transformer/encoderblock/{m}" for m in (
+          "Dense_0/bias", "Dense_0/kernel", "LayerNorm_0/bias",
+          "LayerNorm_0/scale")}
+  assert all(v is None for k, v in flat.items() if "encoderblock" not in k)
+  # Per-layer norms of the real gradients, against float64 NumPy.
+  x = jnp.linspace(-1, 1, 8).reshape(2, 4)
+  grads = jax.jit(jax.grad(
+      lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)))(params)
+  tx = oc.clip_by_global_norm(1.0, leaf_norms=True, layer_axis=axes)
+  _, state = tx.update(grads, tx.init(params))
+  want = _per_layer_reference(grads, flat)
+  for at, got in _flat(state.stats.leaf_norms).items():
+    np.testing.assert_allclose(got, want[at], rtol=1e-5, err_msg=at)
+  assert state.stats.leaf_norms["Transformer"]["encoderblock"]["Dense_0"][
+      "kernel"].shape == (3,)
+
+
+@pytest.mark.slow
+def test_layer_axes_of_linen_partitioned_names():
+  _, params = _vit_params(boxed=True)
+  flat = _flat(oc.layer_axes(params, stacked=["encoder_norm"]))
+  # The boxed kernel says 'layers' at axis 0; unboxed leaves elsewhere are
+  # not stacked once stacked= names the rest; encoder_norm by its path.
+  assert flat["Transformer/encoderblock/Dense_0/kernel"] == 0
+  assert flat["Transformer/encoderblock/Dense_0/bias"] is None
+  assert flat["Transformer/encoder_norm/scale"] == 0
+  assert flat["head/kernel"] is None
+  with pytest.raises(ValueError, match=r"Transformer/encoderblock/Dense_0/bias"
+                     r".*'Transformer/encoderblock' \(3 layers\)"):
+    oc.layer_axes(params)
+
+
+def _vit_like_params():
+  """The paths and shapes of ``_vit_params()``'s tree, without Flax."""
+  def dense(i, o, layers=()):
+    return {"kernel": np.zeros(layers + (i, o)), "bias": np.zeros(layers + (o,))}
+
+  def norm(d, layers=()):
+    return {"scale": np.ones(layers + (d,)), "bias": np.zeros(layers + (d,))}
+
+  return {"Transformer": {"encoderblock": {"Dense_0": dense(4, 4, (3,)),
+                                           "LayerNorm_0": norm(4, (3,))},
+                          "encoder_norm": norm(4)},
+          "embedding": dense(4, 4), "head": dense(4, 2)}
+
+
+def test_layer_axes_errors_name_the_models_keys():
+  params = _vit_like_params()
+  with pytest.raises(ValueError, match=r"stacked='blocks' names no parameter"
+                     r".*'Transformer/encoderblock'.*'head/kernel'"):
+    oc.layer_axes(params, stacked="blocks")
+  # Unstacked subtrees disagree on their leading dimension.
+  with pytest.raises(ValueError, match="disagree on the number of layers"):
+    oc.layer_axes(params, stacked="Transformer")
+  with pytest.raises(ValueError, match=r"stacked='Transformer/encoderblock'\)"):
+    oc.layer_axes(params)
+  with pytest.raises(ValueError, match="no axis 3"):
+    oc.layer_axes(params, stacked={"encoderblock": 3})
+  with pytest.raises(TypeError, match="stacked must be a path"):
+    oc.layer_axes(params, stacked=0)
+  with pytest.raises(TypeError, match=r"stacked\['encoderblock'\] must be an"
+                     r" int"):
+    oc.layer_axes(params, stacked={"encoderblock": "0"})
+
+
+class ScanMLP(nnx.Module):
+  """The layout of Flax's examples/nnx_toy_examples/06_scan_over_layers.py:
+  blocks made by nnx.vmap with no sharding metadata, run by nnx.scan."""
+
+  def __init__(self, dim, n_layers, rngs):
+    @nnx.split_rngs(splits=n_layers)
+    @nnx.vmap(axis_size=n_layers)
+    def make(rngs):
+      return Block6(dim, rngs)
+
+    self.layers = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan
+    def body(x, block):
+      return block(x), None
+
+    return body(x, self.layers)[0]
+
+
+class Block6(nnx.Module):
+
+  def __init__(self, dim, rngs):
+    self.linear = nnx.Linear(dim, dim, rngs=rngs)
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+
+  def __call__(self, x):
+    return jax.nn.gelu(self.norm(self.linear(x)))
+
+
+@pytest.mark.slow
+def test_layer_axes_of_nnx_without_sharding_metadata():
+  model = ScanMLP(4, 3, nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"'layers' \(3 layers\).*"
+                     r"oc.layer_axes\(model, stacked='layers'\)"):
+    oc.layer_axes(model)
+  axes = oc.layer_axes(model, stacked="layers")
+  assert isinstance(axes, nnx.State)
+  assert set(_flat(axes).values()) == {0}
+  x = jnp.ones((2, 4))
+  grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(model)
+  want = _per_layer_reference(grads, _flat(axes))
+  # The State from layer_axes, and a plain dict prefix, on NNX gradients.
+  for layer_axis in (axes, {"layers": 0}):
+    tx = oc.clip_by_global_norm(1.0, leaf_norms=True, layer_axis=layer_axis)
+    _, state = tx.update(grads, tx.init(grads))
+    for at, got in _flat(state.stats.leaf_norms).items():
+      np.testing.assert_allclose(got, want[at], rtol=1e-5, err_msg=at)
+
+
+@pytest.mark.slow
+def test_layer_axes_of_an_equinox_model():
+  eqx = pytest.importorskip("equinox")
+
+  class Block(eqx.Module):
+    linear: eqx.nn.Linear
+    norm: eqx.nn.LayerNorm
+
+    def __init__(self, key):
+      self.linear = eqx.nn.Linear(4, 4, key=key)
+      self.norm = eqx.nn.LayerNorm(4)
+
+  class Model(eqx.Module):
+    layers: Block
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+      k1, k2 = jax.random.split(key)
+      self.layers = eqx.filter_vmap(Block)(jax.random.split(k1, 3))
+      self.head = eqx.nn.Linear(4, 2, key=k2)
+
+  model = Model(jax.random.key(0))
+  axes = oc.layer_axes(model, stacked="layers")
+  assert isinstance(axes, Model)
+  flat = _flat(axes)
+  assert {k for k, v in flat.items() if v == 0} == {
+      "layers/linear/weight", "layers/linear/bias", "layers/norm/weight",
+      "layers/norm/bias"}
+  assert flat["head/weight"] is None
+  grads = jax.tree_util.tree_map(jnp.ones_like, eqx.filter(
+      model, eqx.is_inexact_array))
+  tx = oc.clip_by_global_norm(1.0, leaf_norms=True, layer_axis=axes)
+  _, state = tx.update(grads, tx.init(grads))
+  np.testing.assert_allclose(state.stats.leaf_norms.layers.linear.weight,
+                             np.full(3, 4.0))
+  assert state.stats.leaf_norms.head.weight.shape == ()
+
+
+def test_a_dict_prefix_for_nnx_gradients():
+  # A plain dict matches the nnx.State the gradients come in, as
+  # layer_axis and as a tree of thresholds.
+  grads = nnx.State({"blocks": {"w": jnp.full((3, 2, 2), 0.5)},
+                     "head": jnp.ones(2)})
+  tx = oc.clip_by_norm({"blocks": 0.5, "head": 10.0}, leaf_norms=True,
+                       layer_axis={"blocks": 0, "head": None})
+  updates, state = tx.update(grads, tx.init(grads))
+  np.testing.assert_allclose(state.stats.leaf_norms["blocks"]["w"],
+                             np.ones(3))
+  np.testing.assert_allclose(updates["blocks"]["w"], np.full((3, 2, 2), 0.25))
+  np.testing.assert_array_equal(updates["head"], np.ones(2))
+  with pytest.raises(ValueError, match="layer_axis tree does not match"):
+    oc.clip_by_norm(1.0, layer_axis={"blocks": 0}).update(
+        grads, tx.init(grads))
