@@ -107,8 +107,19 @@ def warmup_cosine(step: jax.Array, steps: int) -> jax.Array:
 # A character-level transformer on pydoc_data.topics.
 
 
-def transformer(*, quick: bool = False) -> Task:
-  """A 2-layer pre-norm causal transformer; AdamW, warm-up then cosine."""
+def transformer(*, quick: bool = False, qk_norm: bool = False,
+                z_loss: float = 0.0) -> Task:
+  """A 2-layer pre-norm causal transformer; AdamW, warm-up then cosine.
+
+  ``qk_norm`` and ``z_loss`` are the two interventions of Wortsman et al.
+  (2024) that keep the attention logits and the output logits from
+  growing: a LayerNorm (own scale and bias per head dimension, per layer)
+  on each head's queries and keys before their product, and
+  ``z_loss * log(Z)^2`` added to the training loss, ``log Z`` the
+  logsumexp of a position's output logits (PaLM's auxiliary loss, 1e-4
+  there). Neither changes the held-out loss that is reported: the z-loss is
+  a training term only.
+  """
   from pydoc_data.topics import topics
   text = "".join(topics[k] for k in sorted(topics))
   chars = sorted(set(text))
@@ -131,6 +142,9 @@ def transformer(*, quick: bool = False) -> Task:
     proj = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
     out = jax.nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
     ln = {"scale": jnp.ones(dim), "bias": jnp.zeros(dim)}
+    qk = ({"qnorm": {"scale": jnp.ones(head_dim), "bias": jnp.zeros(head_dim)},
+           "knorm": {"scale": jnp.ones(head_dim),
+                     "bias": jnp.zeros(head_dim)}} if qk_norm else {})
     return {
         "embed": jax.random.normal(next(keys), (vocab, dim)),
         "pos": 0.02 * jax.random.normal(next(keys), (length, dim)),
@@ -140,7 +154,7 @@ def transformer(*, quick: bool = False) -> Task:
                     | {"o": out(next(keys), (heads, head_dim, dim))},
                     "norm2": dict(ln),
                     "up": lecun(next(keys), (dim, 4 * dim)),
-                    "down": lecun(next(keys), (4 * dim, dim))}
+                    "down": lecun(next(keys), (4 * dim, dim))} | qk
                    for _ in range(layers)],
         "norm": dict(ln),
         "head": lecun(next(keys), (dim, vocab)),
@@ -165,6 +179,8 @@ def transformer(*, quick: bool = False) -> Task:
       q = jnp.einsum("btd,dhk->bthk", h, a["q"])
       k = jnp.einsum("btd,dhk->bthk", h, a["k"])
       v = jnp.einsum("btd,dhk->bthk", h, a["v"])
+      if qk_norm:
+        q, k = layer_norm(b["qnorm"], q), layer_norm(b["knorm"], k)
       logits = jnp.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(head_dim)
       top = jnp.maximum(top, jnp.max(jnp.where(causal, logits, -jnp.inf)))
       per_head[f"blocks/{i}/attn"] = jnp.max(
@@ -176,10 +192,12 @@ def transformer(*, quick: bool = False) -> Task:
     x = layer_norm(params["norm"], x)
     return x @ params["head"], top, per_head
 
-  def cross_entropy(params, windows):
+  def cross_entropy(params, windows, z=0.0):
     logits, top, per_head = forward(params, windows[:, :-1])
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, windows[:, 1:]).mean()
+    if z:
+      loss = loss + z * jnp.square(jax.nn.logsumexp(logits, axis=-1)).mean()
     return loss, {"attn_logit_max": top, MAX_LOGITS: per_head}
 
   def loss(params, data, key, step):
@@ -187,7 +205,7 @@ def transformer(*, quick: bool = False) -> Task:
     key = jax.random.fold_in(key, step)
     starts = jax.random.randint(key, (batch,), 0, train.shape[0] - length - 1)
     windows = train[starts[:, None] + jnp.arange(length + 1)]
-    return cross_entropy(params, windows)
+    return cross_entropy(params, windows, z_loss)
 
   b2 = 0.95
 
@@ -198,8 +216,9 @@ def transformer(*, quick: bool = False) -> Task:
   return Task(
       name="transformer",
       title=(f"character-level transformer ({layers} layers, width {dim},"
-             f" {heads} heads, no QK-layernorm), AdamW(b2=0.95),"
-             " warm-up + cosine"),
+             f" {heads} heads, {'QK-layernorm' if qk_norm else 'no QK-layernorm'}"
+             + (f", z-loss {z_loss:g}" if z_loss else "")
+             + "), AdamW(b2=0.95), warm-up + cosine"),
       loss_name="held-out cross-entropy (nats/char)",
       init=init, loss=loss,
       evaluate=lambda params, data: cross_entropy(params, data["heldout"]),

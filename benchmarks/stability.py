@@ -107,7 +107,10 @@ QK_MAX_LOGIT = 100.0  # qk_clip's default max_logit, Kimi K2's tau.
 # --quick leaves out, on the transformer (its compilations are the longest),
 # the guards that do not depend on the optimizer: the SGD tasks run them.
 QUICK_SKIP = {"transformer": ("skip_step(SpikeWindow())",
-                              "clip_update_by_history()")}
+                              "clip_update_by_history()",
+                              "z-loss(0.0001) (model)",
+                              "clip_by_spectral_norm(1.0)",
+                              "QK-layernorm + z-loss(0.0001) (model)")}
 
 class AfterLR(NamedTuple):
   """A method whose last link acts on the step the learning rate scaled.
@@ -124,7 +127,20 @@ class AfterLR(NamedTuple):
   last: optax.GradientTransformationExtraArgs
 
 
-Method = optax.GradientTransformation | AfterLR
+class ModelVariant(NamedTuple):
+  """A reference row that changes the model or the loss, not the optimizer.
+
+  ``options`` are keyword arguments of the task's constructor (the
+  transformer's ``qk_norm`` and ``z_loss``); ``inner`` is the method the
+  variant trains with (the task's plain optimizer for the reference rows).
+  """
+
+  options: dict[str, Any]
+  inner: optax.GradientTransformation
+
+
+Method = optax.GradientTransformation | AfterLR | ModelVariant
+Z_LOSS = 1e-4  # PaLM's and Wortsman et al.'s z-loss coefficient.
 
 
 def history_window(steps: int) -> int:
@@ -184,6 +200,20 @@ def methods(task: tasks_mod.Task, steps: int, tuned: float | None
       "qk_clip()": AfterLR(opt(), oc.qk_clip(
           QK_MAX_LOGIT, layout=oc.QKLayout(query_path="q", key_path="k")))
       if adam else None,
+      # The singular values of each 2-D weight's gradient capped at 1 (the
+      # attention kernels, (dim, heads, head_dim), are left out: their
+      # last two axes are not the projection's matrix).
+      "clip_by_spectral_norm(1.0)": chain(oc.clip_by_spectral_norm(
+          1.0, mask=lambda g: jax.tree.map(lambda x: x.ndim == 2, g)))
+      if adam else None,
+      # Reference rows that are not clippers (Wortsman et al. 2024): they
+      # show what a known fix does to this task's sensitivity.
+      "QK-layernorm (model)": ModelVariant({"qk_norm": True}, opt())
+      if adam else None,
+      f"z-loss({Z_LOSS:g}) (model)": ModelVariant({"z_loss": Z_LOSS}, opt())
+      if adam else None,
+      f"QK-layernorm + z-loss({Z_LOSS:g}) (model)": ModelVariant(
+          {"qk_norm": True, "z_loss": Z_LOSS}, opt()) if adam else None,
   }
   return {k: v for k, v in rows.items() if v is not None}
 
@@ -223,7 +253,17 @@ def method_notes(task: tasks_mod.Task, steps: int) -> list[str]:
               " AdamW on the learning-rate-scaled step: the loop adds"
               " `-lr * schedule * adamw(g)` and then rescales each head's"
               " query and key by the head's largest logit on the step's"
-              " batch"]
+              " batch",
+              "`clip_by_spectral_norm(1.0)`: `chain(clip_by_spectral_norm("
+              "1.0, mask=<2-D leaves>), adamw)`: each 2-D weight's gradient"
+              " (embedding, MLP, output head) with its singular values"
+              " capped at 1 (the attention kernels, 3-D, left out)",
+              "`QK-layernorm (model)`, `z-loss(...) (model)`: reference rows"
+              " that change the model, not the optimizer (Wortsman et al."
+              " 2024): a LayerNorm on each head's queries and keys before"
+              f" their product; `{Z_LOSS:g} * logsumexp(logits)^2` added to"
+              " the training loss (the held-out loss stays the plain"
+              " cross-entropy); AdamW alone"]
   return notes
 
 
@@ -402,6 +442,31 @@ def summarize(r: dict[str, Any], lrs: list[float]) -> dict[str, Any]:
   return out
 
 
+def compare_to_reference(summaries: dict[str, dict[str, Any]]) -> None:
+  """Adds each row's difference of LR sensitivity from ``no clipping``.
+
+  ``vs_no_clipping``: the mean over seeds of the paired difference (each
+  seed's sensitivity minus ``no clipping``'s with the same seed: the same
+  initial parameters and batches); ``vs_no_clipping_per_seed``: those
+  differences; ``outside_spread``: whether the row's per-seed range and
+  ``no clipping``'s do not overlap, the test that a difference exceeds the
+  seeds' spread.
+  """
+  ref = summaries.get("no clipping", {}).get("sensitivity_per_seed")
+  if ref is None:
+    return
+  ref = np.asarray(ref)
+  for s in summaries.values():
+    if s.get("sensitivity_per_seed") is None:
+      continue
+    mine = np.asarray(s["sensitivity_per_seed"])
+    d = mine - ref
+    s["vs_no_clipping"] = float(d.mean())
+    s["vs_no_clipping_per_seed"] = d.tolist()
+    s["outside_spread"] = bool(mine.max() < ref.min()
+                               or mine.min() > ref.max())
+
+
 def _finite(x) -> float | None:
   x = float(x)
   return x if math.isfinite(x) else None
@@ -478,6 +543,11 @@ def markdown(record: dict[str, Any]) -> str:
       " best` (Wortsman et al. 2024), `loss(lr)` the mean over seeds of each"
       " run's final validation loss, a non-finite one counted as the initial"
       " loss; *per seed*: the same from each seed's runs (min-max);"
+      " *vs no clipping*: the mean over seeds of the row's sensitivity"
+      " minus `no clipping`'s with the same seed (same initial parameters"
+      " and batches), and the range of those paired differences;"
+      " *outside seeds' spread*: whether the row's per-seed range and"
+      " `no clipping`'s do not overlap."
       " *log10*: the mean over the grid of `log10(min(loss(lr), initial) /"
       " best)`, in decades."
       " *largest good LR*: the largest learning rate whose loss is"
@@ -499,8 +569,8 @@ def markdown(record: dict[str, Any]) -> str:
               " median pre-clip gradient norm of the unclipped runs at their"
               f" best learning rate ({fmt(t['tuned_from_lr'])}). "
               + "; ".join(t["method_notes"]) + ".", ""]
-    header = ["method", "LR sensitivity", "per seed", "log10", "best loss",
-              "best LR",
+    header = ["method", "LR sensitivity", "per seed", "vs no clipping",
+              "outside seeds' spread", "log10", "best loss", "best LR",
               "largest good LR", "diverged", "loss spikes", "clipped",
               "skipped"]
     if name == "transformer":
@@ -509,8 +579,14 @@ def markdown(record: dict[str, Any]) -> str:
     rows = []
     for label, m in t["methods"].items():
       per_seed = m["sensitivity_per_seed"]
+      diff = m.get("vs_no_clipping_per_seed")
       row = [f"`{label}`", m["sensitivity"],
              f"{fmt(min(per_seed))}-{fmt(max(per_seed))}",
+             (f"{m['vs_no_clipping']:+.3f} ({min(diff):+.3f} to"
+              f" {max(diff):+.3f})" if diff and label != "no clipping"
+              else None),
+             (("yes" if m["outside_spread"] else "no")
+              if diff and label != "no clipping" else None),
              m["log10_sensitivity"], m["best_loss"],
              m["best_lr"],
              m["largest_good_lr"],
@@ -682,7 +758,11 @@ def main(argv: list[str] | None = None) -> list[str]:
         if bar is not None:
           bar.set_description(f"{name}: {label}")
         tx = methods(task, steps, tuned if tuned is not None else 1.0)[label]
-        runs[label] = train(task, tx, lrs, seeds, steps, args.quick)
+        run_task = task
+        if isinstance(tx, ModelVariant):
+          run_task = tasks_mod.TASKS[name](quick=args.quick, **tx.options)
+          tx = tx.inner
+        runs[label] = train(run_task, tx, lrs, seeds, steps, args.quick)
         if label == "no clipping":
           tuned = healthy_norm(runs[label], lrs)
         if bar is not None:
@@ -745,6 +825,7 @@ def merge(record: dict[str, Any], path: str) -> dict[str, Any]:
     for m in o["methods"].values():
       m["largest_good_lr"] = largest_good_lr(m, o["lrs"], o["best_loss"],
                                              tuple(o["margin"]))
+    compare_to_reference(o["methods"])
   meta["runs"] = runs + [new_run]
   meta["date_utc"] = record["meta"]["date_utc"]
   meta["wall_s"] = sum(r["wall_s"] for r in meta["runs"])
@@ -767,6 +848,7 @@ def report_task(task: tasks_mod.Task, steps: int, lrs: list[float],
   task_best = min(s["best_loss"] for s in summaries.values())
   for s in summaries.values():
     s["largest_good_lr"] = largest_good_lr(s, lrs, task_best, task.margin)
+  compare_to_reference(summaries)
   ref = runs["no clipping"]
   return {"title": task.title, "note": task.note, "loss_name": task.loss_name,
           "steps": steps, "lrs": lrs, "seeds": seeds,

@@ -117,7 +117,12 @@ def test_quick_run_measures_every_task_and_method(quick):
     assert any(k.startswith("adaptive_grad_clip(") for k in methods)
     adam = name == "transformer"
     assert set(ADAM_ONLY if adam else SGD_QUICK) <= set(methods)
-    assert len(methods) == 14  # 12, and 2 guards.
+    # 12, and 2 guards; on the transformer, the QK-layernorm reference row.
+    assert len(methods) == (15 if adam else 14)
+    if adam:
+      ref = methods["QK-layernorm (model)"]
+      assert ref["frac_clipped"] is None and ref["frac_skipped"] is None
+      assert set(ref) >= {"vs_no_clipping", "outside_spread"}
     good = []
     for label, m in methods.items():
       assert m["sensitivity"] >= 0 and math.isfinite(m["sensitivity"]), label
@@ -132,7 +137,8 @@ def test_quick_run_measures_every_task_and_method(quick):
       assert len(m["final"]) == len(lrs) and len(m["final"][0]) == 1
       assert 0 <= m["num_diverged"] <= len(lrs)
       assert m["loss_spikes_per_run"] >= 0
-      if label in ("no clipping", "skip_step(SpikeWindow())"):
+      if label in ("no clipping", "skip_step(SpikeWindow())",
+                   "QK-layernorm (model)"):
         assert m["frac_clipped"] is None
       else:
         assert 0 <= m["frac_clipped"] <= 1, label
@@ -191,3 +197,43 @@ def test_merge_adds_the_new_rows_and_keeps_the_old_as_measured(tmp_path):
   new["tasks"]["t"]["lrs"] = [0.1, 10.0]
   with pytest.raises(SystemExit, match="lrs"):
     stability.merge(new, str(path))
+
+
+def test_reference_comparison_pairs_seeds_and_reads_the_spread():
+  rows = {"no clipping": {"sensitivity_per_seed": [0.6, 0.8]},
+          "a": {"sensitivity_per_seed": [0.5, 0.7]},
+          "b": {"sensitivity_per_seed": [0.3, 0.5]},
+          "old": {}}  # A row measured before the comparison existed.
+  stability.compare_to_reference(rows)
+  assert rows["a"]["vs_no_clipping"] == pytest.approx(-0.1)
+  assert rows["a"]["vs_no_clipping_per_seed"] == pytest.approx([-0.1, -0.1])
+  assert rows["a"]["outside_spread"] is False  # 0.5-0.7 overlaps 0.6-0.8.
+  assert rows["b"]["outside_spread"] is True
+  assert "vs_no_clipping" not in rows["old"]
+
+
+@pytest.mark.slow
+def test_model_variants_add_qk_layernorm_and_the_z_loss():
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import _stability_tasks as tasks
+  base = tasks.transformer(quick=True)
+  norm = tasks.transformer(quick=True, qk_norm=True)
+  z = tasks.transformer(quick=True, z_loss=1e-2)
+  key = jax.random.key(0)
+  p0, p1 = base.init(key), norm.init(key)
+  assert "qnorm" in p1["blocks"][0] and "qnorm" not in p0["blocks"][0]
+  # The shared parameters are drawn the same; the norms start as identity
+  # maps, so only the per-head normalisation changes the loss.
+  assert jnp.array_equal(p0["blocks"][0]["attn"]["q"],
+                         p1["blocks"][0]["attn"]["q"])
+  step = jnp.asarray(0)
+  l0, _ = base.loss(p0, base.data, key, step)
+  l1, _ = norm.loss(p1, norm.data, key, step)
+  lz, _ = z.loss(p0, z.data, key, step)
+  assert not jnp.allclose(l0, l1)
+  assert lz > l0  # log(Z)^2 > 0 for a vocabulary of over one character.
+  # The held-out loss stays the plain cross-entropy.
+  assert jnp.array_equal(base.evaluate(p0, base.data)[0],
+                         z.evaluate(p0, z.data)[0])
