@@ -12,7 +12,14 @@ model, each jitted:
   of 64 (per-example gradients of 64 examples at a time), when
   ``jax-privacy`` is installed (otherwise the table says so).
 
-Two models: a small transformer language model (token embedding, causal
+With ``--suite frameworks``: the non-private step and ``ghost`` (compiled
+memory and compile time) on one model of each framework: NNX attention
+transformers (a list of blocks; stacked by ``nnx.vmap`` and run by
+``nnx.scan``; the same under ``nnx.remat``), a linen ViT (``nn.scan`` over
+``nn.remat``'d blocks), a linen language model with a tied output and an
+Equinox transformer (needs ``equinox``).
+
+The main suite's two models: a small transformer language model (token embedding, causal
 self-attention and MLP blocks of ``nnx.Linear``, ``nnx.LayerNorm``; about 10M
 parameters at the default size) and a CNN (three ``nnx.Conv``, one
 ``nnx.Linear``). Memory is XLA's compiled memory analysis (the executable's
@@ -113,10 +120,10 @@ class MHATransformer(nnx.Module):
 
   def __init__(self, rngs: nnx.Rngs, depth: int, stacked: bool,
                vocab: int = 256, dim: int = 256, heads: int = 4,
-               seq: int = 16):
+               seq: int = 16, remat: bool = False):
     self.embed = nnx.Embed(vocab, dim, rngs=rngs)
     self.pos = nnx.Embed(seq, dim, rngs=rngs)
-    self.stacked = stacked
+    self.stacked, self.remat = stacked, remat
     if stacked:
       @nnx.split_rngs(splits=depth)
       @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -132,8 +139,12 @@ class MHATransformer(nnx.Module):
   def __call__(self, tokens):
     x = self.embed(tokens) + self.pos(jnp.arange(tokens.shape[-1]))
     if self.stacked:
-      x = nnx.scan(lambda x, block: block(x), in_axes=(nnx.Carry, 0),
-                   out_axes=nnx.Carry)(x, self.blocks)
+      step = lambda x, block: block(x)  # noqa: E731
+      if self.remat:
+        step = nnx.remat(step,
+                         policy=jax.checkpoint_policies.nothing_saveable)
+      x = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+          x, self.blocks)
     else:
       for block in self.blocks:
         x = block(x)
@@ -155,12 +166,15 @@ class CNN(nnx.Module):
 
 
 def case(model: str, batch: int, seq: int):
-  """``(graphdef, params, loss, x, y)``: ``loss`` is the batch's mean."""
+  """``(params, loss, x, y)``: ``loss`` is the batch's mean."""
   rng = np.random.default_rng(0)
-  if model.startswith("mha"):  # "mha3" or "mha3-stacked": 3 blocks.
+  if model in FRAMEWORK_MODELS:
+    return framework_case(model, batch, seq)
+  if model.startswith("mha"):
+    # "mha3", "mha3-stacked", "mha3-remat" (stacked, nnx.remat): 3 blocks.
     depth = int(model[3:].split("-")[0])
-    net = MHATransformer(nnx.Rngs(0), depth, model.endswith("-stacked"),
-                         seq=seq)
+    net = MHATransformer(nnx.Rngs(0), depth, not model[3:].isdigit(),
+                         seq=seq, remat=model.endswith("-remat"))
     x = jnp.asarray(rng.integers(0, 256, (batch, seq)), jnp.int32)
     y = jnp.asarray(rng.integers(0, 256, (batch, seq)), jnp.int32)
   elif model == "transformer":
@@ -178,6 +192,146 @@ def case(model: str, batch: int, seq: int):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   return params, loss, x, y
+
+
+FRAMEWORK_MODELS = ("linen-vit", "linen-lm", "equinox")
+WIDTH = 128
+
+
+def framework_case(model: str, batch: int, seq: int):
+  """A linen ViT (``nn.scan`` over ``nn.remat``'d blocks, big_vision's
+  layout), a linen language model (embedding tied to the output, nanodo's
+  layout) or an Equinox transformer, each of 3 blocks of width
+  ``WIDTH``: ``(params, loss, x, y)``."""
+  rng = np.random.default_rng(0)
+  tokens = lambda: jnp.asarray(rng.integers(0, 256, (batch, seq)),  # noqa: E731
+                               jnp.int32)
+  if model == "equinox":
+    import equinox as eqx
+    net = _equinox_lm(jax.random.key(0), seq)
+    params, static = eqx.partition(net, eqx.is_array)
+
+    def eqx_loss(p, x, y):
+      logits = jax.vmap(eqx.combine(p, static))(x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return params, eqx_loss, tokens(), tokens()
+  if model == "linen-vit":
+    net = _linen_vit()
+    side = int(round(seq ** 0.5)) * 4  # seq patches of 4x4 pixels.
+    x = jnp.asarray(rng.standard_normal((batch, side, side, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, (batch,)), jnp.int32)
+  else:
+    net = _linen_lm(seq)
+    x, y = tokens(), tokens()
+  params = net.init(jax.random.key(0), x[:1])["params"]
+
+  def linen_loss(p, x, y):
+    logits = net.apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return params, linen_loss, x, y
+
+
+def _linen_vit(depth: int = 3, heads: int = 4):
+  import flax.linen as nn
+
+  class Block(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, _):
+      y = nn.LayerNorm()(x)
+      x = x + nn.MultiHeadDotProductAttention(num_heads=heads)(y, y)
+      y = nn.Dense(4 * WIDTH)(nn.LayerNorm()(x))
+      return x + nn.Dense(WIDTH)(nn.gelu(y)), None
+
+  class ViT(nn.Module):
+
+    @nn.compact
+    def __call__(self, images):
+      x = nn.Conv(WIDTH, (4, 4), strides=4, padding="VALID")(images)
+      x = x.reshape(x.shape[0], -1, WIDTH)
+      x = x + self.param("pos", nn.initializers.normal(0.02),
+                         (1, x.shape[1], WIDTH))
+      blocks = nn.scan(nn.remat(Block, prevent_cse=False),
+                       variable_axes={"params": 0},
+                       split_rngs={"params": True}, length=depth)
+      x, _ = blocks(name="blocks")(x, None)
+      return nn.Dense(10)(nn.LayerNorm()(x).mean(axis=1))
+
+  return ViT()
+
+
+def _linen_lm(seq: int, depth: int = 3, heads: int = 4):
+  import flax.linen as nn
+
+  class Block(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      mask = nn.make_causal_mask(jnp.ones(x.shape[:-1]))
+      y = nn.RMSNorm()(x)
+      x = x + nn.SelfAttention(num_heads=heads)(y, mask=mask)
+      y = nn.Dense(4 * WIDTH)(nn.RMSNorm()(x))
+      return x + nn.Dense(WIDTH)(nn.gelu(y))
+
+  class LM(nn.Module):
+
+    @nn.compact
+    def __call__(self, tokens):
+      embed = nn.Embed(256, WIDTH)
+      pos = self.param("pos", nn.initializers.normal(0.02), (seq, WIDTH))
+      x = embed(tokens) + pos[:tokens.shape[-1]]
+      for _ in range(depth):
+        x = Block()(x)
+      return embed.attend(nn.LayerNorm()(x))
+
+  return LM()
+
+
+def _equinox_lm(key, seq: int, depth: int = 3, heads: int = 4):
+  import equinox as eqx
+
+  class Block(eqx.Module):
+    norm1: Any
+    attn: Any
+    norm2: Any
+    up: Any
+    down: Any
+
+    def __init__(self, key):
+      k = jax.random.split(key, 3)
+      self.norm1 = eqx.nn.LayerNorm(WIDTH)
+      self.attn = eqx.nn.MultiheadAttention(heads, WIDTH, key=k[0])
+      self.norm2 = eqx.nn.LayerNorm(WIDTH)
+      self.up = eqx.nn.Linear(WIDTH, 4 * WIDTH, key=k[1])
+      self.down = eqx.nn.Linear(4 * WIDTH, WIDTH, key=k[2])
+
+    def __call__(self, x):
+      y = jax.vmap(self.norm1)(x)
+      causal = jnp.tril(jnp.ones((x.shape[0],) * 2, bool))
+      x = x + self.attn(y, y, y, mask=causal)
+      y = jax.vmap(self.up)(jax.vmap(self.norm2)(x))
+      return x + jax.vmap(self.down)(jax.nn.gelu(y))
+
+  class LM(eqx.Module):
+    embed: Any
+    blocks: list
+    head: Any
+
+    def __init__(self, key):
+      k = jax.random.split(key, depth + 2)
+      self.embed = eqx.nn.Embedding(256, WIDTH, key=k[0])
+      self.blocks = [Block(b) for b in k[1:-1]]
+      self.head = eqx.nn.Linear(WIDTH, 256, key=k[-1])
+
+    def __call__(self, tokens):
+      x = jax.vmap(self.embed)(tokens)
+      for block in self.blocks:
+        x = block(x)
+      return jax.vmap(self.head)(x)
+
+  return LM(key)
 
 
 def step(method: str, loss, batch: int):
@@ -265,6 +419,10 @@ def plan(quick: bool, suite: str = "main"
   blocks (width 256, 4 heads, sequence 16), as a list of 3 blocks and
   stacked (``nnx.vmap``, ``nnx.scan``) with 3, 6 and 12 blocks.
   """
+  if suite == "frameworks":
+    models = ("mha3", "mha3-stacked", "mha3-remat", *FRAMEWORK_MODELS)
+    return {"memory": [(m, 8 if quick else 32, 16 if quick else 64)
+                       for m in models], "timed": []}
   if suite == "attention":
     depths = (3,) if quick else (3, 6, 12)
     memory = [("mha3", 64, 16)] + [(f"mha{d}-stacked", 64, 16)
@@ -298,9 +456,12 @@ def main(argv: list[str] | None = None) -> list[str]:
   p = argparse.ArgumentParser(prog="python -m benchmarks.ghost",
                               description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="a smoke test")
-  p.add_argument("--suite", choices=("main", "attention"), default="main",
+  p.add_argument("--suite", choices=("main", "attention", "frameworks"),
+                 default="main",
                  help="the models: the main transformer and CNN, or the"
-                 " nnx.MultiHeadAttention transformers (list and stacked)")
+                 " nnx.MultiHeadAttention transformers (list and stacked), or"
+                 " one model of each framework (NNX, also under nnx.remat;"
+                 " linen; Equinox) against the non-private step")
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--out", default=RESULTS)
   p.add_argument("--figure", default=FIGURE)
@@ -310,8 +471,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     job = json.loads(args.worker)
     print(json.dumps(timed(**job)))
     return []
-  methods = [m for m in METHODS if available(m) and (
-      args.suite == "main" or m in ("non-private", "ghost", "vmap"))]
+  kept = {"main": METHODS, "attention": ("non-private", "ghost", "vmap"),
+          "frameworks": ("non-private", "ghost")}[args.suite]
+  methods = [m for m in METHODS if available(m) and m in kept]
   rows = []
   todo = plan(args.quick, args.suite)
   for model, batch, seq in todo["memory"]:
@@ -383,7 +545,7 @@ def markdown(rows, meta, methods) -> str:
     out += ["jax-privacy is not installed: its column is absent.", ""]
   out += ["## Compiled memory", "",
           "| model | params | batch | seq | method | MiB | vs non-private |"
-          " compile s |", "|---|---|---|---|---|---|---|---|"]
+          " compile s | vs non-private |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if r.get("timed"):
       continue
@@ -391,7 +553,8 @@ def markdown(rows, meta, methods) -> str:
     out.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['batch']} |"
                f" {r['seq'] or '-'} | {r['method']} | {r['total_mib']:.1f} |"
                f" {_ratio(r['total_mib'], b['total_mib'])} |"
-               f" {r['compile_s']:.1f} |")
+               f" {r['compile_s']:.1f} |"
+               f" {_ratio(r['compile_s'], b['compile_s'])} |")
   out += ["", "## Time and peak RSS (fresh process per row)", "",
           "| model | batch | seq | method | ms (median) | vs non-private |"
           " peak RSS MiB | vs non-private |", "|---|---|---|---|---|---|---|---|"]

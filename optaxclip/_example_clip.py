@@ -155,6 +155,11 @@ class PerExampleInfo(NamedTuple):
     num_nonfinite: non-padding examples with a non-finite norm. With
       ``nan_safe`` they were dropped; without, they made the sum non-finite.
     batch_size: the leading dimension of the batch, padding included.
+    fell_back: with ``clipped_grad(method="ghost")``, a pytree like the
+      gradient holding one boolean per leaf: ``True`` where the leaf's
+      per-example gradients were formed because its use has no ghost norm
+      (see :doc:`/ghost`), ``False`` where its norm is a ghost norm;
+      ``None`` for the other per-example functions.
   """
 
   norms: jax.Array
@@ -165,6 +170,7 @@ class PerExampleInfo(NamedTuple):
   num_examples_clipped: jax.Array
   num_nonfinite: jax.Array
   batch_size: jax.Array
+  fell_back: Any = None
 
 
 def clip_sum(leaves, treedef, max_norm, *, per_layer, normalize, nan_safe,

@@ -159,10 +159,13 @@ def clipped_grad(
     microbatch_size: examples per chunk; ``None`` for the whole batch at once.
     keep_batch_dim: pass each example to ``fun`` with a leading axis of size 1.
     method: how per-example gradients are computed: ``"vmap"``
-      (``jax.vmap`` of ``jax.grad``), or ``"ghost"`` for Flax NNX models:
-      per-example norms from each layer's inputs and output gradients,
-      without per-example gradients (ghost clipping, see the guide
-      :doc:`/ghost`). With either method, the ``argnums`` arguments may be
+      (``jax.vmap`` of ``jax.grad``), or ``"ghost"``: per-example norms
+      from the inputs and output gradients of the matrix products,
+      convolutions, lookups and scales that each parameter enters, read
+      from ``fun``'s jaxpr (any framework), without per-example gradients
+      (ghost clipping, see the guide :doc:`/ghost`); ``info.fell_back``
+      names the parameters that got per-example gradients. With either
+      method, the ``argnums`` arguments may be
       ``nnx.Module`` objects: only their ``nnx.Param`` variables are
       differentiated (not ``BatchStat`` or RNG state), and their gradient
       comes back as the ``nnx.State`` of those, as ``nnx.grad`` returns it.
@@ -209,7 +212,7 @@ def clipped_grad(
     batch = _batch_size([args[i] for i in nums[1]], caller)
     mask = _example_clip.check_mask(example_mask, batch, caller)
     if method == "ghost":
-      from optaxclip import _ghost  # Imports flax.
+      from optaxclip import _ghost
       prepare = _ghost.prepare
     else:
       prepare = _vmap_prepare
@@ -279,7 +282,7 @@ def _checked(method, microbatch_size, argnums, batch_argnums):
   if method not in ("vmap", "ghost"):
     raise ValueError(f"{caller}: method={method!r} is not available; use"
                      " 'vmap' (jax.vmap of jax.grad) or 'ghost' (ghost norms"
-                     " of Flax NNX layers).")
+                     " from the loss's jaxpr).")
   if microbatch_size is not None:
     _validate.check_int(microbatch_size, "microbatch_size", caller, lo=1)
     microbatch_size = int(microbatch_size)
@@ -338,7 +341,8 @@ def _scan_chunks(chunk, args, batch_nums, mask, batch, size):
         num_examples=acc_stats.num_examples + stats.num_examples,
         num_examples_clipped=(acc_stats.num_examples_clipped
                               + stats.num_examples_clipped),
-        num_nonfinite=acc_stats.num_nonfinite + stats.num_nonfinite)
+        num_nonfinite=acc_stats.num_nonfinite + stats.num_nonfinite,
+        fell_back=stats.fell_back)
     return ([a + s for a, s in zip(acc_sums, sums)], acc_stats), (
         stats.norms, stats.included, aux)
 

@@ -1,5 +1,7 @@
-"""clipped_grad(method='ghost') equals method='vmap' on Flax NNX models."""
+"""clipped_grad(method='ghost') equals method='vmap' on Flax NNX, linen and
+Equinox models and on plain functions of a dict."""
 
+import functools
 import math
 
 import chex
@@ -11,6 +13,7 @@ import pytest
 
 import optaxclip as oc
 from optaxclip import _ghost
+from tests import _blocks
 from tests import _dp_references as ref
 
 nnx = pytest.importorskip("flax.nnx")
@@ -289,6 +292,9 @@ def fast_jit(fn):
 
 
 def assert_same(got, want, rtol=1e-5):
+  """Norms, counts and sums equal; a leaf's sum to ``rtol`` of the largest
+  entry of the whole gradient (a leaf whose gradient is 0 in exact
+  arithmetic, such as attention's key bias, holds rounding noise only)."""
   (g, gi), (w, wi) = got, want
   np.testing.assert_allclose(gi.norms, wi.norms, rtol=rtol)
   for field in ("num_examples", "num_examples_clipped", "num_nonfinite",
@@ -297,9 +303,23 @@ def assert_same(got, want, rtol=1e-5):
   np.testing.assert_allclose(gi.sensitivity, wi.sensitivity, rtol=1e-6)
   np.testing.assert_array_equal(gi.included, wi.included)
   chex.assert_trees_all_equal_structs(g, w)
+  scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(w)) or 1.0
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
-    scale = float(np.max(np.abs(b))) or 1.0
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
+
+
+def fell_back(fun, args, grad_nums=(0,), batch_nums=(1, 2),
+              keep_batch_dim=True):
+  """The paths of the leaves without ghost norms (traced, not compiled)."""
+  new_args, leaves, treedef, clip = _ghost.prepare(
+      fun, args, {}, grad_nums=grad_nums, batch_nums=batch_nums,
+      has_aux=False, keep_batch_dim=keep_batch_dim, argnums_is_int=True)
+  closed, _ = clip.__self__.trace(new_args, leaves)
+  ghost = _ghost._Analysis(closed.jaxpr, len(leaves)).ghost_leaves()
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(
+               jax.tree_util.tree_unflatten(treedef, leaves))]
+  return {paths[j] for j in range(len(leaves)) if j not in ghost}
 
 
 @pytest.mark.parametrize(
@@ -315,82 +335,189 @@ def test_equals_vmap(name):
   assert 0 < int(got[1].num_examples_clipped) < 8
 
 
-def test_layers_covered_and_fallback():
-  """Which leaves got ghost norms and which per-example copies."""
-  model, loss, x, y = case("tied")
-  _, params, _ = nnx.split(model, nnx.Param, ...)
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_leaves_with_path(params)]
-  args, leaves, treedef, clip = _ghost.prepare(
-      loss, (model, x, y), {}, grad_nums=(0,), batch_nums=(1, 2),
-      has_aux=False, keep_batch_dim=True, argnums_is_int=True)
-  model_fn = clip.__self__
-  calls, used = model_fn.discover(args, leaves)
-  plan = _ghost._plan(calls, used, len(leaves))
-  ghost = {paths[j] for j in plan.ghost}
-  copies = {paths[j] for j in plan.per_example}
-  assert "['embed']['embedding'].value" in ghost  # Embed and attend: tied.
-  assert "['block']['qkv']['kernel'].value" in ghost
-  assert "['block']['down']['kernel'].value" in ghost
-  assert copies == {"['pos'].value", "['block']['norm1']['scale'].value",
-                    "['block']['norm1']['bias'].value",
-                    "['block']['norm2']['scale'].value",
-                    "['norm']['scale'].value", "['norm']['bias'].value"}
-  assert [c.kind for c in calls].count("attend") == 1
-  # The table used by a raw matmul too gets a per-example copy.
-  model, loss, x, y = case("raw_tied")
-  args, leaves, _, clip = _ghost.prepare(
-      loss, (model, x, y), {}, grad_nums=(0,), batch_nums=(1, 2),
-      has_aux=False, keep_batch_dim=True, argnums_is_int=True)
-  calls, used = clip.__self__.discover(args, leaves)
-  plan = _ghost._plan(calls, used, len(leaves))
-  _, params, _ = nnx.split(model, nnx.Param, ...)
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_leaves_with_path(params)]
-  assert {paths[j] for j in plan.per_example} == {
-      "['embed']['embedding'].value"}
+def dict_loss(p, tokens, y, deep=True):
+  """A plain function of a dict: an embedding lookup, a position table
+  sliced and added, a dense layer with a bias and a scale, a head; with
+  ``deep``, also a checkpointed layer and a scan over stacked weights."""
+  h = jnp.take(p["embed"], tokens, axis=0) + p["pos"][:tokens.shape[-1]]
+  h = jnp.tanh(h @ p["w1"] + p["b1"]) * p["scale"]
+  if deep:
+    h = jax.checkpoint(lambda h: jnp.tanh(h @ p["mix"]))(h)
+    h, _ = jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), h, p["stack"])
+  return jnp.mean((h @ p["head"] - y) ** 2)
 
 
-def plan_paths(name):
-  """``(ghost, copies)``: the paths of the leaves with ghost norms and of
-  those with per-example copies, for ``case(name)``."""
-  model, loss, x, y = case(name)
-  args, leaves, _, clip = _ghost.prepare(
-      loss, (model, x, y), {}, grad_nums=(0,), batch_nums=(1, 2),
-      has_aux=False, keep_batch_dim=True, argnums_is_int=True)
-  calls, used = clip.__self__.discover(args, leaves)
-  plan = _ghost._plan(calls, used, len(leaves))
-  _, params, _ = nnx.split(model, nnx.Param, ...)
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_leaves_with_path(params)]
-  return ({paths[j] for j in plan.ghost},
-          {paths[j] for j in plan.per_example})
+def dict_case(seed=0, deep=True):
+  rng = np.random.default_rng(seed)
+  normal = lambda *s: jnp.asarray(rng.standard_normal(s) / 2, jnp.float32)  # noqa: E731
+  params = {"embed": normal(11, 4), "pos": normal(7, 4), "w1": normal(4, 6),
+            "b1": normal(6), "scale": normal(6), "head": normal(6, 2)}
+  if deep:
+    params |= {"mix": normal(6, 6), "stack": normal(2, 6, 6)}
+  tokens = jnp.asarray(rng.integers(0, 11, (6, 5)))
+  return params, tokens, normal(6, 5, 2)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("mha", marks=pytest.mark.slow), "mha_stacked",
-    pytest.param("mha_remat", marks=pytest.mark.slow)])
-def test_attention_layers_covered(name):
-  """nnx.MultiHeadAttention's LinearGeneral projections get ghost norms,
-  unstacked and stacked (nnx.vmap, nnx.scan, nnx.remat): only the
-  LayerNorm parameters get per-example copies."""
-  ghost, copies = plan_paths(name)
-  for proj in ("query", "key", "value", "out"):
-    for role in ("kernel", "bias"):
-      assert any(f"['attn']['{proj}']['{role}']" in p for p in ghost), (
-          proj, role)
-  assert copies and all("['norm" in p for p in copies), copies
+@pytest.mark.parametrize("deep", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_plain_dict_equals_vmap(deep):
+  """Every leaf of a plain dict gets a ghost norm (lookup, matrix products,
+  scale, bias, a sliced position table; a checkpoint and a scan over
+  stacked weights): norms and per-layer clipped sums, with a padding
+  example, equal vmap's."""
+  params, tokens, y = dict_case(deep=deep)
+  loss = functools.partial(dict_loss, deep=deep)
+  assert fell_back(loss, (params, tokens, y)) == set()
+  fns = [oc.clipped_grad(loss, clip=oc.ExampleClip(1.0, per_layer=True),
+                         batch_argnums=(1, 2), method=m)
+         for m in ("vmap", "ghost")]
+  mask = jnp.arange(6) != 4
+  want_fn, got_fn = (fast_jit(lambda p, x, y, c, m, f=f: f(
+      p, x, y, max_norm=c, example_mask=m)) for f in fns)
+  want = want_fn(params, tokens, y, jnp.float32(0.6), mask)
+  got = got_fn(params, tokens, y, jnp.float32(0.6), mask)
+  assert_same(got, want)
+  assert int(got[1].num_examples_clipped) > 0
+  assert not any(jax.tree.leaves(got[1].fell_back))
+  assert want[1].fell_back is None
 
 
-@pytest.mark.parametrize("name", ["stacked_mlp", "scan_rnn", "einsum"])
+def test_fallback_leaves():
+  """A leaf used twice (an embedding tied to the output) or by another
+  operation (a sine) falls back to per-example gradients, alone."""
+  params, tokens, y = dict_case(deep=False)
+
+  def tied(p, x, y):
+    h = jnp.take(p["embed"], x, axis=0) @ p["w1"]
+    logits = (h * p["scale"]) @ p["w1"].T @ p["embed"].T
+    return optax.softmax_cross_entropy_with_integer_labels(logits, x).mean()
+
+  assert fell_back(tied, (params, tokens, y)) == {"['embed']", "['w1']"}
+  sine = lambda p, x, y: dict_loss(  # noqa: E731
+      {**p, "head": jnp.sin(p["head"])}, x, y, deep=False)
+  assert fell_back(sine, (params, tokens, y)) == {"['head']"}
+
+
+@pytest.mark.parametrize("gram", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_norm_forms(gram, monkeypatch):
+  """Gram and direct forms of a matrix product (the leaf on either side,
+  several contracted axes) and of a lookup (ids out of range dropped,
+  repeated ids), each example's norm against float64."""
+  monkeypatch.setattr(_ghost, "_use_gram", lambda *a: gram)
+  monkeypatch.setattr(_ghost, "_use_gram_ids", lambda *a: gram)
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((3, 5, 2, 4))
+  w = rng.standard_normal((4, 2, 3))
+  f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+  norms = lambda g: np.sqrt(np.sum(g**2, axis=(1, 2, 3)))  # noqa: E731
+  # The leaf on the right: y[t, f] = sum_ab x[t, a, b] w[b, a, f].
+  dy = rng.standard_normal((3, 5, 3))
+  dims = (((1, 2), (1, 0)), ((), ()))
+  got = jax.jit(jax.vmap(lambda x, dy: _ghost._dot_norm(
+      {"dimension_numbers": dims}, [x, f32(w)], 1, dy, jnp.float32)))(
+          f32(x), f32(dy))
+  np.testing.assert_allclose(got, norms(np.einsum("itab,itf->ibaf", x, dy)),
+                             rtol=1e-5)
+  # On the left: y[f, t] = sum_ab w[a, b, f] x[t, b, a].
+  dy = rng.standard_normal((3, 3, 5))
+  dims = (((0, 1), (2, 1)), ((), ()))
+  got = jax.jit(jax.vmap(lambda x, dy: _ghost._dot_norm(
+      {"dimension_numbers": dims}, [f32(w), x], 0, dy, jnp.float32)))(
+          f32(x), f32(dy))
+  np.testing.assert_allclose(got, norms(np.einsum("itba,ift->iabf", x, dy)),
+                             rtol=1e-5)
+  # A lookup into a (6, 4) table: ids out of range add nothing.
+  table = f32(rng.standard_normal((6, 4)))
+  ids = jnp.asarray([[1, 1, 7, 0, -1], [2, 3, 2, 2, 5], [0, 0, 0, 0, 0]])
+  dy_g = f32(rng.standard_normal((3, 5, 4)))
+  closed = jax.make_jaxpr(lambda t, i: t.at[i].get(mode="fill",
+                                                   fill_value=0))(table,
+                                                                  ids[0])
+  eqn = [e for e in closed.eqns if e.primitive.name == "gather"][0]
+  got = jax.jit(jax.vmap(lambda i, dy: _ghost._gather_norm(
+      eqn.params, [table, i[:, None]], dy, jnp.float32)))(ids, dy_g)
+  want = [np.linalg.norm(sum(np.outer(np.eye(6)[k], d) for k, d in
+                             zip(np.asarray(i), np.asarray(g)) if 0 <= k < 6))
+          for i, g in zip(ids, dy_g)]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def linen_case(name):
+  """A linen model, its loss and a batch."""
+  rng = np.random.default_rng(7)
+  if name == "linen_vit":
+    net = _blocks.linen_vit()
+    x = jnp.asarray(rng.standard_normal((6, 9, 9, 2)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, (6,)))
+  else:
+    net = _blocks.linen_lm()
+    x = jnp.asarray(rng.integers(0, 11, (6, 6)))
+    y = jnp.asarray(rng.integers(0, 11, (6, 6)))
+  params = net.init(jax.random.key(0), x[:1])["params"]
+
+  def loss(p, x, y):
+    logits = net.apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return params, loss, x, y
+
+
+def equinox_case():
+  eqx = pytest.importorskip("equinox")
+  rng = np.random.default_rng(8)
+  model = _blocks.equinox_block(jax.random.key(1))
+  params, static = eqx.partition(model, eqx.is_array)
+
+  def loss(p, tokens, y):  # One example: tokens (seq,).
+    logits = eqx.combine(p, static)(tokens)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return (params, loss, jnp.asarray(rng.integers(0, 11, (6, 6))),
+          jnp.asarray(rng.integers(0, 11, (6, 6))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["linen_vit", "linen_lm", "equinox"])
+def test_frameworks_equal_vmap(name):
+  """A linen ViT (nn.scan over nn.remat'd blocks), a linen LM (embedding
+  tied to the output: that leaf alone falls back) and an Equinox
+  transformer block: ghost equals vmap."""
+  pytest.importorskip("flax.linen")
+  if name == "equinox":
+    params, loss, x, y = equinox_case()
+    keep = False
+  else:
+    params, loss, x, y = linen_case(name)
+    keep = True
+  want_fb = {"['Embed_0']['embedding']"} if name == "linen_lm" else set()
+  assert fell_back(loss, (params, x, y), keep_batch_dim=keep) == want_fb
+  fns = [oc.clipped_grad(loss, clip=1.0, batch_argnums=(1, 2), method=m,
+                         keep_batch_dim=keep) for m in ("vmap", "ghost")]
+  want_fn, got_fn = (fast_jit(lambda p, x, y, c, f=f: f(p, x, y, max_norm=c))
+                     for f in fns)
+  c = jnp.float32(np.median(want_fn(params, x, y, jnp.float32(1e9))[1].norms))
+  got, want = got_fn(params, x, y, c), want_fn(params, x, y, c)
+  assert_same(got, want)
+  assert 0 < int(got[1].num_examples_clipped) < 6
+
+
+@pytest.mark.slow
+def test_fallback_leaves_nnx():
+  """An RNN cell closed over by a scan falls back; NNX attention stacked by
+  nnx.scan under nnx.remat gets ghost norms everywhere."""
+  model, loss, x, y = case("scan_rnn")
+  assert fell_back(loss, (model, x, y)) == {"['cell']['kernel'].value",
+                                            "['cell']['bias'].value"}
+  model, loss, x, y = case("mha_remat")
+  assert fell_back(loss, (model, x, y)) == set()
+
+
+@pytest.mark.parametrize("name", ["stacked_mlp", "einsum"])
 @pytest.mark.slow
 def test_scanned_layers_and_einsum(name):
-  """Weights scanned over (one matrix per iteration), weights closed over
-  by a scan (one matrix, rows from every iteration), nnx.Einsum kernels:
-  ghost norms, no per-example copies, equal to vmap."""
-  ghost, copies = plan_paths(name)
-  assert not copies and ghost
+  """Weights scanned over (one matrix per iteration) and nnx.Einsum
+  kernels: ghost norms, no per-example gradients, equal to vmap."""
   model, loss, x, y = case(name, batch=4)
+  assert fell_back(loss, (model, x, y)) == set()
   vmap, ghost_fn = both(model, loss)
   c = float(np.median(vmap(x, y, math.inf)[1].norms))
   assert_same(ghost_fn(x, y, c), vmap(x, y, c))
@@ -411,27 +538,20 @@ class LoRAMLP(nnx.Module):
     return self.out(jnp.tanh(self.hidden(x)))
 
 
-@pytest.mark.parametrize("seq", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_lora_adapters_only(seq):
+@pytest.mark.slow
+def test_lora_adapters_only():
   """Only the adapters trained (the nnx.LoRAParam state passed, the rest
   merged in): ghost norms of lora_a and lora_b, equal to vmap."""
   model = LoRAMLP(nnx.Rngs(1))
   graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
   loss = lambda p, x, y: classify(nnx.merge(graphdef, p, rest), x, y)  # noqa: E731
   rng = np.random.default_rng(2)
-  shape = (4, 3, 6) if seq else (4, 6)
-  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 3, shape[:-1]))
-  args, leaves, _, clip = _ghost.prepare(
-      loss, (lora, x, y), {}, grad_nums=(0,), batch_nums=(1, 2),
-      has_aux=False, keep_batch_dim=True, argnums_is_int=True)
-  calls, used = clip.__self__.discover(args, leaves)
-  plan = _ghost._plan(calls, used, len(leaves))
-  assert len(leaves) == 4 and sorted(plan.ghost) == [0, 1, 2, 3]
+  x = jnp.asarray(rng.standard_normal((4, 3, 6)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, (4, 3)))
+  assert fell_back(loss, (lora, x, y)) == set()
   vmap_fn, ghost_fn = (
       oc.clipped_grad(loss, clip=1.0, batch_argnums=(1, 2), method=method)
       for method in ("vmap", "ghost"))
-  # The threshold is traced (max_norm=): one compilation of each.
   want_fn = fast_jit(lambda p, x, y, c: vmap_fn(p, x, y, max_norm=c))
   got_fn = fast_jit(lambda p, x, y, c: ghost_fn(p, x, y, max_norm=c))
   c = jnp.float32(np.median(want_fn(lora, x, y, jnp.float32(1e9))[1].norms))
@@ -460,58 +580,6 @@ def test_numpy_float64_reference():
   np.testing.assert_allclose(got["kernel"][...], want[0], rtol=1e-5,
                              atol=1e-6)
   np.testing.assert_allclose(got["bias"][...], want[1], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("form", ["gram", "direct"])
-def test_gram_and_direct_forms(form, monkeypatch):
-  """Both forms of a shared, mixed (one-hot and dense) weight, vs NumPy."""
-  rng = np.random.default_rng(4)
-  batch, size, feats = 3, 6, 4
-  ids = rng.integers(-1, size + 1, (batch, 5))  # Some out of range.
-  dense_a = rng.standard_normal((batch, 3, size))
-  c1 = rng.standard_normal((batch, 5, feats))
-  c2 = rng.standard_normal((batch, 3, feats))
-  terms = [_ghost._Term(jnp.asarray(dense_a, jnp.float32),
-                        jnp.asarray(c2, jnp.float32), False, size),
-           _ghost._Term(jnp.asarray(ids), jnp.asarray(c1, jnp.float32), True,
-                        size)]
-  want = np.einsum("btv,btf->bvf", dense_a, c2)
-  for i in range(batch):
-    for t, k in enumerate(ids[i]):
-      if 0 <= k < size:
-        want[i, k] += c1[i, t]
-  monkeypatch.setattr(_ghost, "_use_gram", lambda *a: form == "gram")
-  got = _ghost._matrix_norm(terms, np.float32)
-  np.testing.assert_allclose(got, np.sqrt(np.sum(want**2, axis=(1, 2))),
-                             rtol=1e-5)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("keep", [True, False])
-def test_conv_kernels_both_forms(keep, monkeypatch):
-  """Kept per-example kernel gradients, or norms and sums from the records
-  (book-keeping), for every convolution: both equal vmap."""
-  monkeypatch.setattr(_ghost, "_keep_conv_grads", lambda *a: keep)
-  model, loss, x, y = case("cnn")
-  vmap, ghost = both(model, loss)
-  c = float(np.median(vmap(x, y, math.inf)[1].norms))
-  assert_same(ghost(x, y, c), vmap(x, y, c))
-  mask = jnp.arange(8) != 3
-  x = x.at[5].set(jnp.nan)  # Dropped: adds exactly 0 in both forms.
-  got, want = ghost(x, y, c, mask), vmap(x, y, c, mask)
-  assert int(got[1].num_nonfinite) == 1
-  assert np.all(np.isfinite(jax.tree.leaves(got[0])[0]))
-  chex.assert_trees_all_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-
-
-def test_conv_kernels_choose_the_smaller_record():
-  spec = ((1, 1), "SAME", (1, 1), (1, 1))
-  image = lambda c: jnp.zeros((4, 1, 32, 32, c))  # noqa: E731
-  # 3x3x3x32 kernel (864) against 32x32x(3 + 32) records: gradients kept.
-  assert _ghost._keep_conv_grads([(spec, image(3), image(32))], (3, 3, 3, 32))
-  small = lambda c: jnp.zeros((4, 1, 4, 4, c))  # noqa: E731
-  assert not _ghost._keep_conv_grads([(spec, small(64), small(64))],
-                                     (3, 3, 64, 64))
 
 
 class ConvNet(nnx.Module):
@@ -568,16 +636,16 @@ def test_tiny_inputs_norms_not_flushed():
 
 @pytest.mark.parametrize("devices", [1, 2, 8])
 @pytest.mark.parametrize("name,axis_type", [
-    ("cnn", "Explicit"), ("mlp_seq", "Explicit"), ("mlp_seq", "Auto"),
-    ("transformer", "Auto")])
+    ("mlp_seq", "Explicit"), ("mlp_seq", "Auto"), ("transformer", "Auto")])
 @pytest.mark.slow
 def test_sharded_batch(name, axis_type, devices):
   """Inputs sharded over a mesh of 1, 2 or 8 devices give the single-device
   result. Not tested, because upstream faults make them fail without
   clipping too: the transformer under Explicit axes (nnx.Embed's gather
-  needs an output sharding Flax does not give it), and convolutions under
-  Auto axes on a split batch (XLA miscompiles the per-example kernel
-  gradients of ``jax.vmap(jax.grad(...))``; see ``_ghost._conv_grads``)."""
+  needs an output sharding Flax does not give it), and convolutions on a
+  split batch (under Explicit axes JAX's batching of a kernel's gradient
+  reshapes across the split axis; under Auto axes XLA miscompiles the
+  per-example kernel gradients of ``jax.vmap(jax.grad(...))``)."""
   if jax.device_count() < devices:
     pytest.skip(f"needs {devices} devices")
   from jax.sharding import AxisType, NamedSharding
@@ -683,10 +751,6 @@ def test_errors():
     oc.clipped_grad(loss, clip=1.0, method="bogus")
   ghost = lambda f, **kw: oc.clipped_grad(  # noqa: E731
       f, clip=1.0, batch_argnums=(1, 2), method="ghost", **kw)
-  # Parameters no NNX layer uses: a plain dict and a pure-JAX loss.
-  plain = {"w": jnp.ones((6, 3))}
-  with pytest.raises(ValueError, match="Flax NNX model"):
-    ghost(lambda p, x, y: jnp.mean((x @ p["w"]) ** 2))(plain, x, y)
   with pytest.raises(TypeError, match="nnx.Module or a pytree of arrays"):
     ghost(loss)(object(), x, y)
   # fun must return one example's scalar loss.
