@@ -14,18 +14,22 @@ Transforms, each module with its state types:
   _adagc         adagc
   _spikes        clip_spikes (SPAM's rule)
   _update_clip   clip_update_rms (StableAdamW), clip_update_by_history
+  _spectral      clip_by_spectral_norm: singular values capped (SPECTRA)
+  _loss_scale    dynamic_loss_scale (fp16 loss scaling), loss_scale
   _skip          skip_step, the step guard
   _checks        check_finite, raise_if_nonfinite
   _per_example   per_example_clip, clipped_grad (vmap; ghost via _ghost)
-  _ghost         ghost norms of Flax NNX layers
+  _ghost         ghost norms read from the loss's jaxpr, any framework
   _dp            dp_aggregate, dp_noise, quantile_norm
   _qk_clip       qk_clip (Kimi K2's QK-Clip), max_logit_attention, gather_max_logits
-  _layers        layer_axes: the layer_axis tree of a Flax NNX model
+  _layers        layer_axes: the layer_axis tree of a model (linen, NNX, Equinox)
+  _checkpoint    adopt_state: an old optimizer's state carried into a new chain
 Shared, below them:
   _transform     the Optax transformation a factory returns, fast without jit
   _example_clip  per-example weights, the weighted sum, PerExampleInfo
   _apply      the scale rule applied leaf by leaf, per group of leaves
-  _norms         norm kernels, the one overflow-safe kernel, collectives
+  _norms         norm kernels, the one overflow-safe kernel, collectives,
+                 NormParts (exact, mergeable partial norms)
   _thresholds    hyper-parameters at run time: schedules, prefix trees
   _stats         ClipStats, the record every state holds; clip_stats
   _tree          live leaves, rebuilding, paths, accumulation dtypes
@@ -35,6 +39,7 @@ Shared, below them:
 
 from optaxclip._adagc import AdaGCState, adagc
 from optaxclip._agc import AdaptiveGradClipState, adaptive_grad_clip
+from optaxclip._checkpoint import adopt_state
 from optaxclip._checks import (
     CheckFiniteState,
     NonFiniteGradientError,
@@ -52,7 +57,8 @@ from optaxclip._clipping import (
 from optaxclip._dp import DPState, QuantileNorm, dp_aggregate, dp_noise, quantile_norm
 from optaxclip._example_clip import ExampleClip, PerExampleInfo
 from optaxclip._layers import layer_axes
-from optaxclip._norms import AxisName, Ord, global_norm
+from optaxclip._loss_scale import DynamicLossScaleState, dynamic_loss_scale, loss_scale
+from optaxclip._norms import AxisName, NormParts, Ord, global_norm, norm_parts
 from optaxclip._per_example import clipped_grad, per_example_clip
 from optaxclip._qk_clip import (
     QKClipState,
@@ -63,6 +69,7 @@ from optaxclip._qk_clip import (
 )
 from optaxclip._quantile import ClipByQuantileState, clip_by_quantile
 from optaxclip._skip import SkipStepState, SpikeEMA, SpikeWindow, skip_step
+from optaxclip._spectral import ClipBySpectralNormState, clip_by_spectral_norm
 from optaxclip._spikes import ClipSpikesState, SpikeClippedState, clip_spikes, spike_clipped
 from optaxclip._stats import ClipStats, clip_stats
 from optaxclip._thresholds import Threshold
@@ -95,10 +102,12 @@ __all__ = [
     "ClipByGlobalNormState",
     "ClipByNormState",
     "ClipByQuantileState",
+    "ClipBySpectralNormState",
     "ClipByValueState",
     "ClipStats",
     "DPState",
     "NonFiniteGradientError",
+    "NormParts",
     "Ord",
     "ExampleClip",
     "PerExampleInfo",
@@ -112,10 +121,12 @@ __all__ = [
     "ZClipState",
     "ZScore",
     "adaptive_grad_clip",
+    "adopt_state",
     "check_finite",
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_quantile",
+    "clip_by_spectral_norm",
     "clip_by_value",
     "clip_stats",
     "clipped_grad",
@@ -124,11 +135,15 @@ __all__ = [
     "gather_max_logits",
     "global_norm",
     "max_logit_attention",
+    "norm_parts",
     "layer_axes",
     "per_example_clip",
     "qk_clip",
     "quantile_norm",
     "raise_if_nonfinite",
     "skip_step",
+    "DynamicLossScaleState",
+    "dynamic_loss_scale",
+    "loss_scale",
     "zclip",
 ]

@@ -262,7 +262,11 @@ class _Model:
 
 def _replace_dropped(x, keep, first):
   """``x`` with each example not in ``keep`` replaced by the example that
-  ``first`` marks: selects and one sum, no gather across a split batch."""
+  ``first`` marks: selects and one sum, no gather across a split batch.
+  Typed PRNG keys (one per example, for dropout) go through their data."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = _replace_dropped(jax.random.key_data(x), keep, first)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
   shape = lambda m: m.reshape((-1,) + (1,) * (x.ndim - 1))  # noqa: E731
   kept = jnp.sum(jnp.where(shape(first), x, jnp.zeros((), x.dtype)), axis=0,
                  dtype=x.dtype)

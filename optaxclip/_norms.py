@@ -38,6 +38,7 @@ axes each leaf varies over: see :func:`_psum`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -48,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optaxclip import _thresholds, _tree, _validate
-from optaxclip._numerics import Norm, exponent, pow2
+from optaxclip._numerics import Norm, exponent, pow2, widen
 from optaxclip._tree import Axis
 
 Ord = int | float | str | jax.Array
@@ -368,7 +369,7 @@ def scaled_power_sum(x: jax.Array, e: jax.Array, p: Any,
   root back. Accumulated in the accumulation dtype (or ``dtype``).
   """
   down = pow2(-e, _tree.acc_dtype(x.dtype))
-  return jnp.sum(_abs_pow(x * down, p), axis=axis, keepdims=keepdims,
+  return jnp.sum(_abs_pow(widen(x) * down, p), axis=axis, keepdims=keepdims,
                  dtype=dtype)
 
 
@@ -657,3 +658,349 @@ def _varying(x: Any) -> frozenset | None:
 def _ord_index(p: jax.Array) -> jax.Array:
   """0, 1, 2 for a traced ord of 2, 1, inf; 3 for any other p."""
   return jnp.select([p == 2, p == 1, jnp.isinf(p)], [0, 1, 2], 3)
+
+
+# ----------------------------------------------------------------------------
+# Partial norms that merge exactly: fixed-point sums in int32 limbs.
+
+_LIMB_BITS = 8
+_FRACTION_BITS = 56  # Below the peak's power: 7 limbs.
+_LIMBS = 12  # 96 bits: sums of up to 2**40 elements of a norm.
+_LIMB_MASK = (1 << _LIMB_BITS) - 1
+# Elements one float32 sum of limbs (each below 2**8) may add: every partial
+# sum is then an integer below 2**24, exact in float32 in any order.
+_MAX_RUN = 1 << 16
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["peak", "limbs"], meta_fields=["ord", "size"])
+@dataclasses.dataclass(frozen=True)
+class NormParts:
+  """A partial norm that merges exactly: the norm of part of a tree.
+
+  Made by :func:`optaxclip.norm_parts` from a tree (or some of its leaves),
+  merged with ``+`` (or :meth:`merge`), and turned into the norm with
+  :meth:`norm`. It holds ``peak``, the largest ``|x|`` of the elements
+  counted, and ``limbs``, the sum ``sum |x * 2**-e| ** p`` (``2**e`` the
+  power of two just above ``peak``) as an exact fixed-point number: 96 bits,
+  56 of them below the binary point, in twelve int32 limbs of 8 bits, least
+  significant first. Each term is rounded down onto that grid, element by
+  element, and the terms are added as integers, so the sum is the same bits
+  whatever the order, the grouping, the sharding or the number of programs
+  that add it: merging is associative and commutative, exactly, among parts
+  on one ``peak`` (:func:`optaxclip.norm_parts` takes the peak agreed between
+  programs). Parts on different peaks are merged by rounding the smaller
+  part's sum down onto the larger's grid (a relative change below ``2**-50``),
+  which is commutative but not exactly associative.
+
+  A pytree: it passes through ``jax.jit``, collectives
+  (``jax.experimental.multihost_utils.process_allgather``) and optax's extra
+  arguments. ``ord`` and ``size`` are static.
+
+  Attributes:
+    peak: the largest magnitude counted, in the accumulation dtype (NaN if an
+      element is NaN, ``inf`` if one is infinite, 0 for no elements).
+    limbs: ``(12,)`` int32, the fixed-point sum, least significant limb first
+      (zeros for ``ord=inf``, whose norm is ``peak``).
+    ord: the norm, as :func:`optaxclip.global_norm` takes it (a float or
+      ``"rms"``).
+    size: how many elements the parts count (static; divides for ``"rms"``).
+  """
+
+  _fields = ("peak", "limbs", "ord", "size")
+  peak: jax.Array
+  limbs: jax.Array
+  ord: Any = 2.0
+  size: int = 0
+
+  def merge(self, other: NormParts) -> NormParts:
+    """The parts of both: exact among parts on one peak (see the class)."""
+    if not isinstance(other, NormParts):
+      raise TypeError(f"NormParts.merge: got {type(other).__name__}; merge"
+                      " with another NormParts (from oc.norm_parts).")
+    if other.ord != self.ord:
+      raise ValueError(f"NormParts.merge: ord={self.ord!r} and"
+                       f" ord={other.ord!r}; parts of one norm share one ord.")
+    dtype = np.result_type(self.peak.dtype, other.peak.dtype)
+    both = NormParts(
+        jnp.stack([self.peak.astype(dtype), other.peak.astype(dtype)]),
+        jnp.stack([self.limbs, other.limbs]), self.ord, 0).merge_stacked()
+    return dataclasses.replace(both, size=self.size + other.size)
+
+  __add__ = merge
+
+  def merge_stacked(self) -> NormParts:
+    """Parts stacked along a leading axis (as ``process_allgather`` returns
+    them), merged into one. ``size`` is taken as one row's times the rows."""
+    if jnp.ndim(self.peak) == 0:
+      return self
+    rows = self.peak.shape[0]
+    peak = jnp.max(self.peak)  # NaN if any is NaN.
+    limbs = self.limbs
+    if self.ord != math.inf:
+      shift = _grid_shift(self.peak, peak, _parts_p(self.ord))
+      limbs = _normalize_limbs(jnp.sum(shift(limbs), axis=0))
+    else:
+      limbs = limbs[0] * 0
+    return NormParts(peak, limbs, self.ord, self.size * rows)
+
+  def norm(self) -> jax.Array:
+    """The norm of every element counted: deterministic, to float rounding.
+
+    ``inf`` where it is beyond the accumulation dtype (or an element is
+    infinite), NaN if an element is NaN, 0 for none.
+    """
+    return parts_norm(self).value()
+
+
+def _parts_p(ord: Any) -> float:
+  return 2.0 if ord == _RMS else float(ord)
+
+
+def norm_parts(tree: Any, *, ord: Ord = 2, axis_name: AxisName = None,
+               mask: Any = None, peak: Any = None) -> NormParts:
+  """The mergeable partial norm of a tree (or of the leaves ``mask`` picks).
+
+  Each element's ``|x * 2**-e| ** p`` (``2**e`` the power of two just above
+  the largest ``|x|``, so that no term overflows) is rounded down onto a
+  fixed-point grid of 56 bits below the binary point and the terms are added
+  as integers: the result is the same bits for the same values, whatever the
+  order of the reduction, the mesh, the sharding, or how many programs add
+  up the parts. Two passes over the tree (the largest element, then the
+  sums), where :func:`optaxclip.global_norm` makes one: see the benchmarks.
+
+  Pipeline stages that run as separate programs each make the parts of
+  their own leaves and exchange them (``+`` merges); to merge bit for bit as
+  one program would, they first agree on the largest element (one scalar
+  exchanged, its maximum passed as ``peak``). A tensor shared between stages
+  (a tied embedding) is counted by one stage only: the others leave it out
+  with ``mask``.
+
+  Args:
+    tree: a pytree of floating-point or complex arrays (``None`` leaves and
+      ``optax.MaskedNode`` are ignored).
+    ord: the norm: ``1``, ``2``, ``inf``, any ``p > 0``, or ``"rms"``.
+    axis_name: inside ``shard_map`` or ``pmap``, the mesh axes the tree is
+      split over; the parts are then those of the whole tree, on every
+      device (each leaf counted once, as for :func:`optaxclip.global_norm`).
+    mask: which leaves count (as ``optax.masked``'s ``mask``): ``None``
+      (all), a pytree prefix of ``tree`` holding ``True``/``False``, or a
+      function of the tree returning one.
+    peak: the largest ``|x|`` agreed between the programs whose parts will
+      be merged (a scalar; the larger of it and this tree's own is used).
+
+  Returns:
+    A :class:`optaxclip.NormParts`.
+
+  Raises:
+    TypeError: ``mask`` holds anything but ``True``/``False``, or ``peak``
+      is not a scalar.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optaxclip as oc
+    >>> grads = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}
+    >>> a = oc.norm_parts(grads, mask={"a": True, "b": False})
+    >>> b = oc.norm_parts(grads, mask={"a": False, "b": True})
+    >>> print((a + b).norm(), oc.norm_parts(grads).norm())
+    5.0 5.0
+    >>> print(oc.norm_parts({"w": jnp.zeros(3)}).norm())  # zero norm
+    0.0
+  """
+  caller = "norm_parts"
+  p = _validate.canonical_ord(ord)
+  if isinstance(p, jax.Array):
+    raise TypeError(f"{caller}: ord must be known when tracing (1, 2, inf,"
+                    " p > 0 or 'rms'), not a traced array.")
+  if peak is not None and (
+      isinstance(peak, (bool, np.bool_, str)) or not isinstance(
+          peak, (int, float, np.number, np.ndarray, jax.Array))
+      or np.ndim(peak) != 0):
+    raise TypeError(f"{caller}: peak must be a scalar (the largest |x| the"
+                    f" programs agreed on), got {peak!r}.")
+  live, _ = _tree.live_leaves(tree, caller)
+  if mask is not None:
+    if callable(mask):
+      mask = mask(tree)
+    given = jax.tree_util.tree_leaves(mask)
+    if not given or not all(isinstance(f, (bool, np.bool_)) for f in given):
+      raise TypeError(f"{caller}: mask must be None, True or False, a pytree"
+                      " prefix of the tree holding True/False (the leaves to"
+                      " count), or a function of the tree returning one; got"
+                      f" {mask!r}.")
+    keep = _thresholds.broadcast_prefix(mask, tree, "mask", caller)
+    flags = [bool(m) for m in jax.tree_util.tree_leaves(
+        keep, is_leaf=lambda x: isinstance(x, (bool, np.bool_)))]
+    if len(flags) != len(live):
+      raise ValueError(f"{caller}: mask must be a prefix of the tree holding"
+                       " True/False, one per leaf or subtree.")
+    live = [x for x, f in zip(live, flags) if f]
+  xs = [x for _, x in live if x.size]
+  dtype = _tree.common_acc_dtype(xs)
+  size = _global_size(xs, axis_name)
+  m = _tree_max(xs, axis_name, dtype) if xs else jnp.zeros((), dtype)
+  if peak is not None:
+    m = jnp.maximum(m, jnp.asarray(peak).astype(dtype))
+  if p == math.inf:
+    return NormParts(m, jnp.zeros((_LIMBS,), jnp.int32), p, size)
+  e = _grid_exponent(m)
+  q = _parts_p(p)
+  limbs = jnp.zeros((_LIMBS,), jnp.int32)
+  by_axes: dict[tuple[Any, ...], list[jax.Array]] = {}
+  for x in xs:
+    split = () if axis_name is None else _split_axes(x, _axis_names(axis_name))
+    by_axes.setdefault(split, []).append(_leaf_limbs(x, e, q, dtype))
+  for split, group in by_axes.items():
+    total = _normalize_limbs(functools.reduce(jnp.add, group))
+    if split:
+      total = _normalize_limbs(jax.lax.psum(total, split))
+    limbs = limbs + total
+  return NormParts(m, _normalize_limbs(limbs), p, size)
+
+
+def parts_norm(parts: NormParts) -> Norm:
+  """The norm of :class:`NormParts` as a :class:`Norm` pair (exact beyond
+  overflow), as :func:`clip_factors` takes it."""
+  m = parts.peak
+  one = jnp.ones((), m.dtype)
+  if parts.ord == math.inf:
+    return Norm(one, m)
+  p = _parts_p(parts.ord)
+  s = _from_limbs(parts.limbs, m.dtype)
+  if parts.ord == _RMS:
+    s = s / max(parts.size, 1)
+  finite = jnp.isfinite(m)
+  e = exponent(m)
+  extra = pow2(_grid_exponent(m) - e, m.dtype)
+  return Norm(jnp.where(finite, pow2(e, m.dtype), one),
+              jnp.where(finite, _root(s, p) * extra, m))
+
+
+def _grid_exponent(m: jax.Array) -> jax.Array:
+  """``e`` with ``|x| * 2**-e`` below 1 for every ``|x| <= m``: the power
+  of two just above ``m``, or ``2`` more where that exceeds the dtype's
+  normal powers (values near its largest)."""
+  e = exponent(m)
+  top = jnp.isfinite(m) & (m >= 2.0 ** (jnp.finfo(m.dtype).maxexp - 2))
+  return e + jnp.where(top, 2, 0).astype(e.dtype)
+
+
+def supplied_norm(norm: Any, ord: Any, dtype: Any, caller: str) -> Norm:
+  """A norm computed elsewhere, passed as ``update(..., global_norm=...)``:
+  :class:`NormParts` (of this ``ord``) or a number, as a :class:`Norm`."""
+  if isinstance(norm, NormParts):
+    if isinstance(ord, jax.Array) or norm.ord != ord:
+      raise ValueError(
+          f"{caller}: global_norm= holds parts of ord={norm.ord!r} but the"
+          f" transformation clips ord={ord!r}; make the parts with"
+          " oc.norm_parts(updates, ord=...) of the same ord.")
+    n = parts_norm(norm)
+    return Norm(n.power.astype(dtype), n.scaled.astype(dtype))
+  value = jnp.asarray(norm)
+  if value.ndim or not (jnp.issubdtype(value.dtype, jnp.floating)
+                        or jnp.issubdtype(value.dtype, jnp.integer)):
+    raise TypeError(
+        f"{caller}: global_norm= must be a scalar norm or a NormParts (from"
+        f" oc.norm_parts), got shape {value.shape}, dtype {value.dtype}.")
+  return Norm(jnp.ones((), dtype), value.astype(dtype))
+
+
+def _leaf_limbs(x: jax.Array, e: jax.Array, p: float, dtype: Any
+                ) -> jax.Array:
+  """One leaf's terms ``|x * 2**-e| ** p`` (each below 1) added exactly."""
+  acc = np.dtype(dtype)
+  top = jnp.finfo(acc).maxexp - 2  # 2**-e in two normal factors.
+  y = (widen(x).astype(acc) * pow2(-jnp.minimum(e, top), acc)
+       ) * pow2(jnp.minimum(top - e, 0), acc)
+  t = _abs_pow(y, p).astype(acc)
+  z = _limbs_of(t, _FRACTION_BITS // _LIMB_BITS, acc)
+  while z.ndim > 1:
+    axes: list[int] = []
+    run = 1
+    for a in reversed(range(1, z.ndim)):
+      if run * z.shape[a] > _MAX_RUN:
+        break
+      run *= z.shape[a]
+      axes.append(a)
+    if not axes:  # The last axis alone is too long: split it.
+      n = z.shape[-1]
+      f = max(d for d in range(1, _MAX_RUN + 1) if n % d == 0)
+      if f == 1:
+        raise ValueError(
+            f"norm_parts: an axis of length {n} (a prime above {_MAX_RUN})"
+            " cannot be summed exactly in steps; reshape the leaf.")
+      z = jnp.reshape(z, z.shape[:-1] + (n // f, f))
+      continue
+    z = _normalize_limbs(jnp.sum(z, axis=tuple(axes))).astype(jnp.float32)
+  return _normalize_limbs(z)
+
+
+def _limbs_of(v: jax.Array, count: int, dtype: Any) -> jax.Array:
+  """The ``count`` low limbs of ``floor(v * 2**56)`` (``v >= 0``), least
+  significant first, stacked on a new leading axis as float32 integers:
+  exactly, as differences of floors of power-of-two multiples of ``v``
+  (each an integer float, each difference an integer below ``2**8``, so no
+  step rounds). float32, not int32: XLA sums float32 several times faster
+  on CPUs, and sums of at most ``_MAX_RUN`` limbs are exact in any order."""
+  floors = [jnp.floor(v * np.asarray(
+      2.0 ** (_FRACTION_BITS - _LIMB_BITS * j), dtype))
+            for j in range(count + 1)]
+  return jnp.stack([(floors[j] - floors[j + 1] * (1 << _LIMB_BITS)
+                     ).astype(jnp.float32) for j in range(count)])
+
+
+def _normalize_limbs(z: jax.Array) -> jax.Array:
+  """Limb sums (first axis, least significant first) with the carries
+  propagated: ``(12, ...)`` int32 limbs, each below ``2**8``."""
+  z = z.astype(jnp.int32)  # Exact: float sums here are integers < 2**24.
+  out, carry = [], None
+  for j in range(_LIMBS):
+    v = z[j] if j < z.shape[0] else jnp.zeros_like(z[0])
+    if carry is not None:
+      v = v + carry
+    out.append(v & _LIMB_MASK)
+    carry = v >> _LIMB_BITS
+  return jnp.stack(out)
+
+
+def _from_limbs(limbs: jax.Array, dtype: Any) -> jax.Array:
+  """The fixed-point number as a float, least significant limb first."""
+  out = jnp.zeros(limbs.shape[:-1], dtype)
+  for j in range(_LIMBS):
+    out = out + limbs[..., j].astype(dtype) * np.asarray(
+        2.0 ** (_LIMB_BITS * j - _FRACTION_BITS), dtype)
+  return out
+
+
+def _grid_shift(peaks: jax.Array, top: jax.Array, p: float) -> Any:
+  """A function moving rows of limbs from their own peak's grid onto
+  ``top``'s: shifted right (rounded down) by ``p`` times the difference of
+  the exponents; through the float value for a fractional ``p``."""
+  gap = jnp.maximum(_grid_exponent(top) - _grid_exponent(peaks), 0)
+
+  def shift(limbs):
+    if float(p).is_integer():
+      return _shift_right(limbs, gap * int(p))
+    v = _from_limbs(limbs, peaks.dtype) * jnp.exp2(-p * gap.astype(
+        peaks.dtype))
+    frac = jnp.moveaxis(_limbs_of(v, _LIMBS, peaks.dtype), 0, -1).astype(
+        jnp.int32)
+    return jnp.where((gap == 0)[..., None], limbs, frac)
+
+  return shift
+
+
+def _shift_right(limbs: jax.Array, bits: jax.Array) -> jax.Array:
+  """``floor(limbs / 2**bits)`` for rows of normalized limbs, ``bits >= 0``."""
+  q = (bits // _LIMB_BITS)[..., None]
+  r = (bits % _LIMB_BITS)[..., None]
+  j = jnp.arange(_LIMBS)
+
+  def take(k):
+    inside = k < _LIMBS
+    got = jnp.take_along_axis(limbs, jnp.where(inside, k, 0), axis=-1)
+    return jnp.where(inside, got, 0)
+
+  lo = take(j + q) >> r
+  hi = (take(j + q + 1) << (_LIMB_BITS - r)) & _LIMB_MASK
+  return lo | hi

@@ -61,8 +61,8 @@ class ClipByQuantileState(NamedTuple):
 
 @_validate.renamed(
     history="window",
-    ord=("was removed: clip_by_quantile clips the 2-norm, as AutoClip does"
-         " (the parameter's place went to follow)"))
+    ord=("was removed: clip_by_quantile clips the 2-norm, as AutoClip does;"
+         " for another norm, use zclip(..., ord=)"))
 def clip_by_quantile(
     quantile: Threshold = 0.9,
     *,
@@ -209,24 +209,8 @@ def clip_by_quantile(
   p = _validate.canonical_ord(2)
 
   def init_fn(params):
-    dtype = _tree.tree_acc_dtype(params)
-    size = _validate.static_size(window, "window", caller)
-    leaves, rebuild = _tree.live_leaves(params, caller)
-    layers = _thresholds.leaf_layers(layer_axis, params, caller)
-    shapes = [_tree.tensor_shape(x, k) for (_, x), k in zip(leaves, layers)]
-    if per_leaf:
-      buf = jnp.zeros((sum(math.prod(s) for s in shapes), size), dtype)
-      stats = _per_leaf_stats(shapes, rebuild, dtype)
-    else:
-      buf = jnp.zeros((size,), dtype)
-      stats = _stats.fresh(
-          dtype, threshold=jnp.full((), jnp.inf, dtype),
-          leaf_norms=_tree.zero_leaf_norms(params, layers)
-          if leaf_norms else None)
-    return ClipByQuantileState(
-        stats, norm_history=buf, sorted_norms=jnp.full_like(buf, jnp.inf),
-        fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32),
-        level=jnp.zeros(buf.shape[:-1], dtype) if follow else None)
+    return _init(params, window, per_leaf, leaf_norms, layer_axis, follow,
+                 caller)
 
   def update_fn(updates, state, params=None, *, global_norm=None, **extra):
     del params, extra
@@ -268,6 +252,29 @@ def clip_by_quantile(
         scale=scale.value().astype(dtype), leaf_norms=each), **recorded)
 
   return _transform.transformation(init_fn, update_fn)
+
+
+def _init(params, window, per_leaf, leaf_norms, layer_axis, follow, caller
+          ) -> ClipByQuantileState:
+  """``clip_by_quantile``'s initial state for ``params``."""
+  dtype = _tree.tree_acc_dtype(params)
+  size = _validate.static_size(window, "window", caller)
+  leaves, rebuild = _tree.live_leaves(params, caller)
+  layers = _thresholds.leaf_layers(layer_axis, params, caller)
+  shapes = [_tree.tensor_shape(x, k) for (_, x), k in zip(leaves, layers)]
+  if per_leaf:
+    buf = jnp.zeros((sum(math.prod(s) for s in shapes), size), dtype)
+    stats = _per_leaf_stats(shapes, rebuild, dtype)
+  else:
+    buf = jnp.zeros((size,), dtype)
+    stats = _stats.fresh(
+        dtype, threshold=jnp.full((), jnp.inf, dtype),
+        leaf_norms=_tree.zero_leaf_norms(params, layers)
+        if leaf_norms else None)
+  return ClipByQuantileState(
+      stats, norm_history=buf, sorted_norms=jnp.full_like(buf, jnp.inf),
+      fill=jnp.zeros((), jnp.int32), index=jnp.zeros((), jnp.int32),
+      level=jnp.zeros(buf.shape[:-1], dtype) if follow else None)
 
 
 def sorted_replace(ordered: jax.Array, old: jax.Array,

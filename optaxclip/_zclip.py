@@ -245,12 +245,14 @@ def zclip(
     del params, extra
     stats = state.stats
     dtype = stats.norm.dtype
-    parts, each = None, None
-    if leaf_norms or global_norm is None:
+    if global_norm is None:
       parts, each = _norms.global_and_leaf_norms(
           updates, p, axis_name=axis_name, leaves=leaf_norms,
           layer_axis=layer_axis, caller=caller)
-    if global_norm is not None:  # Computed elsewhere (docs/sharding.md).
+    else:  # Computed elsewhere (docs/sharding.md).
+      each = (_norms.global_and_leaf_norms(
+          updates, p, axis_name=axis_name, leaves=True,
+          layer_axis=layer_axis, caller=caller)[1] if leaf_norms else None)
       parts = _norms.supplied_norm(global_norm, p, dtype, caller)
     g = parts.value().astype(dtype)
     a = _thresholds.resolve(decay, stats.count, dtype, hi=1.0)

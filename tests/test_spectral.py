@@ -290,3 +290,19 @@ def test_nnx_stacked_layers_one_step():
     np.testing.assert_allclose(
         stats[f"clip_by_spectral_norm/leaf_norms/layers/kernel[{i}]"],
         spectral_norms(g_kernel[i]), rtol=1e-4)
+
+
+def test_far_above_the_threshold_the_top_lands_on_it():
+  # tau = t / ||M||_F below 2^-10: tau^2 is lost beside G's eigenvalues in
+  # float32; the clip is made at 2^-10 * ||M||_F and scaled down to t.
+  w = with_spectrum(6, 4, [1.0, 0.8, 0.5, 0.1], seed=3)
+  tx = oc.clip_by_spectral_norm(1.0)
+  step = jax.jit(tx.update)
+  for ratio in (1e2, 1e4, 1e8, 1e14, 1e30):
+    g = {"w": jnp.asarray(w * ratio, jnp.float32)}
+    out, state = step(g, tx.init(g))
+    s = np.linalg.svd(np.asarray(out["w"], np.float64), compute_uv=False)
+    assert np.all(np.isfinite(s)), ratio
+    assert s[0] <= 1.0 + 1e-4 and s[0] >= 1.0 - 1e-4, (ratio, s)
+    assert float(state.clipped_norm) == pytest.approx(1.0, rel=1e-4), ratio
+    assert float(state.stats.norm) == pytest.approx(ratio, rel=1e-5), ratio
