@@ -2,6 +2,8 @@
 
 Prints Markdown tables and writes JSON, Markdown and a PNG chart to
 ``benchmarks/results/<platform>-<device>.*`` (``-quick`` added in quick mode).
+``python -m benchmarks --device [--tiny]`` runs the headline rows within 8
+minutes instead (``benchmarks.device``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ def parse(argv):
       prog="python -m benchmarks",
       description="Time optaxclip's transforms under jax.jit against optax,"
       " torch and the machine's memory bound.")
+  p.add_argument("--device", action="store_true",
+                 help="only the headline rows, within 8 minutes, sized for an"
+                 " accelerator (python -m benchmarks.device; --device --help"
+                 " for its options).")
   p.add_argument("--quick", action="store_true",
                  help="CI-sized run: small trees, few repetitions.")
   p.add_argument("--trees", help="comma-separated, from: "
@@ -65,6 +71,9 @@ def config(args) -> run.Config:
 
 def main(argv=None) -> list[str]:
   argv = sys.argv[1:] if argv is None else list(argv)
+  if "--device" in argv:
+    from benchmarks import device
+    return device.main([a for a in argv if a != "--device"])
   args = parse(argv)
   cfg = config(args)
   meta = run.metadata(cfg, argv)

@@ -156,3 +156,128 @@ def test_train_step_cases():
   assert len(table) == 13
   for name, (impl, _) in table.items():
     assert (train_step.target(name, impl) is not None) == name.startswith("oc.")
+
+
+def test_adaptivity_lock_in(tmp_path):
+  """The lock-in benchmark on 500 steps at 1% noise: the published rules
+  lock in where they do at full size, levanter's never; the table lists
+  every method run, and the committed table every method there is."""
+  from benchmarks import adaptivity
+  refs = list(adaptivity.references())
+  argv = ["--quick", "--steps", "500", "--change", "100", "--noises", "0.01",
+          "--quiet", "--out", str(tmp_path), "--name", "smoke"]
+  for label in ["zclip()", "adagc()", *refs]:
+    argv += ["--only", label]
+  paths = adaptivity.main(argv)
+  assert sorted(os.path.basename(p) for p in paths) == [
+      "smoke.json", "smoke.md", "smoke.png"]
+  with open(tmp_path / "smoke.json") as f:
+    data = json.load(f)
+  assert list(data["methods"]) == ["zclip()", "adagc()", *refs]
+
+  def cell(label, scenario):
+    return data["methods"][label]["noise"]["0.01"]["scenarios"][scenario]
+
+  def locked(label, scenario):
+    c = cell(label, scenario)
+    return c["share"] >= 0.9 and c["recovery"] is None
+
+  def follows(label, scenario, design=0.0):
+    c = cell(label, scenario)
+    return c["share"] <= design + 0.05 and c["recovery"] is not None \
+        and c["recovery"] <= 100
+  for scenario in ("rise x1.5", "rise x3", "rise x10", "drift x10"):
+    assert locked("ZClip (reference code)", scenario), scenario
+    assert follows("levanter clip_update_by_historical_norm", scenario)
+    assert follows("levanter SkipStep (norm)", scenario)
+  for scenario in ("rise x3", "rise x10", "drift x10"):
+    assert locked("AdaGC (official code)", scenario), scenario
+  for label in ("AutoClip (paper code, 90th percentile)",
+                "AutoClip (package QuantileClip)"):
+    assert locked(label, "drift x10")
+    assert follows(label, "rise x10", design=0.1)
+  for label in refs:
+    assert follows(label, "fall x0.5")
+    assert cell(label, "steady")["spikes_caught"] == 3
+  md = (tmp_path / "smoke.md").read_text()
+  for label in ["zclip()", "adagc()"]:
+    assert f"| `{label}` |" in md
+  for label in refs:
+    assert f"| ref: {label} |" in md
+  committed = os.path.join(adaptivity.RESULTS, "adaptivity-cpu.md")
+  text = open(committed).read()
+  for label in adaptivity.methods():
+    assert f"| `{label}` |" in text, label
+  for label in refs:
+    assert f"| ref: {label} |" in text, label
+
+
+def test_device_headline_tiny(tmp_path):
+  """``python -m benchmarks --device --tiny``: every headline group with the
+  rows of its size (the accelerator size has them all), each with positive
+  finite figures, in files named by the device kind; and with no budget
+  left, every group left out and said so."""
+  import math
+  import re
+
+  import jax
+
+  from benchmarks import device
+  kind = re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower())
+  paths = bench.main(["--device", "--tiny", "--quiet", "--out",
+                      str(tmp_path)])
+  stem = f"device-{kind.strip('-')}-tiny"
+  assert sorted(os.path.basename(p) for p in paths) == [
+      stem + ".json", stem + ".md"]
+  with open(tmp_path / (stem + ".json")) as f:
+    data = json.load(f)
+  meta = data["meta"]
+  assert meta["command"] == "python -m benchmarks.device --tiny --quiet" \
+      " --out " + str(tmp_path)
+  assert meta["device_kind"] == jax.devices()[0].device_kind
+  assert meta["versions"]["jax"] == jax.__version__ and meta["date_utc"]
+  assert meta["skipped"] == [] and 0 < meta["elapsed_s"] < meta["budget_s"]
+  bound = "in-place scale (bound)"
+  expected = {
+      "norm": ({bound, "optaxclip.global_norm", "optax.tree.norm"},
+               ("time_ms", "gbps", "frac_bound")),
+      "standalone": ({bound, "optaxclip.clip_by_global_norm",
+                      "optax.clip_by_global_norm"},
+                     ("time_ms", "gbps", "frac_bound")),
+      "chained": ({"chain(optaxclip.clip_by_global_norm, adamw)",
+                   "chain(optax.clip_by_global_norm, adamw)"},
+                  ("time_ms", "adamw_ms", "ratio", "bytes_bound_ratio")),
+      "compile": ({"chain(oc.clip_by_global_norm, adamw)",
+                   "chain(optax.clip_by_global_norm, adamw)"},
+                  ("compile_s", "ratio")),
+      "train_step": ({"adamw", "oc.clip_by_global_norm(1.0)"},
+                     ("ms", "ratio", "paired_ratio", "compile_s")),
+      "ghost": ({"non-private", "ghost"},
+                ("temp_mib", "total_mib", "total_over_plain", "compile_s")),
+  }
+  full = device.SIZES["accelerator"]
+  assert full.train_cases == ("adamw", "oc.clip_by_global_norm(1.0)",
+                              "optax.clip_by_global_norm(1.0)",
+                              "oc.skip_step(adamw)")
+  assert full.ghost_methods == ("non-private", "ghost", "vmap")
+  assert full.tree == "gpt2" and set(full.estimate_s) == set(device.GROUPS)
+  md = (tmp_path / (stem + ".md")).read_text()
+  for group, (names, keys) in expected.items():
+    rows = [r for r in data["rows"] if r["group"] == group]
+    assert {r["name"] for r in rows} == names, group
+    for r in rows:
+      assert f"| `{r['name']}` |" in md
+      for k in keys:
+        v = r[k]
+        assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, (
+            group, r["name"], k, v)
+  chained = next(r for r in data["rows"] if r["group"] == "chained")
+  assert chained["ratio"] == pytest.approx(
+      chained["time_ms"] / chained["adamw_ms"])
+  paths = device.main(["--tiny", "--quiet", "--budget-s", "0", "--out",
+                       str(tmp_path), "--name", "none"])
+  with open(tmp_path / "none.json") as f:
+    data = json.load(f)
+  assert data["rows"] == [] and data["meta"]["skipped"] == list(device.GROUPS)
+  assert "left out:** " + ", ".join(device.GROUPS) in (
+      tmp_path / "none.md").read_text()

@@ -89,6 +89,20 @@ THRESHOLDS = {
     "qk_clip": (lambda v: oc.qk_clip(v), "max_logit"),
     "qk_clip/query_exponent": (lambda v: oc.qk_clip(query_exponent=v),
                                "query_exponent"),
+    "clip_by_spectral_norm": (lambda v: oc.clip_by_spectral_norm(v),
+                              "max_norm"),
+    "clip_by_spectral_norm/ns_steps": (
+        lambda v: oc.clip_by_spectral_norm(1.0, ns_steps=v), "ns_steps"),
+    "dynamic_loss_scale": (lambda v: oc.dynamic_loss_scale(
+        optax.sgd(0.1), init_scale=v), "init_scale"),
+    "dynamic_loss_scale/growth_factor": (lambda v: oc.dynamic_loss_scale(
+        optax.sgd(0.1), growth_factor=v), "growth_factor"),
+    "dynamic_loss_scale/backoff_factor": (lambda v: oc.dynamic_loss_scale(
+        optax.sgd(0.1), backoff_factor=v), "backoff_factor"),
+    "dynamic_loss_scale/growth_interval": (lambda v: oc.dynamic_loss_scale(
+        optax.sgd(0.1), growth_interval=v), "growth_interval"),
+    "dynamic_loss_scale/min_scale": (lambda v: oc.dynamic_loss_scale(
+        optax.sgd(0.1), min_scale=v), "min_scale"),
 }
 # None is documented there: no cap, no limit, the optimizer's own eps and
 # decay, no automatic clipping.
@@ -109,6 +123,14 @@ FLAGS = {
         leaf_norms=v),
     "skip_step": lambda v: oc.skip_step(optax.sgd(0.1), nonfinite=v),
     "check_finite": lambda v: oc.check_finite(callback=v),
+    "clip_by_spectral_norm": lambda v: oc.clip_by_spectral_norm(1.0, soft=v),
+    "clip_by_spectral_norm/leaf_norms": lambda v: oc.clip_by_spectral_norm(
+        1.0, leaf_norms=v),
+    "zclip/follow": lambda v: oc.zclip(oc.ZScore(follow=v)),
+    "adagc/follow": lambda v: oc.adagc(follow=v),
+    "clip_by_quantile/follow": lambda v: oc.clip_by_quantile(follow=v),
+    "skip_step/SpikeEMA.follow": lambda v: oc.skip_step(
+        optax.sgd(0.1), rule=oc.SpikeEMA(follow=v)),
 }
 
 
@@ -122,10 +144,10 @@ def _run(out):
 
 def test_the_tables_cover_every_public_function():
   functions = {n for n in oc.__all__ if n[0].islower()}
-  covered = {k.split("/")[0] for k in THRESHOLDS} | set(FLAGS) | {
+  covered = {k.split("/")[0] for k in (*THRESHOLDS, *FLAGS)} | {
       "global_norm", "clip_stats", "raise_if_nonfinite", "dp_noise",
       "check_finite", "max_logit_attention", "gather_max_logits",
-      "layer_axes"}
+      "layer_axes", "norm_parts", "loss_scale", "adopt_state"}
   assert functions <= covered, sorted(functions - covered)
 
 
@@ -316,7 +338,9 @@ def test_clip_spikes_given_a_changed_tree(make, bad, match):
 @pytest.mark.parametrize("make", [
     lambda: oc.clip_by_global_norm(1.0), lambda: oc.clip_by_norm(1.0),
     lambda: oc.zclip(), lambda: oc.clip_spikes(),
-    lambda: oc.spike_clipped(optax.adam(1e-3))])
+    lambda: oc.spike_clipped(optax.adam(1e-3)),
+    lambda: oc.clip_by_spectral_norm(1.0),
+    lambda: oc.dynamic_loss_scale(optax.sgd(0.1))])
 @pytest.mark.parametrize("wrong", [optax.EmptyState(), None, "other"])
 def test_a_state_of_another_transformation(make, wrong):
   tx = make()
@@ -380,14 +404,97 @@ def test_a_unit_axis_that_is_the_layer_axis(make):
 
 
 def test_layer_axes_careless_inputs():
+  # Any parameter tree is read (NNX, linen, Equinox, plain); what cannot be
+  # read is named with the model's own keys and the call that fixes it.
   from flax import nnx
-  with pytest.raises(TypeError, match="Flax NNX Module"):
+  with pytest.raises(ValueError, match=r"no record of a stacking axis"
+                     r" \(blocks\).*'blocks'"):
     oc.layer_axes({"blocks": jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"'blocks' \(3 layers\).*"
+                     r"oc.layer_axes\(model, stacked='blocks'\)"):
+    oc.layer_axes({"blocks": {"k": jnp.ones((3, 2, 2)), "b": jnp.ones(
+        (3, 2))}, "head": jnp.ones(2)})
   layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
-  with pytest.raises(TypeError, match="name"):
+  with pytest.raises(TypeError, match="name must be a string"):
     oc.layer_axes(layer, name=0)
-  with pytest.raises(ValueError, match="no sharding metadata.*bias"):
+  with pytest.raises(ValueError, match="no record of a stacking axis"
+                     r" \(bias, kernel\)"):
     oc.layer_axes(layer)
+  for bad in (5, ["kernel", 1], ""):
+    with pytest.raises(TypeError, match="stacked"):
+      oc.layer_axes(layer, stacked=bad)
+  with pytest.raises(TypeError, match=r"stacked\['kernel'\] must be an int"):
+    oc.layer_axes(layer, stacked={"kernel": "0"})
+  with pytest.raises(ValueError, match="stacked='nope' names no parameter"
+                     ".*'bias', 'kernel'"):
+    oc.layer_axes(layer, stacked="nope")
+  with pytest.raises(ValueError, match="no parameters"):
+    oc.layer_axes({}, stacked="blocks")
+  with pytest.raises(ValueError, match=r"kernel of shape \(2, 2\), which has"
+                     " no axis 5"):
+    oc.layer_axes(layer, stacked={"kernel": 5})
+  assert oc.layer_axes({}) == {}  # No parameters: nothing stacked.
+  assert oc.layer_axes(layer, stacked="kernel") == nnx.State(
+      {"bias": None, "kernel": 0})
+
+
+# ----------------------------------------------------------------------------
+# The state utilities and the mergeable norm.
+
+
+def test_norm_parts_careless_inputs():
+  for bad in (0, -1.0, NAN, "l2", None, True):
+    with pytest.raises((TypeError, ValueError), match="ord"):
+      oc.norm_parts(G, ord=bad)
+  for bad in (1, "yes", jnp.array(True), {}, [1.0]):
+    with pytest.raises((TypeError, ValueError), match="mask"):
+      oc.norm_parts(G, mask=bad)
+  with pytest.raises(ValueError, match="mask tree does not match"):
+    oc.norm_parts(G, mask={"w": True})
+  for bad in ("1", jnp.ones(2), [1.0], True):
+    with pytest.raises(TypeError, match="peak must be a scalar"):
+      oc.norm_parts(G, peak=bad)
+  with pytest.raises(TypeError, match=r"\['n'\] has dtype int32"):
+    oc.norm_parts({"n": jnp.arange(3)})
+  parts = oc.NormParts(jnp.float32(1.0), jnp.zeros(12, jnp.int32), 2.0, 1)
+  with pytest.raises(TypeError, match="merge with another NormParts"):
+    parts + 1.0  # noqa: B018
+  with pytest.raises(ValueError, match="share one ord"):
+    parts + oc.NormParts(parts.peak, parts.limbs, 1.0, 1)  # noqa: B018
+  # Defined results (one compile): no elements give 0, a NaN element NaN,
+  # a negative agreed peak is no larger than this tree's own.
+  empty, none, nan, peaked = jax.jit(lambda g, v: (
+      oc.norm_parts({}).norm(), oc.norm_parts(None).norm(),
+      oc.norm_parts(v).norm(), oc.norm_parts(g, peak=-1.0).norm()))(
+          G, {"w": jnp.array([NAN, 1.0])})
+  assert float(empty) == 0.0 and float(none) == 0.0 and np.isnan(nan)
+  np.testing.assert_allclose(float(peaked), np.linalg.norm([3, 4, 1, 1, 2]),
+                             rtol=1e-6)
+
+
+def test_loss_scale_and_adopt_state_careless_inputs():
+  adam = optax.adam(0.1)
+  state = adam.init(G)
+  for wrong in (None, state, adam):
+    with pytest.raises(ValueError, match="no dynamic_loss_scale state"):
+      oc.loss_scale(wrong)
+  with pytest.raises(ValueError, match="min_scale=4.0 exceeds init_scale"):
+    oc.dynamic_loss_scale(adam, init_scale=2.0, min_scale=4.0)
+  with pytest.raises(TypeError, match="inner must be an optax"):
+    oc.dynamic_loss_scale(lambda g: g)  # type: ignore[arg-type]
+  with pytest.raises(TypeError, match="opt_state is an optimizer"):
+    oc.adopt_state(adam, init_state=state)
+  with pytest.raises(TypeError, match="init_state is an optimizer"):
+    oc.adopt_state(state, init_state=adam)
+  with pytest.raises(TypeError, match="positional"):
+    oc.adopt_state(state, state)  # type: ignore[misc]
+  with pytest.raises(ValueError, match="no part of opt_state fits"):
+    oc.adopt_state(adam.init({"x": jnp.ones(5)}), init_state=state)
+  # Nothing to carry over: the fresh state, as init gave it.
+  for empty in (None, (), optax.EmptyState()):
+    out = oc.adopt_state(empty, init_state=state)
+    assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(
+        state)
 
 
 # ----------------------------------------------------------------------------

@@ -125,6 +125,20 @@ def test_layer_norms(tmp_path):
   assert clipped["final loss"] < 1e3
 
 
+def test_fp16_loss_scaling(tmp_path):
+  [table] = run_example("fp16_loss_scaling", "--steps", "100",
+                        "--growth-interval", "4", out=tmp_path)
+  f32, f16 = table["float32"], table["float16"]
+  scaled = table["float16 + dynamic_loss_scale"]
+  # Unscaled, float16 loses a share of the gradient entries to underflow;
+  # the loss scale keeps nearly all, climbs to overflow and skips those steps.
+  assert f16["mean lost share"] > 0.02
+  assert scaled["mean lost share"] < 1e-3 < f16["mean lost share"] / 20
+  assert scaled["steps skipped"] >= 1
+  assert scaled["largest scale"] >= 2.0**25
+  assert scaled["final loss"] < 2 * f32["final loss"]
+
+
 def test_muon_stability(tmp_path):
   [table] = run_example("muon_stability", "--steps", "30", "--max-logit",
                         "3", "--plant-from", "20", out=tmp_path)
@@ -139,3 +153,38 @@ def test_muon_stability(tmp_path):
   assert bad["skipped (planted)"] == "0 (0)"
   assert guarded["skipped (planted)"] == "1 (1)"
   assert guarded["val loss"] < bad["val loss"]
+
+
+def test_vit_linen(tmp_path):
+  runs, layers = run_example("vit_linen", "--steps", "30", out=tmp_path)
+  clean, planted = runs["adamw"], runs["adamw, bad batch"]
+  # The planted batch (step 18 of 30) is skipped, alone, by the loss rule.
+  assert clean["steps skipped"] == 0 and planted["steps skipped"] == 1
+  assert planted["which"] == "[18]"
+  # Every run learns something (chance is 0.1) in 30 steps.
+  assert clean["test accuracy"] > 0.3 and planted["test accuracy"] > 0.3
+  assert runs["DP-SGD (ghost)"]["test accuracy"] > 0.1
+  # One finite per-layer norm per scanned block, read via oc.layer_axes.
+  assert len(layers["0"]) == 4
+  assert all(0 < v < 1e3 for v in layers["0"].values())
+
+
+def test_lm_multisteps(tmp_path):
+  [table] = run_example("lm_multisteps", "--micro", "40", out=tmp_path)
+  clean, bad = table["clean stream"], table["with a NaN micro-batch"]
+  # MultiSteps' counters, read through skip_step's state: 40 good
+  # micro-batches of 4 make 10 steps in both runs; the NaN one is skipped.
+  assert clean["gradient_step"] == bad["gradient_step"] == 10
+  assert clean["mini_step"] == bad["mini_step"] == 0
+  assert clean["skipped"] == 0 and bad["skipped"] == 1
+  # Dropped alone: the run ends bit for bit as the one without it.
+  assert bad["same parameters"] == "True"
+
+
+def test_equinox_mlp(tmp_path):
+  pytest.importorskip("equinox")
+  [table] = run_example("equinox_mlp", "--steps", "40", out=tmp_path)
+  free, clipped = table["clip_by_global_norm(inf)"], table[
+      "clip_by_global_norm(1.0)"]
+  assert free["steps clipped"] == 0 and clipped["steps clipped"] > 0
+  assert free["test accuracy"] > 0.5 and clipped["test accuracy"] > 0.5

@@ -106,10 +106,15 @@ TRANSFORMS: dict[str, tuple[Callable[[], Any], str]] = {
 def test_every_public_transform_is_covered():
   # Per-example clipping and DP take per-example gradients: tests/test_dp.py
   # and tests/test_per_example.py run them on meshes; qk_clip reads per-head
-  # logits, tests/test_qk_clip.py runs it on a mesh.
+  # logits, tests/test_qk_clip.py runs it on a mesh. clip_by_spectral_norm
+  # has its sharded-jit test in tests/test_spectral.py; dynamic_loss_scale
+  # runs its inner optimizer through skip_step (covered here) and both are
+  # in tests/test_devices.py's 8-device battery; adopt_state and loss_scale
+  # read states.
   per_example = ("clipped_grad", "per_example_clip", "quantile_norm",
                  "dp_aggregate", "dp_noise", "qk_clip", "max_logit_attention",
-                 "gather_max_logits")
+                 "gather_max_logits", "clip_by_spectral_norm",
+                 "dynamic_loss_scale", "adopt_state", "loss_scale")
   public = {name for name in oc.__all__ if name[0].islower()
             and name not in ("clip_stats", "global_norm", "raise_if_nonfinite",
                               "layer_axes", "norm_parts",
