@@ -172,7 +172,7 @@ def clip_by_global_norm(
   caller = "clip_by_global_norm"
   _validate.check_threshold(max_norm, "max_norm", caller)
   _validate.check_bool(leaf_norms, "leaf_norms", caller)
-  _check_mask(mask, caller)
+  _validate.check_mask(mask, caller)
   _validate.check_layer_axis(layer_axis, caller)
   _validate.check_bool(reproducible, "reproducible", caller)
   p = _validate.canonical_ord(ord)
@@ -215,21 +215,6 @@ def clip_by_global_norm(
   return _transform.transformation(init_fn, update_fn, extra_args=True)
 
 
-def _check_mask(mask: Any, caller: str) -> None:
-  """``mask=`` of :func:`clip_by_global_norm`: None, a callable, or a tree
-  of bools."""
-  if mask is None or callable(mask):
-    return
-  leaves = jax.tree_util.tree_leaves(mask)
-  bad = [x for x in leaves if not isinstance(x, (bool, np.bool_))]
-  if bad or not leaves:
-    raise TypeError(
-        f"{caller}: mask must be None, True or False, a pytree prefix of the"
-        " updates holding True/False (the leaves to scale), or a function of"
-        " the updates returning one; got"
-        f" {'an empty tree' if not leaves else repr(bad[0])}.")
-
-
 def _clip_masked(updates: Any, norm: Any, threshold: jax.Array, mask: Any,
                  caller: str) -> tuple[Any, Scale]:
   """The leaves ``mask`` selects times ``min(1, threshold / norm)``."""
@@ -240,7 +225,7 @@ def _clip_masked(updates: Any, norm: Any, threshold: jax.Array, mask: Any,
     if mask is None or callable(mask):
       raise TypeError(f"{caller}: the mask function returned {mask!r};"
                       " it must return a tree of True/False.")
-    _check_mask(mask, caller)
+    _validate.check_mask(mask, caller)
   try:
     full = _thresholds.broadcast_prefix(mask, updates, "mask", caller)
   except ValueError as e:

@@ -188,7 +188,7 @@ def clip_by_spectral_norm(
   steps = _validate.static_size(ns_steps, "ns_steps", caller)
   _validate.check_bool(soft, "soft", caller)
   _validate.check_bool(leaf_norms, "leaf_norms", caller)
-  _check_mask(mask, caller)
+  _validate.check_mask(mask, caller)
   _validate.check_layer_axis(layer_axis, caller)
 
   def init_fn(params):
@@ -240,20 +240,6 @@ def clip_by_spectral_norm(
   return _transform.transformation(init_fn, update_fn)
 
 
-def _check_mask(mask: Any, caller: str) -> None:
-  """``mask``: None, a function, or a tree of bools."""
-  if mask is None or callable(mask):
-    return
-  leaves = jax.tree_util.tree_leaves(mask)
-  bad = [x for x in leaves if not isinstance(x, (bool, np.bool_))]
-  if bad or not leaves:
-    raise TypeError(
-        f"{caller}: mask must be None, True or False, a pytree prefix of the"
-        " updates holding True/False (the leaves to clip), or a function of"
-        " the updates returning one; got"
-        f" {'an empty tree' if not leaves else repr(bad[0])}.")
-
-
 def _matrices(tree: Any, mask: Any, layer_axis: Any, caller: str
               ) -> list[bool | int]:
   """Per live leaf: ``False`` (passed through), ``True`` (matrices, no
@@ -267,7 +253,7 @@ def _matrices(tree: Any, mask: Any, layer_axis: Any, caller: str
     if given is None or callable(given):
       raise TypeError(f"{caller}: the mask function returned {given!r}; it"
                       " must return a tree of True/False.")
-    _check_mask(given, caller)
+    _validate.check_mask(given, caller)
     full = _thresholds.broadcast_prefix(
         given, tree, "mask", caller, hint="Give True or False, or a pytree"
         " prefix of the gradients holding True/False.")

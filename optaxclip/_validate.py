@@ -232,3 +232,18 @@ def static_size(value: Any, name: str, caller: str) -> int:
         " value; under optax.inject_hyperparams with a jitted init, pass"
         f" static_args=({name!r},).")
   return int(np.asarray(value))
+
+
+def check_mask(mask: Any, caller: str) -> None:
+  """``mask=``: None, a function of the updates, or a tree of bools (a
+  pytree prefix of the updates; True: the leaves the transform acts on)."""
+  if mask is None or callable(mask):
+    return
+  leaves = jax.tree_util.tree_leaves(mask)
+  bad = [x for x in leaves if not isinstance(x, (bool, np.bool_))]
+  if bad or not leaves:
+    raise TypeError(
+        f"{caller}: mask must be None, True or False, a pytree prefix of the"
+        " updates holding True/False (the leaves to clip), or a function of"
+        " the updates returning one; got"
+        f" {'an empty tree' if not leaves else repr(bad[0])}.")
