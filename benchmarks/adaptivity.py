@@ -71,11 +71,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -88,6 +86,7 @@ import optax
 
 import optaxclip as oc
 from benchmarks import _adaptivity_references as refs
+from benchmarks import stability
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -753,28 +752,6 @@ def markdown(record: dict[str, Any]) -> str:
   return "\n".join(parts)
 
 
-def _commit() -> str | None:
-  try:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                          capture_output=True, text=True, check=True)
-    dirty = subprocess.run(["git", "status", "--porcelain",
-                            "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True, check=True)
-  except (OSError, subprocess.CalledProcessError):
-    return None
-  return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
-
-
-def _finite(x: Any) -> Any:
-  if isinstance(x, dict):
-    return {k: _finite(v) for k, v in x.items()}
-  if isinstance(x, list | tuple):
-    return [_finite(v) for v in x]
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m benchmarks.adaptivity",
                               description=__doc__.split("\n")[0])
@@ -860,7 +837,7 @@ def main(argv: list[str] | None = None) -> list[str]:
   from benchmarks import run as run_mod
   record["meta"] = {
       "command": " ".join(["python -m benchmarks.adaptivity", *argv]),
-      "commit": _commit(),
+      "commit": stability.git_commit(),
       "date_utc": datetime.datetime.now(datetime.UTC).strftime(
           "%Y-%m-%d %H:%M:%S"),
       "platform": jax.default_backend(), "cpu": run_mod._cpu_model(),
@@ -872,7 +849,7 @@ def main(argv: list[str] | None = None) -> list[str]:
   if not args.quiet:
     print(md)
   with open(base + ".json", "w") as f:
-    json.dump(_finite(record), f, indent=1)
+    json.dump(stability.finite_only(record), f, indent=1)
     f.write("\n")
   with open(base + ".md", "w") as f:
     f.write(md + "\n")

@@ -867,7 +867,7 @@ def metadata(argv: list[str], args: argparse.Namespace, seeds: int,
              wall_s: float) -> dict[str, Any]:
   from benchmarks import run
   return {"command": " ".join(["python -m benchmarks.stability", *argv]),
-          "commit": _commit(),
+          "commit": git_commit(),
           "date_utc": datetime.datetime.now(datetime.UTC).strftime(
               "%Y-%m-%d %H:%M:%S"),
           "platform": jax.default_backend(), "cpu": run._cpu_model(),
@@ -879,7 +879,7 @@ def metadata(argv: list[str], args: argparse.Namespace, seeds: int,
                        "optaxclip": oc.__version__}}
 
 
-def _commit() -> str | None:
+def git_commit() -> str | None:
   """The checkout's short commit, ``+`` appended when files differ from it."""
   import subprocess
   try:
@@ -909,7 +909,7 @@ def write(record: dict[str, Any], args: argparse.Namespace) -> list[str]:
   md = markdown(record)
   print(md)
   with open(base + ".json", "w") as f:
-    json.dump(_finite_only(record), f, indent=1, default=_json_default)
+    json.dump(finite_only(record), f, indent=1, default=_json_default)
     f.write("\n")
   with open(base + ".md", "w") as f:
     f.write(md + "\n")
@@ -918,12 +918,12 @@ def write(record: dict[str, Any], args: argparse.Namespace) -> list[str]:
   return paths
 
 
-def _finite_only(x: Any) -> Any:
+def finite_only(x: Any) -> Any:
   """``x`` with every NaN or infinity replaced by None (strict JSON)."""
   if isinstance(x, dict):
-    return {k: _finite_only(v) for k, v in x.items()}
+    return {k: finite_only(v) for k, v in x.items()}
   if isinstance(x, list | tuple):
-    return [_finite_only(v) for v in x]
+    return [finite_only(v) for v in x]
   if isinstance(x, float) and not math.isfinite(x):
     return None
   return x
